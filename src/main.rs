@@ -1,1 +1,83 @@
-fn main() {}
+//! The `fanout` binary: parses the command line, loads the configuration
+//! and hands over to `fanout::app`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fanout::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(name = "fanout", version, about = "Socket.IO chat fan-out across gateways through a pluggable broker")]
+struct Cli {
+    /// TOML configuration file (default: ./fanout.toml if present).
+    /// FANOUT_* environment variables override it.
+    #[arg(long, global = true, env = "FANOUT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Gateway and worker in one process: the embedded default (memory
+    /// backend, SQLite), no broker or database server needed.
+    Serve,
+    /// A gateway process (scale-out); needs FANOUT_JWT_SECRET.
+    Gateway,
+    /// A worker process (scale-out).
+    Worker,
+    /// Prints a client token for a user, signed with the configured secret
+    /// (or the embedded default's secret in the data directory).
+    Token {
+        /// The user id (1 to 64 characters of [A-Za-z0-9_-]).
+        user_id: String,
+        /// Seconds until the token expires.
+        #[arg(long, default_value_t = 86_400)]
+        ttl: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::load(cli.config.as_deref())?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&config.log)
+                .with_context(|| format!("invalid log filter {:?}", config.log))?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(run(cli.command, config))
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    use fanout::app;
+    match command {
+        Command::Token { user_id, ttl } => {
+            anyhow::ensure!(
+                fanout_backend::is_valid_id(&user_id),
+                "user id must be 1 to 64 characters of [A-Za-z0-9_-]"
+            );
+            let tokens = app::tokens(&config, true)?;
+            println!("{}", tokens.mint(&user_id, ttl)?);
+        }
+        Command::Serve => {
+            let listener = bind(&config).await?;
+            app::serve(config, listener, app::shutdown_signal()).await?;
+        }
+        Command::Gateway => {
+            let listener = bind(&config).await?;
+            app::gateway(config, listener, app::shutdown_signal()).await?;
+        }
+        Command::Worker => app::worker(config, app::shutdown_signal()).await?,
+    }
+    Ok(())
+}
+
+async fn bind(config: &Config) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (set FANOUT_LISTEN to another address)", config.listen))
+}

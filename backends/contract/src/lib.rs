@@ -53,7 +53,7 @@ pub type DynBackend = Arc<dyn FanoutBackend>;
 /// one leaves, so a backend sees at most one `bind` per (server, key) until
 /// the matching `unbind`.
 #[async_trait]
-pub trait FanoutBackend: Send + Sync + 'static {
+pub trait FanoutBackend: Send + Sync + std::fmt::Debug + 'static {
     /// What this backend guarantees. MUST be constant for the life of the
     /// value.
     fn capabilities(&self) -> Capabilities;

@@ -1,0 +1,206 @@
+//! Composition: builds the backend, the store and the processes from a
+//! [`Config`]. This is the one place that names concrete backends.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fanout_backend::{BackendError, DynBackend, ServerId};
+use socketioxide::SocketIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{load_or_create_secret, AuthError, Tokens};
+use crate::config::{BackendKind, Config};
+use crate::gateway::{delivery, http, socket, Gateway};
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+
+/// Why a process could not start or run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The broker.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The database.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The token secret.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// Sockets.
+    #[error("network: {0}")]
+    Io(#[from] std::io::Error),
+    /// A setting that this command cannot work with.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The backend the configuration names.
+pub async fn connect_backend(config: &Config) -> Result<DynBackend, RunError> {
+    match config.backend {
+        BackendKind::Memory => Ok(Arc::new(fanout_memory::MemoryBackend::new(fanout_memory::MemoryConfig {
+            partitions: config.incoming.partitions,
+            max_attempts: config.incoming.max_attempts,
+            ..fanout_memory::MemoryConfig::default()
+        }))),
+        other => Err(RunError::Config(format!(
+            "backend {other:?} is not built into this version yet; use backend = \"memory\""
+        ))),
+    }
+}
+
+/// The database the configuration names, migrated.
+pub async fn connect_store(config: &Config) -> Result<Store, RunError> {
+    Ok(Store::connect(
+        &config.database_url(),
+        config.database.max_connections,
+        Duration::from_secs(config.database.acquire_timeout_secs),
+    )
+    .await?)
+}
+
+/// The token secret: configured, or (for the embedded default only) the
+/// one in the data directory.
+pub fn tokens(config: &Config, allow_generated: bool) -> Result<Tokens, RunError> {
+    match &config.jwt_secret {
+        Some(s) => Ok(Tokens::new(s.as_bytes())),
+        None if allow_generated => Ok(Tokens::new(load_or_create_secret(&config.data_dir)?.as_bytes())),
+        None => Err(RunError::Config(
+            "no jwt_secret configured: set FANOUT_JWT_SECRET (at least 16 bytes, the same on every gateway)".into(),
+        )),
+    }
+}
+
+/// `fanout serve`: gateway and worker in one process on the configured
+/// backend (the embedded default: memory and SQLite).
+pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+    let backend = connect_backend(&config).await?;
+    let store = connect_store(&config).await?;
+    let tokens = tokens(&config, true)?;
+    let metrics = Arc::new(Metrics::new());
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(crate::worker::run(
+        backend.clone(),
+        store.clone(),
+        metrics.clone(),
+        config.worker.clone(),
+        stop.clone(),
+    ));
+    let result = run_gateway(config, listener, backend.clone(), store.clone(), tokens, metrics, shutdown).await;
+    stop.cancel();
+    match worker.await {
+        Ok(Err(e)) => tracing::error!(error = %e, "worker failed"),
+        Err(e) => tracing::error!(error = %e, "worker task failed"),
+        Ok(Ok(())) => {}
+    }
+    let _ = backend.shutdown().await;
+    store.close().await;
+    result
+}
+
+/// `fanout gateway`: a gateway process; needs a configured secret.
+pub async fn gateway(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+    let tokens = tokens(&config, false)?;
+    let backend = connect_backend(&config).await?;
+    let store = connect_store(&config).await?;
+    let result = run_gateway(config, listener, backend.clone(), store.clone(), tokens, Arc::new(Metrics::new()), shutdown).await;
+    let _ = backend.shutdown().await;
+    store.close().await;
+    result
+}
+
+/// `fanout worker`: a worker process until `shutdown` resolves.
+pub async fn worker(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+    let backend = connect_backend(&config).await?;
+    let store = connect_store(&config).await?;
+    let stop = CancellationToken::new();
+    let run = crate::worker::run(backend.clone(), store.clone(), Arc::new(Metrics::new()), config.worker.clone(), stop.clone());
+    tokio::pin!(run);
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        r = &mut run => r,
+        () = &mut shutdown => {
+            stop.cancel();
+            run.await
+        }
+    };
+    let _ = backend.shutdown().await;
+    store.close().await;
+    Ok(result?)
+}
+
+/// Runs a gateway on `listener` until `shutdown` resolves, then closes its
+/// sessions and removes its routes.
+pub async fn run_gateway(
+    config: Config,
+    listener: TcpListener,
+    backend: DynBackend,
+    store: Store,
+    tokens: Tokens,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let server_id = match &config.server_id {
+        Some(id) => ServerId::new(id.clone())?,
+        None => ServerId::new(format!("gw-{}", uuid::Uuid::new_v4().simple()))?,
+    };
+    let stream = backend.register_server(&server_id).await?;
+    let (layer, io) = SocketIo::builder()
+        .max_payload(config.limits.max_payload_bytes)
+        .max_buffer_size(1024)
+        .build_layer();
+    let grace = Duration::from_secs(config.gateway.shutdown_grace_secs);
+    let gw = Gateway::new(server_id.clone(), backend.clone(), store, tokens, config, metrics);
+    socket::attach(&io, gw.clone());
+    let app = http::router(gw.clone(), layer);
+    let deliveries = delivery::spawn(gw.clone(), stream);
+    let sweeper = delivery::spawn_sweeper(&gw);
+
+    let addr: SocketAddr = listener.local_addr()?;
+    // Scripts and tests read this line to learn the port when 0 was asked.
+    println!("fanout: listening on http://{addr} as {server_id}");
+    tracing::info!(%addr, server = %server_id, backend = %backend.capabilities(), "gateway ready");
+
+    let gw_stop = gw.clone();
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing sessions");
+            gw_stop.begin_shutdown();
+            if tokio::time::timeout(grace, io.close()).await.is_err() {
+                tracing::warn!("sessions did not close within {grace:?}");
+            }
+        })
+        .await;
+    sweeper.abort();
+    if let Err(e) = backend.deregister_server(&server_id).await {
+        tracing::warn!(error = %e, "could not remove this gateway's routes; the backend's own cleanup will");
+    }
+    deliveries.abort();
+    Ok(result?)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

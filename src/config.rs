@@ -1,0 +1,338 @@
+//! One typed configuration, read from a TOML file and then `FANOUT_*`
+//! environment variables (the environment wins). Unknown keys are an error
+//! at start, so a typo never becomes a silent default.
+//!
+//! Top-level keys map to `FANOUT_<KEY>` (`FANOUT_DATABASE_URL`); keys in a
+//! section to `FANOUT_<SECTION>__<KEY>` (`FANOUT_LIMITS__MAX_CONTENT_BYTES`).
+//! `docs/configuration.md` lists every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Environment variables with this prefix that are not configuration keys:
+/// the config file's path, and switches for the test suite.
+const NON_CONFIG_ENV: [&str; 2] = ["config", "test_"];
+
+/// Which broker carries events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// In-process; single node only. The default.
+    Memory,
+    /// RabbitMQ (not built yet in this version).
+    Rabbitmq,
+    /// Redis (not built yet in this version).
+    Redis,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Broker backend: `memory`, `rabbitmq` or `redis`. Default `memory`.
+    pub backend: BackendKind,
+    /// Address the gateway listens on. Default `127.0.0.1:3000`; port 0
+    /// picks a free port (the chosen address is printed on stdout).
+    pub listen: SocketAddr,
+    /// `sqlite:PATH` or `postgres://...`. Default: `sqlite:` a file
+    /// `fanout.db` in `data_dir`, created if missing.
+    pub database_url: Option<String>,
+    /// HS256 secret for client tokens. Default: none; `serve` and `token`
+    /// then use (and create) `data_dir/jwt-secret`, `gateway` refuses to start.
+    pub jwt_secret: Option<String>,
+    /// Directory for the embedded defaults (SQLite file, generated secret).
+    /// Default `fanout-data`.
+    pub data_dir: PathBuf,
+    /// Prefix of every name the backend creates on its broker. Default `fanout`.
+    pub namespace: String,
+    /// This gateway's id among live gateways. Default: `gw-` and a random id.
+    pub server_id: Option<String>,
+    /// Log filter (tracing's `EnvFilter` syntax). Default `info`.
+    pub log: String,
+    /// RabbitMQ URL. Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub rabbitmq_url: String,
+    /// Redis URL. Default `redis://127.0.0.1:6379`.
+    pub redis_url: String,
+    /// The incoming side.
+    pub incoming: IncomingConfig,
+    /// Workers.
+    pub worker: WorkerConfig,
+    /// Gateways.
+    pub gateway: GatewayConfig,
+    /// Limits on client input.
+    pub limits: LimitsConfig,
+    /// The database pool.
+    pub database: DatabaseConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            backend: BackendKind::Memory,
+            listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            database_url: None,
+            jwt_secret: None,
+            data_dir: PathBuf::from("fanout-data"),
+            namespace: "fanout".to_owned(),
+            server_id: None,
+            log: "info".to_owned(),
+            rabbitmq_url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            redis_url: "redis://127.0.0.1:6379".to_owned(),
+            incoming: IncomingConfig::default(),
+            worker: WorkerConfig::default(),
+            gateway: GatewayConfig::default(),
+            limits: LimitsConfig::default(),
+            database: DatabaseConfig::default(),
+        }
+    }
+}
+
+/// The incoming side: how it is partitioned and when an event is poison.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IncomingConfig {
+    /// Partitions of the incoming side; each is consumed by one worker at a
+    /// time, so this bounds worker parallelism. Every process of one
+    /// deployment must use the same value. Default 16.
+    pub partitions: u32,
+    /// Deliveries of one event before it is dead-lettered. Default 5.
+    pub max_attempts: u32,
+}
+
+impl Default for IncomingConfig {
+    fn default() -> Self {
+        Self {
+            partitions: 16,
+            max_attempts: 5,
+        }
+    }
+}
+
+/// Workers: consume, persist, route.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Consumers per worker process (each owns a share of the partitions).
+    /// Default 2.
+    pub consumers: u32,
+    /// Most events written to the database in one round trip. Default 256.
+    pub batch_size: u32,
+    /// Most unsettled events per consumer. Default 512.
+    pub prefetch: u16,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            consumers: 2,
+            batch_size: 256,
+            prefetch: 512,
+        }
+    }
+}
+
+/// Gateways: sessions and delivery.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Message ids remembered per session to drop a redelivered message.
+    /// Default 1024.
+    pub dedup_window: usize,
+    /// `(sender, clientMsgId)` pairs remembered per gateway so that a retry's
+    /// ack carries the first send's id. Default 65536.
+    pub retry_cache: usize,
+    /// How far before a membership's start a newly added member's catch-up
+    /// reads, in milliseconds, to cover clock skew between processes.
+    /// Default 1000.
+    pub catch_up_skew_ms: i64,
+    /// Seconds a graceful shutdown waits for in-flight sends. Default 10.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            dedup_window: 1024,
+            retry_cache: 65_536,
+            catch_up_skew_ms: 1000,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+/// Limits on what clients send.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest message `content`, in UTF-8 bytes. Default 4096.
+    pub max_content_bytes: usize,
+    /// Largest Engine.IO payload (one WebSocket frame or polling body), in
+    /// bytes; larger ones close the connection. Default 65536.
+    pub max_payload_bytes: u64,
+    /// Largest HTTP API request body, in bytes. Default 65536.
+    pub max_http_body_bytes: usize,
+    /// Sustained `sendMessage` events per second per connection. Default 50.
+    pub messages_per_second: u32,
+    /// Burst above the sustained rate. Default 100.
+    pub message_burst: u32,
+    /// Sends queued per connection while earlier ones wait for the broker;
+    /// beyond it sends are answered `rate_limited`. Default 256.
+    pub send_queue: usize,
+    /// Members given when creating a channel. Default 1000.
+    pub max_initial_members: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_content_bytes: 4096,
+            max_payload_bytes: 65_536,
+            max_http_body_bytes: 65_536,
+            messages_per_second: 50,
+            message_burst: 100,
+            send_queue: 256,
+            max_initial_members: 1000,
+        }
+    }
+}
+
+/// The database pool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Pool size. Default 10.
+    pub max_connections: u32,
+    /// Seconds to wait for a connection before an operation fails. Default 5.
+    pub acquire_timeout_secs: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10,
+            acquire_timeout_secs: 5,
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Parsing or merging failed (unknown key, wrong type, bad file).
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+    /// A value is out of its range.
+    #[error("invalid configuration: {0}")]
+    Value(String),
+}
+
+impl Config {
+    /// Reads defaults, then `file` (if given, it must exist; otherwise
+    /// `fanout.toml` if present), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(ConfigError::Value(format!(
+                        "config file {} does not exist",
+                        path.display()
+                    )));
+                }
+                fig = fig.merge(Toml::file_exact(path));
+            }
+            None => fig = fig.merge(Toml::file("fanout.toml")),
+        }
+        let env = Env::prefixed("FANOUT_")
+            .split("__")
+            .filter(|k| !NON_CONFIG_ENV.iter().any(|p| k.as_str().starts_with(p)));
+        let config: Config = fig.merge(env).extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Value(m.to_owned()));
+        if self.incoming.partitions == 0 || self.incoming.partitions > 1024 {
+            return bad("incoming.partitions must be 1 to 1024");
+        }
+        if self.incoming.max_attempts == 0 {
+            return bad("incoming.max_attempts must be at least 1");
+        }
+        if self.worker.consumers == 0 || self.worker.batch_size == 0 || self.worker.prefetch == 0 {
+            return bad("worker.consumers, worker.batch_size and worker.prefetch must be at least 1");
+        }
+        if self.limits.max_content_bytes == 0 || self.limits.messages_per_second == 0 || self.limits.send_queue == 0 {
+            return bad("limits.max_content_bytes, limits.messages_per_second and limits.send_queue must be at least 1");
+        }
+        if self.limits.max_payload_bytes < self.limits.max_content_bytes as u64 + 512 {
+            return bad("limits.max_payload_bytes must exceed limits.max_content_bytes by at least 512 bytes of envelope");
+        }
+        if !fanout_backend::is_valid_id(&self.namespace) {
+            return bad("namespace must be 1 to 64 characters of [A-Za-z0-9_-]");
+        }
+        if let Some(id) = &self.server_id {
+            if !fanout_backend::is_valid_id(id) {
+                return bad("server_id must be 1 to 64 characters of [A-Za-z0-9_-]");
+            }
+        }
+        if let Some(s) = &self.jwt_secret {
+            if s.len() < 16 {
+                return bad("jwt_secret must be at least 16 bytes");
+            }
+        }
+        Ok(())
+    }
+
+    /// The database URL, with the embedded default filled in.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite:{}?mode=rwc", self.data_dir.join("fanout.db").display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("fanout.toml", "backend = \"memory\"\n[limits]\nmax_content_byte = 10\n")?;
+            let err = Config::load(None).expect_err("typo must fail");
+            assert!(err.to_string().contains("max_content_byte"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("fanout.toml", "listen = \"127.0.0.1:1\"\n[limits]\nmax_content_bytes = 10\n")?;
+            jail.set_env("FANOUT_LISTEN", "127.0.0.1:2");
+            jail.set_env("FANOUT_LIMITS__MAX_CONTENT_BYTES", "20");
+            jail.set_env("FANOUT_DATABASE_URL", "postgres://x/y");
+            jail.set_env("FANOUT_TEST_REQUIRE_SERVICES", "1");
+            let c = Config::load(None).expect("valid");
+            assert_eq!(c.listen.port(), 2);
+            assert_eq!(c.limits.max_content_bytes, 20);
+            assert_eq!(c.database_url(), "postgres://x/y");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("FANOUT_INCOMING__PARTITIONS", "0");
+            assert!(Config::load(None).is_err());
+            Ok(())
+        });
+    }
+}

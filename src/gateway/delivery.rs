@@ -1,0 +1,142 @@
+//! The loop over this gateway's outgoing stream: emits routed messages to
+//! local sessions, applies membership changes, and re-binds after the
+//! backend lost the routes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fanout_backend::{OrderingKey, OutgoingMessage, RouteKey, ServerEvent, ServerStream};
+use futures::StreamExt;
+use socketioxide::extract::SocketRef;
+
+use super::sessions::{Emit, EmitCount};
+use super::Gateway;
+use crate::protocol::{Message, OutgoingEnvelope};
+
+/// Most stored messages a newly added member catches up on.
+const CATCH_UP_LIMIT: u32 = 1000;
+/// How often sessions whose end was never signalled are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Runs the delivery loop until the stream ends.
+pub fn spawn(gw: Arc<Gateway>, stream: ServerStream) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(gw, stream))
+}
+
+/// Ends sessions whose end socketioxide never signalled (see
+/// [`super::Sessions::stale`]), until the gateway is dropped.
+pub fn spawn_sweeper(gw: &Arc<Gateway>) -> tokio::task::JoinHandle<()> {
+    let weak = Arc::downgrade(gw);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            tick.tick().await;
+            let Some(gw) = weak.upgrade() else { return };
+            for s in gw.sessions.stale(Duration::from_secs(30)) {
+                tracing::info!(sid = %s.id, "ending a session whose disconnect was not signalled");
+                super::socket::end_session(&gw, &s).await;
+            }
+        }
+    })
+}
+
+async fn run(gw: Arc<Gateway>, mut stream: ServerStream) {
+    // Processed one at a time, in order: a leave applied before the next
+    // message, a join's catch-up finished before later live messages.
+    while let Some(event) = stream.next().await {
+        match event {
+            ServerEvent::Message(m) => handle(&gw, m).await,
+            ServerEvent::RoutesLost => {
+                gw.metrics.routes_lost.inc();
+                let (n, err) = gw.routes.rebind_all().await;
+                match err {
+                    None => tracing::warn!(keys = n, "backend lost this gateway's routes; bound them again"),
+                    Some(e) => tracing::error!(keys = n, error = %e, "re-binding after a route loss failed"),
+                }
+            }
+        }
+    }
+    tracing::info!("outgoing stream ended");
+}
+
+async fn handle(gw: &Gateway, m: OutgoingMessage) {
+    let env: OutgoingEnvelope = match serde_json::from_slice(&m.payload) {
+        Ok(env) => env,
+        Err(e) => {
+            tracing::error!(key = %m.key, error = %e, "undecodable outgoing message dropped");
+            return;
+        }
+    };
+    match env {
+        OutgoingEnvelope::Message { message } => {
+            let e = emit_of(&message);
+            let (count, failed) = match &m.key {
+                RouteKey::User(u) => gw.sessions.emit_to_user(u, &e),
+                RouteKey::Channel(c) => gw.sessions.emit_to_channel(c, &e),
+            };
+            account(gw, count, failed);
+        }
+        OutgoingEnvelope::Join {
+            channel_id,
+            user_id,
+            since,
+        } => {
+            let sids = gw.sessions.join_channel(&user_id, &channel_id);
+            if sids.is_empty() {
+                return;
+            }
+            let key = RouteKey::Channel(channel_id.clone());
+            for _ in &sids {
+                if let Err(e) = gw.routes.acquire(&key).await {
+                    tracing::error!(user = %user_id, channel = %channel_id, error = %e, "cannot bind a joined channel");
+                }
+            }
+            gw.metrics.bound_keys.set(gw.routes.bound() as i64);
+            // Bound now: everything published from here on arrives live.
+            // What was published before the bind is in the store (workers
+            // store before they publish), so read it back; the sessions'
+            // duplicate windows drop what they were already shown.
+            let conversation = OrderingKey::channel(&channel_id);
+            let from = since - gw.config.gateway.catch_up_skew_ms;
+            match gw.store.messages_since(conversation.as_str(), from, CATCH_UP_LIMIT).await {
+                Ok(messages) => {
+                    for message in &messages {
+                        let (count, failed) = gw.sessions.emit_to_sessions(&sids, &emit_of(message));
+                        account(gw, count, failed);
+                    }
+                }
+                Err(e) => tracing::error!(channel = %channel_id, error = %e, "catch-up after join failed"),
+            }
+        }
+        OutgoingEnvelope::Leave { channel_id, user_id } => {
+            let sids = gw.sessions.leave_channel(&user_id, &channel_id);
+            let key = RouteKey::Channel(channel_id.clone());
+            for _ in &sids {
+                if let Err(e) = gw.routes.release(&key).await {
+                    tracing::warn!(channel = %channel_id, error = %e, "cannot unbind a left channel");
+                }
+            }
+            gw.metrics.bound_keys.set(gw.routes.bound() as i64);
+        }
+    }
+}
+
+fn emit_of(message: &Message) -> Emit {
+    let (event, data) = message.to_event();
+    Emit {
+        event,
+        id: message.id.clone(),
+        data,
+    }
+}
+
+fn account(gw: &Gateway, count: EmitCount, failed: Vec<SocketRef>) {
+    gw.metrics.deliveries.inc_by(count.emitted);
+    gw.metrics.duplicates_dropped.inc_by(count.duplicates);
+    for s in failed {
+        // Too slow to drain its buffer, or gone: cut it off rather than
+        // let it silently miss messages; it reconnects and reads history.
+        tracing::warn!(sid = %s.id, "session cannot take more events; disconnecting it");
+        let _ = s.disconnect();
+    }
+}

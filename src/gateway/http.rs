@@ -1,0 +1,348 @@
+//! The HTTP side of a gateway: the REST API under `/api`, `/healthz`,
+//! `/readyz`, `/metrics`, and the Socket.IO endpoint at `/socket.io/`.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use fanout_backend::{is_valid_id, OrderingKey, RouteKey};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::Gateway;
+use crate::protocol::{now_ms, OutgoingEnvelope};
+use crate::store::StoreError;
+
+/// Default and largest history page.
+const DEFAULT_LIMIT: u32 = 50;
+const MAX_LIMIT: u32 = 200;
+/// Longest channel name, in bytes.
+const MAX_NAME_BYTES: usize = 200;
+
+type AppState = Arc<Gateway>;
+
+/// Every HTTP error: `{ "error": { "code", "message" } }` with a status.
+/// Internal causes are logged, never sent.
+#[derive(Debug)]
+pub struct AppError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl AppError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_payload", message)
+    }
+    fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+    fn unavailable(what: &str, cause: &dyn std::fmt::Display) -> Self {
+        tracing::warn!(error = %cause, "{what}");
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("{what}; retry later"))
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for AppError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => Self::new(StatusCode::CONFLICT, "conflict", "already exists"),
+            e if e.is_temporary() => Self::unavailable("database unavailable", &e),
+            e => {
+                tracing::error!(error = %e, "database error");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+            }
+        }
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for AppError {
+    fn from(r: axum::extract::rejection::JsonRejection) -> Self {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", r.body_text())
+        } else {
+            Self::bad(r.body_text())
+        }
+    }
+}
+
+/// `axum::Json` whose rejections are [`AppError`]s.
+#[derive(Debug, FromRequest)]
+#[from_request(via(axum::Json), rejection(AppError))]
+struct ApiJson<T>(T);
+
+/// The caller, from `Authorization: Bearer <token>`.
+#[derive(Debug)]
+struct Caller(String);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, gw: &AppState) -> Result<Self, Self::Rejection> {
+        let unauthorized = || AppError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid bearer token");
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(unauthorized)?;
+        gw.tokens.verify(token.trim()).map(Caller).map_err(|_| unauthorized())
+    }
+}
+
+/// The routes, with the Socket.IO layer and the body limit.
+pub fn router(gw: Arc<Gateway>, socketio: socketioxide::layer::SocketIoLayer) -> Router {
+    let body_limit = gw.config.limits.max_http_body_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/channels", post(create_channel))
+        .route("/api/channels/{id}/members", post(add_member))
+        .route("/api/channels/{id}/members/{user}", delete(remove_member))
+        .route("/api/channels/{id}/messages", get(channel_history))
+        .route("/api/conversations/{user}/messages", get(conversation_history))
+        .fallback(|| async { AppError::not_found("no such route") })
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .with_state(gw)
+        .layer(socketio)
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(gw): State<AppState>) -> Response {
+    let timeout = std::time::Duration::from_secs(2);
+    let backend = tokio::time::timeout(timeout, gw.backend.health()).await;
+    let store = tokio::time::timeout(timeout, gw.store.ping()).await;
+    let backend_ok = matches!(backend, Ok(Ok(())));
+    let store_ok = matches!(store, Ok(Ok(())));
+    let body = json!({
+        "backend": gw.backend.capabilities().name,
+        "backendReady": backend_ok,
+        "databaseReady": store_ok,
+        "serverId": gw.server_id.as_str(),
+    });
+    if backend_ok && store_ok {
+        (StatusCode::OK, axum::Json(body)).into_response()
+    } else {
+        let what = if backend_ok { "database unreachable" } else { "broker unreachable" };
+        let err = json!({ "error": { "code": "unavailable", "message": what }, "status": body });
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(err)).into_response()
+    }
+}
+
+async fn metrics(State(gw): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        gw.metrics.render(),
+    )
+        .into_response()
+}
+
+fn check_id(what: &str, id: &str) -> Result<(), AppError> {
+    if is_valid_id(id) {
+        Ok(())
+    } else {
+        Err(AppError::bad(format!("{what} must be 1 to 64 characters of [A-Za-z0-9_-]")))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewChannel {
+    id: Option<String>,
+    name: String,
+    #[serde(default)]
+    members: Vec<String>,
+}
+
+async fn create_channel(
+    State(gw): State<AppState>,
+    Caller(caller): Caller,
+    ApiJson(body): ApiJson<NewChannel>,
+) -> Result<Response, AppError> {
+    let id = match body.id {
+        Some(id) => {
+            check_id("id", &id)?;
+            id
+        }
+        None => uuid::Uuid::now_v7().simple().to_string(),
+    };
+    if body.name.is_empty() || body.name.len() > MAX_NAME_BYTES || body.name.contains('\0') {
+        return Err(AppError::bad(format!("name must be 1 to {MAX_NAME_BYTES} bytes of text")));
+    }
+    if body.members.len() > gw.config.limits.max_initial_members {
+        return Err(AppError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("at most {} members at creation; add more one by one", gw.config.limits.max_initial_members),
+        ));
+    }
+    for m in &body.members {
+        check_id("every member", m)?;
+    }
+    let now = now_ms();
+    gw.store.create_channel(&id, &body.name, &caller, &body.members, now).await?;
+    let mut members = body.members.clone();
+    members.push(caller);
+    members.sort_unstable();
+    members.dedup();
+    for m in members {
+        announce_join(&gw, &id, &m, now).await.unwrap_or_else(|e| {
+            // The channel exists; this member's live sessions pick it up
+            // when they reconnect.
+            tracing::warn!(channel = %id, member = %m, error = %e.message, "join not announced");
+        });
+    }
+    Ok((StatusCode::CREATED, axum::Json(json!({ "id": id }))).into_response())
+}
+
+async fn announce_join(gw: &Gateway, channel: &str, user: &str, since: i64) -> Result<(), AppError> {
+    let env = OutgoingEnvelope::Join {
+        channel_id: channel.to_owned(),
+        user_id: user.to_owned(),
+        since,
+    };
+    gw.publish(&RouteKey::User(user.to_owned()), &env)
+        .await
+        .map_err(|e| AppError::unavailable("cannot notify the member's gateways", &e))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NewMember {
+    user_id: String,
+}
+
+async fn add_member(
+    State(gw): State<AppState>,
+    Caller(caller): Caller,
+    Path(channel): Path<String>,
+    ApiJson(body): ApiJson<NewMember>,
+) -> Result<StatusCode, AppError> {
+    check_id("channel id", &channel)?;
+    check_id("userId", &body.user_id)?;
+    require_channel(&gw, &channel).await?;
+    if gw.store.member_since(&channel, &caller).await?.is_none() {
+        return Err(AppError::forbidden("only members can add members"));
+    }
+    gw.store.add_member(&channel, &body.user_id, now_ms()).await?;
+    let since = gw.store.member_since(&channel, &body.user_id).await?.unwrap_or_else(now_ms);
+    // Announced on every call, also when already a member, so that a retry
+    // after a 503 completes what the first call began.
+    announce_join(&gw, &channel, &body.user_id, since).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn remove_member(
+    State(gw): State<AppState>,
+    Caller(caller): Caller,
+    Path((channel, user)): Path<(String, String)>,
+) -> Result<StatusCode, AppError> {
+    check_id("channel id", &channel)?;
+    check_id("user id", &user)?;
+    let ch = require_channel(&gw, &channel).await?;
+    let allowed = caller == ch.creator_id || (caller == user && gw.store.member_since(&channel, &caller).await?.is_some());
+    if !allowed {
+        return Err(AppError::forbidden("only the creator removes others; members may remove themselves"));
+    }
+    gw.store.remove_member(&channel, &user).await?;
+    // The leave is enqueued for the user's gateways before the 204, so it
+    // is applied there before any message sent after the 204.
+    let env = OutgoingEnvelope::Leave {
+        channel_id: channel.clone(),
+        user_id: user.clone(),
+    };
+    gw.publish(&RouteKey::User(user), &env)
+        .await
+        .map_err(|e| AppError::unavailable("cannot notify the member's gateways", &e))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn require_channel(gw: &Gateway, channel: &str) -> Result<crate::store::Channel, AppError> {
+    gw.store
+        .channel(channel)
+        .await?
+        .ok_or_else(|| AppError::not_found(format!("no channel {channel}")))
+}
+
+#[derive(Debug, Deserialize)]
+struct Page {
+    before: Option<String>,
+    limit: Option<String>,
+}
+
+impl Page {
+    fn parse(self) -> Result<(Option<String>, u32), AppError> {
+        let limit = match self.limit {
+            None => DEFAULT_LIMIT,
+            Some(s) => match s.parse::<u32>() {
+                Ok(0) | Err(_) => return Err(AppError::bad("limit must be a whole number from 1 to 200")),
+                Ok(n) => n.min(MAX_LIMIT),
+            },
+        };
+        if let Some(b) = &self.before {
+            if uuid::Uuid::try_parse(b).is_err() {
+                return Err(AppError::bad("before must be a message id"));
+            }
+        }
+        Ok((self.before.map(|b| b.to_ascii_lowercase()), limit))
+    }
+}
+
+async fn history_page(gw: &Gateway, conversation: &OrderingKey, page: Page) -> Result<Response, AppError> {
+    let (before, limit) = page.parse()?;
+    let mut messages = gw.store.history(conversation.as_str(), before.as_deref(), limit + 1).await?;
+    let more = messages.len() > limit as usize;
+    messages.truncate(limit as usize);
+    let next_before = if more { messages.last().map(|m| m.id.clone()) } else { None };
+    let items: Vec<Value> = messages.iter().map(|m| m.to_event().1).collect();
+    Ok(axum::Json(json!({ "messages": items, "nextBefore": next_before })).into_response())
+}
+
+async fn channel_history(
+    State(gw): State<AppState>,
+    Caller(caller): Caller,
+    Path(channel): Path<String>,
+    Query(page): Query<Page>,
+) -> Result<Response, AppError> {
+    check_id("channel id", &channel)?;
+    require_channel(&gw, &channel).await?;
+    if gw.store.member_since(&channel, &caller).await?.is_none() {
+        return Err(AppError::forbidden("only members can read a channel's history"));
+    }
+    history_page(&gw, &OrderingKey::channel(&channel), page).await
+}
+
+async fn conversation_history(
+    State(gw): State<AppState>,
+    Caller(caller): Caller,
+    Path(user): Path<String>,
+    Query(page): Query<Page>,
+) -> Result<Response, AppError> {
+    check_id("user id", &user)?;
+    history_page(&gw, &OrderingKey::direct(&caller, &user), page).await
+}

@@ -1,0 +1,133 @@
+//! Reference-counted route keys: the gateway binds a key on the backend
+//! when its first local session needs it and unbinds it when the last one
+//! leaves, so a second tab binds nothing new and backends stay simple.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use fanout_backend::{BackendError, DynBackend, RouteKey, ServerId};
+
+/// One key's count. The async mutex serialises bind and unbind of one key:
+/// a session that connects while the key's bind is in flight waits for it,
+/// so it never sees `connect` before its routes exist.
+type Slot = Arc<tokio::sync::Mutex<usize>>;
+
+/// The keys this gateway holds, with how many sessions hold each.
+#[derive(Debug)]
+pub struct Routes {
+    backend: DynBackend,
+    server: ServerId,
+    slots: Mutex<HashMap<RouteKey, Slot>>,
+}
+
+impl Routes {
+    /// An empty table for `server`.
+    pub fn new(backend: DynBackend, server: ServerId) -> Self {
+        Self {
+            backend,
+            server,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn slot(&self, key: &RouteKey) -> Slot {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry(key.clone()).or_default().clone()
+    }
+
+    /// Takes one reference to `key`, binding it if it is the first.
+    /// Returns whether this call bound it.
+    pub async fn acquire(&self, key: &RouteKey) -> Result<bool, BackendError> {
+        let slot = self.slot(key);
+        let mut count = slot.lock().await;
+        let bound = *count == 0;
+        if bound {
+            self.backend.bind(&self.server, key).await?;
+        }
+        *count += 1;
+        Ok(bound)
+    }
+
+    /// Gives back one reference to `key`, unbinding it if it was the last.
+    /// Returns whether this call unbound it.
+    pub async fn release(&self, key: &RouteKey) -> Result<bool, BackendError> {
+        let slot = self.slot(key);
+        let mut count = slot.lock().await;
+        if *count == 0 {
+            return Ok(false);
+        }
+        *count -= 1;
+        if *count > 0 {
+            return Ok(false);
+        }
+        let result = self.backend.unbind(&self.server, key).await;
+        // Forget the slot unless someone else already holds a clone of it
+        // (they will bind it again under the same lock); this keeps the
+        // table as small as the set of keys in use.
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if slots.get(key).is_some_and(|s| Arc::ptr_eq(s, &slot) && Arc::strong_count(s) == 2) {
+            slots.remove(key);
+        }
+        drop(slots);
+        result.map(|()| true)
+    }
+
+    /// Binds every held key again, after the backend lost them. Returns how
+    /// many keys were bound and the first error.
+    pub async fn rebind_all(&self) -> (usize, Option<BackendError>) {
+        let held: Vec<(RouteKey, Slot)> = {
+            let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            slots.iter().map(|(k, s)| (k.clone(), s.clone())).collect()
+        };
+        let mut bound = 0;
+        let mut first_error = None;
+        for (key, slot) in held {
+            let count = slot.lock().await;
+            if *count == 0 {
+                continue;
+            }
+            match self.backend.bind(&self.server, &key).await {
+                Ok(()) => bound += 1,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        (bound, first_error)
+    }
+
+    /// How many keys are bound now.
+    pub fn bound(&self) -> usize {
+        let slots: Vec<Slot> = {
+            let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            slots.values().cloned().collect()
+        };
+        slots.iter().filter(|s| s.try_lock().map(|c| *c > 0).unwrap_or(true)).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use fanout_backend::RouteOutcome;
+
+    #[tokio::test]
+    async fn second_reference_binds_nothing_and_last_release_unbinds() {
+        let backend: DynBackend = Arc::new(fanout_memory::MemoryBackend::default());
+        let server = ServerId::new("gw").expect("valid");
+        let _stream = backend.register_server(&server).await.expect("register");
+        let routes = Routes::new(backend.clone(), server);
+        let key = RouteKey::user("alice").expect("valid");
+        assert!(routes.acquire(&key).await.expect("bind"));
+        assert!(!routes.acquire(&key).await.expect("second tab"));
+        assert!(!routes.release(&key).await.expect("first tab closes"));
+        let out = backend.publish_outgoing(&key, Bytes::from_static(b"x")).await.expect("publish");
+        assert!(matches!(out, RouteOutcome::Routed { .. }), "still bound for the other tab");
+        assert!(routes.release(&key).await.expect("last tab closes"));
+        let out = backend.publish_outgoing(&key, Bytes::from_static(b"x")).await.expect("publish");
+        assert_eq!(out, RouteOutcome::Unroutable);
+        assert!(routes.slots.lock().expect("lock").is_empty(), "no slot kept for an unused key");
+        assert!(!routes.release(&key).await.expect("extra release is harmless"));
+    }
+}

@@ -1,0 +1,310 @@
+//! The Socket.IO namespace `/`: the handshake, `sendMessage`, disconnect.
+//!
+//! Order of a session's sends: socketioxide runs each event handler in its
+//! own task, so two sends of one session could reach the broker in either
+//! order. The [`Slot`] extractor runs inline, in wire order, before that
+//! task is spawned: it reserves the send's place in the session's queue,
+//! and one task per session works the queue in order.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fanout_backend::{IncomingEvent, RouteKey};
+use futures::StreamExt;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde_json::{json, Value};
+use socketioxide::adapter::Adapter;
+use socketioxide::extract::{AckSender, SocketRef, TryData};
+use socketioxide::handler::{ConnectHandler, FromMessageParts};
+use socketioxide::socket::Socket;
+use socketioxide::SocketIo;
+use tokio::sync::{mpsc, oneshot};
+
+use super::Gateway;
+use crate::protocol::{
+    now_ms, parse_send, ErrorCode, IncomingEnvelope, Message, ProtocolError, Target, SEND_MESSAGE,
+};
+
+/// How long a send waits for the broker to confirm before it is answered
+/// `unavailable`.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bindings issued at once while a session connects.
+const BIND_CONCURRENCY: usize = 32;
+
+/// Why a handshake was refused; the text is what the client's
+/// `connect_error` carries.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// Bad or missing token.
+    #[error("unauthorized")]
+    Unauthorized,
+    /// The database or broker failed; the client may retry.
+    #[error("unavailable")]
+    Unavailable,
+}
+
+/// One queued send.
+struct Job {
+    value: Value,
+    ack: AckSender,
+    received: Instant,
+}
+
+/// A session's send queue and rate limiter, kept in the socket's extensions.
+#[derive(Clone)]
+struct SendQueue {
+    tx: mpsc::Sender<oneshot::Receiver<Job>>,
+    limiter: Arc<DefaultDirectRateLimiter>,
+}
+
+/// A send's reserved place in its session's queue (see the module doc).
+enum Slot {
+    Queued(oneshot::Sender<Job>),
+    Refused(ProtocolError),
+}
+
+impl<A: Adapter> FromMessageParts<A> for Slot {
+    type Error = std::convert::Infallible;
+
+    fn from_message_parts(s: &Arc<Socket<A>>, _: &mut socketioxide::handler::Value, _: &Option<i64>) -> Result<Self, Self::Error> {
+        let Some(queue) = s.extensions.get::<SendQueue>() else {
+            return Ok(Slot::Refused(ProtocolError::new(ErrorCode::Unavailable, "session is not ready")));
+        };
+        if queue.limiter.check().is_err() {
+            return Ok(Slot::Refused(ProtocolError::new(
+                ErrorCode::RateLimited,
+                "too many messages; slow down and retry",
+            )));
+        }
+        let (tx, rx) = oneshot::channel();
+        Ok(match queue.tx.try_send(rx) {
+            Ok(()) => Slot::Queued(tx),
+            Err(_) => Slot::Refused(ProtocolError::new(
+                ErrorCode::RateLimited,
+                "too many messages waiting for the broker; retry later",
+            )),
+        })
+    }
+}
+
+/// Mounts the namespace on `io`.
+pub fn attach(io: &SocketIo, gw: Arc<Gateway>) {
+    let on_connect = {
+        let gw = gw.clone();
+        move |s: SocketRef| {
+            let gw = gw.clone();
+            async move {
+                tracing::debug!(sid = %s.id, "connected");
+                let c = gw.sessions.activate(s.id);
+                gw.metrics.deliveries.inc_by(c.emitted);
+            }
+        }
+    };
+    let handshake = move |s: SocketRef, TryData(auth): TryData<Value>| {
+        let gw = gw.clone();
+        async move {
+            let result = handshake(&gw, s, auth.ok()).await;
+            if result.is_err() {
+                gw.metrics.connects_refused.inc();
+            }
+            result
+        }
+    };
+    io.ns("/", on_connect.with(handshake));
+}
+
+/// Authenticates, binds the user's keys and registers the handlers, all
+/// before the client sees `connect`, so that a connected session receives
+/// everything routed to it and no event it sends finds no handler.
+async fn handshake(gw: &Arc<Gateway>, s: SocketRef, auth: Option<Value>) -> Result<(), HandshakeError> {
+    let token = auth
+        .as_ref()
+        .and_then(|a| a.get("token"))
+        .and_then(Value::as_str)
+        .ok_or(HandshakeError::Unauthorized)?;
+    let user = gw.tokens.verify(token).map_err(|_| HandshakeError::Unauthorized)?;
+    let channels = gw.store.channels_of(&user).await.map_err(|e| {
+        tracing::warn!(%user, error = %e, "handshake: cannot load memberships");
+        HandshakeError::Unavailable
+    })?;
+
+    tracing::debug!(%user, channels = channels.len(), "handshake: memberships loaded");
+    gw.sessions.add_pending(s.clone(), &user, &channels);
+    let mut keys = vec![RouteKey::User(user.clone())];
+    keys.extend(channels.iter().map(|c| RouteKey::Channel(c.clone())));
+    let results: Vec<(RouteKey, Result<bool, _>)> = futures::stream::iter(keys)
+        .map(|k| async move {
+            let r = gw.routes.acquire(&k).await;
+            (k, r)
+        })
+        .buffer_unordered(BIND_CONCURRENCY)
+        .collect()
+        .await;
+    if let Some((_, Err(e))) = results.iter().find(|(_, r)| r.is_err()) {
+        tracing::warn!(%user, error = %e, "handshake: cannot bind routes");
+        gw.sessions.remove(s.id);
+        for (k, r) in &results {
+            if r.is_ok() {
+                let _ = gw.routes.release(k).await;
+            }
+        }
+        return Err(HandshakeError::Unavailable);
+    }
+    gw.metrics.bound_keys.set(gw.routes.bound() as i64);
+    tracing::debug!(%user, "handshake: routes bound");
+
+    let limits = &gw.config.limits;
+    let quota = Quota::per_second(NonZeroU32::new(limits.messages_per_second).unwrap_or(NonZeroU32::MIN))
+        .allow_burst(NonZeroU32::new(limits.message_burst).unwrap_or(NonZeroU32::MIN));
+    let (tx, rx) = mpsc::channel(limits.send_queue);
+    s.extensions.insert(SendQueue {
+        tx,
+        limiter: Arc::new(RateLimiter::direct(quota)),
+    });
+    let user: Arc<str> = Arc::from(user);
+    tokio::spawn(work_queue(gw.clone(), user, rx));
+
+    s.on(SEND_MESSAGE, |slot: Slot, ack: AckSender, TryData(value): TryData<Value>| async move {
+        match slot {
+            Slot::Refused(e) => {
+                let _ = ack.send(&e.ack());
+            }
+            Slot::Queued(tx) => {
+                let value = value.unwrap_or(Value::Null);
+                // The queue's task is gone only if the session is.
+                let _ = tx.send(Job {
+                    value,
+                    ack,
+                    received: Instant::now(),
+                });
+            }
+        }
+    });
+    let gw_disconnect = gw.clone();
+    s.on_disconnect(move |s: SocketRef| {
+        let gw = gw_disconnect.clone();
+        async move { end_session(&gw, &s).await }
+    });
+    gw.metrics.sessions.inc();
+    tracing::debug!("handshake: done");
+    Ok(())
+}
+
+/// Forgets a session and gives back its keys. Idempotent.
+pub(crate) async fn end_session(gw: &Gateway, s: &SocketRef) {
+    let Some((user, channels)) = gw.sessions.remove(s.id) else { return };
+    gw.metrics.sessions.dec();
+    if gw.is_shutting_down() {
+        // deregister_server removes every route in bulk.
+        return;
+    }
+    let mut keys = vec![RouteKey::User(user.clone())];
+    keys.extend(channels.into_iter().map(RouteKey::Channel));
+    for k in keys {
+        if let Err(e) = gw.routes.release(&k).await {
+            tracing::warn!(%user, key = %k, error = %e, "cannot unbind; the route stays until the gateway deregisters");
+        }
+    }
+    gw.metrics.bound_keys.set(gw.routes.bound() as i64);
+}
+
+/// Works one session's sends in the order they arrived.
+async fn work_queue(gw: Arc<Gateway>, user: Arc<str>, mut queue: mpsc::Receiver<oneshot::Receiver<Job>>) {
+    while let Some(slot) = queue.recv().await {
+        // A dropped sender means the handler never ran; skip its place.
+        let Ok(job) = slot.await else { continue };
+        let reply = match accept(&gw, &user, &job.value).await {
+            Ok((id, created_at)) => {
+                gw.metrics.sends_accepted.inc();
+                json!({ "ok": true, "id": id, "createdAt": crate::protocol::format_time(created_at) })
+            }
+            Err(e) => {
+                gw.metrics.sends_refused.get_or_create(&vec![("code", code_label(e.code))]).inc();
+                e.ack()
+            }
+        };
+        gw.metrics.send_ack_seconds.observe(job.received.elapsed().as_secs_f64());
+        let _ = job.ack.send(&reply);
+    }
+}
+
+fn code_label(c: ErrorCode) -> &'static str {
+    match c {
+        ErrorCode::InvalidPayload => "invalid_payload",
+        ErrorCode::TooLarge => "too_large",
+        ErrorCode::NotMember => "not_member",
+        ErrorCode::RateLimited => "rate_limited",
+        ErrorCode::Unavailable => "unavailable",
+    }
+}
+
+/// Validates one send and publishes it durably; returns its id and time.
+async fn accept(gw: &Gateway, user: &str, value: &Value) -> Result<(String, i64), ProtocolError> {
+    let req = parse_send(value, gw.config.limits.max_content_bytes)?;
+    if let Target::Channel(c) = &req.target {
+        if !is_member(gw, user, c).await? {
+            return Err(ProtocolError::new(
+                ErrorCode::NotMember,
+                format!("you are not a member of channel {c}"),
+            ));
+        }
+    }
+    if let Some(cid) = &req.client_msg_id {
+        if let Some((id, created_at)) = gw.cached_ack(user, cid) {
+            // Acked before: the broker holds it already, publish nothing.
+            return Ok((id, created_at));
+        }
+    }
+    let message = Message {
+        id: uuid::Uuid::now_v7().to_string(),
+        sender_id: user.to_owned(),
+        target: req.target,
+        content: req.content,
+        client_msg_id: req.client_msg_id,
+        created_at: now_ms(),
+    };
+    let payload = serde_json::to_vec(&IncomingEnvelope {
+        v: 1,
+        message: message.clone(),
+    })
+    .map_err(|e| ProtocolError::new(ErrorCode::InvalidPayload, e.to_string()))?;
+    let event = IncomingEvent {
+        id: message.id.clone(),
+        ordering_key: message.ordering_key(),
+        payload: payload.into(),
+    };
+    let unavailable = |why: String| {
+        tracing::warn!(%user, "send not accepted: {why}");
+        ProtocolError::new(
+            ErrorCode::Unavailable,
+            "the broker did not accept the message; retry with the same clientMsgId",
+        )
+    };
+    match tokio::time::timeout(PUBLISH_TIMEOUT, gw.backend.publish_incoming(event)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(unavailable(e.to_string())),
+        Err(_) => return Err(unavailable(format!("no confirm within {PUBLISH_TIMEOUT:?}"))),
+    }
+    if let Some(cid) = &message.client_msg_id {
+        gw.remember_ack(user, cid, &message.id, message.created_at);
+    }
+    Ok((message.id, message.created_at))
+}
+
+/// Membership from the local view, falling back to the store when the view
+/// says no: a member added a moment ago may send before the join control
+/// message has reached this gateway.
+async fn is_member(gw: &Gateway, user: &str, channel: &str) -> Result<bool, ProtocolError> {
+    if gw.sessions.user_in_channel(user, channel) {
+        return Ok(true);
+    }
+    gw.store
+        .member_since(channel, user)
+        .await
+        .map(|since| since.is_some())
+        .map_err(|e| {
+            tracing::warn!(%user, %channel, error = %e, "membership check failed");
+            ProtocolError::new(ErrorCode::Unavailable, "cannot check channel membership; retry")
+        })
+}

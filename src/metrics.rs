@@ -1,0 +1,103 @@
+//! Prometheus metrics, one registry per process (not a global, so tests can
+//! run several gateways in one process and read each one's figures).
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Label set with one `code` label.
+pub type CodeLabels = Vec<(&'static str, &'static str)>;
+
+/// Every metric fanout exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Live Socket.IO sessions on this gateway.
+    pub sessions: Gauge,
+    /// Connections refused at the handshake (bad token, backend down).
+    pub connects_refused: Counter,
+    /// Sends acked `ok`.
+    pub sends_accepted: Counter,
+    /// Sends refused, by error code.
+    pub sends_refused: Family<CodeLabels, Counter>,
+    /// Seconds from receiving a send to acking it.
+    pub send_ack_seconds: Histogram,
+    /// Events emitted to sessions.
+    pub deliveries: Counter,
+    /// Deliveries dropped because the session already had that message id.
+    pub duplicates_dropped: Counter,
+    /// Route keys bound by this gateway now.
+    pub bound_keys: Gauge,
+    /// Times the backend lost this gateway's routes and they were re-bound.
+    pub routes_lost: Counter,
+    /// Messages stored by the worker (new ones only).
+    pub messages_stored: Counter,
+    /// Retried or redelivered messages that were already stored.
+    pub messages_deduplicated: Counter,
+    /// Outgoing publishes nobody was bound to (recipient offline).
+    pub unroutable: Counter,
+    /// Events moved to the dead-letter place by the worker.
+    pub dead_lettered: Counter,
+    /// Worker batch sizes.
+    pub batch_size: Histogram,
+    /// Database or broker errors the worker retried.
+    pub worker_retries: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("fanout");
+        let m = Self {
+            sessions: Gauge::default(),
+            connects_refused: Counter::default(),
+            sends_accepted: Counter::default(),
+            sends_refused: Family::default(),
+            send_ack_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            deliveries: Counter::default(),
+            duplicates_dropped: Counter::default(),
+            bound_keys: Gauge::default(),
+            routes_lost: Counter::default(),
+            messages_stored: Counter::default(),
+            messages_deduplicated: Counter::default(),
+            unroutable: Counter::default(),
+            dead_lettered: Counter::default(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            worker_retries: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("sessions", "Live Socket.IO sessions on this gateway", m.sessions.clone());
+        registry.register("connects_refused", "Handshakes refused", m.connects_refused.clone());
+        registry.register("sends_accepted", "sendMessage events acked ok", m.sends_accepted.clone());
+        registry.register("sends_refused", "sendMessage events refused, by code", m.sends_refused.clone());
+        registry.register("send_ack_seconds", "Seconds from receiving a send to its ack", m.send_ack_seconds.clone());
+        registry.register("deliveries", "Events emitted to sessions", m.deliveries.clone());
+        registry.register("duplicates_dropped", "Redelivered messages a session already had", m.duplicates_dropped.clone());
+        registry.register("bound_keys", "Route keys this gateway has bound", m.bound_keys.clone());
+        registry.register("routes_lost", "Times the backend lost this gateway's routes", m.routes_lost.clone());
+        registry.register("messages_stored", "Messages stored by workers", m.messages_stored.clone());
+        registry.register("messages_deduplicated", "Retries and redeliveries of stored messages", m.messages_deduplicated.clone());
+        registry.register("unroutable", "Outgoing publishes with no bound gateway", m.unroutable.clone());
+        registry.register("dead_lettered", "Events dead-lettered by workers", m.dead_lettered.clone());
+        registry.register("worker_batch_size", "Events per worker batch", m.batch_size.clone());
+        registry.register("worker_retries", "Database or broker errors retried by workers", m.worker_retries.clone());
+        Self { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

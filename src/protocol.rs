@@ -1,0 +1,309 @@
+//! The client protocol's shapes and rules (`docs/protocol.md`): decoding
+//! and validating `sendMessage`, the error codes, the delivered events, and
+//! the envelopes that travel on the incoming and outgoing sides.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use fanout_backend::{is_valid_id, OrderingKey, RouteKey};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Event name of a personal message delivered to a client.
+pub const MESSAGE_RECEIVE: &str = "MESSAGE_RECEIVE";
+/// Event name of a group message delivered to a client.
+pub const GROUP_MESSAGE_RECEIVE: &str = "GROUP_MESSAGE_RECEIVE";
+/// Event name of a client's send.
+pub const SEND_MESSAGE: &str = "sendMessage";
+
+/// Longest `clientMsgId`.
+pub const MAX_CLIENT_MSG_ID: usize = 64;
+
+/// The error codes of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The payload is not a valid `sendMessage`.
+    InvalidPayload,
+    /// `content` is longer than `limits.max_content_bytes`.
+    TooLarge,
+    /// Group message to a channel the sender does not belong to.
+    NotMember,
+    /// Too many sends; try later.
+    RateLimited,
+    /// The broker did not accept the event; retry with the same `clientMsgId`.
+    Unavailable,
+}
+
+/// A refusal, as sent in an ack: `{ "code", "message" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProtocolError {
+    /// Machine-readable.
+    pub code: ErrorCode,
+    /// For humans.
+    pub message: String,
+}
+
+impl ProtocolError {
+    /// A refusal with a code and text.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The ack a client receives: `{ "ok": false, "error": {...} }`.
+    pub fn ack(&self) -> Value {
+        serde_json::json!({ "ok": false, "error": self })
+    }
+}
+
+/// Where a message goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Target {
+    /// One user (`to`).
+    User(String),
+    /// One channel (`channelId`).
+    Channel(String),
+}
+
+/// A validated `sendMessage`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendRequest {
+    /// The recipient user or channel.
+    pub target: Target,
+    /// 1 to `max_content_bytes` bytes of UTF-8 without NUL.
+    pub content: String,
+    /// The sender's idempotency key, if given.
+    pub client_msg_id: Option<String>,
+}
+
+/// Whether `s` is a valid `clientMsgId`: 1 to 64 of `[A-Za-z0-9_.:-]`.
+pub fn is_valid_client_msg_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_CLIENT_MSG_ID
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+fn invalid(message: impl Into<String>) -> ProtocolError {
+    ProtocolError::new(ErrorCode::InvalidPayload, message)
+}
+
+/// Decodes and validates a `sendMessage` payload. Unknown fields are
+/// ignored; `null` counts as absent.
+pub fn parse_send(value: &Value, max_content_bytes: usize) -> Result<SendRequest, ProtocolError> {
+    let obj = value
+        .as_object()
+        .ok_or_else(|| invalid("payload must be an object with `to` or `channelId`, and `content`"))?;
+    let field = |name: &str| obj.get(name).filter(|v| !v.is_null());
+    let id_field = |name: &str| -> Result<Option<String>, ProtocolError> {
+        match field(name) {
+            None => Ok(None),
+            Some(Value::String(s)) if is_valid_id(s) => Ok(Some(s.clone())),
+            Some(_) => Err(invalid(format!("`{name}` must be 1 to 64 characters of [A-Za-z0-9_-]"))),
+        }
+    };
+    let target = match (id_field("to")?, id_field("channelId")?) {
+        (Some(u), None) => Target::User(u),
+        (None, Some(c)) => Target::Channel(c),
+        (Some(_), Some(_)) => return Err(invalid("give exactly one of `to` and `channelId`, not both")),
+        (None, None) => return Err(invalid("give exactly one of `to` and `channelId`")),
+    };
+    let content = match field("content") {
+        Some(Value::String(s)) => s,
+        Some(_) => return Err(invalid("`content` must be a string")),
+        None => return Err(invalid("`content` is required")),
+    };
+    if content.is_empty() {
+        return Err(invalid("`content` must not be empty"));
+    }
+    if content.len() > max_content_bytes {
+        return Err(ProtocolError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "`content` is {} bytes of UTF-8; the limit is {max_content_bytes}",
+                content.len()
+            ),
+        ));
+    }
+    // PostgreSQL cannot store U+0000 in text; refusing it here keeps a
+    // message the gateway acked from becoming a poison event.
+    if content.contains('\0') {
+        return Err(invalid("`content` must not contain U+0000"));
+    }
+    let client_msg_id = match field("clientMsgId") {
+        None => None,
+        Some(Value::String(s)) if is_valid_client_msg_id(s) => Some(s.clone()),
+        Some(_) => return Err(invalid("`clientMsgId` must be 1 to 64 characters of [A-Za-z0-9_.:-]")),
+    };
+    Ok(SendRequest {
+        target,
+        content: content.clone(),
+        client_msg_id,
+    })
+}
+
+/// RFC 3339 UTC with milliseconds, the form of every `createdAt`.
+pub fn format_time(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+/// A message as stored, delivered and listed in history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// UUIDv7 assigned by the accepting gateway.
+    pub id: String,
+    /// Who sent it.
+    pub sender_id: String,
+    /// The recipient user or channel.
+    pub target: Target,
+    /// The text.
+    pub content: String,
+    /// The sender's idempotency key.
+    pub client_msg_id: Option<String>,
+    /// When the gateway accepted it, ms since the epoch.
+    pub created_at: i64,
+}
+
+impl Message {
+    /// The conversation it belongs to.
+    pub fn ordering_key(&self) -> OrderingKey {
+        match &self.target {
+            Target::User(r) => OrderingKey::direct(&self.sender_id, r),
+            Target::Channel(c) => OrderingKey::channel(c),
+        }
+    }
+
+    /// The client event name and payload for this message.
+    pub fn to_event(&self) -> (&'static str, Value) {
+        let mut v = match &self.target {
+            Target::User(r) => serde_json::json!({
+                "id": self.id, "senderId": self.sender_id, "receiverId": r,
+                "content": self.content, "createdAt": format_time(self.created_at),
+            }),
+            Target::Channel(c) => serde_json::json!({
+                "id": self.id, "channelId": c, "senderId": self.sender_id,
+                "content": self.content, "createdAt": format_time(self.created_at),
+            }),
+        };
+        if let (Some(cid), Some(obj)) = (&self.client_msg_id, v.as_object_mut()) {
+            obj.insert("clientMsgId".to_owned(), Value::String(cid.clone()));
+        }
+        let name = match self.target {
+            Target::User(_) => MESSAGE_RECEIVE,
+            Target::Channel(_) => GROUP_MESSAGE_RECEIVE,
+        };
+        (name, v)
+    }
+
+    /// The route keys a worker publishes this message to: the receiver and
+    /// the sender (for their other sessions), or the channel.
+    pub fn route_keys(&self) -> Vec<RouteKey> {
+        match &self.target {
+            Target::User(r) if *r == self.sender_id => vec![RouteKey::User(r.clone())],
+            Target::User(r) => vec![RouteKey::User(r.clone()), RouteKey::User(self.sender_id.clone())],
+            Target::Channel(c) => vec![RouteKey::Channel(c.clone())],
+        }
+    }
+}
+
+/// What a gateway publishes on the incoming side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingEnvelope {
+    /// Format version, for rolling upgrades.
+    pub v: u32,
+    /// The accepted message.
+    pub message: Message,
+}
+
+/// What travels on the outgoing side to gateways.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum OutgoingEnvelope {
+    /// A stored message to emit to local sessions.
+    Message {
+        /// The message.
+        message: Message,
+    },
+    /// `user_id` became a member of `channel_id` at `since` (ms): bind the
+    /// channel for its sessions and catch up from the store.
+    Join {
+        /// The channel.
+        channel_id: String,
+        /// The new member.
+        user_id: String,
+        /// When the membership started.
+        since: i64,
+    },
+    /// `user_id` stopped being a member of `channel_id`.
+    Leave {
+        /// The channel.
+        channel_id: String,
+        /// The former member.
+        user_id: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn code(v: Value) -> ErrorCode {
+        parse_send(&v, 10).expect_err("must be refused").code
+    }
+
+    #[test]
+    fn valid_sends() {
+        let r = parse_send(&json!({"to": "bob", "content": "hi", "clientMsgId": "a.b:c-1"}), 10).expect("valid");
+        assert_eq!(r.target, Target::User("bob".into()));
+        assert_eq!(r.client_msg_id.as_deref(), Some("a.b:c-1"));
+        let r = parse_send(&json!({"channelId": "c", "content": "x", "to": null, "extra": 1}), 10).expect("valid");
+        assert_eq!(r.target, Target::Channel("c".into()));
+    }
+
+    #[test]
+    fn refusals_have_their_codes() {
+        use ErrorCode::*;
+        assert_eq!(code(json!("hi")), InvalidPayload);
+        assert_eq!(code(json!({"content": "hi"})), InvalidPayload);
+        assert_eq!(code(json!({"to": "a", "channelId": "b", "content": "hi"})), InvalidPayload);
+        assert_eq!(code(json!({"to": "a:b", "content": "hi"})), InvalidPayload);
+        assert_eq!(code(json!({"to": "", "content": "hi"})), InvalidPayload);
+        assert_eq!(code(json!({"to": 5, "content": "hi"})), InvalidPayload);
+        assert_eq!(code(json!({"to": "a", "content": ""})), InvalidPayload);
+        assert_eq!(code(json!({"to": "a", "content": 3})), InvalidPayload);
+        assert_eq!(code(json!({"to": "a", "content": "a\u{0}b"})), InvalidPayload);
+        assert_eq!(code(json!({"to": "a", "content": "hi", "clientMsgId": "a b"})), InvalidPayload);
+        assert_eq!(code(json!({"to": "a", "content": "hi", "clientMsgId": "x".repeat(65)})), InvalidPayload);
+        // Ten bytes pass, eleven do not; é is two bytes of UTF-8.
+        assert!(parse_send(&json!({"to": "a", "content": "éééééé"[..10].to_owned()}), 10).is_ok());
+        assert_eq!(code(json!({"to": "a", "content": "ééééé!"})), TooLarge);
+    }
+
+    #[test]
+    fn events_have_the_contract_shape() {
+        let m = Message {
+            id: "i".into(),
+            sender_id: "a".into(),
+            target: Target::User("b".into()),
+            content: "c".into(),
+            client_msg_id: None,
+            created_at: 1_700_000_000_123,
+        };
+        let (name, v) = m.to_event();
+        assert_eq!(name, MESSAGE_RECEIVE);
+        assert_eq!(
+            v,
+            json!({"id":"i","senderId":"a","receiverId":"b","content":"c","createdAt":"2023-11-14T22:13:20.123Z"})
+        );
+        assert_eq!(m.route_keys().len(), 2);
+    }
+}

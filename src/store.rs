@@ -1,0 +1,381 @@
+//! Persistence through sqlx: one schema (`migrations/`) and one code path
+//! for SQLite (the embedded default) and PostgreSQL, via sqlx's `Any`
+//! driver. The schema sticks to portable types (TEXT, BIGINT) so that no
+//! query needs a per-database variant.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use crate::protocol::{Message, Target};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database could not be reached or timed out; worth retrying.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// The database refused a statement (constraint, bad value).
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    /// Applying migrations failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A row that exists already (channel id taken).
+    #[error("already exists")]
+    Conflict,
+    /// The URL is neither `sqlite:` nor `postgres:`.
+    #[error("unsupported database URL {0:?}: use sqlite:PATH or postgres://...")]
+    Url(String),
+}
+
+impl StoreError {
+    /// Whether the same call may succeed later without any change.
+    pub fn is_temporary(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_) => StoreError::Unavailable(e),
+            // PostgreSQL shutting down or restarting (class 57) and
+            // connection exceptions (class 08) are transient too.
+            sqlx::Error::Database(ref db)
+                if db.code().is_some_and(|c| c.starts_with("57") || c.starts_with("08")) =>
+            {
+                StoreError::Unavailable(e)
+            }
+            other => StoreError::Database(other),
+        }
+    }
+}
+
+/// The result of storing one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// The one stored message: the given one, or the one stored before with
+    /// the same id or the same `(sender, clientMsgId)`.
+    pub message: Message,
+    /// Whether this call stored it.
+    pub new: bool,
+}
+
+/// A channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Channel {
+    /// Its id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Who created it (may remove anyone).
+    pub creator_id: String,
+}
+
+/// The database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+}
+
+const MESSAGE_COLUMNS: &str = "id, sender_id, receiver_id, channel_id, content, client_msg_id, created_at";
+
+fn message_from_row(row: &AnyRow) -> Result<Message, sqlx::Error> {
+    let receiver: Option<String> = row.try_get("receiver_id")?;
+    let channel: Option<String> = row.try_get("channel_id")?;
+    let target = match (receiver, channel) {
+        (Some(r), _) => Target::User(r),
+        (None, Some(c)) => Target::Channel(c),
+        (None, None) => {
+            return Err(sqlx::Error::Decode("message row has neither receiver nor channel".into()))
+        }
+    };
+    Ok(Message {
+        id: row.try_get("id")?,
+        sender_id: row.try_get("sender_id")?,
+        target,
+        content: row.try_get("content")?,
+        client_msg_id: row.try_get("client_msg_id")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+impl Store {
+    /// Connects and applies migrations. A `sqlite:` URL creates its file
+    /// (and directory) if missing.
+    pub async fn connect(url: &str, max_connections: u32, acquire_timeout: Duration) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let is_sqlite = url.starts_with("sqlite:");
+        if !is_sqlite && !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+            return Err(StoreError::Url(url.to_owned()));
+        }
+        if is_sqlite {
+            let opts = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
+            if let Some(dir) = opts.get_filename().parent() {
+                if !dir.as_os_str().is_empty() {
+                    std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+                }
+            }
+        }
+        let pool = AnyPoolOptions::new()
+            // SQLite allows one writer at a time; a large pool only makes
+            // writers wait on the file lock instead of on the pool.
+            .max_connections(if is_sqlite { max_connections.min(4) } else { max_connections })
+            .acquire_timeout(acquire_timeout)
+            .connect(url)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Checks the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Stores a batch in one round trip and returns, in input order, the
+    /// one stored message for each input. Idempotent: a message whose id
+    /// or `(sender, clientMsgId)` is already stored is not stored again;
+    /// its stored version is returned with `new: false` (one extra query
+    /// per such duplicate, which only retries and redeliveries cause).
+    pub async fn insert_messages(&self, messages: &[Message]) -> Result<Vec<Stored>, StoreError> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sql = String::from(
+            "INSERT INTO messages (id, conversation, sender_id, receiver_id, channel_id, content, client_msg_id, created_at) VALUES ",
+        );
+        for i in 0..messages.len() {
+            let b = i * 8;
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!(
+                "(${},${},${},${},${},${},${},${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7,
+                b + 8
+            ));
+        }
+        sql.push_str(" ON CONFLICT DO NOTHING RETURNING id");
+        let mut q = sqlx::query(&sql);
+        for m in messages {
+            let (receiver, channel) = match &m.target {
+                Target::User(r) => (Some(r.clone()), None),
+                Target::Channel(c) => (None, Some(c.clone())),
+            };
+            q = q
+                .bind(m.id.clone())
+                .bind(m.ordering_key().as_str().to_owned())
+                .bind(m.sender_id.clone())
+                .bind(receiver)
+                .bind(channel)
+                .bind(m.content.clone())
+                .bind(m.client_msg_id.clone())
+                .bind(m.created_at);
+        }
+        let inserted: std::collections::HashSet<String> = q
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<_, _>>()?;
+
+        let mut out = Vec::with_capacity(messages.len());
+        for m in messages {
+            if inserted.contains(&m.id) {
+                out.push(Stored {
+                    message: m.clone(),
+                    new: true,
+                });
+                continue;
+            }
+            let existing = sqlx::query(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1 OR (sender_id = $2 AND client_msg_id = $3) ORDER BY id LIMIT 1"
+            ))
+            .bind(m.id.clone())
+            .bind(m.sender_id.clone())
+            .bind(m.client_msg_id.clone())
+            .fetch_optional(&self.pool)
+            .await?;
+            let row = existing.ok_or_else(|| {
+                StoreError::Database(sqlx::Error::Protocol(format!(
+                    "message {} conflicted on insert but no stored row matches it",
+                    m.id
+                )))
+            })?;
+            out.push(Stored {
+                message: message_from_row(&row)?,
+                new: false,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Creates a channel with its creator and `members` as members, all
+    /// from `now`. `Conflict` if the id is taken.
+    pub async fn create_channel(
+        &self,
+        id: &str,
+        name: &str,
+        creator: &str,
+        members: &[String],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let created = sqlx::query(
+            "INSERT INTO channels (id, name, creator_id, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(id.to_owned())
+        .bind(name.to_owned())
+        .bind(creator.to_owned())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if created.rows_affected() == 0 {
+            return Err(StoreError::Conflict);
+        }
+        let mut all: Vec<&str> = members.iter().map(String::as_str).collect();
+        all.push(creator);
+        all.sort_unstable();
+        all.dedup();
+        for user in all {
+            sqlx::query("INSERT INTO channel_members (channel_id, user_id, added_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+                .bind(id.to_owned())
+                .bind(user.to_owned())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A channel by id.
+    pub async fn channel(&self, id: &str) -> Result<Option<Channel>, StoreError> {
+        let row = sqlx::query("SELECT id, name, creator_id FROM channels WHERE id = $1")
+            .bind(id.to_owned())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            None => None,
+            Some(r) => Some(Channel {
+                id: r.try_get("id")?,
+                name: r.try_get("name")?,
+                creator_id: r.try_get("creator_id")?,
+            }),
+        })
+    }
+
+    /// When `user` joined `channel`, if they are a member.
+    pub async fn member_since(&self, channel: &str, user: &str) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query("SELECT added_at FROM channel_members WHERE channel_id = $1 AND user_id = $2")
+            .bind(channel.to_owned())
+            .bind(user.to_owned())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => Some(r.try_get("added_at")?),
+            None => None,
+        })
+    }
+
+    /// Adds a member; `false` if they already were one.
+    pub async fn add_member(&self, channel: &str, user: &str, now: i64) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "INSERT INTO channel_members (channel_id, user_id, added_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(channel.to_owned())
+        .bind(user.to_owned())
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Removes a member; `false` if they were not one.
+    pub async fn remove_member(&self, channel: &str, user: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query("DELETE FROM channel_members WHERE channel_id = $1 AND user_id = $2")
+            .bind(channel.to_owned())
+            .bind(user.to_owned())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// The channels `user` belongs to.
+    pub async fn channels_of(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT channel_id FROM channel_members WHERE user_id = $1 ORDER BY channel_id")
+            .bind(user.to_owned())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| r.try_get("channel_id")).collect::<Result<_, _>>()?)
+    }
+
+    /// One page of a conversation's history (an ordering key's text),
+    /// newest first, strictly older than `before` if given.
+    pub async fn history(&self, conversation: &str, before: Option<&str>, limit: u32) -> Result<Vec<Message>, StoreError> {
+        let rows = match before {
+            Some(b) => {
+                sqlx::query(&format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+                ))
+                .bind(conversation.to_owned())
+                .bind(b.to_owned())
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(&format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation = $1 ORDER BY id DESC LIMIT $2"
+                ))
+                .bind(conversation.to_owned())
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        Ok(rows.iter().map(message_from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// A conversation's messages created at or after `since` (ms), oldest
+    /// first: the catch-up of a newly added member.
+    pub async fn messages_since(&self, conversation: &str, since: i64, limit: u32) -> Result<Vec<Message>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation = $1 AND created_at >= $2 ORDER BY id ASC LIMIT $3"
+        ))
+        .bind(conversation.to_owned())
+        .bind(since)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(message_from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// How many messages are stored (tests and operators).
+    pub async fn count_messages(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM messages").fetch_one(&self.pool).await?;
+        Ok(row.try_get("n")?)
+    }
+}
