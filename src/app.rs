@@ -41,11 +41,13 @@ pub enum RunError {
 /// The backend the configuration names.
 pub async fn connect_backend(config: &Config) -> Result<DynBackend, RunError> {
     match config.backend {
-        BackendKind::Memory => Ok(Arc::new(fanout_memory::MemoryBackend::new(fanout_memory::MemoryConfig {
-            partitions: config.incoming.partitions,
-            max_attempts: config.incoming.max_attempts,
-            ..fanout_memory::MemoryConfig::default()
-        }))),
+        BackendKind::Memory => Ok(Arc::new(fanout_memory::MemoryBackend::new(
+            fanout_memory::MemoryConfig {
+                partitions: config.incoming.partitions,
+                max_attempts: config.incoming.max_attempts,
+                ..fanout_memory::MemoryConfig::default()
+            },
+        ))),
         other => Err(RunError::Config(format!(
             "backend {other:?} is not built into this version yet; use backend = \"memory\""
         ))),
@@ -76,7 +78,11 @@ pub fn tokens(config: &Config, allow_generated: bool) -> Result<Tokens, RunError
 
 /// `fanout serve`: gateway and worker in one process on the configured
 /// backend (the embedded default: memory and SQLite).
-pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     let backend = connect_backend(&config).await?;
     let store = connect_store(&config).await?;
     let tokens = tokens(&config, true)?;
@@ -89,7 +95,16 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         config.worker.clone(),
         stop.clone(),
     ));
-    let result = run_gateway(config, listener, backend.clone(), store.clone(), tokens, metrics, shutdown).await;
+    let result = run_gateway(
+        config,
+        listener,
+        backend.clone(),
+        store.clone(),
+        tokens,
+        metrics,
+        shutdown,
+    )
+    .await;
     stop.cancel();
     match worker.await {
         Ok(Err(e)) => tracing::error!(error = %e, "worker failed"),
@@ -102,22 +117,44 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
 }
 
 /// `fanout gateway`: a gateway process; needs a configured secret.
-pub async fn gateway(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+pub async fn gateway(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     let tokens = tokens(&config, false)?;
     let backend = connect_backend(&config).await?;
     let store = connect_store(&config).await?;
-    let result = run_gateway(config, listener, backend.clone(), store.clone(), tokens, Arc::new(Metrics::new()), shutdown).await;
+    let result = run_gateway(
+        config,
+        listener,
+        backend.clone(),
+        store.clone(),
+        tokens,
+        Arc::new(Metrics::new()),
+        shutdown,
+    )
+    .await;
     let _ = backend.shutdown().await;
     store.close().await;
     result
 }
 
 /// `fanout worker`: a worker process until `shutdown` resolves.
-pub async fn worker(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+pub async fn worker(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     let backend = connect_backend(&config).await?;
     let store = connect_store(&config).await?;
     let stop = CancellationToken::new();
-    let run = crate::worker::run(backend.clone(), store.clone(), Arc::new(Metrics::new()), config.worker.clone(), stop.clone());
+    let run = crate::worker::run(
+        backend.clone(),
+        store.clone(),
+        Arc::new(Metrics::new()),
+        config.worker.clone(),
+        stop.clone(),
+    );
     tokio::pin!(run);
     tokio::pin!(shutdown);
     let result = tokio::select! {
@@ -153,7 +190,14 @@ pub async fn run_gateway(
         .max_buffer_size(1024)
         .build_layer();
     let grace = Duration::from_secs(config.gateway.shutdown_grace_secs);
-    let gw = Gateway::new(server_id.clone(), backend.clone(), store, tokens, config, metrics);
+    let gw = Gateway::new(
+        server_id.clone(),
+        backend.clone(),
+        store,
+        tokens,
+        config,
+        metrics,
+    );
     socket::attach(&io, gw.clone());
     let app = http::router(gw.clone(), layer);
     let deliveries = delivery::spawn(gw.clone(), stream);

@@ -77,7 +77,11 @@ impl Tokens {
             sub: user.to_owned(),
             exp: now + ttl_secs,
         };
-        Ok(encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?)
+        Ok(encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &self.encoding,
+        )?)
     }
 }
 
@@ -115,9 +119,9 @@ pub fn load_or_create_secret(data_dir: &Path) -> Result<String, AuthError> {
             Ok(secret)
         }
         // Another process created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            std::fs::read_to_string(&path).map(|s| s.trim().to_owned()).map_err(err)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read_to_string(&path)
+            .map(|s| s.trim().to_owned())
+            .map_err(err),
         Err(e) => Err(err(e)),
     }
 }
@@ -131,12 +135,18 @@ mod tests {
         let t = Tokens::new(b"0123456789abcdef0123");
         let tok = t.mint("alice", 60).expect("mint");
         assert_eq!(t.verify(&tok).expect("valid"), "alice");
-        assert!(Tokens::new(b"another-secret-value").verify(&tok).is_err(), "wrong secret");
+        assert!(
+            Tokens::new(b"another-secret-value").verify(&tok).is_err(),
+            "wrong secret"
+        );
         assert!(t.verify("garbage").is_err());
         let expired = t.mint("alice", 0).expect("mint");
         std::thread::sleep(std::time::Duration::from_millis(1100));
         assert!(t.verify(&expired).is_err(), "expired");
-        assert!(t.verify(&t.mint("a:b", 60).expect("mint")).is_err(), "invalid user id");
+        assert!(
+            t.verify(&t.mint("a:b", 60).expect("mint")).is_err(),
+            "invalid user id"
+        );
     }
 
     #[test]

@@ -264,9 +264,14 @@ impl Config {
             return bad("incoming.max_attempts must be at least 1");
         }
         if self.worker.consumers == 0 || self.worker.batch_size == 0 || self.worker.prefetch == 0 {
-            return bad("worker.consumers, worker.batch_size and worker.prefetch must be at least 1");
+            return bad(
+                "worker.consumers, worker.batch_size and worker.prefetch must be at least 1",
+            );
         }
-        if self.limits.max_content_bytes == 0 || self.limits.messages_per_second == 0 || self.limits.send_queue == 0 {
+        if self.limits.max_content_bytes == 0
+            || self.limits.messages_per_second == 0
+            || self.limits.send_queue == 0
+        {
             return bad("limits.max_content_bytes, limits.messages_per_second and limits.send_queue must be at least 1");
         }
         if self.limits.max_payload_bytes < self.limits.max_content_bytes as u64 + 512 {
@@ -292,19 +297,26 @@ impl Config {
     pub fn database_url(&self) -> String {
         match &self.database_url {
             Some(url) => url.clone(),
-            None => format!("sqlite:{}?mode=rwc", self.data_dir.join("fanout.db").display()),
+            None => format!(
+                "sqlite:{}?mode=rwc",
+                self.data_dir.join("fanout.db").display()
+            ),
         }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's own signature
 mod tests {
     use super::*;
 
     #[test]
     fn unknown_keys_are_errors() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("fanout.toml", "backend = \"memory\"\n[limits]\nmax_content_byte = 10\n")?;
+            jail.create_file(
+                "fanout.toml",
+                "backend = \"memory\"\n[limits]\nmax_content_byte = 10\n",
+            )?;
             let err = Config::load(None).expect_err("typo must fail");
             assert!(err.to_string().contains("max_content_byte"), "{err}");
             Ok(())
@@ -314,7 +326,10 @@ mod tests {
     #[test]
     fn environment_overrides_file() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("fanout.toml", "listen = \"127.0.0.1:1\"\n[limits]\nmax_content_bytes = 10\n")?;
+            jail.create_file(
+                "fanout.toml",
+                "listen = \"127.0.0.1:1\"\n[limits]\nmax_content_bytes = 10\n",
+            )?;
             jail.set_env("FANOUT_LISTEN", "127.0.0.1:2");
             jail.set_env("FANOUT_LIMITS__MAX_CONTENT_BYTES", "20");
             jail.set_env("FANOUT_DATABASE_URL", "postgres://x/y");

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use fanout::config::Config;
 
 #[derive(Debug, Parser)]
-#[command(name = "fanout", version, about = "Socket.IO chat fan-out across gateways through a pluggable broker")]
+#[command(
+    name = "fanout",
+    version,
+    about = "Socket.IO chat fan-out across gateways through a pluggable broker"
+)]
 struct Cli {
     /// TOML configuration file (default: ./fanout.toml if present).
     /// FANOUT_* environment variables override it.
@@ -79,5 +83,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
 async fn bind(config: &Config) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("cannot listen on {} (set FANOUT_LISTEN to another address)", config.listen))
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (set FANOUT_LISTEN to another address)",
+                config.listen
+            )
+        })
 }

@@ -75,21 +75,81 @@ impl Metrics {
             worker_retries: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("sessions", "Live Socket.IO sessions on this gateway", m.sessions.clone());
-        registry.register("connects_refused", "Handshakes refused", m.connects_refused.clone());
-        registry.register("sends_accepted", "sendMessage events acked ok", m.sends_accepted.clone());
-        registry.register("sends_refused", "sendMessage events refused, by code", m.sends_refused.clone());
-        registry.register("send_ack_seconds", "Seconds from receiving a send to its ack", m.send_ack_seconds.clone());
-        registry.register("deliveries", "Events emitted to sessions", m.deliveries.clone());
-        registry.register("duplicates_dropped", "Redelivered messages a session already had", m.duplicates_dropped.clone());
-        registry.register("bound_keys", "Route keys this gateway has bound", m.bound_keys.clone());
-        registry.register("routes_lost", "Times the backend lost this gateway's routes", m.routes_lost.clone());
-        registry.register("messages_stored", "Messages stored by workers", m.messages_stored.clone());
-        registry.register("messages_deduplicated", "Retries and redeliveries of stored messages", m.messages_deduplicated.clone());
-        registry.register("unroutable", "Outgoing publishes with no bound gateway", m.unroutable.clone());
-        registry.register("dead_lettered", "Events dead-lettered by workers", m.dead_lettered.clone());
-        registry.register("worker_batch_size", "Events per worker batch", m.batch_size.clone());
-        registry.register("worker_retries", "Database or broker errors retried by workers", m.worker_retries.clone());
+        registry.register(
+            "sessions",
+            "Live Socket.IO sessions on this gateway",
+            m.sessions.clone(),
+        );
+        registry.register(
+            "connects_refused",
+            "Handshakes refused",
+            m.connects_refused.clone(),
+        );
+        registry.register(
+            "sends_accepted",
+            "sendMessage events acked ok",
+            m.sends_accepted.clone(),
+        );
+        registry.register(
+            "sends_refused",
+            "sendMessage events refused, by code",
+            m.sends_refused.clone(),
+        );
+        registry.register(
+            "send_ack_seconds",
+            "Seconds from receiving a send to its ack",
+            m.send_ack_seconds.clone(),
+        );
+        registry.register(
+            "deliveries",
+            "Events emitted to sessions",
+            m.deliveries.clone(),
+        );
+        registry.register(
+            "duplicates_dropped",
+            "Redelivered messages a session already had",
+            m.duplicates_dropped.clone(),
+        );
+        registry.register(
+            "bound_keys",
+            "Route keys this gateway has bound",
+            m.bound_keys.clone(),
+        );
+        registry.register(
+            "routes_lost",
+            "Times the backend lost this gateway's routes",
+            m.routes_lost.clone(),
+        );
+        registry.register(
+            "messages_stored",
+            "Messages stored by workers",
+            m.messages_stored.clone(),
+        );
+        registry.register(
+            "messages_deduplicated",
+            "Retries and redeliveries of stored messages",
+            m.messages_deduplicated.clone(),
+        );
+        registry.register(
+            "unroutable",
+            "Outgoing publishes with no bound gateway",
+            m.unroutable.clone(),
+        );
+        registry.register(
+            "dead_lettered",
+            "Events dead-lettered by workers",
+            m.dead_lettered.clone(),
+        );
+        registry.register(
+            "worker_batch_size",
+            "Events per worker batch",
+            m.batch_size.clone(),
+        );
+        registry.register(
+            "worker_retries",
+            "Database or broker errors retried by workers",
+            m.worker_retries.clone(),
+        );
         Self { registry, ..m }
     }
 

@@ -92,21 +92,27 @@ fn invalid(message: impl Into<String>) -> ProtocolError {
 /// Decodes and validates a `sendMessage` payload. Unknown fields are
 /// ignored; `null` counts as absent.
 pub fn parse_send(value: &Value, max_content_bytes: usize) -> Result<SendRequest, ProtocolError> {
-    let obj = value
-        .as_object()
-        .ok_or_else(|| invalid("payload must be an object with `to` or `channelId`, and `content`"))?;
+    let obj = value.as_object().ok_or_else(|| {
+        invalid("payload must be an object with `to` or `channelId`, and `content`")
+    })?;
     let field = |name: &str| obj.get(name).filter(|v| !v.is_null());
     let id_field = |name: &str| -> Result<Option<String>, ProtocolError> {
         match field(name) {
             None => Ok(None),
             Some(Value::String(s)) if is_valid_id(s) => Ok(Some(s.clone())),
-            Some(_) => Err(invalid(format!("`{name}` must be 1 to 64 characters of [A-Za-z0-9_-]"))),
+            Some(_) => Err(invalid(format!(
+                "`{name}` must be 1 to 64 characters of [A-Za-z0-9_-]"
+            ))),
         }
     };
     let target = match (id_field("to")?, id_field("channelId")?) {
         (Some(u), None) => Target::User(u),
         (None, Some(c)) => Target::Channel(c),
-        (Some(_), Some(_)) => return Err(invalid("give exactly one of `to` and `channelId`, not both")),
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "give exactly one of `to` and `channelId`, not both",
+            ))
+        }
         (None, None) => return Err(invalid("give exactly one of `to` and `channelId`")),
     };
     let content = match field("content") {
@@ -134,7 +140,11 @@ pub fn parse_send(value: &Value, max_content_bytes: usize) -> Result<SendRequest
     let client_msg_id = match field("clientMsgId") {
         None => None,
         Some(Value::String(s)) if is_valid_client_msg_id(s) => Some(s.clone()),
-        Some(_) => return Err(invalid("`clientMsgId` must be 1 to 64 characters of [A-Za-z0-9_.:-]")),
+        Some(_) => {
+            return Err(invalid(
+                "`clientMsgId` must be 1 to 64 characters of [A-Za-z0-9_.:-]",
+            ))
+        }
     };
     Ok(SendRequest {
         target,
@@ -208,7 +218,10 @@ impl Message {
     pub fn route_keys(&self) -> Vec<RouteKey> {
         match &self.target {
             Target::User(r) if *r == self.sender_id => vec![RouteKey::User(r.clone())],
-            Target::User(r) => vec![RouteKey::User(r.clone()), RouteKey::User(self.sender_id.clone())],
+            Target::User(r) => vec![
+                RouteKey::User(r.clone()),
+                RouteKey::User(self.sender_id.clone()),
+            ],
             Target::Channel(c) => vec![RouteKey::Channel(c.clone())],
         }
     }
@@ -262,10 +275,18 @@ mod tests {
 
     #[test]
     fn valid_sends() {
-        let r = parse_send(&json!({"to": "bob", "content": "hi", "clientMsgId": "a.b:c-1"}), 10).expect("valid");
+        let r = parse_send(
+            &json!({"to": "bob", "content": "hi", "clientMsgId": "a.b:c-1"}),
+            10,
+        )
+        .expect("valid");
         assert_eq!(r.target, Target::User("bob".into()));
         assert_eq!(r.client_msg_id.as_deref(), Some("a.b:c-1"));
-        let r = parse_send(&json!({"channelId": "c", "content": "x", "to": null, "extra": 1}), 10).expect("valid");
+        let r = parse_send(
+            &json!({"channelId": "c", "content": "x", "to": null, "extra": 1}),
+            10,
+        )
+        .expect("valid");
         assert_eq!(r.target, Target::Channel("c".into()));
     }
 
@@ -274,17 +295,33 @@ mod tests {
         use ErrorCode::*;
         assert_eq!(code(json!("hi")), InvalidPayload);
         assert_eq!(code(json!({"content": "hi"})), InvalidPayload);
-        assert_eq!(code(json!({"to": "a", "channelId": "b", "content": "hi"})), InvalidPayload);
+        assert_eq!(
+            code(json!({"to": "a", "channelId": "b", "content": "hi"})),
+            InvalidPayload
+        );
         assert_eq!(code(json!({"to": "a:b", "content": "hi"})), InvalidPayload);
         assert_eq!(code(json!({"to": "", "content": "hi"})), InvalidPayload);
         assert_eq!(code(json!({"to": 5, "content": "hi"})), InvalidPayload);
         assert_eq!(code(json!({"to": "a", "content": ""})), InvalidPayload);
         assert_eq!(code(json!({"to": "a", "content": 3})), InvalidPayload);
-        assert_eq!(code(json!({"to": "a", "content": "a\u{0}b"})), InvalidPayload);
-        assert_eq!(code(json!({"to": "a", "content": "hi", "clientMsgId": "a b"})), InvalidPayload);
-        assert_eq!(code(json!({"to": "a", "content": "hi", "clientMsgId": "x".repeat(65)})), InvalidPayload);
+        assert_eq!(
+            code(json!({"to": "a", "content": "a\u{0}b"})),
+            InvalidPayload
+        );
+        assert_eq!(
+            code(json!({"to": "a", "content": "hi", "clientMsgId": "a b"})),
+            InvalidPayload
+        );
+        assert_eq!(
+            code(json!({"to": "a", "content": "hi", "clientMsgId": "x".repeat(65)})),
+            InvalidPayload
+        );
         // Ten bytes pass, eleven do not; é is two bytes of UTF-8.
-        assert!(parse_send(&json!({"to": "a", "content": "éééééé"[..10].to_owned()}), 10).is_ok());
+        assert!(parse_send(
+            &json!({"to": "a", "content": "éééééé"[..10].to_owned()}),
+            10
+        )
+        .is_ok());
         assert_eq!(code(json!({"to": "a", "content": "ééééé!"})), TooLarge);
     }
 

@@ -51,7 +51,9 @@ impl From<sqlx::Error> for StoreError {
             // PostgreSQL shutting down or restarting (class 57) and
             // connection exceptions (class 08) are transient too.
             sqlx::Error::Database(ref db)
-                if db.code().is_some_and(|c| c.starts_with("57") || c.starts_with("08")) =>
+                if db
+                    .code()
+                    .is_some_and(|c| c.starts_with("57") || c.starts_with("08")) =>
             {
                 StoreError::Unavailable(e)
             }
@@ -87,7 +89,8 @@ pub struct Store {
     pool: AnyPool,
 }
 
-const MESSAGE_COLUMNS: &str = "id, sender_id, receiver_id, channel_id, content, client_msg_id, created_at";
+const MESSAGE_COLUMNS: &str =
+    "id, sender_id, receiver_id, channel_id, content, client_msg_id, created_at";
 
 fn message_from_row(row: &AnyRow) -> Result<Message, sqlx::Error> {
     let receiver: Option<String> = row.try_get("receiver_id")?;
@@ -96,7 +99,9 @@ fn message_from_row(row: &AnyRow) -> Result<Message, sqlx::Error> {
         (Some(r), _) => Target::User(r),
         (None, Some(c)) => Target::Channel(c),
         (None, None) => {
-            return Err(sqlx::Error::Decode("message row has neither receiver nor channel".into()))
+            return Err(sqlx::Error::Decode(
+                "message row has neither receiver nor channel".into(),
+            ))
         }
     };
     Ok(Message {
@@ -112,7 +117,11 @@ fn message_from_row(row: &AnyRow) -> Result<Message, sqlx::Error> {
 impl Store {
     /// Connects and applies migrations. A `sqlite:` URL creates its file
     /// (and directory) if missing.
-    pub async fn connect(url: &str, max_connections: u32, acquire_timeout: Duration) -> Result<Self, StoreError> {
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        acquire_timeout: Duration,
+    ) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let is_sqlite = url.starts_with("sqlite:");
         if !is_sqlite && !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
@@ -122,14 +131,19 @@ impl Store {
             let opts = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
             if let Some(dir) = opts.get_filename().parent() {
                 if !dir.as_os_str().is_empty() {
-                    std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
                 }
             }
         }
         let pool = AnyPoolOptions::new()
             // SQLite allows one writer at a time; a large pool only makes
             // writers wait on the file lock instead of on the pool.
-            .max_connections(if is_sqlite { max_connections.min(4) } else { max_connections })
+            .max_connections(if is_sqlite {
+                max_connections.min(4)
+            } else {
+                max_connections
+            })
             .acquire_timeout(acquire_timeout)
             .connect(url)
             .await?;
@@ -289,11 +303,13 @@ impl Store {
 
     /// When `user` joined `channel`, if they are a member.
     pub async fn member_since(&self, channel: &str, user: &str) -> Result<Option<i64>, StoreError> {
-        let row = sqlx::query("SELECT added_at FROM channel_members WHERE channel_id = $1 AND user_id = $2")
-            .bind(channel.to_owned())
-            .bind(user.to_owned())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT added_at FROM channel_members WHERE channel_id = $1 AND user_id = $2",
+        )
+        .bind(channel.to_owned())
+        .bind(user.to_owned())
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(match row {
             Some(r) => Some(r.try_get("added_at")?),
             None => None,
@@ -301,7 +317,12 @@ impl Store {
     }
 
     /// Adds a member; `false` if they already were one.
-    pub async fn add_member(&self, channel: &str, user: &str, now: i64) -> Result<bool, StoreError> {
+    pub async fn add_member(
+        &self,
+        channel: &str,
+        user: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
         let r = sqlx::query(
             "INSERT INTO channel_members (channel_id, user_id, added_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         )
@@ -325,16 +346,26 @@ impl Store {
 
     /// The channels `user` belongs to.
     pub async fn channels_of(&self, user: &str) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query("SELECT channel_id FROM channel_members WHERE user_id = $1 ORDER BY channel_id")
-            .bind(user.to_owned())
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(|r| r.try_get("channel_id")).collect::<Result<_, _>>()?)
+        let rows = sqlx::query(
+            "SELECT channel_id FROM channel_members WHERE user_id = $1 ORDER BY channel_id",
+        )
+        .bind(user.to_owned())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| r.try_get("channel_id"))
+            .collect::<Result<_, _>>()?)
     }
 
     /// One page of a conversation's history (an ordering key's text),
     /// newest first, strictly older than `before` if given.
-    pub async fn history(&self, conversation: &str, before: Option<&str>, limit: u32) -> Result<Vec<Message>, StoreError> {
+    pub async fn history(
+        &self,
+        conversation: &str,
+        before: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
         let rows = match before {
             Some(b) => {
                 sqlx::query(&format!(
@@ -356,12 +387,20 @@ impl Store {
                 .await?
             }
         };
-        Ok(rows.iter().map(message_from_row).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(message_from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     /// A conversation's messages created at or after `since` (ms), oldest
     /// first: the catch-up of a newly added member.
-    pub async fn messages_since(&self, conversation: &str, since: i64, limit: u32) -> Result<Vec<Message>, StoreError> {
+    pub async fn messages_since(
+        &self,
+        conversation: &str,
+        since: i64,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation = $1 AND created_at >= $2 ORDER BY id ASC LIMIT $3"
         ))
@@ -370,12 +409,17 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(message_from_row).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(message_from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     /// How many messages are stored (tests and operators).
     pub async fn count_messages(&self) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM messages").fetch_one(&self.pool).await?;
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM messages")
+            .fetch_one(&self.pool)
+            .await?;
         Ok(row.try_get("n")?)
     }
 }

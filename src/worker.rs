@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkerConfig;
 use crate::metrics::Metrics;
-use crate::protocol::{is_valid_client_msg_id, IncomingEnvelope, Message, OutgoingEnvelope, Target};
+use crate::protocol::{
+    is_valid_client_msg_id, IncomingEnvelope, Message, OutgoingEnvelope, Target,
+};
 use crate::store::{Store, StoreError};
 
 /// Largest content a worker accepts, whatever the gateways' limit: a
@@ -63,7 +65,9 @@ pub async fn run(
                 for item in items {
                     match item {
                         Ok(d) => deliveries.push(d),
-                        Err(e) => tracing::warn!(error = %e, "incoming stream error; the backend retries"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "incoming stream error; the backend retries")
+                        }
                     }
                 }
                 consumer.process(deliveries).await;
@@ -107,7 +111,10 @@ fn poison_reason(env: &IncomingEnvelope) -> Option<&'static str> {
     if m.content.is_empty() || m.content.len() > MAX_CONTENT_BYTES || m.content.contains('\0') {
         return Some("invalid content");
     }
-    if m.client_msg_id.as_deref().is_some_and(|c| !is_valid_client_msg_id(c)) {
+    if m.client_msg_id
+        .as_deref()
+        .is_some_and(|c| !is_valid_client_msg_id(c))
+    {
         return Some("invalid clientMsgId");
     }
     None
@@ -118,7 +125,8 @@ impl Consumer {
         let mut batch: Vec<(IncomingDelivery, Message)> = Vec::with_capacity(deliveries.len());
         for d in deliveries {
             let decoded: Result<IncomingEnvelope, String> =
-                serde_json::from_slice(&d.event.payload).map_err(|e| format!("undecodable event: {e}"));
+                serde_json::from_slice(&d.event.payload)
+                    .map_err(|e| format!("undecodable event: {e}"));
             match decoded.and_then(|env| match poison_reason(&env) {
                 Some(why) => Err(why.to_owned()),
                 None => Ok(env.message),
@@ -191,7 +199,10 @@ impl Consumer {
     /// Stores, retrying passing failures until they pass or the worker
     /// stops (`None`). A database outage therefore holds the batch unacked
     /// rather than losing or dead-lettering it.
-    async fn store_batch(&self, messages: &[Message]) -> Option<Result<Vec<crate::store::Stored>, StoreError>> {
+    async fn store_batch(
+        &self,
+        messages: &[Message],
+    ) -> Option<Result<Vec<crate::store::Stored>, StoreError>> {
         let mut backoff = BACKOFF_START;
         loop {
             match self.store.insert_messages(messages).await {

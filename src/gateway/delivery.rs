@@ -50,8 +50,13 @@ async fn run(gw: Arc<Gateway>, mut stream: ServerStream) {
                 gw.metrics.routes_lost.inc();
                 let (n, err) = gw.routes.rebind_all().await;
                 match err {
-                    None => tracing::warn!(keys = n, "backend lost this gateway's routes; bound them again"),
-                    Some(e) => tracing::error!(keys = n, error = %e, "re-binding after a route loss failed"),
+                    None => tracing::warn!(
+                        keys = n,
+                        "backend lost this gateway's routes; bound them again"
+                    ),
+                    Some(e) => {
+                        tracing::error!(keys = n, error = %e, "re-binding after a route loss failed")
+                    }
                 }
             }
         }
@@ -98,17 +103,27 @@ async fn handle(gw: &Gateway, m: OutgoingMessage) {
             // duplicate windows drop what they were already shown.
             let conversation = OrderingKey::channel(&channel_id);
             let from = since - gw.config.gateway.catch_up_skew_ms;
-            match gw.store.messages_since(conversation.as_str(), from, CATCH_UP_LIMIT).await {
+            match gw
+                .store
+                .messages_since(conversation.as_str(), from, CATCH_UP_LIMIT)
+                .await
+            {
                 Ok(messages) => {
                     for message in &messages {
-                        let (count, failed) = gw.sessions.emit_to_sessions(&sids, &emit_of(message));
+                        let (count, failed) =
+                            gw.sessions.emit_to_sessions(&sids, &emit_of(message));
                         account(gw, count, failed);
                     }
                 }
-                Err(e) => tracing::error!(channel = %channel_id, error = %e, "catch-up after join failed"),
+                Err(e) => {
+                    tracing::error!(channel = %channel_id, error = %e, "catch-up after join failed")
+                }
             }
         }
-        OutgoingEnvelope::Leave { channel_id, user_id } => {
+        OutgoingEnvelope::Leave {
+            channel_id,
+            user_id,
+        } => {
             let sids = gw.sessions.leave_channel(&user_id, &channel_id);
             let key = RouteKey::Channel(channel_id.clone());
             for _ in &sids {

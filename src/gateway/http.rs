@@ -53,7 +53,11 @@ impl AppError {
     }
     fn unavailable(what: &str, cause: &dyn std::fmt::Display) -> Self {
         tracing::warn!(error = %cause, "{what}");
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("{what}; retry later"))
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("{what}; retry later"),
+        )
     }
 }
 
@@ -71,7 +75,11 @@ impl From<StoreError> for AppError {
             e if e.is_temporary() => Self::unavailable("database unavailable", &e),
             e => {
                 tracing::error!(error = %e, "database error");
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
             }
         }
     }
@@ -100,14 +108,23 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, gw: &AppState) -> Result<Self, Self::Rejection> {
-        let unauthorized = || AppError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid bearer token");
+        let unauthorized = || {
+            AppError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or invalid bearer token",
+            )
+        };
         let token = parts
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(unauthorized)?;
-        gw.tokens.verify(token.trim()).map(Caller).map_err(|_| unauthorized())
+        gw.tokens
+            .verify(token.trim())
+            .map(Caller)
+            .map_err(|_| unauthorized())
     }
 }
 
@@ -122,7 +139,10 @@ pub fn router(gw: Arc<Gateway>, socketio: socketioxide::layer::SocketIoLayer) ->
         .route("/api/channels/{id}/members", post(add_member))
         .route("/api/channels/{id}/members/{user}", delete(remove_member))
         .route("/api/channels/{id}/messages", get(channel_history))
-        .route("/api/conversations/{user}/messages", get(conversation_history))
+        .route(
+            "/api/conversations/{user}/messages",
+            get(conversation_history),
+        )
         .fallback(|| async { AppError::not_found("no such route") })
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .with_state(gw)
@@ -148,7 +168,11 @@ async fn readyz(State(gw): State<AppState>) -> Response {
     if backend_ok && store_ok {
         (StatusCode::OK, axum::Json(body)).into_response()
     } else {
-        let what = if backend_ok { "database unreachable" } else { "broker unreachable" };
+        let what = if backend_ok {
+            "database unreachable"
+        } else {
+            "broker unreachable"
+        };
         let err = json!({ "error": { "code": "unavailable", "message": what }, "status": body });
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(err)).into_response()
     }
@@ -156,7 +180,10 @@ async fn readyz(State(gw): State<AppState>) -> Response {
 
 async fn metrics(State(gw): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         gw.metrics.render(),
     )
         .into_response()
@@ -166,7 +193,9 @@ fn check_id(what: &str, id: &str) -> Result<(), AppError> {
     if is_valid_id(id) {
         Ok(())
     } else {
-        Err(AppError::bad(format!("{what} must be 1 to 64 characters of [A-Za-z0-9_-]")))
+        Err(AppError::bad(format!(
+            "{what} must be 1 to 64 characters of [A-Za-z0-9_-]"
+        )))
     }
 }
 
@@ -192,20 +221,27 @@ async fn create_channel(
         None => uuid::Uuid::now_v7().simple().to_string(),
     };
     if body.name.is_empty() || body.name.len() > MAX_NAME_BYTES || body.name.contains('\0') {
-        return Err(AppError::bad(format!("name must be 1 to {MAX_NAME_BYTES} bytes of text")));
+        return Err(AppError::bad(format!(
+            "name must be 1 to {MAX_NAME_BYTES} bytes of text"
+        )));
     }
     if body.members.len() > gw.config.limits.max_initial_members {
         return Err(AppError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            format!("at most {} members at creation; add more one by one", gw.config.limits.max_initial_members),
+            format!(
+                "at most {} members at creation; add more one by one",
+                gw.config.limits.max_initial_members
+            ),
         ));
     }
     for m in &body.members {
         check_id("every member", m)?;
     }
     let now = now_ms();
-    gw.store.create_channel(&id, &body.name, &caller, &body.members, now).await?;
+    gw.store
+        .create_channel(&id, &body.name, &caller, &body.members, now)
+        .await?;
     let mut members = body.members.clone();
     members.push(caller);
     members.sort_unstable();
@@ -220,7 +256,12 @@ async fn create_channel(
     Ok((StatusCode::CREATED, axum::Json(json!({ "id": id }))).into_response())
 }
 
-async fn announce_join(gw: &Gateway, channel: &str, user: &str, since: i64) -> Result<(), AppError> {
+async fn announce_join(
+    gw: &Gateway,
+    channel: &str,
+    user: &str,
+    since: i64,
+) -> Result<(), AppError> {
     let env = OutgoingEnvelope::Join {
         channel_id: channel.to_owned(),
         user_id: user.to_owned(),
@@ -249,8 +290,14 @@ async fn add_member(
     if gw.store.member_since(&channel, &caller).await?.is_none() {
         return Err(AppError::forbidden("only members can add members"));
     }
-    gw.store.add_member(&channel, &body.user_id, now_ms()).await?;
-    let since = gw.store.member_since(&channel, &body.user_id).await?.unwrap_or_else(now_ms);
+    gw.store
+        .add_member(&channel, &body.user_id, now_ms())
+        .await?;
+    let since = gw
+        .store
+        .member_since(&channel, &body.user_id)
+        .await?
+        .unwrap_or_else(now_ms);
     // Announced on every call, also when already a member, so that a retry
     // after a 503 completes what the first call began.
     announce_join(&gw, &channel, &body.user_id, since).await?;
@@ -265,9 +312,12 @@ async fn remove_member(
     check_id("channel id", &channel)?;
     check_id("user id", &user)?;
     let ch = require_channel(&gw, &channel).await?;
-    let allowed = caller == ch.creator_id || (caller == user && gw.store.member_since(&channel, &caller).await?.is_some());
+    let allowed = caller == ch.creator_id
+        || (caller == user && gw.store.member_since(&channel, &caller).await?.is_some());
     if !allowed {
-        return Err(AppError::forbidden("only the creator removes others; members may remove themselves"));
+        return Err(AppError::forbidden(
+            "only the creator removes others; members may remove themselves",
+        ));
     }
     gw.store.remove_member(&channel, &user).await?;
     // The leave is enqueued for the user's gateways before the 204, so it
@@ -300,7 +350,9 @@ impl Page {
         let limit = match self.limit {
             None => DEFAULT_LIMIT,
             Some(s) => match s.parse::<u32>() {
-                Ok(0) | Err(_) => return Err(AppError::bad("limit must be a whole number from 1 to 200")),
+                Ok(0) | Err(_) => {
+                    return Err(AppError::bad("limit must be a whole number from 1 to 200"))
+                }
                 Ok(n) => n.min(MAX_LIMIT),
             },
         };
@@ -313,12 +365,23 @@ impl Page {
     }
 }
 
-async fn history_page(gw: &Gateway, conversation: &OrderingKey, page: Page) -> Result<Response, AppError> {
+async fn history_page(
+    gw: &Gateway,
+    conversation: &OrderingKey,
+    page: Page,
+) -> Result<Response, AppError> {
     let (before, limit) = page.parse()?;
-    let mut messages = gw.store.history(conversation.as_str(), before.as_deref(), limit + 1).await?;
+    let mut messages = gw
+        .store
+        .history(conversation.as_str(), before.as_deref(), limit + 1)
+        .await?;
     let more = messages.len() > limit as usize;
     messages.truncate(limit as usize);
-    let next_before = if more { messages.last().map(|m| m.id.clone()) } else { None };
+    let next_before = if more {
+        messages.last().map(|m| m.id.clone())
+    } else {
+        None
+    };
     let items: Vec<Value> = messages.iter().map(|m| m.to_event().1).collect();
     Ok(axum::Json(json!({ "messages": items, "nextBefore": next_before })).into_response())
 }
@@ -332,7 +395,9 @@ async fn channel_history(
     check_id("channel id", &channel)?;
     require_channel(&gw, &channel).await?;
     if gw.store.member_since(&channel, &caller).await?.is_none() {
-        return Err(AppError::forbidden("only members can read a channel's history"));
+        return Err(AppError::forbidden(
+            "only members can read a channel's history",
+        ));
     }
     history_page(&gw, &OrderingKey::channel(&channel), page).await
 }

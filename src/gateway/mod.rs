@@ -84,9 +84,15 @@ impl Gateway {
     }
 
     /// Publishes a control or message envelope to a route key.
-    pub async fn publish(&self, key: &RouteKey, env: &OutgoingEnvelope) -> Result<(), BackendError> {
+    pub async fn publish(
+        &self,
+        key: &RouteKey,
+        env: &OutgoingEnvelope,
+    ) -> Result<(), BackendError> {
         let payload = serde_json::to_vec(env).map_err(|e| BackendError::Invalid(e.to_string()))?;
-        self.backend.publish_outgoing(key, Bytes::from(payload)).await?;
+        self.backend
+            .publish_outgoing(key, Bytes::from(payload))
+            .await?;
         Ok(())
     }
 
@@ -101,12 +107,17 @@ impl Gateway {
 
     fn cached_ack(&self, sender: &str, client_msg_id: &str) -> Option<(String, i64)> {
         let cache = self.retries.lock().unwrap_or_else(|p| p.into_inner());
-        cache.get(&(sender.to_owned(), client_msg_id.to_owned())).cloned()
+        cache
+            .get(&(sender.to_owned(), client_msg_id.to_owned()))
+            .cloned()
     }
 
     fn remember_ack(&self, sender: &str, client_msg_id: &str, id: &str, created_at: i64) {
         let mut cache = self.retries.lock().unwrap_or_else(|p| p.into_inner());
-        cache.insert((sender.to_owned(), client_msg_id.to_owned()), (id.to_owned(), created_at));
+        cache.insert(
+            (sender.to_owned(), client_msg_id.to_owned()),
+            (id.to_owned(), created_at),
+        );
     }
 }
 

@@ -65,7 +65,10 @@ impl Routes {
         // (they will bind it again under the same lock); this keeps the
         // table as small as the set of keys in use.
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        if slots.get(key).is_some_and(|s| Arc::ptr_eq(s, &slot) && Arc::strong_count(s) == 2) {
+        if slots
+            .get(key)
+            .is_some_and(|s| Arc::ptr_eq(s, &slot) && Arc::strong_count(s) == 2)
+        {
             slots.remove(key);
         }
         drop(slots);
@@ -102,7 +105,10 @@ impl Routes {
             let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             slots.values().cloned().collect()
         };
-        slots.iter().filter(|s| s.try_lock().map(|c| *c > 0).unwrap_or(true)).count()
+        slots
+            .iter()
+            .filter(|s| s.try_lock().map(|c| *c > 0).unwrap_or(true))
+            .count()
     }
 }
 
@@ -122,12 +128,27 @@ mod tests {
         assert!(routes.acquire(&key).await.expect("bind"));
         assert!(!routes.acquire(&key).await.expect("second tab"));
         assert!(!routes.release(&key).await.expect("first tab closes"));
-        let out = backend.publish_outgoing(&key, Bytes::from_static(b"x")).await.expect("publish");
-        assert!(matches!(out, RouteOutcome::Routed { .. }), "still bound for the other tab");
+        let out = backend
+            .publish_outgoing(&key, Bytes::from_static(b"x"))
+            .await
+            .expect("publish");
+        assert!(
+            matches!(out, RouteOutcome::Routed { .. }),
+            "still bound for the other tab"
+        );
         assert!(routes.release(&key).await.expect("last tab closes"));
-        let out = backend.publish_outgoing(&key, Bytes::from_static(b"x")).await.expect("publish");
+        let out = backend
+            .publish_outgoing(&key, Bytes::from_static(b"x"))
+            .await
+            .expect("publish");
         assert_eq!(out, RouteOutcome::Unroutable);
-        assert!(routes.slots.lock().expect("lock").is_empty(), "no slot kept for an unused key");
-        assert!(!routes.release(&key).await.expect("extra release is harmless"));
+        assert!(
+            routes.slots.lock().expect("lock").is_empty(),
+            "no slot kept for an unused key"
+        );
+        assert!(!routes
+            .release(&key)
+            .await
+            .expect("extra release is harmless"));
     }
 }

@@ -179,7 +179,11 @@ impl Sessions {
     /// those sessions (each now needs one reference to the channel key).
     pub fn join_channel(&self, user: &str, channel: &str) -> Vec<Sid> {
         let mut g = self.lock();
-        let sids: Vec<Sid> = g.by_user.get(user).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        let sids: Vec<Sid> = g
+            .by_user
+            .get(user)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
         let mut joined = Vec::new();
         for sid in sids {
             if let Some(s) = g.sessions.get_mut(&sid) {
@@ -189,7 +193,10 @@ impl Sessions {
             }
         }
         for sid in &joined {
-            g.by_channel.entry(channel.to_owned()).or_default().insert(*sid);
+            g.by_channel
+                .entry(channel.to_owned())
+                .or_default()
+                .insert(*sid);
         }
         joined
     }
@@ -198,7 +205,11 @@ impl Sessions {
     /// had it (each gives back one reference to the channel key).
     pub fn leave_channel(&self, user: &str, channel: &str) -> Vec<Sid> {
         let mut g = self.lock();
-        let sids: Vec<Sid> = g.by_user.get(user).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        let sids: Vec<Sid> = g
+            .by_user
+            .get(user)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
         let mut left = Vec::new();
         for sid in sids {
             if let Some(s) = g.sessions.get_mut(&sid) {
@@ -221,14 +232,22 @@ impl Sessions {
     /// Emits to every session of `user`.
     pub fn emit_to_user(&self, user: &str, e: &Emit) -> (EmitCount, Vec<SocketRef>) {
         let mut g = self.lock();
-        let sids: Vec<Sid> = g.by_user.get(user).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        let sids: Vec<Sid> = g
+            .by_user
+            .get(user)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
         emit_to(&mut g, &sids, e)
     }
 
     /// Emits to every session that receives `channel`.
     pub fn emit_to_channel(&self, channel: &str, e: &Emit) -> (EmitCount, Vec<SocketRef>) {
         let mut g = self.lock();
-        let sids: Vec<Sid> = g.by_channel.get(channel).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        let sids: Vec<Sid> = g
+            .by_channel
+            .get(channel)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
         emit_to(&mut g, &sids, e)
     }
 
@@ -272,7 +291,9 @@ fn emit_to(g: &mut Inner, sids: &[Sid], e: &Emit) -> (EmitCount, Vec<SocketRef>)
     let mut count = EmitCount::default();
     let mut failed = Vec::new();
     for sid in sids {
-        let Some(s) = g.sessions.get_mut(sid) else { continue };
+        let Some(s) = g.sessions.get_mut(sid) else {
+            continue;
+        };
         if !s.recent.insert(&e.id) {
             count.duplicates += 1;
             continue;

@@ -67,9 +67,16 @@ enum Slot {
 impl<A: Adapter> FromMessageParts<A> for Slot {
     type Error = std::convert::Infallible;
 
-    fn from_message_parts(s: &Arc<Socket<A>>, _: &mut socketioxide::handler::Value, _: &Option<i64>) -> Result<Self, Self::Error> {
+    fn from_message_parts(
+        s: &Arc<Socket<A>>,
+        _: &mut socketioxide::handler::Value,
+        _: &Option<i64>,
+    ) -> Result<Self, Self::Error> {
         let Some(queue) = s.extensions.get::<SendQueue>() else {
-            return Ok(Slot::Refused(ProtocolError::new(ErrorCode::Unavailable, "session is not ready")));
+            return Ok(Slot::Refused(ProtocolError::new(
+                ErrorCode::Unavailable,
+                "session is not ready",
+            )));
         };
         if queue.limiter.check().is_err() {
             return Ok(Slot::Refused(ProtocolError::new(
@@ -117,13 +124,20 @@ pub fn attach(io: &SocketIo, gw: Arc<Gateway>) {
 /// Authenticates, binds the user's keys and registers the handlers, all
 /// before the client sees `connect`, so that a connected session receives
 /// everything routed to it and no event it sends finds no handler.
-async fn handshake(gw: &Arc<Gateway>, s: SocketRef, auth: Option<Value>) -> Result<(), HandshakeError> {
+async fn handshake(
+    gw: &Arc<Gateway>,
+    s: SocketRef,
+    auth: Option<Value>,
+) -> Result<(), HandshakeError> {
     let token = auth
         .as_ref()
         .and_then(|a| a.get("token"))
         .and_then(Value::as_str)
         .ok_or(HandshakeError::Unauthorized)?;
-    let user = gw.tokens.verify(token).map_err(|_| HandshakeError::Unauthorized)?;
+    let user = gw
+        .tokens
+        .verify(token)
+        .map_err(|_| HandshakeError::Unauthorized)?;
     let channels = gw.store.channels_of(&user).await.map_err(|e| {
         tracing::warn!(%user, error = %e, "handshake: cannot load memberships");
         HandshakeError::Unavailable
@@ -155,8 +169,9 @@ async fn handshake(gw: &Arc<Gateway>, s: SocketRef, auth: Option<Value>) -> Resu
     tracing::debug!(%user, "handshake: routes bound");
 
     let limits = &gw.config.limits;
-    let quota = Quota::per_second(NonZeroU32::new(limits.messages_per_second).unwrap_or(NonZeroU32::MIN))
-        .allow_burst(NonZeroU32::new(limits.message_burst).unwrap_or(NonZeroU32::MIN));
+    let quota =
+        Quota::per_second(NonZeroU32::new(limits.messages_per_second).unwrap_or(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::new(limits.message_burst).unwrap_or(NonZeroU32::MIN));
     let (tx, rx) = mpsc::channel(limits.send_queue);
     s.extensions.insert(SendQueue {
         tx,
@@ -165,22 +180,25 @@ async fn handshake(gw: &Arc<Gateway>, s: SocketRef, auth: Option<Value>) -> Resu
     let user: Arc<str> = Arc::from(user);
     tokio::spawn(work_queue(gw.clone(), user, rx));
 
-    s.on(SEND_MESSAGE, |slot: Slot, ack: AckSender, TryData(value): TryData<Value>| async move {
-        match slot {
-            Slot::Refused(e) => {
-                let _ = ack.send(&e.ack());
+    s.on(
+        SEND_MESSAGE,
+        |slot: Slot, ack: AckSender, TryData(value): TryData<Value>| async move {
+            match slot {
+                Slot::Refused(e) => {
+                    let _ = ack.send(&e.ack());
+                }
+                Slot::Queued(tx) => {
+                    let value = value.unwrap_or(Value::Null);
+                    // The queue's task is gone only if the session is.
+                    let _ = tx.send(Job {
+                        value,
+                        ack,
+                        received: Instant::now(),
+                    });
+                }
             }
-            Slot::Queued(tx) => {
-                let value = value.unwrap_or(Value::Null);
-                // The queue's task is gone only if the session is.
-                let _ = tx.send(Job {
-                    value,
-                    ack,
-                    received: Instant::now(),
-                });
-            }
-        }
-    });
+        },
+    );
     let gw_disconnect = gw.clone();
     s.on_disconnect(move |s: SocketRef| {
         let gw = gw_disconnect.clone();
@@ -193,7 +211,9 @@ async fn handshake(gw: &Arc<Gateway>, s: SocketRef, auth: Option<Value>) -> Resu
 
 /// Forgets a session and gives back its keys. Idempotent.
 pub(crate) async fn end_session(gw: &Gateway, s: &SocketRef) {
-    let Some((user, channels)) = gw.sessions.remove(s.id) else { return };
+    let Some((user, channels)) = gw.sessions.remove(s.id) else {
+        return;
+    };
     gw.metrics.sessions.dec();
     if gw.is_shutting_down() {
         // deregister_server removes every route in bulk.
@@ -210,7 +230,11 @@ pub(crate) async fn end_session(gw: &Gateway, s: &SocketRef) {
 }
 
 /// Works one session's sends in the order they arrived.
-async fn work_queue(gw: Arc<Gateway>, user: Arc<str>, mut queue: mpsc::Receiver<oneshot::Receiver<Job>>) {
+async fn work_queue(
+    gw: Arc<Gateway>,
+    user: Arc<str>,
+    mut queue: mpsc::Receiver<oneshot::Receiver<Job>>,
+) {
     while let Some(slot) = queue.recv().await {
         // A dropped sender means the handler never ran; skip its place.
         let Ok(job) = slot.await else { continue };
@@ -220,11 +244,16 @@ async fn work_queue(gw: Arc<Gateway>, user: Arc<str>, mut queue: mpsc::Receiver<
                 json!({ "ok": true, "id": id, "createdAt": crate::protocol::format_time(created_at) })
             }
             Err(e) => {
-                gw.metrics.sends_refused.get_or_create(&vec![("code", code_label(e.code))]).inc();
+                gw.metrics
+                    .sends_refused
+                    .get_or_create(&vec![("code", code_label(e.code))])
+                    .inc();
                 e.ack()
             }
         };
-        gw.metrics.send_ack_seconds.observe(job.received.elapsed().as_secs_f64());
+        gw.metrics
+            .send_ack_seconds
+            .observe(job.received.elapsed().as_secs_f64());
         let _ = job.ack.send(&reply);
     }
 }
@@ -284,7 +313,11 @@ async fn accept(gw: &Gateway, user: &str, value: &Value) -> Result<(String, i64)
     match tokio::time::timeout(PUBLISH_TIMEOUT, gw.backend.publish_incoming(event)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(unavailable(e.to_string())),
-        Err(_) => return Err(unavailable(format!("no confirm within {PUBLISH_TIMEOUT:?}"))),
+        Err(_) => {
+            return Err(unavailable(format!(
+                "no confirm within {PUBLISH_TIMEOUT:?}"
+            )))
+        }
     }
     if let Some(cid) = &message.client_msg_id {
         gw.remember_ack(user, cid, &message.id, message.created_at);
@@ -305,6 +338,9 @@ async fn is_member(gw: &Gateway, user: &str, channel: &str) -> Result<bool, Prot
         .map(|since| since.is_some())
         .map_err(|e| {
             tracing::warn!(%user, %channel, error = %e, "membership check failed");
-            ProtocolError::new(ErrorCode::Unavailable, "cannot check channel membership; retry")
+            ProtocolError::new(
+                ErrorCode::Unavailable,
+                "cannot check channel membership; retry",
+            )
         })
 }

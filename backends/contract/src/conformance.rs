@@ -92,15 +92,31 @@ pub async fn routes_to_exactly_the_bound_servers(h: &dyn Harness) {
     let mut s1 = b.register_server(&sid("s1")).await.expect("register s1");
     let mut s2 = b.register_server(&sid("s2")).await.expect("register s2");
     b.bind(&sid("s1"), &key("alice")).await.expect("bind");
-    b.bind(&sid("s2"), &key("channel:general")).await.expect("bind");
+    b.bind(&sid("s2"), &key("channel:general"))
+        .await
+        .expect("bind");
 
-    let out = b.publish_outgoing(&key("alice"), Bytes::from_static(b"for alice")).await.expect("publish");
-    assert!(matches!(out, RouteOutcome::Routed { .. } | RouteOutcome::Unknown), "got {out:?}");
-    assert_eq!(next_message(&mut s1).await, (key("alice"), Bytes::from_static(b"for alice")));
+    let out = b
+        .publish_outgoing(&key("alice"), Bytes::from_static(b"for alice"))
+        .await
+        .expect("publish");
+    assert!(
+        matches!(out, RouteOutcome::Routed { .. } | RouteOutcome::Unknown),
+        "got {out:?}"
+    );
+    assert_eq!(
+        next_message(&mut s1).await,
+        (key("alice"), Bytes::from_static(b"for alice"))
+    );
     assert_quiet(&mut s2, "s2 is not bound to alice").await;
 
-    b.publish_outgoing(&key("channel:general"), Bytes::from_static(b"hi all")).await.expect("publish");
-    assert_eq!(next_message(&mut s2).await, (key("channel:general"), Bytes::from_static(b"hi all")));
+    b.publish_outgoing(&key("channel:general"), Bytes::from_static(b"hi all"))
+        .await
+        .expect("publish");
+    assert_eq!(
+        next_message(&mut s2).await,
+        (key("channel:general"), Bytes::from_static(b"hi all"))
+    );
     assert_quiet(&mut s1, "s1 is not bound to channel:general").await;
     b.shutdown().await.expect("shutdown");
 }
@@ -110,11 +126,17 @@ pub async fn unbind_stops_delivery(h: &dyn Harness) {
     let b = h.backend(&fresh_namespace(), SETTINGS).await;
     let mut s1 = b.register_server(&sid("s1")).await.expect("register");
     b.bind(&sid("s1"), &key("bob")).await.expect("bind");
-    b.publish_outgoing(&key("bob"), Bytes::from_static(b"1")).await.expect("publish");
+    b.publish_outgoing(&key("bob"), Bytes::from_static(b"1"))
+        .await
+        .expect("publish");
     assert_eq!(next_message(&mut s1).await.1, Bytes::from_static(b"1"));
     b.unbind(&sid("s1"), &key("bob")).await.expect("unbind");
-    b.unbind(&sid("s1"), &key("bob")).await.expect("unbind is idempotent");
-    b.publish_outgoing(&key("bob"), Bytes::from_static(b"2")).await.expect("publish");
+    b.unbind(&sid("s1"), &key("bob"))
+        .await
+        .expect("unbind is idempotent");
+    b.publish_outgoing(&key("bob"), Bytes::from_static(b"2"))
+        .await
+        .expect("publish");
     assert_quiet(&mut s1, "after unbind").await;
     b.shutdown().await.expect("shutdown");
 }
@@ -126,11 +148,15 @@ pub async fn bind_is_idempotent(h: &dyn Harness) {
     let mut s1 = b.register_server(&sid("s1")).await.expect("register");
     b.bind(&sid("s1"), &key("carol")).await.expect("bind");
     b.bind(&sid("s1"), &key("carol")).await.expect("bind again");
-    b.publish_outgoing(&key("carol"), Bytes::from_static(b"once")).await.expect("publish");
+    b.publish_outgoing(&key("carol"), Bytes::from_static(b"once"))
+        .await
+        .expect("publish");
     assert_eq!(next_message(&mut s1).await.1, Bytes::from_static(b"once"));
     assert_quiet(&mut s1, "a double bind must not double deliveries").await;
     b.unbind(&sid("s1"), &key("carol")).await.expect("unbind");
-    b.publish_outgoing(&key("carol"), Bytes::from_static(b"gone")).await.expect("publish");
+    b.publish_outgoing(&key("carol"), Bytes::from_static(b"gone"))
+        .await
+        .expect("publish");
     assert_quiet(&mut s1, "one unbind undoes any number of binds").await;
     b.shutdown().await.expect("shutdown");
 }
@@ -143,7 +169,10 @@ pub async fn two_servers_on_one_key_both_receive(h: &dyn Harness) {
     for s in ["s1", "s2"] {
         b.bind(&sid(s), &key("channel:c1")).await.expect("bind");
     }
-    let out = b.publish_outgoing(&key("channel:c1"), Bytes::from_static(b"x")).await.expect("publish");
+    let out = b
+        .publish_outgoing(&key("channel:c1"), Bytes::from_static(b"x"))
+        .await
+        .expect("publish");
     if let RouteOutcome::Routed { servers: Some(n) } = out {
         assert_eq!(n, 2);
     }
@@ -160,11 +189,17 @@ pub async fn unbound_key_is_dropped_and_reported(h: &dyn Harness) {
     let b = h.backend(&fresh_namespace(), SETTINGS).await;
     let mut s1 = b.register_server(&sid("s1")).await.expect("register");
     b.bind(&sid("s1"), &key("dave")).await.expect("bind");
-    let out = b.publish_outgoing(&key("nobody"), Bytes::from_static(b"x")).await.expect("publish");
+    let out = b
+        .publish_outgoing(&key("nobody"), Bytes::from_static(b"x"))
+        .await
+        .expect("publish");
     if b.capabilities().reports_unroutable {
         assert_eq!(out, RouteOutcome::Unroutable);
     } else {
-        assert!(matches!(out, RouteOutcome::Unknown | RouteOutcome::Unroutable), "got {out:?}");
+        assert!(
+            matches!(out, RouteOutcome::Unknown | RouteOutcome::Unroutable),
+            "got {out:?}"
+        );
     }
     assert_quiet(&mut s1, "nobody is bound to the key").await;
     b.shutdown().await.expect("shutdown");
@@ -176,10 +211,16 @@ pub async fn outgoing_order_per_key(h: &dyn Harness) {
     let mut s1 = b.register_server(&sid("s1")).await.expect("register");
     b.bind(&sid("s1"), &key("erin")).await.expect("bind");
     for i in 0..200u32 {
-        b.publish_outgoing(&key("erin"), Bytes::from(i.to_string())).await.expect("publish");
+        b.publish_outgoing(&key("erin"), Bytes::from(i.to_string()))
+            .await
+            .expect("publish");
     }
     for i in 0..200u32 {
-        assert_eq!(next_message(&mut s1).await.1, Bytes::from(i.to_string()), "message {i} out of order");
+        assert_eq!(
+            next_message(&mut s1).await.1,
+            Bytes::from(i.to_string()),
+            "message {i} out of order"
+        );
     }
     b.shutdown().await.expect("shutdown");
 }
@@ -189,19 +230,40 @@ pub async fn outgoing_order_per_key(h: &dyn Harness) {
 pub async fn registration_rules(h: &dyn Harness) {
     let b = h.backend(&fresh_namespace(), SETTINGS).await;
     let s1 = b.register_server(&sid("s1")).await.expect("register");
-    assert!(b.register_server(&sid("s1")).await.is_err(), "second registration of a live id");
-    assert!(b.bind(&sid("ghost"), &key("x")).await.is_err(), "bind for an unregistered server");
+    assert!(
+        b.register_server(&sid("s1")).await.is_err(),
+        "second registration of a live id"
+    );
+    assert!(
+        b.bind(&sid("ghost"), &key("x")).await.is_err(),
+        "bind for an unregistered server"
+    );
     b.bind(&sid("s1"), &key("frank")).await.expect("bind");
     b.deregister_server(&sid("s1")).await.expect("deregister");
-    b.deregister_server(&sid("s1")).await.expect("deregister is idempotent");
+    b.deregister_server(&sid("s1"))
+        .await
+        .expect("deregister is idempotent");
     drop(s1);
-    let out = b.publish_outgoing(&key("frank"), Bytes::from_static(b"x")).await.expect("publish");
+    let out = b
+        .publish_outgoing(&key("frank"), Bytes::from_static(b"x"))
+        .await
+        .expect("publish");
     if b.capabilities().reports_unroutable {
-        assert_eq!(out, RouteOutcome::Unroutable, "deregistering removes the routes");
+        assert_eq!(
+            out,
+            RouteOutcome::Unroutable,
+            "deregistering removes the routes"
+        );
     }
     let mut again = b.register_server(&sid("s1")).await.expect("re-register");
-    b.publish_outgoing(&key("frank"), Bytes::from_static(b"y")).await.expect("publish");
-    assert_quiet(&mut again, "a re-registered server must not inherit old routes").await;
+    b.publish_outgoing(&key("frank"), Bytes::from_static(b"y"))
+        .await
+        .expect("publish");
+    assert_quiet(
+        &mut again,
+        "a re-registered server must not inherit old routes",
+    )
+    .await;
     b.shutdown().await.expect("shutdown");
 }
 
@@ -214,7 +276,10 @@ pub async fn incoming_order_per_key_with_two_consumers(h: &dyn Harness) {
     let mut tasks = Vec::new();
     for c in 0..2usize {
         let mut stream = b
-            .consume_incoming(ConsumeOptions { consumer_name: format!("c{c}"), prefetch: 8 })
+            .consume_incoming(ConsumeOptions {
+                consumer_name: format!("c{c}"),
+                prefetch: 8,
+            })
             .await
             .expect("consume");
         let (seen, by_consumer) = (seen.clone(), by_consumer.clone());
@@ -226,10 +291,14 @@ pub async fn incoming_order_per_key_with_two_consumers(h: &dyn Harness) {
                 let n: u32 = n.parse().expect("number");
                 // Work of uneven length, so a consumer that does not own
                 // its partitions would visibly reorder them.
-                if n % 7 == 0 {
+                if n.is_multiple_of(7) {
                     tokio::time::sleep(Duration::from_millis(3)).await;
                 }
-                seen.lock().expect("lock").entry(k.to_owned()).or_default().push(n);
+                seen.lock()
+                    .expect("lock")
+                    .entry(k.to_owned())
+                    .or_default()
+                    .push(n);
                 *by_consumer.lock().expect("lock").entry(c).or_default() += 1;
                 d.ack().await.expect("ack");
             }
@@ -254,15 +323,25 @@ pub async fn incoming_order_per_key_with_two_consumers(h: &dyn Harness) {
         if got >= total {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "only {got} of {total} events consumed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {got} of {total} events consumed"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for (k, ns) in seen.lock().expect("lock").iter() {
         let expected: Vec<u32> = (0..per_key).collect();
-        assert_eq!(ns, &expected, "events of key {k} processed out of order or twice");
+        assert_eq!(
+            ns, &expected,
+            "events of key {k} processed out of order or twice"
+        );
     }
     let spread = by_consumer.lock().expect("lock").clone();
-    assert_eq!(spread.len(), 2, "partitions must be spread over both consumers, got {spread:?}");
+    assert_eq!(
+        spread.len(),
+        2,
+        "partitions must be spread over both consumers, got {spread:?}"
+    );
     for t in tasks {
         t.abort();
     }
@@ -274,22 +353,48 @@ pub async fn incoming_order_per_key_with_two_consumers(h: &dyn Harness) {
 pub async fn incoming_unacked_is_redelivered(h: &dyn Harness) {
     let b = h.backend(&fresh_namespace(), SETTINGS).await;
     let ok = OrderingKey::direct("a", "b");
-    b.publish_incoming(event("m1", &ok, "first")).await.expect("publish");
-    b.publish_incoming(event("m2", &ok, "second")).await.expect("publish");
+    b.publish_incoming(event("m1", &ok, "first"))
+        .await
+        .expect("publish");
+    b.publish_incoming(event("m2", &ok, "second"))
+        .await
+        .expect("publish");
     {
-        let mut c1 = b.consume_incoming(ConsumeOptions::default()).await.expect("consume");
-        let d = tokio::time::timeout(ARRIVE, c1.next()).await.expect("delivery in time").expect("open").expect("ok");
+        let mut c1 = b
+            .consume_incoming(ConsumeOptions::default())
+            .await
+            .expect("consume");
+        let d = tokio::time::timeout(ARRIVE, c1.next())
+            .await
+            .expect("delivery in time")
+            .expect("open")
+            .expect("ok");
         assert_eq!(d.event.id, "m1");
         assert_eq!(d.attempt, 1);
         // Neither acked nor rejected: the consumer crashes.
         drop(d);
     }
-    let mut c2 = b.consume_incoming(ConsumeOptions::default()).await.expect("consume");
-    let d = tokio::time::timeout(ARRIVE, c2.next()).await.expect("redelivery in time").expect("open").expect("ok");
+    let mut c2 = b
+        .consume_incoming(ConsumeOptions::default())
+        .await
+        .expect("consume");
+    let d = tokio::time::timeout(ARRIVE, c2.next())
+        .await
+        .expect("redelivery in time")
+        .expect("open")
+        .expect("ok");
     assert_eq!(d.event.id, "m1", "the unsettled event comes back first");
-    assert!(d.attempt >= 2, "a redelivery says so (attempt {})", d.attempt);
+    assert!(
+        d.attempt >= 2,
+        "a redelivery says so (attempt {})",
+        d.attempt
+    );
     d.ack().await.expect("ack");
-    let d = tokio::time::timeout(ARRIVE, c2.next()).await.expect("next in time").expect("open").expect("ok");
+    let d = tokio::time::timeout(ARRIVE, c2.next())
+        .await
+        .expect("next in time")
+        .expect("open")
+        .expect("ok");
     assert_eq!(d.event.id, "m2");
     d.ack().await.expect("ack");
     b.shutdown().await.expect("shutdown");
@@ -300,19 +405,46 @@ pub async fn incoming_unacked_is_redelivered(h: &dyn Harness) {
 pub async fn rejected_events_are_dead_lettered(h: &dyn Harness) {
     let b = h.backend(&fresh_namespace(), SETTINGS).await;
     let ok = OrderingKey::channel("poison");
-    b.publish_incoming(event("bad", &ok, "poison")).await.expect("publish");
-    b.publish_incoming(event("worse", &ok, "poison 2")).await.expect("publish");
-    b.publish_incoming(event("good", &ok, "fine")).await.expect("publish");
-    let mut c = b.consume_incoming(ConsumeOptions { prefetch: 1, ..ConsumeOptions::default() }).await.expect("consume");
+    b.publish_incoming(event("bad", &ok, "poison"))
+        .await
+        .expect("publish");
+    b.publish_incoming(event("worse", &ok, "poison 2"))
+        .await
+        .expect("publish");
+    b.publish_incoming(event("good", &ok, "fine"))
+        .await
+        .expect("publish");
+    let mut c = b
+        .consume_incoming(ConsumeOptions {
+            prefetch: 1,
+            ..ConsumeOptions::default()
+        })
+        .await
+        .expect("consume");
     for attempt in 1..=SETTINGS.max_attempts {
-        let d = tokio::time::timeout(ARRIVE, c.next()).await.expect("delivery").expect("open").expect("ok");
+        let d = tokio::time::timeout(ARRIVE, c.next())
+            .await
+            .expect("delivery")
+            .expect("open")
+            .expect("ok");
         assert_eq!(d.event.id, "bad", "attempt {attempt}");
         d.reject().await.expect("reject");
     }
-    let d = tokio::time::timeout(ARRIVE, c.next()).await.expect("delivery").expect("open").expect("ok");
-    assert_eq!(d.event.id, "worse", "after max attempts the next event comes");
+    let d = tokio::time::timeout(ARRIVE, c.next())
+        .await
+        .expect("delivery")
+        .expect("open")
+        .expect("ok");
+    assert_eq!(
+        d.event.id, "worse",
+        "after max attempts the next event comes"
+    );
     d.dead_letter("cannot decode").await.expect("dead letter");
-    let d = tokio::time::timeout(ARRIVE, c.next()).await.expect("delivery").expect("open").expect("ok");
+    let d = tokio::time::timeout(ARRIVE, c.next())
+        .await
+        .expect("delivery")
+        .expect("open")
+        .expect("ok");
     assert_eq!(d.event.id, "good");
     d.ack().await.expect("ack");
 
@@ -338,20 +470,37 @@ pub async fn namespaces_are_isolated(h: &dyn Harness) {
     let a = h.backend(&na, SETTINGS).await;
     let b = h.backend(&nb, SETTINGS).await;
     let mut sa = a.register_server(&sid("s1")).await.expect("register in a");
-    let mut sb = b.register_server(&sid("s1")).await.expect("the same id registers in b");
+    let mut sb = b
+        .register_server(&sid("s1"))
+        .await
+        .expect("the same id registers in b");
     a.bind(&sid("s1"), &key("gina")).await.expect("bind");
     b.bind(&sid("s1"), &key("gina")).await.expect("bind");
-    a.publish_outgoing(&key("gina"), Bytes::from_static(b"from a")).await.expect("publish");
+    a.publish_outgoing(&key("gina"), Bytes::from_static(b"from a"))
+        .await
+        .expect("publish");
     assert_eq!(next_message(&mut sa).await.1, Bytes::from_static(b"from a"));
     assert_quiet(&mut sb, "b must not see a's outgoing messages").await;
 
-    let mut cb = b.consume_incoming(ConsumeOptions::default()).await.expect("consume b");
-    a.publish_incoming(event("x", &OrderingKey::channel("c"), "a only")).await.expect("publish");
+    let mut cb = b
+        .consume_incoming(ConsumeOptions::default())
+        .await
+        .expect("consume b");
+    a.publish_incoming(event("x", &OrderingKey::channel("c"), "a only"))
+        .await
+        .expect("publish");
     if let Ok(Some(d)) = tokio::time::timeout(QUIET, cb.next()).await {
         panic!("b consumed a's incoming event {d:?}");
     }
-    let mut ca = a.consume_incoming(ConsumeOptions::default()).await.expect("consume a");
-    let d = tokio::time::timeout(ARRIVE, ca.next()).await.expect("delivery").expect("open").expect("ok");
+    let mut ca = a
+        .consume_incoming(ConsumeOptions::default())
+        .await
+        .expect("consume a");
+    let d = tokio::time::timeout(ARRIVE, ca.next())
+        .await
+        .expect("delivery")
+        .expect("open")
+        .expect("ok");
     assert_eq!(d.event.id, "x");
     d.ack().await.expect("ack");
     a.shutdown().await.expect("shutdown");

@@ -222,7 +222,12 @@ pub struct IncomingDelivery {
 
 impl IncomingDelivery {
     /// Built by backends.
-    pub fn new(event: IncomingEvent, partition: u32, attempt: u32, settle: Box<dyn Settle>) -> Self {
+    pub fn new(
+        event: IncomingEvent,
+        partition: u32,
+        attempt: u32,
+        settle: Box<dyn Settle>,
+    ) -> Self {
         Self {
             event,
             partition,

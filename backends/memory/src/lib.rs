@@ -149,7 +149,13 @@ impl Inner {
     }
 
     /// The next delivery for `consumer`, if one of its partitions has one.
-    fn take_next(&self, st: &mut State, consumer: u64, prefetch: usize, cursor: &mut usize) -> Option<(u32, Entry)> {
+    fn take_next(
+        &self,
+        st: &mut State,
+        consumer: u64,
+        prefetch: usize,
+        cursor: &mut usize,
+    ) -> Option<(u32, Entry)> {
         let members: Vec<u64> = st.consumers.iter().copied().collect();
         let n = st.partitions.len();
         let unsettled: usize = st
@@ -174,7 +180,9 @@ impl Inner {
                 if p.owner.is_some_and(|o| o != consumer) && !p.inflight.is_empty() {
                     break;
                 }
-                let Some(mut entry) = p.queue.pop_front() else { break };
+                let Some(mut entry) = p.queue.pop_front() else {
+                    break;
+                };
                 p.owner = Some(consumer);
                 if entry.deliveries >= self.config.max_attempts {
                     st.queued -= 1;
@@ -192,7 +200,13 @@ impl Inner {
 
     /// Settles one in-flight entry; `None` if it is no longer in flight
     /// (already settled, or requeued when its consumer left).
-    fn remove_inflight(&self, st: &mut State, consumer: u64, partition: u32, seq: u64) -> Option<Entry> {
+    fn remove_inflight(
+        &self,
+        st: &mut State,
+        consumer: u64,
+        partition: u32,
+        seq: u64,
+    ) -> Option<Entry> {
         let p = st.partitions.get_mut(partition as usize)?;
         if p.owner != Some(consumer) {
             return None;
@@ -204,7 +218,11 @@ impl Inner {
     fn leave(&self, consumer: u64) {
         let mut st = self.lock();
         st.consumers.remove(&consumer);
-        for p in st.partitions.iter_mut().filter(|p| p.owner == Some(consumer)) {
+        for p in st
+            .partitions
+            .iter_mut()
+            .filter(|p| p.owner == Some(consumer))
+        {
             // Unsettled events go back in front, in their original order.
             for e in p.inflight.drain(..).rev() {
                 p.queue.push_front(e);
@@ -228,7 +246,10 @@ impl Settle for MemorySettle {
     async fn ack(&self) -> Result<(), BackendError> {
         let inner = self.inner.upgrade().ok_or(BackendError::Closed)?;
         let mut st = inner.lock();
-        if inner.remove_inflight(&mut st, self.consumer, self.partition, self.seq).is_some() {
+        if inner
+            .remove_inflight(&mut st, self.consumer, self.partition, self.seq)
+            .is_some()
+        {
             st.queued -= 1;
         }
         drop(st);
@@ -284,7 +305,11 @@ impl Drop for ServerGuard {
     fn drop(&mut self) {
         if let Some(inner) = self.inner.upgrade() {
             let mut st = inner.lock();
-            if st.servers.get(&self.id).is_some_and(|s| s.generation == self.generation) {
+            if st
+                .servers
+                .get(&self.id)
+                .is_some_and(|s| s.generation == self.generation)
+            {
                 remove_server(&mut st, &self.id);
             }
         }
@@ -383,14 +408,21 @@ impl FanoutBackend for MemoryBackend {
                     if st.closed {
                         return None;
                     }
-                    if let Some((partition, entry)) = inner.take_next(&mut st, guard.id, prefetch, &mut cursor) {
+                    if let Some((partition, entry)) =
+                        inner.take_next(&mut st, guard.id, prefetch, &mut cursor)
+                    {
                         let settle = MemorySettle {
                             inner: Arc::downgrade(&inner),
                             consumer: guard.id,
                             partition,
                             seq: entry.seq,
                         };
-                        let d = IncomingDelivery::new(entry.event, partition, entry.deliveries, Box::new(settle));
+                        let d = IncomingDelivery::new(
+                            entry.event,
+                            partition,
+                            entry.deliveries,
+                            Box::new(settle),
+                        );
                         return Some((Ok(d), (guard, cursor)));
                     }
                 }
@@ -450,7 +482,10 @@ impl FanoutBackend for MemoryBackend {
             .get_mut(server)
             .ok_or_else(|| BackendError::NotRegistered(server.to_string()))?;
         s.keys.insert(key.clone());
-        st.routes.entry(key.clone()).or_default().insert(server.clone());
+        st.routes
+            .entry(key.clone())
+            .or_default()
+            .insert(server.clone());
         Ok(())
     }
 
@@ -468,7 +503,11 @@ impl FanoutBackend for MemoryBackend {
         Ok(())
     }
 
-    async fn publish_outgoing(&self, key: &RouteKey, payload: Bytes) -> Result<RouteOutcome, BackendError> {
+    async fn publish_outgoing(
+        &self,
+        key: &RouteKey,
+        payload: Bytes,
+    ) -> Result<RouteOutcome, BackendError> {
         let targets: Vec<mpsc::Sender<ServerEvent>> = {
             let st = self.inner.lock();
             if st.closed {
