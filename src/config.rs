@@ -146,8 +146,9 @@ pub struct GatewayConfig {
     /// ack carries the first send's id. Default 65536.
     pub retry_cache: usize,
     /// How far before a membership's start a newly added member's catch-up
-    /// reads, in milliseconds, to cover clock skew between processes.
-    /// Default 1000.
+    /// reads, in milliseconds. Raise it to the clock skew between hosts when
+    /// gateways run on several machines; messages sent that long before the
+    /// `204` may then be shown to the new member too. Default 0 (one host).
     pub catch_up_skew_ms: i64,
     /// Seconds a graceful shutdown waits for in-flight sends. Default 10.
     pub shutdown_grace_secs: u64,
@@ -158,7 +159,7 @@ impl Default for GatewayConfig {
         Self {
             dedup_window: 1024,
             retry_cache: 65_536,
-            catch_up_skew_ms: 1000,
+            catch_up_skew_ms: 0,
             shutdown_grace_secs: 10,
         }
     }

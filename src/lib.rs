@@ -22,6 +22,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod gateway;
 pub mod metrics;

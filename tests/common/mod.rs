@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+pub mod cluster;
+
 use sqlx::{Connection, PgConnection};
 
 /// Set by `.ci/run`: an unreachable service is then a failure, never a skip.

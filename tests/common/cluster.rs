@@ -1,0 +1,140 @@
+//! N gateways and a worker in this process, linked by one memory backend
+//! (the fake broker of socketioxide's `spawn_servers::<N>()` pattern), with
+//! a SQLite store in a temporary directory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fanout::app;
+use fanout::auth::Tokens;
+use fanout::client::Client;
+use fanout::config::Config;
+use fanout::metrics::Metrics;
+use fanout::store::Store;
+use fanout_backend::DynBackend;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "cluster-test-secret-0123456789";
+pub const WAIT: Duration = Duration::from_secs(5);
+pub const QUIET: Duration = Duration::from_millis(300);
+
+pub struct Cluster {
+    pub urls: Vec<String>,
+    pub backend: DynBackend,
+    pub store: Store,
+    pub tokens: Tokens,
+    stops: Vec<oneshot::Sender<()>>,
+    gateways: Vec<tokio::task::JoinHandle<()>>,
+    worker_stop: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// `gateways` gateways and a worker with `consumers` consumers.
+    pub async fn start(gateways: usize, consumers: u32) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::default();
+        config.jwt_secret = Some(SECRET.to_owned());
+        config.data_dir = dir.path().to_owned();
+        config.worker.consumers = consumers;
+        config.limits.messages_per_second = 10_000;
+        config.limits.message_burst = 10_000;
+        config.limits.send_queue = 10_000;
+        let backend = app::connect_backend(&config).await.expect("backend");
+        let store = app::connect_store(&config).await.expect("store");
+        let tokens = Tokens::new(SECRET.as_bytes());
+        let worker_stop = CancellationToken::new();
+        tokio::spawn(fanout::worker::run(
+            backend.clone(),
+            store.clone(),
+            Arc::new(Metrics::new()),
+            config.worker.clone(),
+            worker_stop.clone(),
+        ));
+        let mut urls = Vec::new();
+        let mut stops = Vec::new();
+        let mut handles = Vec::new();
+        for _ in 0..gateways {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            urls.push(format!("http://{}", listener.local_addr().expect("addr")));
+            let (tx, rx) = oneshot::channel::<()>();
+            stops.push(tx);
+            let (config, backend, store, tokens) = (config.clone(), backend.clone(), store.clone(), tokens.clone());
+            handles.push(tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = rx.await;
+                };
+                app::run_gateway(config, listener, backend, store, tokens, Arc::new(Metrics::new()), shutdown)
+                    .await
+                    .expect("gateway runs");
+            }));
+        }
+        Cluster {
+            urls,
+            backend,
+            store,
+            tokens,
+            stops,
+            gateways: handles,
+            worker_stop,
+            _dir: dir,
+        }
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        self.tokens.mint(user, 600).expect("mint")
+    }
+
+    /// A session of `user` on gateway `gw`.
+    pub async fn connect(&self, gw: usize, user: &str) -> Client {
+        Client::connect(&self.urls[gw], json!({ "token": self.token(user) }))
+            .await
+            .expect("connect")
+    }
+
+    /// An authenticated REST call on gateway `gw`.
+    pub async fn api(&self, gw: usize, user: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = reqwest::Client::new()
+            .request(method, format!("{}{}", self.urls[gw], path))
+            .bearer_auth(self.token(user));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("http");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn stop(self) {
+        for s in self.stops {
+            let _ = s.send(());
+        }
+        for h in self.gateways {
+            let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
+        }
+        self.worker_stop.cancel();
+    }
+}
+
+/// Sends and expects an `ok` ack; returns the message id.
+pub async fn send_ok(c: &Client, payload: Value) -> String {
+    let ack = c.call("sendMessage", &payload, WAIT).await.expect("ack");
+    assert_eq!(ack["ok"], json!(true), "send refused: {ack}");
+    ack["id"].as_str().expect("id").to_owned()
+}
+
+/// The next event's name and payload.
+pub async fn next(c: &Client) -> (String, Value) {
+    let e = c.next_event(WAIT).await.expect("an event in time");
+    (e.name, e.data)
+}
+
+/// Asserts nothing arrives for a moment.
+pub async fn quiet(c: &Client, what: &str) {
+    if let Ok(e) = c.next_event(QUIET).await {
+        panic!("{what}: unexpected {} {}", e.name, e.data);
+    }
+}

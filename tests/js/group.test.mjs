@@ -1,0 +1,148 @@
+// Channels: creation through the API (201 {id}, 409 on a duplicate id, the
+// creator is a member, connected members start receiving at once), and
+// GROUP_MESSAGE_RECEIVE to every session of every member, sender included;
+// a non-member's send is refused `not_member` and nothing is delivered or
+// stored.
+
+import { describe, it, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  startServer, uid, collect, send, assertOkAck, assertErrAck, groupEvent, history,
+  createChannel, assertHttpError, QUIET_MS, sleep,
+} from './harness.mjs';
+
+describe('channels and group messages', () => {
+  let server;
+  before(async () => { server = await startServer(); });
+  after(async () => { await server?.stop(); });
+
+  it('creates a channel: 201 {id}; 409 with a JSON error on a duplicate id', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const id = uid('chan');
+    assert.equal(await createChannel(server, server.token(alice), { id, name: 'Général ✓', members: [bob] }), id);
+    const dup = await server.api('POST', '/api/channels', { token: server.token(bob), body: { id, name: 'again', members: [] } });
+    assertHttpError(dup, 409, 'duplicate channel id');
+    const dup2 = await server.api('POST', '/api/channels', { token: server.token(alice), body: { id, name: 'again', members: [bob] } });
+    assertHttpError(dup2, 409, 'duplicate channel id by its creator');
+  });
+
+  it('creates a channel without an id: the server picks a valid one', async () => {
+    const alice = uid('alice');
+    const id = await createChannel(server, server.token(alice), { name: 'no id' });
+    assert.match(id, /^[A-Za-z0-9_-]{1,64}$/);
+    const h = await history(server, server.token(alice), `/api/channels/${id}/messages`);
+    assert.deepEqual(h, { messages: [], nextBefore: null });
+  });
+
+  it('refuses a channel with an invalid id or invalid member ids (400)', async () => {
+    const alice = uid('alice');
+    for (const body of [
+      { id: 'a:b', name: 'x', members: [] },
+      { id: 'x'.repeat(65), name: 'x', members: [] },
+      { id: uid('c'), name: 'x', members: ['bad id'] },
+      { id: uid('c'), name: 'x', members: ['y'.repeat(65)] },
+    ]) {
+      const r = await server.api('POST', '/api/channels', { token: server.token(alice), body });
+      assertHttpError(r, 400, JSON.stringify(body));
+    }
+  });
+
+  it('delivers GROUP_MESSAGE_RECEIVE to every session of every member, the sender\'s included, exactly shaped', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const carol = uid('carol');
+    const outsider = uid('out');
+    // Connected before the channel exists: they must start receiving at once.
+    const a1 = await server.session(alice);
+    const a2 = await server.session(alice);
+    const b1 = await server.session(bob);
+    const b2 = await server.session(bob);
+    const c1 = await server.session(carol);
+    const o1 = await server.session(outsider);
+    const sessions = [a1, a2, b1, b2, c1];
+    const ev = sessions.map((s) => collect(s, 'GROUP_MESSAGE_RECEIVE'));
+    const personal = [...sessions, o1].map((s) => collect(s, 'MESSAGE_RECEIVE'));
+    const outEv = collect(o1, 'GROUP_MESSAGE_RECEIVE');
+
+    const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob, carol, bob] });
+
+    const ack1 = assertOkAck(await send(a1, { channelId: ch, content: 'hi all' }));
+    const ack2 = assertOkAck(await send(b2, { channelId: ch, content: 'hi back', clientMsgId: 'g-1' }));
+    const ack3 = assertOkAck(await send(c1, { channelId: ch, content: 'ünïcödé 😀' }));
+    const e1 = groupEvent(ack1, ch, alice, 'hi all');
+    const e2 = groupEvent(ack2, ch, bob, 'hi back', 'g-1');
+    const e3 = groupEvent(ack3, ch, carol, 'ünïcödé 😀');
+    for (const c of ev) await c.waitFor(3);
+    await sleep(QUIET_MS);
+    for (const [i, c] of ev.entries()) assert.deepEqual(c.items, [e1, e2, e3], `session ${i}`);
+    assert.deepEqual(outEv.items, [], 'a non-member receives nothing');
+    for (const p of personal) assert.deepEqual(p.items, [], 'no personal events for group messages');
+
+    const h = await history(server, server.token(carol), `/api/channels/${ch}/messages`);
+    assert.deepEqual(h, { messages: [e3, e2, e1], nextBefore: null });
+  });
+
+  it('the creator is a member even when not listed; a channel with no other member works', async () => {
+    const alice = uid('alice');
+    const a = await server.session(alice);
+    const ev = collect(a, 'GROUP_MESSAGE_RECEIVE');
+    const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [] });
+    const ack = assertOkAck(await send(a, { channelId: ch, content: 'alone' }));
+    assert.deepEqual(await ev.waitFor(1), [groupEvent(ack, ch, alice, 'alone')]);
+    // Listing oneself is harmless.
+    const ch2 = await createChannel(server, server.token(alice), { id: uid('chan'), members: [alice] });
+    const ack2 = assertOkAck(await send(a, { channelId: ch2, content: 'me too' }));
+    assert.deepEqual(await ev.waitFor(2), [groupEvent(ack, ch, alice, 'alone'), groupEvent(ack2, ch2, alice, 'me too')]);
+    await sleep(QUIET_MS);
+    assert.equal(ev.items.length, 2, 'listing the creator among members does not double delivery');
+  });
+
+  it('members connecting after creation receive the channel too', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob] });
+    const a = await server.session(alice);
+    const b = await server.session(bob);
+    const eb = collect(b, 'GROUP_MESSAGE_RECEIVE');
+    const ack = assertOkAck(await send(a, { channelId: ch, content: 'later' }));
+    assert.deepEqual(await eb.waitFor(1), [groupEvent(ack, ch, alice, 'later')]);
+  });
+
+  it('refuses a non-member\'s send with not_member; nothing delivered or stored', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const eve = uid('eve');
+    const a = await server.session(alice);
+    const b = await server.session(bob);
+    const e = await server.session(eve);
+    const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob] });
+    const ea = collect(a, 'GROUP_MESSAGE_RECEIVE');
+    const ebv = collect(b, 'GROUP_MESSAGE_RECEIVE');
+    const eev = collect(e, 'GROUP_MESSAGE_RECEIVE');
+
+    assertErrAck(await send(e, { channelId: ch, content: 'let me in' }), 'not_member');
+    assertErrAck(await send(e, { channelId: ch, content: 'with id', clientMsgId: 'nm-1' }), 'not_member');
+    // A channel that does not exist: the sender is not a member of it either.
+    assertErrAck(await send(e, { channelId: uid('nochan'), content: 'anyone?' }), 'not_member');
+
+    // The clientMsgId of a refused send was not consumed: using it for a
+    // valid send later creates (and delivers, and stores) a new message.
+    const eme = collect(e, 'MESSAGE_RECEIVE');
+    const own = assertOkAck(await send(e, { to: eve, content: 'self', clientMsgId: 'nm-1' }));
+    assert.deepEqual(await eme.waitFor(1), [{ id: own.id, senderId: eve, receiverId: eve, content: 'self', createdAt: own.createdAt, clientMsgId: 'nm-1' }]);
+    const sentinel = assertOkAck(await send(a, { channelId: ch, content: 'sentinel' }));
+    const se = groupEvent(sentinel, ch, alice, 'sentinel');
+    await ea.waitFor(1);
+    await ebv.waitFor(1);
+    await sleep(QUIET_MS);
+    assert.deepEqual(ea.items, [se]);
+    assert.deepEqual(ebv.items, [se]);
+    assert.deepEqual(eev.items, []);
+    const h = await history(server, server.token(alice), `/api/channels/${ch}/messages`);
+    assert.deepEqual(h, { messages: [se], nextBefore: null });
+    // The non-member cannot read the history either.
+    const r = await server.api('GET', `/api/channels/${ch}/messages`, { token: server.token(eve) });
+    assertHttpError(r, 403, 'non-member history');
+  });
+});

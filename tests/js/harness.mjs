@@ -1,0 +1,418 @@
+// Test harness for the fanout end-to-end suite: starts `fanout serve`
+// processes, connects stock socket.io-client sessions, collects events and
+// calls the HTTP API. Only node built-ins and socket.io-client.
+//
+// Environment:
+//   FANOUT_BIN                path of the `fanout` binary (required)
+//   FANOUT_E2E_DATABASE_URL   database for the servers (unset = SQLite in a
+//                             temporary data directory)
+//   FANOUT_E2E_VERBOSE=1      copy every server's stderr to this stderr
+
+import { spawn, execFile } from 'node:child_process';
+import { createHmac, randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import assert from 'node:assert/strict';
+import { io } from 'socket.io-client';
+
+/** Generous wait for anything that must happen. */
+export const WAIT_MS = 5000;
+/** Quiet period after a sentinel before asserting that nothing else arrived. */
+export const QUIET_MS = 300;
+
+export const UUID_V7 = /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
+export const RFC3339_UTC_MS = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
+
+const live = new Set(); // child processes not yet reaped
+process.on('exit', () => {
+  for (const child of live) {
+    try { child.kill('SIGKILL'); } catch { /* already gone */ }
+  }
+});
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** A fresh valid id (user or channel), unique per call. */
+export function uid(prefix = 'u') {
+  return `${prefix}-${randomBytes(6).toString('hex')}`;
+}
+
+/** A JWT signed HS256 with `secret` (or with `header`'s alg left as given). */
+export function signJwt(claims, secret, header = { alg: 'HS256', typ: 'JWT' }) {
+  const h = Buffer.from(JSON.stringify(header)).toString('base64url');
+  const p = Buffer.from(JSON.stringify(claims)).toString('base64url');
+  const sig = createHmac('sha256', secret).update(`${h}.${p}`).digest('base64url');
+  return `${h}.${p}.${sig}`;
+}
+
+export function nowSecs() {
+  return Math.floor(Date.now() / 1000);
+}
+
+function binPath() {
+  const bin = process.env.FANOUT_BIN;
+  if (!bin) throw new Error('FANOUT_BIN must name the fanout binary (cargo build; FANOUT_BIN=$PWD/target/debug/fanout)');
+  return bin;
+}
+
+/** The environment for a fanout process: ours without any FANOUT_* variable, plus `vars`. */
+function childEnv(vars) {
+  const env = {};
+  for (const [k, v] of Object.entries(process.env)) {
+    if (!k.startsWith('FANOUT_')) env[k] = v;
+  }
+  return { ...env, ...vars };
+}
+
+/**
+ * Starts `fanout serve` on a free port with its own data directory.
+ *
+ * options.env: extra FANOUT_* settings (e.g. FANOUT_LIMITS__MESSAGE_BURST).
+ * options.jwtSecret: the HS256 secret; `null` leaves it unset so the server
+ *   generates one in its data directory (then only `cliToken` works).
+ */
+export async function startServer(options = {}) {
+  const dataDir = mkdtempSync(join(tmpdir(), 'fanout-e2e-'));
+  const jwtSecret = options.jwtSecret === undefined ? randomBytes(24).toString('hex') : options.jwtSecret;
+  const vars = {
+    FANOUT_LISTEN: '127.0.0.1:0',
+    FANOUT_DATA_DIR: dataDir,
+    FANOUT_LOG: process.env.FANOUT_E2E_LOG || 'warn',
+    ...(jwtSecret ? { FANOUT_JWT_SECRET: jwtSecret } : {}),
+    ...(process.env.FANOUT_E2E_DATABASE_URL ? { FANOUT_DATABASE_URL: process.env.FANOUT_E2E_DATABASE_URL } : {}),
+    ...(options.env || {}),
+  };
+  const env = childEnv(vars);
+  const bin = binPath();
+  const child = spawn(bin, ['serve'], { cwd: dataDir, env, stdio: ['ignore', 'pipe', 'pipe'] });
+  live.add(child);
+  let stderr = '';
+  let stdout = '';
+  let stopping = false;
+  let exited = null;
+  const exitPromise = new Promise((resolve) => {
+    child.on('exit', (code, signal) => {
+      live.delete(child);
+      exited = { code, signal };
+      if (!stopping) {
+        console.error(`fanout serve exited unexpectedly (code ${code}, signal ${signal}); stderr:\n${stderr}`);
+      }
+      resolve(exited);
+    });
+  });
+  child.stderr.setEncoding('utf8');
+  child.stderr.on('data', (d) => {
+    stderr += d;
+    if (stderr.length > 200_000) stderr = stderr.slice(-100_000);
+    if (process.env.FANOUT_E2E_VERBOSE === '1') process.stderr.write(d);
+  });
+  child.stdout.setEncoding('utf8');
+
+  const url = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      fail(new Error(`fanout serve did not print its listening line within 30 s.\nstdout:\n${stdout}\nstderr:\n${stderr}`));
+    }, 30_000);
+    function fail(err) {
+      clearTimeout(timer);
+      stopping = true;
+      child.kill('SIGKILL');
+      reject(err);
+    }
+    child.on('error', (e) => fail(new Error(`cannot start ${bin}: ${e.message}`)));
+    child.on('exit', (code, signal) => {
+      fail(new Error(`fanout serve exited (code ${code}, signal ${signal}) before listening.\nstdout:\n${stdout}\nstderr:\n${stderr}`));
+    });
+    child.stdout.on('data', (d) => {
+      stdout += d;
+      const m = /fanout: listening on (http:\/\/\S+) as (\S+)/.exec(stdout);
+      if (m) {
+        clearTimeout(timer);
+        resolve(m[1]);
+      }
+    });
+  });
+
+  const sockets = new Set();
+
+  const server = {
+    url,
+    dataDir,
+    jwtSecret,
+    env: vars,
+    get stderr() { return stderr; },
+    /** A valid token for `user`, signed in JS (needs a known secret). */
+    token(user, ttlSecs = 3600) {
+      assert.ok(jwtSecret, 'this server generated its own secret; use cliToken');
+      return signJwt({ sub: user, exp: nowSecs() + ttlSecs }, jwtSecret);
+    },
+    /** A token minted by `fanout token <user>` with this server's environment. */
+    cliToken(user, extraArgs = []) {
+      return new Promise((resolve, reject) => {
+        execFile(bin, ['token', user, ...extraArgs], { cwd: dataDir, env, timeout: 30_000 }, (err, out, errOut) => {
+          if (err) reject(new Error(`fanout token failed: ${err.message}\n${errOut}`));
+          else resolve(out.trim());
+        });
+      });
+    },
+    /** connect() whose socket is closed by stop(). */
+    async connect(token, opts = {}) {
+      const s = await connect(url, token, opts, sockets);
+      return s;
+    },
+    /** A connected session for a user (token signed in JS). */
+    session(user, opts = {}) {
+      return server.connect(server.token(user), opts);
+    },
+    /** fetch on this server's API. */
+    api(method, path, opts = {}) {
+      return api(url, method, path, opts);
+    },
+    async stop() {
+      for (const s of sockets) s.close();
+      sockets.clear();
+      stopping = true;
+      if (!exited) {
+        child.kill('SIGTERM');
+        const t = setTimeout(() => { if (!exited) child.kill('SIGKILL'); }, 5000);
+        await exitPromise;
+        clearTimeout(t);
+      }
+      try { rmSync(dataDir, { recursive: true, force: true }); } catch { /* best effort */ }
+    },
+  };
+  return server;
+}
+
+/**
+ * Connects a Socket.IO session. Resolves with the connected socket, or
+ * rejects with the `connect_error` (its `message` is the server's reason).
+ * `token === undefined` sends no token; opts.auth replaces the whole auth
+ * object. Reconnection is off so a closed session stays closed.
+ */
+export function connect(url, token, opts = {}, registry = null) {
+  const auth = 'auth' in opts ? opts.auth : (token === undefined ? {} : { token });
+  const { auth: _ignored, ...rest } = opts;
+  const socket = io(url, {
+    forceNew: true,
+    reconnection: false,
+    timeout: WAIT_MS,
+    auth,
+    ...rest,
+  });
+  if (registry) registry.add(socket);
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      cleanup();
+      socket.close();
+      reject(new Error('connect timed out'));
+    }, WAIT_MS * 2);
+    function cleanup() {
+      clearTimeout(timer);
+      socket.off('connect', onConnect);
+      socket.off('connect_error', onError);
+    }
+    function onConnect() {
+      cleanup();
+      resolve(socket);
+    }
+    function onError(err) {
+      cleanup();
+      socket.close();
+      reject(err);
+    }
+    // Registered synchronously after io(), before any I/O can complete; the
+    // connected check covers a connect that somehow already happened.
+    socket.on('connect', onConnect);
+    socket.on('connect_error', onError);
+    if (socket.connected) onConnect();
+  });
+}
+
+/**
+ * Records every payload of `eventName` on `socket` from now on.
+ * `waitFor(n)` resolves with the items once at least n arrived, or rejects
+ * after `timeout` ms with what did arrive.
+ */
+export function collect(socket, eventName) {
+  const items = [];
+  let waiters = [];
+  const listener = (payload) => {
+    items.push(payload);
+    waiters = waiters.filter((w) => {
+      if (items.length >= w.n) {
+        clearTimeout(w.timer);
+        w.resolve(items);
+        return false;
+      }
+      return true;
+    });
+  };
+  socket.on(eventName, listener);
+  return {
+    items,
+    event: eventName,
+    waitFor(n, timeout = WAIT_MS) {
+      if (items.length >= n) return Promise.resolve(items);
+      return new Promise((resolve, reject) => {
+        const w = { n, resolve };
+        w.timer = setTimeout(() => {
+          waiters = waiters.filter((x) => x !== w);
+          reject(new Error(`timed out after ${timeout} ms waiting for ${n} ${eventName} event(s); got ${items.length}: ${JSON.stringify(items).slice(0, 2000)}`));
+        }, timeout);
+        waiters.push(w);
+      });
+    },
+    /** Waits until some item satisfies `pred`; resolves with it. */
+    async waitUntil(pred, timeout = WAIT_MS) {
+      const deadline = Date.now() + timeout;
+      for (;;) {
+        const hit = items.find(pred);
+        if (hit) return hit;
+        const left = deadline - Date.now();
+        if (left <= 0) {
+          throw new Error(`timed out waiting for a matching ${eventName} event; got ${items.length}: ${JSON.stringify(items).slice(0, 2000)}`);
+        }
+        await this.waitFor(items.length + 1, left).catch(() => {});
+      }
+    },
+    stop() { socket.off(eventName, listener); },
+  };
+}
+
+/** Emits with an acknowledgement; rejects if none comes within `timeout`. */
+export function send(socket, payload, timeout = WAIT_MS) {
+  return socket.timeout(timeout).emitWithAck('sendMessage', payload);
+}
+
+/** Calls the HTTP API: { status, body (JSON or text), headers }. */
+export async function api(baseUrl, method, path, { token, body, headers = {} } = {}) {
+  const h = { ...headers };
+  if (token !== undefined) h.authorization = `Bearer ${token}`;
+  let payload;
+  if (body !== undefined) {
+    h['content-type'] = 'application/json';
+    payload = typeof body === 'string' ? body : JSON.stringify(body);
+  }
+  const res = await fetch(new URL(path, baseUrl), { method, headers: h, body: payload });
+  const text = await res.text();
+  let parsed = text;
+  if ((res.headers.get('content-type') || '').includes('json')) {
+    try { parsed = JSON.parse(text); } catch { /* leave as text */ }
+  }
+  return { status: res.status, body: parsed, headers: res.headers };
+}
+
+/** Asserts an ack is `{ ok: true, id: UUIDv7, createdAt: RFC 3339 UTC ms }` and returns it. */
+export function assertOkAck(ack, what = 'ack') {
+  assert.equal(typeof ack, 'object', `${what}: ${JSON.stringify(ack)}`);
+  assert.deepEqual(Object.keys(ack).sort(), ['createdAt', 'id', 'ok'], `${what} fields: ${JSON.stringify(ack)}`);
+  assert.equal(ack.ok, true, `${what}: ${JSON.stringify(ack)}`);
+  assert.match(ack.id, UUID_V7, `${what} id is a UUIDv7`);
+  assertTime(ack.createdAt, `${what} createdAt`);
+  return ack;
+}
+
+/** Asserts an ack is `{ ok: false, error: { code, message } }` with `code`. */
+export function assertErrAck(ack, code, what = 'ack') {
+  assert.equal(typeof ack, 'object', `${what}: ${JSON.stringify(ack)}`);
+  assert.deepEqual(Object.keys(ack).sort(), ['error', 'ok'], `${what} fields: ${JSON.stringify(ack)}`);
+  assert.equal(ack.ok, false, `${what}: ${JSON.stringify(ack)}`);
+  assert.deepEqual(Object.keys(ack.error).sort(), ['code', 'message'], `${what} error fields: ${JSON.stringify(ack)}`);
+  assert.equal(ack.error.code, code, `${what}: ${JSON.stringify(ack)}`);
+  assert.equal(typeof ack.error.message, 'string');
+  assert.ok(ack.error.message.length > 0, `${what}: error message is not empty`);
+}
+
+/** RFC 3339 UTC with milliseconds, and close to now. */
+export function assertTime(s, what = 'createdAt') {
+  assert.equal(typeof s, 'string', `${what} is a string`);
+  assert.match(s, RFC3339_UTC_MS, `${what} ${s} is RFC 3339 UTC with milliseconds`);
+  const t = Date.parse(s);
+  assert.ok(Math.abs(Date.now() - t) < 120_000, `${what} ${s} is near now`);
+}
+
+/** The exact personal event a send should produce. */
+export function personalEvent(ack, senderId, receiverId, content, clientMsgId) {
+  const e = { id: ack.id, senderId, receiverId, content, createdAt: ack.createdAt };
+  if (clientMsgId !== undefined) e.clientMsgId = clientMsgId;
+  return e;
+}
+
+/** The exact group event a send should produce. */
+export function groupEvent(ack, channelId, senderId, content, clientMsgId) {
+  const e = { id: ack.id, channelId, senderId, content, createdAt: ack.createdAt };
+  if (clientMsgId !== undefined) e.clientMsgId = clientMsgId;
+  return e;
+}
+
+/** Creates a channel as `token`'s user; returns its id (asserts 201). */
+export async function createChannel(server, token, { id, name = 'test channel', members = [] } = {}) {
+  const body = { name, members };
+  if (id !== undefined) body.id = id;
+  const r = await server.api('POST', '/api/channels', { token, body });
+  assert.equal(r.status, 201, `create channel: ${r.status} ${JSON.stringify(r.body)}`);
+  assert.deepEqual(Object.keys(r.body), ['id'], `create channel body: ${JSON.stringify(r.body)}`);
+  if (id !== undefined) assert.equal(r.body.id, id);
+  return r.body.id;
+}
+
+/** GET a history page; asserts 200 and the page shape; returns the body. */
+export async function history(server, token, path, query = {}) {
+  const qs = new URLSearchParams(query).toString();
+  const r = await server.api('GET', qs ? `${path}?${qs}` : path, { token });
+  assert.equal(r.status, 200, `GET ${path}?${qs}: ${r.status} ${JSON.stringify(r.body)}`);
+  assert.deepEqual(Object.keys(r.body).sort(), ['messages', 'nextBefore'], `history body: ${JSON.stringify(r.body).slice(0, 500)}`);
+  assert.ok(Array.isArray(r.body.messages));
+  assert.ok(r.body.nextBefore === null || typeof r.body.nextBefore === 'string');
+  return r.body;
+}
+
+/** Asserts an HTTP error response: `status` and `{ error: { code, message } }`. */
+export function assertHttpError(r, status, what = 'response') {
+  assert.equal(r.status, status, `${what}: ${r.status} ${JSON.stringify(r.body)}`);
+  assert.equal(typeof r.body, 'object', `${what}: JSON error body, got ${JSON.stringify(r.body)}`);
+  assert.equal(typeof r.body.error, 'object', `${what}: ${JSON.stringify(r.body)}`);
+  assert.equal(typeof r.body.error.code, 'string', `${what}: ${JSON.stringify(r.body)}`);
+  assert.equal(typeof r.body.error.message, 'string', `${what}: ${JSON.stringify(r.body)}`);
+}
+
+/** Closes a socket and waits until the client has seen the disconnect. */
+export async function closeSocket(socket) {
+  if (!socket.connected) {
+    socket.close();
+    return;
+  }
+  const gone = new Promise((r) => socket.once('disconnect', r));
+  socket.close();
+  await gone;
+}
+
+/** The value of a metric on /metrics (first sample named `name`), or null. */
+export async function metric(server, name) {
+  const r = await server.api('GET', '/metrics');
+  if (r.status !== 200 || typeof r.body !== 'string') return null;
+  const m = new RegExp(`^${name}(?:\\{[^}]*\\})? ([0-9.eE+-]+)$`, 'm').exec(r.body);
+  return m ? Number(m[1]) : null;
+}
+
+/**
+ * Closes a session and waits until the server has ended it too (its
+ * `fanout_sessions` gauge dropped), so later steps test the state after
+ * the disconnect rather than racing it.
+ */
+export async function closeAndSettle(server, socket) {
+  const before = await metric(server, 'fanout_sessions');
+  await closeSocket(socket);
+  if (before === null) {
+    await sleep(QUIET_MS);
+    return;
+  }
+  const deadline = Date.now() + WAIT_MS;
+  while (Date.now() < deadline) {
+    const now = await metric(server, 'fanout_sessions');
+    if (now !== null && now <= before - 1) return;
+    await sleep(20);
+  }
+  throw new Error('the server did not end the closed session within 5 s (fanout_sessions did not drop)');
+}
