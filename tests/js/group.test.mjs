@@ -145,4 +145,34 @@ describe('channels and group messages', () => {
     const r = await server.api('GET', `/api/channels/${ch}/messages`, { token: server.token(eve) });
     assertHttpError(r, 403, 'non-member history');
   });
+
+  it('a group event reaches a client only after the message is stored', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const a = await server.session(alice);
+    const b = await server.session(bob);
+    const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob] });
+    const checks = [];
+    b.on('GROUP_MESSAGE_RECEIVE', (e) => {
+      checks.push(history(server, server.token(bob), `/api/channels/${ch}/messages`, { limit: '200' })
+        .then((h) => ({ id: e.id, stored: h.messages.some((m) => m.id === e.id) })));
+    });
+    const gb = collect(b, 'GROUP_MESSAGE_RECEIVE');
+    const acks = await Promise.all(Array.from({ length: 20 }, (_, i) => send(a, { channelId: ch, content: `s${i}` })));
+    acks.forEach((x) => assertOkAck(x));
+    await gb.waitFor(20);
+    const results = await Promise.all(checks);
+    for (const r of results) assert.equal(r.stored, true, `message ${r.id} was in history when its event arrived`);
+  });
+
+  it('an API request body over the limit is refused with 413 and a JSON error', async () => {
+    const alice = uid('alice');
+    const r = await server.api('POST', '/api/channels', {
+      token: server.token(alice),
+      // 1000 valid members of 64 characters: about 67 KB of JSON, over the
+      // default 64 KiB body limit (and not over the member limit).
+      body: { id: uid('chan'), name: 'n', members: Array.from({ length: 1000 }, (_, i) => `m${String(i).padStart(4, '0')}`.padEnd(64, 'x')) },
+    });
+    assertHttpError(r, 413, 'oversized body');
+  });
 });

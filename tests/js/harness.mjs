@@ -71,9 +71,10 @@ function childEnv(vars) {
  * options.env: extra FANOUT_* settings (e.g. FANOUT_LIMITS__MESSAGE_BURST).
  * options.jwtSecret: the HS256 secret; `null` leaves it unset so the server
  *   generates one in its data directory (then only `cliToken` works).
+ * options.dataDir: reuse a data directory (see `restart`).
  */
 export async function startServer(options = {}) {
-  const dataDir = mkdtempSync(join(tmpdir(), 'fanout-e2e-'));
+  const dataDir = options.dataDir || mkdtempSync(join(tmpdir(), 'fanout-e2e-'));
   const jwtSecret = options.jwtSecret === undefined ? randomBytes(24).toString('hex') : options.jwtSecret;
   const vars = {
     FANOUT_LISTEN: '127.0.0.1:0',
@@ -168,7 +169,15 @@ export async function startServer(options = {}) {
     api(method, path, opts = {}) {
       return api(url, method, path, opts);
     },
-    async stop() {
+    /**
+     * Stops this process (keeping its data) and starts a new one on the same
+     * data directory, database and secret; resolves with the new server.
+     */
+    async restart() {
+      await server.stop({ keepData: true });
+      return startServer({ ...options, dataDir, jwtSecret });
+    },
+    async stop({ keepData = false } = {}) {
       for (const s of sockets) s.close();
       sockets.clear();
       stopping = true;
@@ -178,7 +187,9 @@ export async function startServer(options = {}) {
         await exitPromise;
         clearTimeout(t);
       }
-      try { rmSync(dataDir, { recursive: true, force: true }); } catch { /* best effort */ }
+      if (!keepData) {
+        try { rmSync(dataDir, { recursive: true, force: true }); } catch { /* best effort */ }
+      }
     },
   };
   return server;

@@ -165,4 +165,24 @@ describe('personal messages', () => {
       assert.deepEqual(await ea.waitFor(2), [e, e2]);
     });
   }
+
+  it('an event reaches a client only after the message is stored (history has it when the event arrives)', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const a = await server.session(alice);
+    const b = await server.session(bob);
+    const checks = [];
+    b.on('MESSAGE_RECEIVE', (e) => {
+      // Asked the moment the event arrives.
+      checks.push(history(server, server.token(bob), `/api/conversations/${alice}/messages`, { limit: '200' })
+        .then((h) => ({ id: e.id, stored: h.messages.some((m) => m.id === e.id) })));
+    });
+    const eb = collect(b, 'MESSAGE_RECEIVE');
+    const acks = await Promise.all(Array.from({ length: 20 }, (_, i) => send(a, { to: bob, content: `s${i}` })));
+    acks.forEach((x) => assertOkAck(x));
+    await eb.waitFor(20);
+    const results = await Promise.all(checks);
+    assert.equal(results.length, 20);
+    for (const r of results) assert.equal(r.stored, true, `message ${r.id} was in history when its event arrived`);
+  });
 });

@@ -1,0 +1,206 @@
+// Retries: a second send with a clientMsgId the sender already used is a
+// retry of the first, whatever its target: the same id in the ack, one
+// stored message, one delivery per session.
+
+import { describe, it, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  startServer, uid, collect, send, assertOkAck, personalEvent, groupEvent, history,
+  createChannel, QUIET_MS, sleep,
+} from './harness.mjs';
+
+describe('idempotent retries', () => {
+  let server;
+  before(async () => { server = await startServer(); });
+  after(async () => { await server?.stop(); });
+
+  it('same clientMsgId twice: same id and createdAt in both acks, one delivery, one stored message', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const a = await server.session(alice);
+    const b1 = await server.session(bob);
+    const b2 = await server.session(bob);
+    const ea = collect(a, 'MESSAGE_RECEIVE');
+    const eb1 = collect(b1, 'MESSAGE_RECEIVE');
+    const eb2 = collect(b2, 'MESSAGE_RECEIVE');
+
+    const first = assertOkAck(await send(a, { to: bob, content: 'once', clientMsgId: 'retry-1' }));
+    const e = personalEvent(first, alice, bob, 'once', 'retry-1');
+    await eb1.waitFor(1);
+    const second = assertOkAck(await send(a, { to: bob, content: 'once', clientMsgId: 'retry-1' }));
+    assert.equal(second.id, first.id, 'the retry\'s ack carries the stored message\'s id');
+    assert.equal(second.createdAt, first.createdAt);
+
+    const s = assertOkAck(await send(a, { to: bob, content: 'sentinel' }));
+    const se = personalEvent(s, alice, bob, 'sentinel');
+    for (const c of [ea, eb1, eb2]) await c.waitFor(2);
+    await sleep(QUIET_MS);
+    for (const c of [ea, eb1, eb2]) assert.deepEqual(c.items, [e, se]);
+    const h = await history(server, server.token(bob), `/api/conversations/${alice}/messages`);
+    assert.deepEqual(h, { messages: [se, e], nextBefore: null });
+  });
+
+  it('a retry emitted before the first ack arrived still yields one message', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const a = await server.session(alice);
+    const b = await server.session(bob);
+    const eb = collect(b, 'MESSAGE_RECEIVE');
+    const [x, y, z] = await Promise.all([
+      send(a, { to: bob, content: 'dup', clientMsgId: 'fast' }),
+      send(a, { to: bob, content: 'dup', clientMsgId: 'fast' }),
+      send(a, { to: bob, content: 'dup', clientMsgId: 'fast' }),
+    ]);
+    for (const ack of [x, y, z]) assertOkAck(ack);
+    assert.equal(y.id, x.id);
+    assert.equal(z.id, x.id);
+    const s = assertOkAck(await send(a, { to: bob, content: 'sentinel' }));
+    await eb.waitFor(2);
+    await sleep(QUIET_MS);
+    assert.deepEqual(eb.items, [personalEvent(x, alice, bob, 'dup', 'fast'), personalEvent(s, alice, bob, 'sentinel')]);
+    const h = await history(server, server.token(alice), `/api/conversations/${bob}/messages`);
+    assert.equal(h.messages.length, 2);
+  });
+
+  it('same clientMsgId with a different target (user, channel) or content still yields the first message\'s id', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const carol = uid('carol');
+    const a = await server.session(alice);
+    const b = await server.session(bob);
+    const c = await server.session(carol);
+    const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob, carol] });
+    const eb = collect(b, 'MESSAGE_RECEIVE');
+    const ec = collect(c, 'MESSAGE_RECEIVE');
+    const gc = collect(c, 'GROUP_MESSAGE_RECEIVE');
+
+    const first = assertOkAck(await send(a, { to: bob, content: 'for bob', clientMsgId: 'k1' }));
+    const e = personalEvent(first, alice, bob, 'for bob', 'k1');
+    for (const retry of [
+      { to: carol, content: 'for bob', clientMsgId: 'k1' },
+      { to: bob, content: 'different text', clientMsgId: 'k1' },
+      { channelId: ch, content: 'for bob', clientMsgId: 'k1' },
+      { to: alice, content: 'to myself', clientMsgId: 'k1' },
+    ]) {
+      const ack = assertOkAck(await send(a, retry));
+      assert.equal(ack.id, first.id, `retry ${JSON.stringify(retry)} carries the first id`);
+    }
+
+    // Group first, then personal: one scope for both.
+    const g = assertOkAck(await send(a, { channelId: ch, content: 'group first', clientMsgId: 'k2' }));
+    const again = assertOkAck(await send(a, { to: carol, content: 'group first', clientMsgId: 'k2' }));
+    assert.equal(again.id, g.id);
+    const ge = groupEvent(g, ch, alice, 'group first', 'k2');
+
+    const s1 = assertOkAck(await send(a, { to: carol, content: 'sentinel c' }));
+    const s2 = assertOkAck(await send(a, { to: bob, content: 'sentinel b' }));
+    const sc = personalEvent(s1, alice, carol, 'sentinel c');
+    const sb = personalEvent(s2, alice, bob, 'sentinel b');
+    await ec.waitFor(1);
+    await eb.waitFor(2);
+    await gc.waitFor(1);
+    await sleep(QUIET_MS);
+    assert.deepEqual(eb.items, [e, sb]);
+    assert.deepEqual(ec.items, [sc]);
+    assert.deepEqual(gc.items, [ge]);
+    assert.deepEqual((await history(server, server.token(carol), `/api/conversations/${alice}/messages`)).messages, [sc]);
+    assert.deepEqual((await history(server, server.token(bob), `/api/conversations/${alice}/messages`)).messages, [sb, e]);
+    assert.deepEqual((await history(server, server.token(carol), `/api/channels/${ch}/messages`)).messages, [ge]);
+    assert.deepEqual((await history(server, server.token(alice), `/api/conversations/${alice}/messages`)).messages, []);
+  });
+
+  it('the scope is the sender: a retry from another session of the same user is a retry too', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const a1 = await server.session(alice);
+    const a2 = await server.session(alice);
+    const b = await server.session(bob);
+    const eb = collect(b, 'MESSAGE_RECEIVE');
+    const first = assertOkAck(await send(a1, { to: bob, content: 'x', clientMsgId: 'tab' }));
+    const second = assertOkAck(await send(a2, { to: bob, content: 'x', clientMsgId: 'tab' }));
+    assert.equal(second.id, first.id);
+    // And after reconnecting.
+    a1.close();
+    const a3 = await server.session(alice);
+    const third = assertOkAck(await send(a3, { to: bob, content: 'x', clientMsgId: 'tab' }));
+    assert.equal(third.id, first.id);
+    const s = assertOkAck(await send(a2, { to: bob, content: 'sentinel' }));
+    await eb.waitFor(2);
+    await sleep(QUIET_MS);
+    assert.deepEqual(eb.items, [personalEvent(first, alice, bob, 'x', 'tab'), personalEvent(s, alice, bob, 'sentinel')]);
+  });
+
+  it('different senders using the same clientMsgId get different messages', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const carol = uid('carol');
+    const a = await server.session(alice);
+    const b = await server.session(bob);
+    const c = await server.session(carol);
+    const ec = collect(c, 'MESSAGE_RECEIVE');
+    const x = assertOkAck(await send(a, { to: carol, content: 'from alice', clientMsgId: 'same' }));
+    const y = assertOkAck(await send(b, { to: carol, content: 'from bob', clientMsgId: 'same' }));
+    assert.notEqual(x.id, y.id);
+    await ec.waitFor(2);
+    assert.deepEqual(ec.items, [
+      personalEvent(x, alice, carol, 'from alice', 'same'),
+      personalEvent(y, bob, carol, 'from bob', 'same'),
+    ]);
+  });
+
+  it('a retry whose new target is a channel the sender is not in is still a retry of the first send', async () => {
+    // "one scope per sender ... a second send with an id the sender already
+    // used is a retry of the first, whatever its target".
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const a = await server.session(alice);
+    const b = await server.session(bob);
+    const eb = collect(b, 'MESSAGE_RECEIVE');
+    const other = await createChannel(server, server.token(bob), { id: uid('chan'), members: [] });
+    const first = assertOkAck(await send(a, { to: bob, content: 'x', clientMsgId: 'nm-retry' }));
+    const again = await send(a, { channelId: other, content: 'x', clientMsgId: 'nm-retry' });
+    assert.deepEqual(again, { ok: true, id: first.id, createdAt: first.createdAt },
+      'the retry is answered with the first message, not refused');
+    await eb.waitFor(1);
+  });
+});
+
+describe('idempotent retries across a gateway restart', () => {
+  let server;
+  before(async () => { server = await startServer(); });
+  after(async () => { await server?.stop(); });
+
+  it('a retry after a restart stores nothing new and any event for it carries the stored id', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    let a = await server.session(alice);
+    let b = await server.session(bob);
+    let eb = collect(b, 'MESSAGE_RECEIVE');
+    const first = assertOkAck(await send(a, { to: bob, content: 'survive', clientMsgId: 'restart-1' }));
+    const e = personalEvent(first, alice, bob, 'survive', 'restart-1');
+    assert.deepEqual(await eb.waitFor(1), [e]);
+
+    server = await server.restart();
+    a = await server.session(alice);
+    b = await server.session(bob);
+    eb = collect(b, 'MESSAGE_RECEIVE');
+    const ea = collect(a, 'MESSAGE_RECEIVE');
+    const retry = assertOkAck(await send(a, { to: bob, content: 'survive', clientMsgId: 'restart-1' }));
+    const s = assertOkAck(await send(a, { to: bob, content: 'sentinel' }));
+    const se = personalEvent(s, alice, bob, 'sentinel');
+    await ea.waitUntil((x) => x.id === s.id);
+    await eb.waitUntil((x) => x.id === s.id);
+    await sleep(QUIET_MS);
+
+    // One stored message, whatever id the retry's ack carried.
+    const h = await history(server, server.token(bob), `/api/conversations/${alice}/messages`);
+    assert.deepEqual(h, { messages: [se, e], nextBefore: null });
+    // Every event delivered for the retry names the one stored message.
+    for (const x of [...ea.items, ...eb.items]) {
+      if (x.id !== s.id) assert.deepEqual(x, e, 'an event for the retry carries the stored message');
+    }
+    assert.ok(retry.id === first.id || !eb.items.some((x) => x.id === retry.id), 'no event carries a second id');
+    // Bob already got it before the restart: no second delivery to him.
+    assert.deepEqual(eb.items, [se], 'the receiver, who already got the message, does not get it again');
+  });
+});

@@ -1,0 +1,237 @@
+// Live membership changes: a member added with POST .../members (204)
+// receives, on its live sessions and without reconnecting, every message
+// sent after the 204; a member removed with DELETE (204) receives nothing
+// sent after it. Who may add and remove.
+
+import { describe, it, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  startServer, uid, collect, send, assertOkAck, assertErrAck, groupEvent, history,
+  createChannel, assertHttpError, QUIET_MS, sleep,
+} from './harness.mjs';
+
+describe('membership changes', () => {
+  let server;
+  before(async () => {
+    server = await startServer({
+      env: { FANOUT_LIMITS__MESSAGES_PER_SECOND: '10000', FANOUT_LIMITS__MESSAGE_BURST: '10000' },
+    });
+  });
+  after(async () => { await server?.stop(); });
+
+  const addMember = (token, ch, userId) => server.api('POST', `/api/channels/${ch}/members`, { token, body: { userId } });
+  const removeMember = (token, ch, userId) => server.api('DELETE', `/api/channels/${ch}/members/${userId}`, { token });
+
+  it('an added member\'s live sessions receive messages sent right after the 204, without reconnecting', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const a = await server.session(alice);
+    const b1 = await server.session(bob);
+    const b2 = await server.session(bob, { transports: ['polling'] });
+    const ch = await createChannel(server, server.token(alice), { id: uid('chan') });
+    const ga = collect(a, 'GROUP_MESSAGE_RECEIVE');
+    const gb1 = collect(b1, 'GROUP_MESSAGE_RECEIVE');
+    const gb2 = collect(b2, 'GROUP_MESSAGE_RECEIVE');
+
+    const r = await addMember(server.token(alice), ch, bob);
+    assert.equal(r.status, 204, JSON.stringify(r.body));
+    assert.equal(r.body, '', '204 has no body');
+    const ack = assertOkAck(await send(a, { channelId: ch, content: 'welcome' }));
+    const e = groupEvent(ack, ch, alice, 'welcome');
+    assert.deepEqual((await gb1.waitFor(1)).at(-1), e);
+    assert.deepEqual((await gb2.waitFor(1)).at(-1), e);
+    // The new member can send at once too, and reads the history.
+    const back = assertOkAck(await send(b2, { channelId: ch, content: 'thanks' }));
+    const e2 = groupEvent(back, ch, bob, 'thanks');
+    await ga.waitFor(2);
+    await gb1.waitFor(2);
+    await sleep(QUIET_MS);
+    assert.deepEqual(ga.items, [e, e2]);
+    assert.deepEqual(gb1.items, [e, e2], 'each message once per session');
+    assert.deepEqual(gb2.items, [e, e2]);
+    const h = await history(server, server.token(bob), `/api/channels/${ch}/messages`);
+    assert.deepEqual(h.messages, [e2, e]);
+    // Adding an existing member again is harmless: still one delivery.
+    const again = await addMember(server.token(alice), ch, bob);
+    assert.equal(again.status, 204);
+    const ack3 = assertOkAck(await send(a, { channelId: ch, content: 'once' }));
+    await gb1.waitFor(3);
+    await sleep(QUIET_MS);
+    assert.deepEqual(gb1.items, [e, e2, groupEvent(ack3, ch, alice, 'once')]);
+  });
+
+  it('no message sent after the add\'s 204 is missed while another member keeps sending', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const carol = uid('carol');
+    const a = await server.session(alice);
+    const b = await server.session(bob);
+    const c = await server.session(carol);
+    const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [carol] });
+    const ga = collect(a, 'GROUP_MESSAGE_RECEIVE');
+    const gb = collect(b, 'GROUP_MESSAGE_RECEIVE');
+    const acks = [];
+    let addedAt = -1;
+    const adding = (async () => {
+      await sleep(30);
+      const r = await addMember(server.token(alice), ch, bob);
+      assert.equal(r.status, 204);
+      addedAt = acks.length; // every send emitted from here on is after the 204
+    })();
+    for (let i = 0; i < 150; i++) {
+      acks.push(send(c, { channelId: ch, content: `c${i}` }, 15_000));
+      await sleep(1);
+    }
+    await adding;
+    const done = await Promise.all(acks);
+    done.forEach((x, i) => assertOkAck(x, `ack ${i}`));
+    assert.ok(addedAt >= 0 && addedAt < 150, `the add completed while carol was sending (at ${addedAt})`);
+    await ga.waitFor(150, 15_000);
+    const after = done.slice(addedAt).map((x) => x.id);
+    await gb.waitUntil((x) => x.id === after.at(-1), 15_000).catch(() => {});
+    await sleep(QUIET_MS);
+    const got = gb.items.map((x) => x.id);
+    assert.equal(new Set(got).size, got.length, 'no message twice');
+    const missing = after.filter((id) => !got.includes(id));
+    assert.deepEqual(missing, [], `bob misses nothing sent after the 204 (sent after: ${after.length}, got ${got.length})`);
+    // What bob got is in carol's order.
+    const order = done.map((x) => x.id);
+    const positions = got.map((id) => order.indexOf(id));
+    assert.ok(positions.every((p) => p >= 0), 'bob only gets carol\'s messages');
+    assert.deepEqual(positions, [...positions].sort((x, y) => x - y), 'in order');
+  });
+
+  it('a removed member\'s sessions receive nothing sent after the 204', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const carol = uid('carol');
+    const a = await server.session(alice);
+    const b1 = await server.session(bob);
+    const b2 = await server.session(bob);
+    const c = await server.session(carol);
+    const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob, carol] });
+    const ga = collect(a, 'GROUP_MESSAGE_RECEIVE');
+    const gb1 = collect(b1, 'GROUP_MESSAGE_RECEIVE');
+    const gb2 = collect(b2, 'GROUP_MESSAGE_RECEIVE');
+    const gc = collect(c, 'GROUP_MESSAGE_RECEIVE');
+    const ack1 = assertOkAck(await send(a, { channelId: ch, content: 'before' }));
+    const e1 = groupEvent(ack1, ch, alice, 'before');
+    await gb1.waitFor(1);
+    await gb2.waitFor(1);
+
+    const r = await removeMember(server.token(alice), ch, bob);
+    assert.equal(r.status, 204, JSON.stringify(r.body));
+    const ack2 = assertOkAck(await send(a, { channelId: ch, content: 'after' }));
+    const ack3 = assertOkAck(await send(c, { channelId: ch, content: 'after 2' }));
+    const e2 = groupEvent(ack2, ch, alice, 'after');
+    const e3 = groupEvent(ack3, ch, carol, 'after 2');
+    await ga.waitFor(3);
+    await gc.waitFor(3);
+    await sleep(QUIET_MS);
+    assert.deepEqual(ga.items, [e1, e2, e3]);
+    assert.deepEqual(gc.items, [e1, e2, e3]);
+    assert.deepEqual(gb1.items, [e1], 'nothing after the removal');
+    assert.deepEqual(gb2.items, [e1], 'nothing after the removal');
+    // The removed member can no longer send nor read.
+    assertErrAck(await send(b1, { channelId: ch, content: 'still here?' }), 'not_member');
+    assertHttpError(await server.api('GET', `/api/channels/${ch}/messages`, { token: server.token(bob) }), 403, 'removed member history');
+    // A session bob opens now does not get the channel either.
+    const b3 = await server.session(bob);
+    const gb3 = collect(b3, 'GROUP_MESSAGE_RECEIVE');
+    const ack4 = assertOkAck(await send(a, { channelId: ch, content: 'later' }));
+    await gc.waitFor(4);
+    await sleep(QUIET_MS);
+    assert.deepEqual(gb3.items, []);
+    assert.deepEqual(gb1.items, [e1]);
+    assert.deepEqual((await history(server, server.token(carol), `/api/channels/${ch}/messages`)).messages,
+      [groupEvent(ack4, ch, alice, 'later'), e3, e2, e1]);
+  });
+
+  it('nothing sent after the remove\'s 204 reaches the removed member while another member keeps sending', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const carol = uid('carol');
+    const a = await server.session(alice);
+    const b = await server.session(bob);
+    const c = await server.session(carol);
+    const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob, carol] });
+    const ga = collect(a, 'GROUP_MESSAGE_RECEIVE');
+    const gb = collect(b, 'GROUP_MESSAGE_RECEIVE');
+    const acks = [];
+    let removedAt = -1;
+    const removing = (async () => {
+      await sleep(30);
+      const r = await removeMember(server.token(alice), ch, bob);
+      assert.equal(r.status, 204);
+      removedAt = acks.length;
+    })();
+    for (let i = 0; i < 150; i++) {
+      acks.push(send(c, { channelId: ch, content: `c${i}` }, 15_000));
+      await sleep(1);
+    }
+    await removing;
+    const done = await Promise.all(acks);
+    done.forEach((x, i) => assertOkAck(x, `ack ${i}`));
+    assert.ok(removedAt >= 0 && removedAt < 150, `the removal completed while carol was sending (at ${removedAt})`);
+    await ga.waitFor(150, 15_000);
+    await sleep(QUIET_MS);
+    const afterIds = new Set(done.slice(removedAt).map((x) => x.id));
+    const leaked = gb.items.filter((x) => afterIds.has(x.id)).map((x) => x.content);
+    assert.deepEqual(leaked, [], 'the removed member gets nothing sent after the 204');
+  });
+
+  it('permissions: a member adds; the creator removes anyone; a member removes themself; others get 403', async () => {
+    const alice = uid('alice'); // creator
+    const bob = uid('bob'); // member
+    const carol = uid('carol'); // member
+    const dave = uid('dave'); // not a member
+    const erin = uid('erin');
+    const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob, carol] });
+    const c = await server.session(carol);
+    const gc = collect(c, 'GROUP_MESSAGE_RECEIVE');
+
+    // A non-member cannot add anyone, not even themself.
+    assertHttpError(await addMember(server.token(dave), ch, dave), 403, 'non-member adds themself');
+    assertHttpError(await addMember(server.token(dave), ch, erin), 403, 'non-member adds another');
+    // A member (not the creator) can add.
+    const added = await addMember(server.token(bob), ch, erin);
+    assert.equal(added.status, 204, JSON.stringify(added.body));
+    await history(server, server.token(erin), `/api/channels/${ch}/messages`);
+
+    // A member who is not the creator cannot remove someone else.
+    assertHttpError(await removeMember(server.token(bob), ch, carol), 403, 'member removes another');
+    // A non-member cannot remove anyone, nor "themself".
+    assertHttpError(await removeMember(server.token(dave), ch, carol), 403, 'non-member removes a member');
+    assertHttpError(await removeMember(server.token(dave), ch, dave), 403, 'non-member removes themself');
+    // Carol is still a member and still receives.
+    const ack = assertOkAck(await send(c, { channelId: ch, content: 'still in' }));
+    assert.deepEqual(await gc.waitFor(1), [groupEvent(ack, ch, carol, 'still in')]);
+
+    // A member removes themself.
+    const self = await removeMember(server.token(carol), ch, carol);
+    assert.equal(self.status, 204, JSON.stringify(self.body));
+    assertHttpError(await server.api('GET', `/api/channels/${ch}/messages`, { token: server.token(carol) }), 403, 'after leaving');
+    // The creator removes anyone.
+    const byCreator = await removeMember(server.token(alice), ch, erin);
+    assert.equal(byCreator.status, 204, JSON.stringify(byCreator.body));
+    assertHttpError(await server.api('GET', `/api/channels/${ch}/messages`, { token: server.token(erin) }), 403, 'after removal');
+    // Bob is still a member.
+    await history(server, server.token(bob), `/api/channels/${ch}/messages`);
+  });
+
+  it('member routes answer 404 for an unknown channel, 400 for invalid ids, 401 without a token', async () => {
+    const alice = uid('alice');
+    const nochan = uid('nochan');
+    assertHttpError(await addMember(server.token(alice), nochan, uid()), 404, 'add to unknown channel');
+    assertHttpError(await removeMember(server.token(alice), nochan, alice), 404, 'remove from unknown channel');
+    assertHttpError(await server.api('GET', `/api/channels/${nochan}/messages`, { token: server.token(alice) }), 404, 'history of unknown channel');
+    const ch = await createChannel(server, server.token(alice), { id: uid('chan') });
+    assertHttpError(await addMember(server.token(alice), ch, 'a:b'), 400, 'invalid userId');
+    assertHttpError(await addMember(server.token(alice), ch, 'x'.repeat(65)), 400, 'userId of 65');
+    assertHttpError(await server.api('POST', `/api/channels/${ch}/members`, { token: server.token(alice), body: { userId: 5 } }), 400, 'numeric userId');
+    assertHttpError(await server.api('POST', `/api/channels/${ch}/members`, { token: server.token(alice), body: {} }), 400, 'no userId');
+    assertHttpError(await server.api('POST', `/api/channels/${ch}/members`, { token: server.token(alice), body: 'not json' }), 400, 'not JSON');
+    assertHttpError(await server.api('POST', `/api/channels/${ch}/members`, { body: { userId: alice } }), 401, 'no token');
+    assertHttpError(await server.api('DELETE', `/api/channels/${ch}/members/${alice}`, {}), 401, 'no token');
+  });
+});

@@ -1,0 +1,142 @@
+// Ordering: a session's messages, emitted without waiting for acks, are
+// accepted in emission order and delivered to every session in that order,
+// in a personal conversation and in a channel; messages of several senders
+// in one channel reach every session in one same order.
+
+import { describe, it, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  startServer, uid, collect, send, assertOkAck, personalEvent, groupEvent, history,
+  createChannel, QUIET_MS, sleep,
+} from './harness.mjs';
+
+const N = 200;
+
+describe('ordering', () => {
+  let server;
+  before(async () => {
+    // 200 sends at once exceed the default burst of 100; this file is about
+    // order, not rate limits.
+    server = await startServer({
+      env: { FANOUT_LIMITS__MESSAGES_PER_SECOND: '10000', FANOUT_LIMITS__MESSAGE_BURST: '10000' },
+    });
+  });
+  after(async () => { await server?.stop(); });
+
+  /** Emits all, then awaits all acks. */
+  async function fire(socket, payloads) {
+    const pending = payloads.map((p) => send(socket, p, 15_000));
+    return Promise.all(pending);
+  }
+
+  async function allHistory(token, path) {
+    const out = [];
+    let before;
+    for (;;) {
+      const page = await history(server, token, path, before ? { limit: '200', before } : { limit: '200' });
+      out.push(...page.messages);
+      if (!page.nextBefore) return out;
+      before = page.nextBefore;
+    }
+  }
+
+  it(`${N} personal messages fired without awaiting acks arrive in emission order`, async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const a1 = await server.session(alice);
+    const a2 = await server.session(alice);
+    const b1 = await server.session(bob);
+    const b2 = await server.session(bob, { transports: ['polling'] });
+    const ev = [a1, a2, b1, b2].map((s) => collect(s, 'MESSAGE_RECEIVE'));
+    const payloads = Array.from({ length: N }, (_, i) => (i % 3 === 0
+      ? { to: bob, content: `m${i}`, clientMsgId: `ord-${i}` }
+      : { to: bob, content: `m${i}` }));
+    const acks = await fire(a1, payloads);
+    acks.forEach((ack, i) => assertOkAck(ack, `ack ${i}`));
+    assert.equal(new Set(acks.map((x) => x.id)).size, N, 'every message has its own id');
+    const expected = acks.map((ack, i) => personalEvent(ack, alice, bob, `m${i}`, payloads[i].clientMsgId));
+    for (const c of ev) await c.waitFor(N, 15_000);
+    await sleep(QUIET_MS);
+    for (const [i, c] of ev.entries()) {
+      assert.deepEqual(c.items.map((x) => x.content), payloads.map((p) => p.content), `session ${i}: emission order`);
+      assert.deepEqual(c.items, expected, `session ${i}: exact events`);
+    }
+    // History, newest first, is the reverse of the emission order.
+    const h = await allHistory(server.token(bob), `/api/conversations/${alice}/messages`);
+    assert.deepEqual(h, [...expected].reverse());
+  });
+
+  it(`${N} group messages fired without awaiting acks arrive in order at every member session`, async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const carol = uid('carol');
+    const a1 = await server.session(alice);
+    const a2 = await server.session(alice);
+    const b1 = await server.session(bob);
+    const c1 = await server.session(carol, { transports: ['polling'] });
+    const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob, carol] });
+    const ev = [a1, a2, b1, c1].map((s) => collect(s, 'GROUP_MESSAGE_RECEIVE'));
+    const payloads = Array.from({ length: N }, (_, i) => ({ channelId: ch, content: `g${i}`, clientMsgId: `gord-${i}` }));
+    const acks = await fire(a2, payloads);
+    acks.forEach((ack, i) => assertOkAck(ack, `ack ${i}`));
+    const expected = acks.map((ack, i) => groupEvent(ack, ch, alice, `g${i}`, `gord-${i}`));
+    for (const c of ev) await c.waitFor(N, 15_000);
+    await sleep(QUIET_MS);
+    for (const [i, c] of ev.entries()) {
+      assert.deepEqual(c.items.map((x) => x.content), payloads.map((p) => p.content), `session ${i}: emission order`);
+      assert.deepEqual(c.items, expected, `session ${i}: exact events`);
+    }
+    const h = await allHistory(server.token(carol), `/api/channels/${ch}/messages`);
+    assert.deepEqual(h, [...expected].reverse());
+  });
+
+  it('several senders into one channel: every session sees one same order, each sender\'s messages in emission order', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const carol = uid('carol');
+    const a = await server.session(alice);
+    const b = await server.session(bob);
+    const c1 = await server.session(carol);
+    const c2 = await server.session(carol);
+    const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob, carol] });
+    const ev = [a, b, c1, c2].map((s) => collect(s, 'GROUP_MESSAGE_RECEIVE'));
+    const M = 100;
+    const pa = Array.from({ length: M }, (_, i) => ({ channelId: ch, content: `a${i}` }));
+    const pb = Array.from({ length: M }, (_, i) => ({ channelId: ch, content: `b${i}` }));
+    const [acksA, acksB] = await Promise.all([fire(a, pa), fire(b, pb)]);
+    [...acksA, ...acksB].forEach((ack, i) => assertOkAck(ack, `ack ${i}`));
+    for (const c of ev) await c.waitFor(2 * M, 15_000);
+    await sleep(QUIET_MS);
+    const reference = ev[0].items.map((x) => x.id);
+    for (const [i, c] of ev.entries()) {
+      assert.equal(c.items.length, 2 * M, `session ${i}: each message once`);
+      assert.deepEqual(c.items.map((x) => x.id), reference, `session ${i}: the same order as every other session`);
+      assert.deepEqual(c.items.filter((x) => x.senderId === alice).map((x) => x.content), pa.map((p) => p.content));
+      assert.deepEqual(c.items.filter((x) => x.senderId === bob).map((x) => x.content), pb.map((p) => p.content));
+    }
+  });
+
+  it('personal messages in both directions: both parties\' sessions see one same order', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const a1 = await server.session(alice);
+    const a2 = await server.session(alice);
+    const b1 = await server.session(bob);
+    const b2 = await server.session(bob);
+    const ev = [a1, a2, b1, b2].map((s) => collect(s, 'MESSAGE_RECEIVE'));
+    const M = 100;
+    const pa = Array.from({ length: M }, (_, i) => ({ to: bob, content: `a${i}` }));
+    const pb = Array.from({ length: M }, (_, i) => ({ to: alice, content: `b${i}` }));
+    const [acksA, acksB] = await Promise.all([fire(a1, pa), fire(b2, pb)]);
+    [...acksA, ...acksB].forEach((ack, i) => assertOkAck(ack, `ack ${i}`));
+    for (const c of ev) await c.waitFor(2 * M, 15_000);
+    await sleep(QUIET_MS);
+    const reference = ev[0].items.map((x) => x.id);
+    for (const [i, c] of ev.entries()) {
+      assert.equal(c.items.length, 2 * M, `session ${i}: each message once`);
+      assert.deepEqual(c.items.map((x) => x.id), reference, `session ${i}: the same order as every other session`);
+      assert.deepEqual(c.items.filter((x) => x.senderId === alice).map((x) => x.content), pa.map((p) => p.content));
+      assert.deepEqual(c.items.filter((x) => x.senderId === bob).map((x) => x.content), pb.map((p) => p.content));
+    }
+  });
+});
