@@ -182,7 +182,7 @@ async fn metrics(State(gw): State<AppState>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            "text/plain; version=0.0.4; charset=utf-8",
         )],
         gw.metrics.render(),
     )
