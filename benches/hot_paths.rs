@@ -5,7 +5,9 @@
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fanout::protocol::{parse_send, Message, OutgoingEnvelope, Target};
-use fanout_backend::{ConsumeOptions, FanoutBackend, IncomingEvent, OrderingKey, RouteKey, ServerEvent, ServerId};
+use fanout_backend::{
+    ConsumeOptions, FanoutBackend, IncomingEvent, OrderingKey, RouteKey, ServerEvent, ServerId,
+};
 use fanout_memory::MemoryBackend;
 use futures::StreamExt;
 use serde_json::json;
@@ -13,14 +15,20 @@ use serde_json::json;
 fn decode_validate(c: &mut Criterion) {
     let mut g = c.benchmark_group("gateway");
     for size in [16usize, 1024, 4096] {
-        let text = json!({ "to": "bob_01", "content": "x".repeat(size), "clientMsgId": "client-123:45" }).to_string();
+        let text =
+            json!({ "to": "bob_01", "content": "x".repeat(size), "clientMsgId": "client-123:45" })
+                .to_string();
         g.throughput(Throughput::Bytes(text.len() as u64));
-        g.bench_with_input(BenchmarkId::new("decode_validate", size), &text, |b, text| {
-            b.iter(|| {
-                let v: serde_json::Value = serde_json::from_str(text).expect("json");
-                parse_send(&v, 4096).expect("valid")
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new("decode_validate", size),
+            &text,
+            |b, text| {
+                b.iter(|| {
+                    let v: serde_json::Value = serde_json::from_str(text).expect("json");
+                    parse_send(&v, 4096).expect("valid")
+                })
+            },
+        );
     }
     let m = Message {
         id: uuid::Uuid::now_v7().to_string(),
@@ -30,13 +38,16 @@ fn decode_validate(c: &mut Criterion) {
         client_msg_id: Some("c-1".into()),
         created_at: 1_764_000_000_000,
     };
-    let wire = serde_json::to_vec(&OutgoingEnvelope::Message { message: m.clone() }).expect("encode");
+    let wire =
+        serde_json::to_vec(&OutgoingEnvelope::Message { message: m.clone() }).expect("encode");
     g.throughput(Throughput::Elements(1));
     g.bench_function("decode_outgoing_and_encode_event", |b| {
         b.iter(|| {
             let env: OutgoingEnvelope = serde_json::from_slice(&wire).expect("decode");
             match env {
-                OutgoingEnvelope::Message { message } => serde_json::to_string(&message.to_event().1).expect("encode"),
+                OutgoingEnvelope::Message { message } => {
+                    serde_json::to_string(&message.to_event().1).expect("encode")
+                }
                 _ => unreachable!(),
             }
         })
@@ -62,7 +73,10 @@ fn memory_backend(c: &mut Criterion) {
             rt.block_on(async {
                 let start = std::time::Instant::now();
                 for _ in 0..iters {
-                    backend.publish_outgoing(&key, payload.clone()).await.expect("publish");
+                    backend
+                        .publish_outgoing(&key, payload.clone())
+                        .await
+                        .expect("publish");
                     match stream.next().await {
                         Some(ServerEvent::Message(_)) => {}
                         other => panic!("unexpected {other:?}"),
@@ -72,14 +86,23 @@ fn memory_backend(c: &mut Criterion) {
             })
         })
     });
-    let mut incoming = rt.block_on(async { backend.consume_incoming(ConsumeOptions::default()).await.expect("consume") });
+    let mut incoming = rt.block_on(async {
+        backend
+            .consume_incoming(ConsumeOptions::default())
+            .await
+            .expect("consume")
+    });
     let ordering = OrderingKey::direct("alice", "bob");
     g.bench_function("incoming_publish_consume_ack", |b| {
         b.iter_custom(|iters| {
             rt.block_on(async {
                 let start = std::time::Instant::now();
                 for _ in 0..iters {
-                    let event = IncomingEvent { id: "m".into(), ordering_key: ordering.clone(), payload: payload.clone() };
+                    let event = IncomingEvent {
+                        id: "m".into(),
+                        ordering_key: ordering.clone(),
+                        payload: payload.clone(),
+                    };
                     backend.publish_incoming(event).await.expect("publish");
                     let d = incoming.next().await.expect("open").expect("delivery");
                     d.ack().await.expect("ack");

@@ -116,6 +116,19 @@ pub async fn serve(
     result
 }
 
+/// Separate gateway and worker processes must share a broker; the memory
+/// backend lives inside one process, so either alone would accept messages
+/// that nothing ever delivers.
+fn require_shared_broker(config: &Config, command: &str) -> Result<(), RunError> {
+    if config.backend == BackendKind::Memory {
+        return Err(RunError::Config(format!(
+            "`fanout {command}` needs a broker shared by processes, but backend is \"memory\" \
+             (in-process only): run `fanout serve` for a single node, or set FANOUT_BACKEND"
+        )));
+    }
+    Ok(())
+}
+
 /// `fanout gateway`: a gateway process; needs a configured secret.
 pub async fn gateway(
     config: Config,
@@ -123,6 +136,7 @@ pub async fn gateway(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let tokens = tokens(&config, false)?;
+    require_shared_broker(&config, "gateway")?;
     let backend = connect_backend(&config).await?;
     let store = connect_store(&config).await?;
     let result = run_gateway(
@@ -145,6 +159,10 @@ pub async fn worker(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    // Deployed beside gateways, which need the secret: a deployment
+    // without one is a mistake best caught on the first process started.
+    tokens(&config, false)?;
+    require_shared_broker(&config, "worker")?;
     let backend = connect_backend(&config).await?;
     let store = connect_store(&config).await?;
     let stop = CancellationToken::new();

@@ -78,15 +78,23 @@ impl Client {
             "{}/socket.io/?EIO=4&transport=websocket",
             base.replacen("http", "ws", 1)
         );
-        let (ws, _) = tokio_tungstenite::connect_async(ws_url).await.map_err(Box::new)?;
+        let (ws, _) = tokio_tungstenite::connect_async(ws_url)
+            .await
+            .map_err(Box::new)?;
         let (mut sink, mut stream) = ws.split();
 
         // Engine.IO open packet: "0{...}".
         match next_text(&mut stream).await? {
             t if t.starts_with('0') => {}
-            t => return Err(ClientError::Protocol(format!("expected open packet, got {t:?}"))),
+            t => {
+                return Err(ClientError::Protocol(format!(
+                    "expected open packet, got {t:?}"
+                )))
+            }
         }
-        sink.send(WsMessage::text(format!("40{auth}"))).await.map_err(Box::new)?;
+        sink.send(WsMessage::text(format!("40{auth}")))
+            .await
+            .map_err(Box::new)?;
         loop {
             let t = next_text(&mut stream).await?;
             if t == "2" {
@@ -100,7 +108,9 @@ impl Client {
                     .unwrap_or_else(|| rest.to_owned());
                 return Err(ClientError::Refused(msg));
             } else {
-                return Err(ClientError::Protocol(format!("expected connect, got {t:?}")));
+                return Err(ClientError::Protocol(format!(
+                    "expected connect, got {t:?}"
+                )));
             }
         }
 
@@ -159,23 +169,42 @@ impl Client {
     /// Emits an event without an ack.
     pub fn emit(&self, event: &str, data: &Value) -> Result<(), ClientError> {
         let frame = format!("42{}", Value::Array(vec![Value::from(event), data.clone()]));
-        self.out.send(WsMessage::text(frame)).map_err(|_| ClientError::Closed)
+        self.out
+            .send(WsMessage::text(frame))
+            .map_err(|_| ClientError::Closed)
     }
 
     /// Emits an event and returns a future of its ack. The frame is queued
     /// before this returns, so calls made one after another are sent in
     /// that order even if their acks are awaited later.
-    pub fn emit_with_ack(&self, event: &str, data: &Value) -> Result<oneshot::Receiver<Value>, ClientError> {
+    pub fn emit_with_ack(
+        &self,
+        event: &str,
+        data: &Value,
+    ) -> Result<oneshot::Receiver<Value>, ClientError> {
         let id = self.next_ack.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.acks.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
-        let frame = format!("42{id}{}", Value::Array(vec![Value::from(event), data.clone()]));
-        self.out.send(WsMessage::text(frame)).map_err(|_| ClientError::Closed)?;
+        self.acks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        let frame = format!(
+            "42{id}{}",
+            Value::Array(vec![Value::from(event), data.clone()])
+        );
+        self.out
+            .send(WsMessage::text(frame))
+            .map_err(|_| ClientError::Closed)?;
         Ok(rx)
     }
 
     /// Emits and waits up to `timeout` for the ack.
-    pub async fn call(&self, event: &str, data: &Value, timeout: Duration) -> Result<Value, ClientError> {
+    pub async fn call(
+        &self,
+        event: &str,
+        data: &Value,
+        timeout: Duration,
+    ) -> Result<Value, ClientError> {
         let rx = self.emit_with_ack(event, data)?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(v)) => Ok(v),
@@ -230,6 +259,10 @@ fn parse_event(rest: &str) -> Option<(String, Value)> {
         return None;
     }
     let name = args.remove(0).as_str()?.to_owned();
-    let data = if args.is_empty() { Value::Null } else { args.swap_remove(0) };
+    let data = if args.is_empty() {
+        Value::Null
+    } else {
+        args.swap_remove(0)
+    };
     Some((name, data))
 }

@@ -248,9 +248,10 @@ impl Config {
             }
             None => fig = fig.merge(Toml::file("fanout.toml")),
         }
-        let env = Env::prefixed("FANOUT_")
-            .split("__")
-            .filter(|k| !NON_CONFIG_ENV.iter().any(|p| k.as_str().starts_with(p)));
+        let env = Env::prefixed("FANOUT_").split("__").filter(|k| {
+            let k = k.as_str().to_ascii_lowercase();
+            !NON_CONFIG_ENV.iter().any(|p| k.starts_with(p))
+        });
         let config: Config = fig.merge(env).extract().map_err(Box::new)?;
         config.validate()?;
         Ok(config)

@@ -62,14 +62,28 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// What storing one message found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored now.
+    New,
+    /// This very event (same id) was stored before: a broker redelivery.
+    /// Its routing may not have finished, so it is routed again.
+    Redelivered,
+    /// Another message with the same `(sender, clientMsgId)` was stored
+    /// before: a client's retry. The first one's own event is routed (or
+    /// redelivered until it is), so a retry is not routed again.
+    Retry,
+}
+
 /// The result of storing one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
     /// The one stored message: the given one, or the one stored before with
     /// the same id or the same `(sender, clientMsgId)`.
     pub message: Message,
-    /// Whether this call stored it.
-    pub new: bool,
+    /// What this call found.
+    pub outcome: Outcome,
 }
 
 /// A channel.
@@ -165,7 +179,7 @@ impl Store {
     /// Stores a batch in one round trip and returns, in input order, the
     /// one stored message for each input. Idempotent: a message whose id
     /// or `(sender, clientMsgId)` is already stored is not stored again;
-    /// its stored version is returned with `new: false` (one extra query
+    /// its stored version is returned with the [`Outcome`] that says which (one extra query
     /// per such duplicate, which only retries and redeliveries cause).
     pub async fn insert_messages(&self, messages: &[Message]) -> Result<Vec<Stored>, StoreError> {
         if messages.is_empty() {
@@ -220,7 +234,7 @@ impl Store {
             if inserted.contains(&m.id) {
                 out.push(Stored {
                     message: m.clone(),
-                    new: true,
+                    outcome: Outcome::New,
                 });
                 continue;
             }
@@ -238,12 +252,34 @@ impl Store {
                     m.id
                 )))
             })?;
-            out.push(Stored {
-                message: message_from_row(&row)?,
-                new: false,
-            });
+            let message = message_from_row(&row)?;
+            let outcome = if message.id == m.id {
+                Outcome::Redelivered
+            } else {
+                Outcome::Retry
+            };
+            out.push(Stored { message, outcome });
         }
         Ok(out)
+    }
+
+    /// The message `sender` sent with `client_msg_id`, if stored.
+    pub async fn find_by_client_msg_id(
+        &self,
+        sender: &str,
+        client_msg_id: &str,
+    ) -> Result<Option<Message>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = $1 AND client_msg_id = $2"
+        ))
+        .bind(sender.to_owned())
+        .bind(client_msg_id.to_owned())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(r) => Some(message_from_row(&r)?),
+            None => None,
+        })
     }
 
     /// Creates a channel with its creator and `members` as members, all

@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{
     is_valid_client_msg_id, IncomingEnvelope, Message, OutgoingEnvelope, Target,
 };
-use crate::store::{Store, StoreError};
+use crate::store::{Outcome, Store, StoreError};
 
 /// Largest content a worker accepts, whatever the gateways' limit: a
 /// backstop against an event no gateway should have published.
@@ -158,8 +158,7 @@ impl Consumer {
             None => return, // stopping: the broker redelivers
         };
         for ((d, _), s) in batch.into_iter().zip(stored) {
-            self.count_stored(s.new);
-            if !self.route(&s.message).await {
+            if !self.settle_stored(&s).await {
                 return; // stopping
             }
             if let Err(e) = d.ack().await {
@@ -174,8 +173,7 @@ impl Consumer {
                 None => return,
                 Some(Ok(mut stored)) => {
                     let Some(s) = stored.pop() else { continue };
-                    self.count_stored(s.new);
-                    if !self.route(&s.message).await {
+                    if !self.settle_stored(&s).await {
                         return;
                     }
                     let _ = d.ack().await;
@@ -188,12 +186,14 @@ impl Consumer {
         }
     }
 
-    fn count_stored(&self, new: bool) {
-        if new {
-            self.metrics.messages_stored.inc();
-        } else {
-            self.metrics.messages_deduplicated.inc();
-        }
+    /// Counts and routes a stored message (a client's retry is not routed:
+    /// see [`Outcome::Retry`]); `false` if the worker stopped first.
+    async fn settle_stored(&self, s: &crate::store::Stored) -> bool {
+        match s.outcome {
+            Outcome::New => self.metrics.messages_stored.inc(),
+            Outcome::Redelivered | Outcome::Retry => self.metrics.messages_deduplicated.inc(),
+        };
+        s.outcome == Outcome::Retry || self.route(&s.message).await
     }
 
     /// Stores, retrying passing failures until they pass or the worker

@@ -15,7 +15,9 @@ use std::sync::Mutex;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn js_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("js")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("js")
 }
 
 /// Whether `program --version` runs.
@@ -50,7 +52,11 @@ fn prepare() -> bool {
             .current_dir(&dir)
             .status()
             .expect("run npm ci");
-        assert!(status.success(), "npm ci in {} failed: {status}", dir.display());
+        assert!(
+            status.success(),
+            "npm ci in {} failed: {status}",
+            dir.display()
+        );
     }
     true
 }
@@ -61,7 +67,11 @@ fn test_files() -> Vec<PathBuf> {
         .expect("read tests/js")
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".test.mjs")))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(".test.mjs"))
+        })
         .collect();
     files.sort();
     assert!(!files.is_empty(), "no tests/js/*.test.mjs files");
@@ -92,7 +102,10 @@ fn node_client_sqlite() {
         return;
     }
     let status = run_suite(None);
-    assert!(status.success(), "the node suite failed on SQLite: {status}");
+    assert!(
+        status.success(),
+        "the node suite failed on SQLite: {status}"
+    );
 }
 
 #[test]
@@ -107,5 +120,8 @@ fn node_client_postgres() {
     };
     let status = run_suite(Some(&db.url));
     runtime.block_on(db.drop_db());
-    assert!(status.success(), "the node suite failed on PostgreSQL: {status}");
+    assert!(
+        status.success(),
+        "the node suite failed on PostgreSQL: {status}"
+    );
 }

@@ -47,13 +47,19 @@ async fn closing_one_tab_keeps_the_other_and_the_last_close_removes_the_route() 
     loop {
         let out = c
             .backend
-            .publish_outgoing(&RouteKey::user("carol").expect("valid"), Bytes::from_static(b"{}"))
+            .publish_outgoing(
+                &RouteKey::user("carol").expect("valid"),
+                Bytes::from_static(b"{}"),
+            )
             .await
             .expect("publish");
         if out == RouteOutcome::Unroutable {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "carol's route outlived her sessions");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "carol's route outlived her sessions"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     c.stop().await;
@@ -64,25 +70,55 @@ async fn two_hundred_pipelined_messages_arrive_in_order_with_two_workers() {
     let c = Cluster::start(3, 2).await;
     let erin = c.connect(0, "erin").await;
     let frank = c.connect(1, "frank").await;
-    let (status, _) = c.api(2, "erin", Method::POST, "/api/channels", Some(json!({ "id": "ordered", "name": "O", "members": ["frank"] }))).await;
+    let (status, _) = c
+        .api(
+            2,
+            "erin",
+            Method::POST,
+            "/api/channels",
+            Some(json!({ "id": "ordered", "name": "O", "members": ["frank"] })),
+        )
+        .await;
     assert_eq!(status, 201);
     // Not awaiting acks between sends: the gateway must keep emission order.
     let mut acks = Vec::new();
     for i in 0..200 {
-        acks.push(erin.emit_with_ack("sendMessage", &json!({ "to": "frank", "content": format!("p{i}") })).expect("emit"));
-        acks.push(erin.emit_with_ack("sendMessage", &json!({ "channelId": "ordered", "content": format!("g{i}") })).expect("emit"));
+        acks.push(
+            erin.emit_with_ack(
+                "sendMessage",
+                &json!({ "to": "frank", "content": format!("p{i}") }),
+            )
+            .expect("emit"),
+        );
+        acks.push(
+            erin.emit_with_ack(
+                "sendMessage",
+                &json!({ "channelId": "ordered", "content": format!("g{i}") }),
+            )
+            .expect("emit"),
+        );
     }
     for a in acks {
-        let v = tokio::time::timeout(WAIT, a).await.expect("ack in time").expect("ack");
+        let v = tokio::time::timeout(WAIT, a)
+            .await
+            .expect("ack in time")
+            .expect("ack");
         assert_eq!(v["ok"], json!(true), "{v}");
     }
     let (mut personal, mut group) = (Vec::new(), Vec::new());
     while personal.len() < 200 || group.len() < 200 {
         let (name, data) = next(&frank).await;
         let content = data["content"].as_str().expect("content").to_owned();
-        if name == "MESSAGE_RECEIVE" { personal.push(content) } else { group.push(content) }
+        if name == "MESSAGE_RECEIVE" {
+            personal.push(content)
+        } else {
+            group.push(content)
+        }
     }
-    assert_eq!(personal, (0..200).map(|i| format!("p{i}")).collect::<Vec<_>>());
+    assert_eq!(
+        personal,
+        (0..200).map(|i| format!("p{i}")).collect::<Vec<_>>()
+    );
     assert_eq!(group, (0..200).map(|i| format!("g{i}")).collect::<Vec<_>>());
     c.stop().await;
 }
@@ -91,17 +127,41 @@ async fn two_hundred_pipelined_messages_arrive_in_order_with_two_workers() {
 async fn a_member_added_on_another_gateway_gets_every_message_after_the_204() {
     let c = Cluster::start(3, 2).await;
     let owner = c.connect(0, "owner").await;
-    let (status, _) = c.api(0, "owner", Method::POST, "/api/channels", Some(json!({ "id": "live", "name": "Live" }))).await;
+    let (status, _) = c
+        .api(
+            0,
+            "owner",
+            Method::POST,
+            "/api/channels",
+            Some(json!({ "id": "live", "name": "Live" })),
+        )
+        .await;
     assert_eq!(status, 201);
     // Repeated, to give the bind/publish race many chances to show.
     for round in 0..10 {
         let user = format!("joiner{round}");
         let joiner = c.connect(2, &user).await;
-        let (status, body) = c.api(1, "owner", Method::POST, "/api/channels/live/members", Some(json!({ "userId": user }))).await;
+        let (status, body) = c
+            .api(
+                1,
+                "owner",
+                Method::POST,
+                "/api/channels/live/members",
+                Some(json!({ "userId": user })),
+            )
+            .await;
         assert_eq!(status, 204, "{body}");
-        let id = send_ok(&owner, json!({ "channelId": "live", "content": format!("round {round}") })).await;
+        let id = send_ok(
+            &owner,
+            json!({ "channelId": "live", "content": format!("round {round}") }),
+        )
+        .await;
         let (name, data) = next(&joiner).await;
-        assert_eq!((name.as_str(), &data["id"]), ("GROUP_MESSAGE_RECEIVE", &json!(id)), "round {round}");
+        assert_eq!(
+            (name.as_str(), &data["id"]),
+            ("GROUP_MESSAGE_RECEIVE", &json!(id)),
+            "round {round}"
+        );
         quiet(&joiner, "exactly once").await;
         // Drain the owner's own copy.
         assert_eq!(next(&owner).await.1["id"], json!(id));
@@ -114,20 +174,55 @@ async fn a_removed_member_gets_nothing_sent_after_the_204() {
     let c = Cluster::start(2, 2).await;
     let owner = c.connect(0, "boss").await;
     let gone = c.connect(1, "leaver").await;
-    let (status, _) = c.api(0, "boss", Method::POST, "/api/channels", Some(json!({ "id": "club", "name": "Club", "members": ["leaver"] }))).await;
+    let (status, _) = c
+        .api(
+            0,
+            "boss",
+            Method::POST,
+            "/api/channels",
+            Some(json!({ "id": "club", "name": "Club", "members": ["leaver"] })),
+        )
+        .await;
     assert_eq!(status, 201);
     let before = send_ok(&owner, json!({ "channelId": "club", "content": "before" })).await;
     assert_eq!(next(&gone).await.1["id"], json!(before));
-    let (status, _) = c.api(1, "boss", Method::DELETE, "/api/channels/club/members/leaver", None).await;
+    let (status, _) = c
+        .api(
+            1,
+            "boss",
+            Method::DELETE,
+            "/api/channels/club/members/leaver",
+            None,
+        )
+        .await;
     assert_eq!(status, 204);
     send_ok(&owner, json!({ "channelId": "club", "content": "after" })).await;
     // A sentinel on the same path proves the group message had its chance.
     let sentinel = send_ok(&owner, json!({ "to": "leaver", "content": "sentinel" })).await;
     let (name, data) = next(&gone).await;
-    assert_eq!((name.as_str(), &data["id"]), ("MESSAGE_RECEIVE", &json!(sentinel)), "the removed member got {data}");
-    let (status, _) = c.api(1, "leaver", Method::GET, "/api/channels/club/messages", None).await;
+    assert_eq!(
+        (name.as_str(), &data["id"]),
+        ("MESSAGE_RECEIVE", &json!(sentinel)),
+        "the removed member got {data}"
+    );
+    let (status, _) = c
+        .api(
+            1,
+            "leaver",
+            Method::GET,
+            "/api/channels/club/messages",
+            None,
+        )
+        .await;
     assert_eq!(status, 403);
-    let no = owner.call("sendMessage", &json!({ "channelId": "nope", "content": "x" }), WAIT).await.expect("ack");
+    let no = owner
+        .call(
+            "sendMessage",
+            &json!({ "channelId": "nope", "content": "x" }),
+            WAIT,
+        )
+        .await
+        .expect("ack");
     assert_eq!(no["error"]["code"], json!("not_member"));
     c.stop().await;
 }
@@ -144,10 +239,14 @@ async fn a_redelivered_message_is_shown_once_per_session() {
         client_msg_id: Some("k".into()),
         created_at: 1,
     };
-    let payload = serde_json::to_vec(&OutgoingEnvelope::Message { message: m.clone() }).expect("encode");
+    let payload =
+        serde_json::to_vec(&OutgoingEnvelope::Message { message: m.clone() }).expect("encode");
     for _ in 0..2 {
         c.backend
-            .publish_outgoing(&RouteKey::user("gina").expect("valid"), Bytes::from(payload.clone()))
+            .publish_outgoing(
+                &RouteKey::user("gina").expect("valid"),
+                Bytes::from(payload.clone()),
+            )
             .await
             .expect("publish");
     }
@@ -163,13 +262,25 @@ async fn a_retry_is_stored_and_delivered_once_with_the_first_id() {
     let c = Cluster::start(2, 2).await;
     let ivan = c.connect(0, "ivan").await;
     let judy = c.connect(1, "judy").await;
-    let first = send_ok(&ivan, json!({ "to": "judy", "content": "once", "clientMsgId": "r-1" })).await;
-    let again = send_ok(&ivan, json!({ "to": "judy", "content": "once", "clientMsgId": "r-1" })).await;
+    let first = send_ok(
+        &ivan,
+        json!({ "to": "judy", "content": "once", "clientMsgId": "r-1" }),
+    )
+    .await;
+    let again = send_ok(
+        &ivan,
+        json!({ "to": "judy", "content": "once", "clientMsgId": "r-1" }),
+    )
+    .await;
     assert_eq!(first, again);
     // From another gateway, where the first ack is unknown: stored once,
     // delivered with the first id, shown once.
     let ivan2 = c.connect(1, "ivan").await;
-    send_ok(&ivan2, json!({ "to": "judy", "content": "once", "clientMsgId": "r-1" })).await;
+    send_ok(
+        &ivan2,
+        json!({ "to": "judy", "content": "once", "clientMsgId": "r-1" }),
+    )
+    .await;
     assert_eq!(next(&judy).await.1["id"], json!(first));
     quiet(&judy, "a retry must not show twice").await;
     assert_eq!(c.store.count_messages().await.expect("count"), 1);

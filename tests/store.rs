@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use fanout::protocol::{Message, Target};
-use fanout::store::{Store, StoreError};
+use fanout::store::{Outcome, Store, StoreError};
 
 fn msg(id: &str, sender: &str, target: Target, cid: Option<&str>, at: i64) -> Message {
     Message {
@@ -37,7 +37,7 @@ async fn behaviours(store: &Store) {
         .insert_messages(&[a.clone(), b.clone()])
         .await
         .expect("insert");
-    assert!(out.iter().all(|s| s.new));
+    assert!(out.iter().all(|s| s.outcome == Outcome::New));
     let retry = msg(
         &uuid_at(3),
         "alice",
@@ -50,11 +50,11 @@ async fn behaviours(store: &Store) {
         .await
         .expect("insert again");
     assert!(
-        !again[0].new && again[0].message == a,
+        again[0].outcome == Outcome::Redelivered && again[0].message == a,
         "redelivery returns the stored row"
     );
     assert!(
-        !again[1].new && again[1].message == a,
+        again[1].outcome == Outcome::Retry && again[1].message == a,
         "a retry with the same clientMsgId returns the first message, whatever its target"
     );
     // Two sends with one clientMsgId in one batch store one message.
@@ -76,8 +76,24 @@ async fn behaviours(store: &Store) {
         .insert_messages(&[c1.clone(), c2])
         .await
         .expect("insert");
-    assert!(out[0].new && !out[1].new && out[1].message == c1);
+    assert!(
+        out[0].outcome == Outcome::New && out[1].outcome == Outcome::Retry && out[1].message == c1
+    );
     assert_eq!(store.count_messages().await.expect("count"), 3);
+    assert_eq!(
+        store
+            .find_by_client_msg_id("alice", "c1")
+            .await
+            .expect("find"),
+        Some(a.clone())
+    );
+    assert_eq!(
+        store
+            .find_by_client_msg_id("bob", "c1")
+            .await
+            .expect("find"),
+        None
+    );
 
     // Channels and members.
     store

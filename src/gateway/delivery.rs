@@ -86,7 +86,8 @@ async fn handle(gw: &Gateway, m: OutgoingMessage) {
             user_id,
             since,
         } => {
-            let sids = gw.sessions.join_channel(&user_id, &channel_id);
+            let from = since - gw.config.gateway.catch_up_skew_ms;
+            let sids = gw.sessions.join_channel(&user_id, &channel_id, from);
             if sids.is_empty() {
                 return;
             }
@@ -102,7 +103,6 @@ async fn handle(gw: &Gateway, m: OutgoingMessage) {
             // store before they publish), so read it back; the sessions'
             // duplicate windows drop what they were already shown.
             let conversation = OrderingKey::channel(&channel_id);
-            let from = since - gw.config.gateway.catch_up_skew_ms;
             match gw
                 .store
                 .messages_since(conversation.as_str(), from, CATCH_UP_LIMIT)
@@ -142,6 +142,7 @@ fn emit_of(message: &Message) -> Emit {
         event,
         id: message.id.clone(),
         data,
+        created_at: message.created_at,
     }
 }
 

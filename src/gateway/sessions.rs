@@ -53,6 +53,8 @@ pub struct Emit {
     pub id: String,
     /// Event payload.
     pub data: Value,
+    /// The message's `createdAt`, ms.
+    pub created_at: i64,
 }
 
 #[derive(Debug)]
@@ -60,6 +62,10 @@ struct Session {
     user: String,
     socket: SocketRef,
     channels: HashSet<String>,
+    /// Channels joined while the session was live, with the membership's
+    /// start: older channel messages still in flight are not shown, so the
+    /// catch-up (which starts there) and the live stream stay in order.
+    joined: HashMap<String, i64>,
     recent: RecentIds,
     /// `Some` until the client has seen `connect`: what was routed to the
     /// session meanwhile waits here, so nothing routed after the bind is
@@ -121,6 +127,7 @@ impl Sessions {
                 user: user.to_owned(),
                 socket,
                 channels: channels.iter().cloned().collect(),
+                joined: HashMap::new(),
                 recent: RecentIds::new(self.window),
                 pending: Some(Vec::new()),
                 added: std::time::Instant::now(),
@@ -175,9 +182,10 @@ impl Sessions {
             .is_some_and(|s| s.channels.contains(channel))
     }
 
-    /// Adds `channel` to every session of `user` that lacks it; returns
-    /// those sessions (each now needs one reference to the channel key).
-    pub fn join_channel(&self, user: &str, channel: &str) -> Vec<Sid> {
+    /// Adds `channel` to every session of `user` that lacks it, showing
+    /// channel messages created from `since` on; returns those sessions
+    /// (each now needs one reference to the channel key).
+    pub fn join_channel(&self, user: &str, channel: &str, since: i64) -> Vec<Sid> {
         let mut g = self.lock();
         let sids: Vec<Sid> = g
             .by_user
@@ -188,6 +196,7 @@ impl Sessions {
         for sid in sids {
             if let Some(s) = g.sessions.get_mut(&sid) {
                 if s.channels.insert(channel.to_owned()) {
+                    s.joined.insert(channel.to_owned(), since);
                     joined.push(sid);
                 }
             }
@@ -214,6 +223,7 @@ impl Sessions {
         for sid in sids {
             if let Some(s) = g.sessions.get_mut(&sid) {
                 if s.channels.remove(channel) {
+                    s.joined.remove(channel);
                     left.push(sid);
                 }
             }
@@ -240,14 +250,23 @@ impl Sessions {
         emit_to(&mut g, &sids, e)
     }
 
-    /// Emits to every session that receives `channel`.
+    /// Emits to every session that receives `channel`, except sessions
+    /// that joined it after the message was created.
     pub fn emit_to_channel(&self, channel: &str, e: &Emit) -> (EmitCount, Vec<SocketRef>) {
         let mut g = self.lock();
-        let sids: Vec<Sid> = g
-            .by_channel
-            .get(channel)
-            .map(|s| s.iter().copied().collect())
-            .unwrap_or_default();
+        let sids: Vec<Sid> = match g.by_channel.get(channel) {
+            None => Vec::new(),
+            Some(set) => set
+                .iter()
+                .copied()
+                .filter(|sid| {
+                    g.sessions
+                        .get(sid)
+                        .and_then(|s| s.joined.get(channel))
+                        .is_none_or(|since| e.created_at >= *since)
+                })
+                .collect(),
+        };
         emit_to(&mut g, &sids, e)
     }
 

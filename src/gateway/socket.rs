@@ -271,18 +271,27 @@ fn code_label(c: ErrorCode) -> &'static str {
 /// Validates one send and publishes it durably; returns its id and time.
 async fn accept(gw: &Gateway, user: &str, value: &Value) -> Result<(String, i64), ProtocolError> {
     let req = parse_send(value, gw.config.limits.max_content_bytes)?;
-    if let Target::Channel(c) = &req.target {
-        if !is_member(gw, user, c).await? {
-            return Err(ProtocolError::new(
-                ErrorCode::NotMember,
-                format!("you are not a member of channel {c}"),
-            ));
-        }
-    }
+    // A retry is the first send again, whatever its target: answered
+    // before the target is looked at.
     if let Some(cid) = &req.client_msg_id {
         if let Some((id, created_at)) = gw.cached_ack(user, cid) {
             // Acked before: the broker holds it already, publish nothing.
             return Ok((id, created_at));
+        }
+    }
+    if let Target::Channel(c) = &req.target {
+        if !is_member(gw, user, c).await? {
+            // A retry whose first send this gateway did not ack (another
+            // gateway, or before a restart) is still a retry.
+            if let Some(cid) = &req.client_msg_id {
+                if let Ok(Some(first)) = gw.store.find_by_client_msg_id(user, cid).await {
+                    return Ok((first.id, first.created_at));
+                }
+            }
+            return Err(ProtocolError::new(
+                ErrorCode::NotMember,
+                format!("you are not a member of channel {c}"),
+            ));
         }
     }
     let message = Message {

@@ -57,18 +57,33 @@ impl Cluster {
         let mut stops = Vec::new();
         let mut handles = Vec::new();
         for _ in 0..gateways {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
             urls.push(format!("http://{}", listener.local_addr().expect("addr")));
             let (tx, rx) = oneshot::channel::<()>();
             stops.push(tx);
-            let (config, backend, store, tokens) = (config.clone(), backend.clone(), store.clone(), tokens.clone());
+            let (config, backend, store, tokens) = (
+                config.clone(),
+                backend.clone(),
+                store.clone(),
+                tokens.clone(),
+            );
             handles.push(tokio::spawn(async move {
                 let shutdown = async move {
                     let _ = rx.await;
                 };
-                app::run_gateway(config, listener, backend, store, tokens, Arc::new(Metrics::new()), shutdown)
-                    .await
-                    .expect("gateway runs");
+                app::run_gateway(
+                    config,
+                    listener,
+                    backend,
+                    store,
+                    tokens,
+                    Arc::new(Metrics::new()),
+                    shutdown,
+                )
+                .await
+                .expect("gateway runs");
             }));
         }
         Cluster {
@@ -95,7 +110,14 @@ impl Cluster {
     }
 
     /// An authenticated REST call on gateway `gw`.
-    pub async fn api(&self, gw: usize, user: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn api(
+        &self,
+        gw: usize,
+        user: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut req = reqwest::Client::new()
             .request(method, format!("{}{}", self.urls[gw], path))
             .bearer_auth(self.token(user));

@@ -8,7 +8,7 @@ import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   startServer, uid, collect, send, assertOkAck, assertErrAck, groupEvent, history,
-  createChannel, assertHttpError, QUIET_MS, sleep,
+  createChannel, assertHttpError, closeAndSettle, QUIET_MS, sleep,
 } from './harness.mjs';
 
 describe('channels and group messages', () => {
@@ -174,5 +174,37 @@ describe('channels and group messages', () => {
       body: { id: uid('chan'), name: 'n', members: Array.from({ length: 1000 }, (_, i) => `m${String(i).padStart(4, '0')}`.padEnd(64, 'x')) },
     });
     assertHttpError(r, 413, 'oversized body');
+  });
+
+  it('multi-tab in a channel: closing tabs never stops delivery to the remaining sessions of any member', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const carol = uid('carol');
+    const a = await server.session(alice);
+    const b1 = await server.session(bob);
+    const b2 = await server.session(bob);
+    const c = await server.session(carol);
+    const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob, carol] });
+    const gb1 = collect(b1, 'GROUP_MESSAGE_RECEIVE');
+    const gb2 = collect(b2, 'GROUP_MESSAGE_RECEIVE');
+    const gc = collect(c, 'GROUP_MESSAGE_RECEIVE');
+    const m1 = groupEvent(assertOkAck(await send(a, { channelId: ch, content: 'm1' })), ch, alice, 'm1');
+    await gb1.waitFor(1);
+    await closeAndSettle(server, b1);
+    const m2 = groupEvent(assertOkAck(await send(a, { channelId: ch, content: 'm2' })), ch, alice, 'm2');
+    assert.deepEqual(await gb2.waitFor(2), [m1, m2], 'bob\'s remaining tab still receives');
+    await closeAndSettle(server, b2);
+    // Bob has no session left; carol (same gateway, same channel) still receives.
+    const m3 = groupEvent(assertOkAck(await send(a, { channelId: ch, content: 'm3' })), ch, alice, 'm3');
+    assert.deepEqual(await gc.waitFor(3), [m1, m2, m3]);
+    await sleep(QUIET_MS);
+    assert.deepEqual(gb1.items, [m1]);
+    assert.deepEqual(gb2.items, [m1, m2]);
+    // Bob reconnects: receives again.
+    const b3 = await server.session(bob);
+    const gb3 = collect(b3, 'GROUP_MESSAGE_RECEIVE');
+    const m4 = groupEvent(assertOkAck(await send(c, { channelId: ch, content: 'm4' })), ch, carol, 'm4');
+    assert.deepEqual(await gb3.waitFor(1), [m4]);
+    assert.deepEqual((await history(server, server.token(bob), `/api/channels/${ch}/messages`)).messages, [m4, m3, m2, m1]);
   });
 });

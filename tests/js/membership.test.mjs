@@ -60,7 +60,13 @@ describe('membership changes', () => {
     assert.deepEqual(gb1.items, [e, e2, groupEvent(ack3, ch, alice, 'once')]);
   });
 
-  it('no message sent after the add\'s 204 is missed while another member keeps sending', async () => {
+  /**
+   * Carol sends steadily into a channel while alice adds bob; carol goes on
+   * for AFTER more sends once the 204 is in. Returns carol's acks (in
+   * emission order), the index of the first send emitted after the 204,
+   * and the events bob's session received.
+   */
+  async function addDuringTraffic() {
     const alice = uid('alice');
     const bob = uid('bob');
     const carol = uid('carol');
@@ -70,8 +76,6 @@ describe('membership changes', () => {
     const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [carol] });
     const ga = collect(a, 'GROUP_MESSAGE_RECEIVE');
     const gb = collect(b, 'GROUP_MESSAGE_RECEIVE');
-    // Carol sends steadily; the add happens meanwhile; carol goes on for
-    // AFTER more sends once the 204 is in.
     const acks = [];
     let addedAt = -1;
     const adding = (async () => {
@@ -81,28 +85,46 @@ describe('membership changes', () => {
       addedAt = acks.length; // every send emitted from here on is after the 204
     })();
     const AFTER = 40;
+    // A few sends per millisecond keep the worker busy with a backlog that
+    // straddles the membership's start.
     for (let i = 0; (addedAt < 0 || i < addedAt + AFTER) && i < 5000; i++) {
       acks.push(send(c, { channelId: ch, content: `c${i}` }, 15_000));
-      await sleep(1);
+      if (i % 4 === 3) await sleep(1);
     }
     await adding;
     const done = await Promise.all(acks);
     done.forEach((x, i) => assertOkAck(x, `ack ${i}`));
     assert.ok(addedAt > 0, 'some sends happened before the 204');
-    assert.equal(done.length - addedAt, AFTER);
     await ga.waitFor(done.length, 15_000);
-    const after = done.slice(addedAt).map((x) => x.id);
-    await gb.waitUntil((x) => x.id === after.at(-1), 15_000).catch(() => {});
+    await gb.waitUntil((x) => x.id === done.at(-1).id, 15_000).catch(() => {});
     await sleep(QUIET_MS);
-    const got = gb.items.map((x) => x.id);
-    assert.equal(new Set(got).size, got.length, 'no message twice');
-    const missing = after.filter((id) => !got.includes(id));
-    assert.deepEqual(missing, [], `bob misses nothing sent after the 204 (sent after: ${after.length}, got ${got.length})`);
-    // What bob got is in carol's order.
-    const order = done.map((x) => x.id);
-    const positions = got.map((id) => order.indexOf(id));
-    assert.ok(positions.every((p) => p >= 0), 'bob only gets carol\'s messages');
-    assert.deepEqual(positions, [...positions].sort((x, y) => x - y), 'in order');
+    for (const s of [a, b, c]) s.close();
+    return { done, addedAt, got: gb.items };
+  }
+
+  const ROUNDS = 6;
+  const rounds = [];
+
+  it('no message sent after the add\'s 204 is missed while another member keeps sending', async () => {
+    for (let r = 0; r < ROUNDS; r++) {
+      const { done, addedAt, got } = await addDuringTraffic();
+      rounds.push({ done, addedAt, got });
+      const ids = got.map((x) => x.id);
+      assert.equal(new Set(ids).size, ids.length, `round ${r}: no message twice`);
+      const missing = done.slice(addedAt).map((x) => x.id).filter((id) => !ids.includes(id));
+      assert.deepEqual(missing, [], `round ${r}: bob misses nothing sent after the 204`);
+      assert.ok(ids.every((id) => done.some((x) => x.id === id)), `round ${r}: bob only gets carol's messages`);
+    }
+  });
+
+  it('a member added during traffic receives the channel in carol\'s order (also what it gets from before the 204)', async () => {
+    assert.equal(rounds.length, ROUNDS, 'the previous test ran');
+    for (const [r, { done, addedAt, got }] of rounds.entries()) {
+      const order = done.map((x) => x.id);
+      const positions = got.map((x) => order.indexOf(x.id));
+      assert.deepEqual(positions, [...positions].sort((x, y) => x - y),
+        `round ${r}: bob's session got carol's messages out of order (index of the first send after the 204: ${addedAt})`);
+    }
   });
 
   it('a removed member\'s sessions receive nothing sent after the 204', async () => {
@@ -186,6 +208,28 @@ describe('membership changes', () => {
     const afterIds = new Set(done.slice(removedAt).map((x) => x.id));
     const leaked = gb.items.filter((x) => afterIds.has(x.id)).map((x) => x.content);
     assert.deepEqual(leaked, [], 'the removed member gets nothing sent after the 204');
+  });
+
+  it('removed, then added again: the live session receives the channel again', async () => {
+    const alice = uid('alice');
+    const bob = uid('bob');
+    const a = await server.session(alice);
+    const b = await server.session(bob);
+    const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob] });
+    const ga = collect(a, 'GROUP_MESSAGE_RECEIVE');
+    const gb = collect(b, 'GROUP_MESSAGE_RECEIVE');
+    const m1 = groupEvent(assertOkAck(await send(a, { channelId: ch, content: 'm1' })), ch, alice, 'm1');
+    await gb.waitFor(1);
+    assert.equal((await removeMember(server.token(alice), ch, bob)).status, 204);
+    const m2 = groupEvent(assertOkAck(await send(a, { channelId: ch, content: 'm2' })), ch, alice, 'm2');
+    await ga.waitFor(2);
+    assert.equal((await addMember(server.token(alice), ch, bob)).status, 204);
+    const m3 = groupEvent(assertOkAck(await send(a, { channelId: ch, content: 'm3' })), ch, alice, 'm3');
+    await ga.waitFor(3);
+    await gb.waitUntil((x) => x.id === m3.id);
+    await sleep(QUIET_MS);
+    assert.deepEqual(gb.items, [m1, m3], 'nothing from while bob was out, everything after he is back');
+    assert.deepEqual(ga.items, [m1, m2, m3]);
   });
 
   it('permissions: a member adds; the creator removes anyone; a member removes themself; others get 403', async () => {
