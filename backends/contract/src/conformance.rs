@@ -41,12 +41,36 @@ pub trait Harness: Send + Sync {
     /// A backend whose broker names all live under `namespace`. Backends of
     /// different namespaces MUST share nothing, even on one broker.
     async fn backend(&self, namespace: &str, settings: Settings) -> Arc<dyn FanoutBackend>;
+
+    /// Whether the backend's broker can be reached. A harness for a real
+    /// broker returns `false` after [`skip_or_fail`] when it cannot (so a
+    /// newcomer's laptop skips loudly and CI fails); the check is skipped.
+    async fn available(&self) -> bool {
+        true
+    }
 }
 
 /// How long a check waits for something that should arrive.
 const ARRIVE: Duration = Duration::from_secs(10);
 /// How long a check listens to be sure that nothing arrives.
 const QUIET: Duration = Duration::from_millis(300);
+
+/// Set by `.ci/run`: an unreachable service is then a failure, never a skip.
+pub const REQUIRE_SERVICES_ENV: &str = "FANOUT_TEST_REQUIRE_SERVICES";
+
+/// Whether this run must have every service (see [`REQUIRE_SERVICES_ENV`]).
+pub fn services_required() -> bool {
+    std::env::var(REQUIRE_SERVICES_ENV).is_ok_and(|v| v == "1" || v == "true")
+}
+
+/// For a backend's tests when its broker is unreachable: panics if services
+/// are required, else prints a loud line; the caller then returns early.
+pub fn skip_or_fail(service: &str, why: &str) {
+    if services_required() {
+        panic!("{service} is required ({REQUIRE_SERVICES_ENV}=1) but unreachable: {why}");
+    }
+    eprintln!("\n*** SKIPPED: {service} unreachable ({why}); set {REQUIRE_SERVICES_ENV}=1 to make this a failure ***\n");
+}
 
 /// A namespace no other run uses.
 pub fn fresh_namespace() -> String {
@@ -531,6 +555,9 @@ macro_rules! conformance_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $check() {
                 let harness = $harness;
+                if !$crate::conformance::Harness::available(&harness).await {
+                    return;
+                }
                 $crate::conformance::$check(&harness).await;
             }
         )*

@@ -1,0 +1,1 @@
+//! FanoutBackend on RabbitMQ (lapin). Being built: see issue 3.

@@ -1,0 +1,1 @@
+//! FanoutBackend on Redis. Being built: see issue 4.
