@@ -245,6 +245,24 @@ pub async fn run_gateway(
     Ok(result?)
 }
 
+/// The configured broker's dead letters (see `FanoutBackend::dead_letters`).
+pub async fn dead_letters(
+    config: &Config,
+    limit: usize,
+) -> Result<Vec<fanout_backend::DeadLetter>, RunError> {
+    if config.backend == BackendKind::Memory {
+        return Err(RunError::Config(
+            "the memory backend keeps its dead letters inside the `fanout serve` process; \
+             there is nothing to read from outside it"
+                .into(),
+        ));
+    }
+    let backend = connect_backend(config).await?;
+    let letters = backend.dead_letters(limit).await;
+    let _ = backend.shutdown().await;
+    Ok(letters?)
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

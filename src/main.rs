@@ -29,8 +29,15 @@ enum Command {
     Serve,
     /// A gateway process (scale-out); needs FANOUT_JWT_SECRET.
     Gateway,
-    /// A worker process (scale-out).
+    /// A worker process (scale-out); needs FANOUT_JWT_SECRET and a broker backend.
     Worker,
+    /// Prints up to LIMIT dead-lettered events of the configured broker, one
+    /// JSON object a line, oldest first, without removing them.
+    DeadLetters {
+        /// How many to print.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
     /// Prints a client token for a user, signed with the configured secret
     /// (or the embedded default's secret in the data directory).
     Token {
@@ -76,6 +83,20 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             app::gateway(config, listener, app::shutdown_signal()).await?;
         }
         Command::Worker => app::worker(config, app::shutdown_signal()).await?,
+        Command::DeadLetters { limit } => {
+            for d in app::dead_letters(&config, limit).await? {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "id": d.event.id,
+                        "orderingKey": d.event.ordering_key.as_str(),
+                        "reason": d.reason,
+                        "attempts": d.attempts,
+                        "payload": String::from_utf8_lossy(&d.event.payload),
+                    })
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -187,11 +187,7 @@ impl Sessions {
     /// (each now needs one reference to the channel key).
     pub fn join_channel(&self, user: &str, channel: &str, since: i64) -> Vec<Sid> {
         let mut g = self.lock();
-        let sids: Vec<Sid> = g
-            .by_user
-            .get(user)
-            .map(|s| s.iter().copied().collect())
-            .unwrap_or_default();
+        let sids = user_sids(&g, user);
         let mut joined = Vec::new();
         for sid in sids {
             if let Some(s) = g.sessions.get_mut(&sid) {
@@ -214,11 +210,7 @@ impl Sessions {
     /// had it (each gives back one reference to the channel key).
     pub fn leave_channel(&self, user: &str, channel: &str) -> Vec<Sid> {
         let mut g = self.lock();
-        let sids: Vec<Sid> = g
-            .by_user
-            .get(user)
-            .map(|s| s.iter().copied().collect())
-            .unwrap_or_default();
+        let sids = user_sids(&g, user);
         let mut left = Vec::new();
         for sid in sids {
             if let Some(s) = g.sessions.get_mut(&sid) {
@@ -242,11 +234,7 @@ impl Sessions {
     /// Emits to every session of `user`.
     pub fn emit_to_user(&self, user: &str, e: &Emit) -> (EmitCount, Vec<SocketRef>) {
         let mut g = self.lock();
-        let sids: Vec<Sid> = g
-            .by_user
-            .get(user)
-            .map(|s| s.iter().copied().collect())
-            .unwrap_or_default();
+        let sids = user_sids(&g, user);
         emit_to(&mut g, &sids, e)
     }
 
@@ -300,6 +288,13 @@ impl Sessions {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+fn user_sids(g: &Inner, user: &str) -> Vec<Sid> {
+    g.by_user
+        .get(user)
+        .map(|s| s.iter().copied().collect())
+        .unwrap_or_default()
 }
 
 /// Emits under the registry lock, so two deliveries to one session can
