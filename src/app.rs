@@ -227,6 +227,13 @@ pub async fn run_gateway(
     tracing::info!(%addr, server = %server_id, backend = %backend.capabilities(), "gateway ready");
 
     let gw_stop = gw.clone();
+    // Chat frames are small and latency-bound: Nagle's algorithm plus the
+    // peer's delayed ACK would hold each one back by up to 40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -78,7 +78,8 @@ impl Client {
             "{}/socket.io/?EIO=4&transport=websocket",
             base.replacen("http", "ws", 1)
         );
-        let (ws, _) = tokio_tungstenite::connect_async(ws_url)
+        // Nagle off: small frames must not wait for the peer's delayed ACK.
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(ws_url, None, true)
             .await
             .map_err(Box::new)?;
         let (mut sink, mut stream) = ws.split();

@@ -15,6 +15,7 @@
 //! - [`worker`]: consume, store, route, ack;
 //! - [`store`]: SQLite or PostgreSQL through sqlx;
 //! - [`metrics`]: Prometheus figures;
+//! - [`client`], [`load`]: a Socket.IO client and the load generator;
 //! - [`app`]: composition, and the one place that names concrete backends.
 //!
 //! The broker contract itself lives in the `fanout-backend` crate
@@ -25,6 +26,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod gateway;
+pub mod load;
 pub mod metrics;
 pub mod protocol;
 pub mod store;

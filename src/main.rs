@@ -38,6 +38,29 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// Drives running gateways with the `personal` workload (paired users
+    /// across gateways, open-loop) and prints the measurements as JSON.
+    /// Tokens are signed with the configured secret.
+    Load {
+        /// Gateway base URLs, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:3000")]
+        url: Vec<String>,
+        /// Virtual users.
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+        /// Messages per second, all users together.
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        /// Seconds of sending, warm-up included.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Leading seconds not measured.
+        #[arg(long, default_value_t = 2.0)]
+        warmup: f64,
+        /// Message size in bytes.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+    },
     /// Prints a client token for a user, signed with the configured secret
     /// (or the embedded default's secret in the data directory).
     Token {
@@ -83,6 +106,28 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             app::gateway(config, listener, app::shutdown_signal()).await?;
         }
         Command::Worker => app::worker(config, app::shutdown_signal()).await?,
+        Command::Load {
+            url,
+            users,
+            rate,
+            duration,
+            warmup,
+            size,
+        } => {
+            let tokens = app::tokens(&config, true)?;
+            let spec = fanout::load::LoadSpec {
+                urls: url,
+                users,
+                rate,
+                duration: std::time::Duration::from_secs_f64(duration),
+                warmup: std::time::Duration::from_secs_f64(warmup),
+                size,
+                drain: std::time::Duration::from_secs(10),
+                user_prefix: format!("load{}-", std::process::id()),
+            };
+            let report = fanout::load::run_personal(&spec, &tokens).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
         Command::DeadLetters { limit } => {
             for d in app::dead_letters(&config, limit).await? {
                 println!(
