@@ -66,82 +66,134 @@ function childEnv(vars) {
 }
 
 /**
- * Starts `fanout serve` on a free port with its own data directory.
+ * Starts one fanout process (`serve`, `gateway` or `worker`) with `vars` as
+ * its FANOUT_* environment; resolves once it is ready (a gateway or serve
+ * prints its listening line; a worker is given a moment to join).
+ */
+async function startProcess(command, vars, cwd) {
+  const env = childEnv(vars);
+  const bin = binPath();
+  const child = spawn(bin, [command], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
+  live.add(child);
+  const proc = { child, command, stderr: '', stdout: '', stopping: false, exited: null, url: null };
+  proc.exitPromise = new Promise((resolve) => {
+    child.on('exit', (code, signal) => {
+      live.delete(child);
+      proc.exited = { code, signal };
+      if (!proc.stopping) {
+        console.error(`fanout ${command} exited unexpectedly (code ${code}, signal ${signal}); stderr:\n${proc.stderr}`);
+      }
+      resolve(proc.exited);
+    });
+  });
+  child.stderr.setEncoding('utf8');
+  child.stderr.on('data', (d) => {
+    proc.stderr += d;
+    if (proc.stderr.length > 200_000) proc.stderr = proc.stderr.slice(-100_000);
+    if (process.env.FANOUT_E2E_VERBOSE === '1') process.stderr.write(d);
+  });
+  child.stdout.setEncoding('utf8');
+  await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      fail(new Error(`fanout ${command} was not ready within 30 s.\nstdout:\n${proc.stdout}\nstderr:\n${proc.stderr}`));
+    }, 30_000);
+    function fail(err) {
+      clearTimeout(timer);
+      proc.stopping = true;
+      child.kill('SIGKILL');
+      reject(err);
+    }
+    child.on('error', (e) => fail(new Error(`cannot start ${bin}: ${e.message}`)));
+    child.on('exit', (code, signal) => {
+      fail(new Error(`fanout ${command} exited (code ${code}, signal ${signal}) before it was ready.\nstdout:\n${proc.stdout}\nstderr:\n${proc.stderr}`));
+    });
+    child.stdout.on('data', (d) => {
+      proc.stdout += d;
+      const m = /fanout: listening on (http:\/\/\S+) as (\S+)/.exec(proc.stdout);
+      if (m) {
+        clearTimeout(timer);
+        proc.url = m[1];
+        resolve();
+      }
+    });
+    if (command === 'worker') {
+      // A worker prints nothing when ready; its consumers join at once.
+      setTimeout(() => { clearTimeout(timer); resolve(); }, 500);
+    }
+  });
+  proc.stop = async () => {
+    proc.stopping = true;
+    if (!proc.exited) {
+      child.kill('SIGTERM');
+      const t = setTimeout(() => { if (!proc.exited) child.kill('SIGKILL'); }, 5000);
+      await proc.exitPromise;
+      clearTimeout(t);
+    }
+  };
+  return proc;
+}
+
+/** The broker backend the suite runs on: FANOUT_E2E_BACKEND, default memory. */
+export const BACKEND = process.env.FANOUT_E2E_BACKEND || 'memory';
+/** Gateways and workers of a broker-backed run. */
+const GATEWAYS = 3;
+const WORKERS = 2;
+
+/**
+ * Starts the system: on the memory backend one `fanout serve`; on a broker
+ * backend (FANOUT_E2E_BACKEND=rabbitmq|redis) three `fanout gateway` and
+ * two `fanout worker` processes sharing a fresh namespace, with sessions
+ * and API calls spread round-robin over the gateways, so every test also
+ * crosses gateways.
  *
  * options.env: extra FANOUT_* settings (e.g. FANOUT_LIMITS__MESSAGE_BURST).
  * options.jwtSecret: the HS256 secret; `null` leaves it unset so the server
- *   generates one in its data directory (then only `cliToken` works).
+ *   generates one in its data directory (then only `cliToken` works; memory only).
  * options.dataDir: reuse a data directory (see `restart`).
+ * options.namespace: reuse a broker namespace (see `restart`).
  */
 export async function startServer(options = {}) {
   const dataDir = options.dataDir || mkdtempSync(join(tmpdir(), 'fanout-e2e-'));
-  const jwtSecret = options.jwtSecret === undefined ? randomBytes(24).toString('hex') : options.jwtSecret;
+  const cluster = BACKEND !== 'memory';
+  const jwtSecret = options.jwtSecret === undefined || (cluster && options.jwtSecret === null)
+    ? (options.jwtSecret || randomBytes(24).toString('hex'))
+    : options.jwtSecret;
+  const namespace = options.namespace || `e2e${randomBytes(5).toString('hex')}`;
   const vars = {
     FANOUT_LISTEN: '127.0.0.1:0',
     FANOUT_DATA_DIR: dataDir,
     FANOUT_LOG: process.env.FANOUT_E2E_LOG || 'warn',
     ...(jwtSecret ? { FANOUT_JWT_SECRET: jwtSecret } : {}),
     ...(process.env.FANOUT_E2E_DATABASE_URL ? { FANOUT_DATABASE_URL: process.env.FANOUT_E2E_DATABASE_URL } : {}),
+    ...(cluster ? { FANOUT_BACKEND: BACKEND, FANOUT_NAMESPACE: namespace } : {}),
     ...(options.env || {}),
   };
-  const env = childEnv(vars);
   const bin = binPath();
-  const child = spawn(bin, ['serve'], { cwd: dataDir, env, stdio: ['ignore', 'pipe', 'pipe'] });
-  live.add(child);
-  let stderr = '';
-  let stdout = '';
-  let stopping = false;
-  let exited = null;
-  const exitPromise = new Promise((resolve) => {
-    child.on('exit', (code, signal) => {
-      live.delete(child);
-      exited = { code, signal };
-      if (!stopping) {
-        console.error(`fanout serve exited unexpectedly (code ${code}, signal ${signal}); stderr:\n${stderr}`);
-      }
-      resolve(exited);
-    });
-  });
-  child.stderr.setEncoding('utf8');
-  child.stderr.on('data', (d) => {
-    stderr += d;
-    if (stderr.length > 200_000) stderr = stderr.slice(-100_000);
-    if (process.env.FANOUT_E2E_VERBOSE === '1') process.stderr.write(d);
-  });
-  child.stdout.setEncoding('utf8');
-
-  const url = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      fail(new Error(`fanout serve did not print its listening line within 30 s.\nstdout:\n${stdout}\nstderr:\n${stderr}`));
-    }, 30_000);
-    function fail(err) {
-      clearTimeout(timer);
-      stopping = true;
-      child.kill('SIGKILL');
-      reject(err);
+  const procs = [];
+  try {
+    if (cluster) {
+      for (let i = 0; i < WORKERS; i++) procs.push(await startProcess('worker', vars, dataDir));
+      for (let i = 0; i < GATEWAYS; i++) procs.push(await startProcess('gateway', vars, dataDir));
+    } else {
+      procs.push(await startProcess('serve', vars, dataDir));
     }
-    child.on('error', (e) => fail(new Error(`cannot start ${bin}: ${e.message}`)));
-    child.on('exit', (code, signal) => {
-      fail(new Error(`fanout serve exited (code ${code}, signal ${signal}) before listening.\nstdout:\n${stdout}\nstderr:\n${stderr}`));
-    });
-    child.stdout.on('data', (d) => {
-      stdout += d;
-      const m = /fanout: listening on (http:\/\/\S+) as (\S+)/.exec(stdout);
-      if (m) {
-        clearTimeout(timer);
-        resolve(m[1]);
-      }
-    });
-  });
+  } catch (e) {
+    await Promise.all(procs.map((p) => p.stop()));
+    throw e;
+  }
+  const urls = procs.filter((p) => p.url).map((p) => p.url);
+  let next = 0;
+  const pick = () => urls[next++ % urls.length];
 
   const sockets = new Set();
 
   const server = {
-    url,
+    url: urls[0],
+    urls,
     dataDir,
     jwtSecret,
     env: vars,
-    get stderr() { return stderr; },
+    get stderr() { return procs.map((p) => p.stderr).join('\n'); },
     /** A valid token for `user`, signed in JS (needs a known secret). */
     token(user, ttlSecs = 3600) {
       assert.ok(jwtSecret, 'this server generated its own secret; use cliToken');
@@ -150,43 +202,42 @@ export async function startServer(options = {}) {
     /** A token minted by `fanout token <user>` with this server's environment. */
     cliToken(user, extraArgs = []) {
       return new Promise((resolve, reject) => {
-        execFile(bin, ['token', user, ...extraArgs], { cwd: dataDir, env, timeout: 30_000 }, (err, out, errOut) => {
+        execFile(bin, ['token', user, ...extraArgs], { cwd: dataDir, env: childEnv(vars), timeout: 30_000 }, (err, out, errOut) => {
           if (err) reject(new Error(`fanout token failed: ${err.message}\n${errOut}`));
           else resolve(out.trim());
         });
       });
     },
-    /** connect() whose socket is closed by stop(). */
+    /** connect() on the next gateway (opts.gateway picks one); closed by stop(). */
     async connect(token, opts = {}) {
-      const s = await connect(url, token, opts, sockets);
-      return s;
+      const { gateway, ...rest } = opts;
+      const url = gateway === undefined ? pick() : urls[gateway % urls.length];
+      return connect(url, token, rest, sockets);
     },
     /** A connected session for a user (token signed in JS). */
     session(user, opts = {}) {
       return server.connect(server.token(user), opts);
     },
-    /** fetch on this server's API. */
+    /** fetch on the next gateway's API (opts.gateway picks one). */
     api(method, path, opts = {}) {
-      return api(url, method, path, opts);
+      const { gateway, ...rest } = opts;
+      const url = gateway === undefined ? pick() : urls[gateway % urls.length];
+      return api(url, method, path, rest);
     },
     /**
-     * Stops this process (keeping its data) and starts a new one on the same
-     * data directory, database and secret; resolves with the new server.
+     * Stops every process (keeping the data) and starts the same system
+     * again on the same data directory, database, namespace and secret.
      */
     async restart() {
       await server.stop({ keepData: true });
-      return startServer({ ...options, dataDir, jwtSecret });
+      return startServer({ ...options, dataDir, jwtSecret, namespace });
     },
     async stop({ keepData = false } = {}) {
       for (const s of sockets) s.close();
       sockets.clear();
-      stopping = true;
-      if (!exited) {
-        child.kill('SIGTERM');
-        const t = setTimeout(() => { if (!exited) child.kill('SIGKILL'); }, 5000);
-        await exitPromise;
-        clearTimeout(t);
-      }
+      // Gateways first, so workers can still drain what they accepted.
+      await Promise.all(procs.filter((p) => p.url).map((p) => p.stop()));
+      await Promise.all(procs.filter((p) => !p.url).map((p) => p.stop()));
       if (!keepData) {
         try { rmSync(dataDir, { recursive: true, force: true }); } catch { /* best effort */ }
       }
@@ -399,12 +450,19 @@ export async function closeSocket(socket) {
   await gone;
 }
 
-/** The value of a metric on /metrics (first sample named `name`), or null. */
+/**
+ * The value of a metric (first sample named `name`) summed over the
+ * server's gateways, or null if no gateway exports it.
+ */
 export async function metric(server, name) {
-  const r = await server.api('GET', '/metrics');
-  if (r.status !== 200 || typeof r.body !== 'string') return null;
-  const m = new RegExp(`^${name}(?:\\{[^}]*\\})? ([0-9.eE+-]+)$`, 'm').exec(r.body);
-  return m ? Number(m[1]) : null;
+  let total = null;
+  for (let g = 0; g < (server.urls?.length || 1); g++) {
+    const r = await server.api('GET', '/metrics', { gateway: g });
+    if (r.status !== 200 || typeof r.body !== 'string') continue;
+    const m = new RegExp(`^${name}(?:\\{[^}]*\\})? ([0-9.eE+-]+)$`, 'm').exec(r.body);
+    if (m) total = (total ?? 0) + Number(m[1]);
+  }
+  return total;
 }
 
 /**
