@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{load_or_create_secret, AuthError, Tokens};
-use crate::config::{BackendKind, Config};
+use crate::config::{BackendKind, Config, QueueKind};
 use crate::gateway::{delivery, http, socket, Gateway};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
@@ -48,9 +48,36 @@ pub async fn connect_backend(config: &Config) -> Result<DynBackend, RunError> {
                 ..fanout_memory::MemoryConfig::default()
             },
         ))),
-        other => Err(RunError::Config(format!(
-            "backend {other:?} is not built into this version yet; use backend = \"memory\""
-        ))),
+        BackendKind::Rabbitmq => Ok(Arc::new(
+            fanout_rabbitmq::RabbitMqBackend::connect(fanout_rabbitmq::RabbitMqConfig {
+                url: config.rabbitmq_url.clone(),
+                namespace: config.namespace.clone(),
+                partitions: config.incoming.partitions,
+                max_attempts: config.incoming.max_attempts,
+                queue_type: match config.rabbitmq.queue_type {
+                    QueueKind::Quorum => fanout_rabbitmq::QueueType::Quorum,
+                    QueueKind::Classic => fanout_rabbitmq::QueueType::Classic,
+                },
+                server_prefetch: config.rabbitmq.server_prefetch,
+                operation_timeout: Duration::from_millis(config.broker_timeout_ms),
+                queue_expiry: None,
+            })
+            .await?,
+        )),
+        BackendKind::Redis => Ok(Arc::new(
+            fanout_redis::RedisBackend::connect(fanout_redis::RedisConfig {
+                url: config.redis_url.clone(),
+                namespace: config.namespace.clone(),
+                partitions: config.incoming.partitions,
+                max_attempts: config.incoming.max_attempts,
+                operation_timeout: Duration::from_millis(config.broker_timeout_ms),
+                liveness_ttl: Duration::from_millis(config.redis.liveness_ttl_ms),
+                lease_ttl: Duration::from_millis(config.redis.lease_ttl_ms),
+                claim_idle: Duration::from_millis(config.redis.claim_idle_ms),
+                max_stream_len: config.redis.max_stream_len,
+            })
+            .await?,
+        )),
     }
 }
 

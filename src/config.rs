@@ -57,6 +57,14 @@ pub struct Config {
     pub rabbitmq_url: String,
     /// Redis URL. Default `redis://127.0.0.1:6379`.
     pub redis_url: String,
+    /// Bound on every broker call (publish confirm, bind, ...), in
+    /// milliseconds; a send not confirmed in time is answered
+    /// `unavailable`. Default 5000.
+    pub broker_timeout_ms: u64,
+    /// RabbitMQ backend settings.
+    pub rabbitmq: RabbitMqSection,
+    /// Redis backend settings.
+    pub redis: RedisSection,
     /// The incoming side.
     pub incoming: IncomingConfig,
     /// Workers.
@@ -82,11 +90,73 @@ impl Default for Config {
             log: "info".to_owned(),
             rabbitmq_url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
             redis_url: "redis://127.0.0.1:6379".to_owned(),
+            broker_timeout_ms: 5000,
+            rabbitmq: RabbitMqSection::default(),
+            redis: RedisSection::default(),
             incoming: IncomingConfig::default(),
             worker: WorkerConfig::default(),
             gateway: GatewayConfig::default(),
             limits: LimitsConfig::default(),
             database: DatabaseConfig::default(),
+        }
+    }
+}
+
+/// RabbitMQ incoming queue types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueKind {
+    /// Replicated, with a broker-side delivery limit. The default.
+    Quorum,
+    /// Cheaper, single-node; attempts counted by the consumer.
+    Classic,
+}
+
+/// `[rabbitmq]`: the RabbitMQ backend (`docs/backends/rabbitmq.md`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RabbitMqSection {
+    /// Type of the incoming partition queues: `quorum` or `classic`.
+    /// Default `quorum`.
+    pub queue_type: QueueKind,
+    /// Unacked deliveries per gateway queue. Default 1000.
+    pub server_prefetch: u16,
+}
+
+impl Default for RabbitMqSection {
+    fn default() -> Self {
+        Self {
+            queue_type: QueueKind::Quorum,
+            server_prefetch: 1000,
+        }
+    }
+}
+
+/// `[redis]`: the Redis backend (`docs/backends/redis.md`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSection {
+    /// TTL of a gateway's liveness key, ms; a crashed gateway's routes are
+    /// gone within 1.375 times this. Default 10000.
+    pub liveness_ttl_ms: u64,
+    /// TTL of a worker's partition lease, ms: how long a crashed worker's
+    /// partitions wait before another takes them. Default 10000.
+    pub lease_ttl_ms: u64,
+    /// Idle time before a dead consumer's pending entries are claimed, ms;
+    /// keep it above the slowest event's processing time. Default 10000.
+    pub claim_idle_ms: u64,
+    /// Beyond this many entries, a stream is trimmed of every acked entry
+    /// (never of an unacked one, so a backlog may exceed it). Default 100000.
+    pub max_stream_len: usize,
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        Self {
+            liveness_ttl_ms: 10_000,
+            lease_ttl_ms: 10_000,
+            claim_idle_ms: 10_000,
+            max_stream_len: 100_000,
         }
     }
 }
@@ -278,6 +348,12 @@ impl Config {
         }
         if self.limits.max_payload_bytes < self.limits.max_content_bytes as u64 + 512 {
             return bad("limits.max_payload_bytes must exceed limits.max_content_bytes by at least 512 bytes of envelope");
+        }
+        if self.broker_timeout_ms == 0
+            || self.redis.liveness_ttl_ms < 1000
+            || self.redis.lease_ttl_ms < 1000
+        {
+            return bad("broker_timeout_ms must be positive; redis.liveness_ttl_ms and redis.lease_ttl_ms at least 1000");
         }
         if !fanout_backend::is_valid_id(&self.namespace) {
             return bad("namespace must be 1 to 64 characters of [A-Za-z0-9_-]");

@@ -1,6 +1,8 @@
 //! The end-to-end suite in `tests/js/`: the stock JavaScript
-//! `socket.io-client` against the real `fanout` binary, once on SQLite and
-//! once on a fresh PostgreSQL database.
+//! `socket.io-client` against the real `fanout` binary: `fanout serve` on
+//! SQLite and on a fresh PostgreSQL database, then three gateway and two
+//! worker processes on each broker backend (PostgreSQL), where every test
+//! also crosses gateways.
 //!
 //! Needs `node` (and `npm` when `tests/js/node_modules` is missing); without
 //! them the tests skip loudly (or fail under `FANOUT_TEST_REQUIRE_SERVICES=1`).
@@ -78,14 +80,15 @@ fn test_files() -> Vec<PathBuf> {
     files
 }
 
-/// Runs the suite against `database_url` (None = SQLite).
-fn run_suite(database_url: Option<&str>) -> ExitStatus {
+/// Runs the suite against `database_url` (None = SQLite) on `backend`.
+fn run_suite(database_url: Option<&str>, backend: &str) -> ExitStatus {
     let mut cmd = Command::new("node");
     cmd.args(["--test", "--test-concurrency=1"])
         .args(test_files())
         .current_dir(js_dir())
         .env("FANOUT_BIN", env!("CARGO_BIN_EXE_fanout"))
         .env_remove("FANOUT_E2E_DATABASE_URL")
+        .env("FANOUT_E2E_BACKEND", backend)
         .stdin(Stdio::null())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
@@ -101,7 +104,7 @@ fn node_client_sqlite() {
     if !prepare() {
         return;
     }
-    let status = run_suite(None);
+    let status = run_suite(None, "memory");
     assert!(
         status.success(),
         "the node suite failed on SQLite: {status}"
@@ -118,10 +121,49 @@ fn node_client_postgres() {
     let Some(db) = runtime.block_on(common::TestDb::create()) else {
         return;
     };
-    let status = run_suite(Some(&db.url));
+    let status = run_suite(Some(&db.url), "memory");
     runtime.block_on(db.drop_db());
     assert!(
         status.success(),
         "the node suite failed on PostgreSQL: {status}"
     );
+}
+
+/// Whether a TCP port on this machine answers; skips (or fails) if not.
+fn broker_up(name: &str, port: u16) -> bool {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3)) {
+        Ok(_) => true,
+        Err(e) => {
+            common::skip_or_fail(name, &e.to_string());
+            false
+        }
+    }
+}
+
+fn broker_suite(backend: &str, name: &str, port: u16) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !prepare() || !broker_up(name, port) {
+        return;
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let Some(db) = runtime.block_on(common::TestDb::create()) else {
+        return;
+    };
+    let status = run_suite(Some(&db.url), backend);
+    runtime.block_on(db.drop_db());
+    assert!(
+        status.success(),
+        "the node suite failed on {name}: {status}"
+    );
+}
+
+#[test]
+fn node_client_redis_three_gateways() {
+    broker_suite("redis", "Redis", 6379);
+}
+
+#[test]
+fn node_client_rabbitmq_three_gateways() {
+    broker_suite("rabbitmq", "RabbitMQ", 5672);
 }

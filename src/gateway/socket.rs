@@ -26,9 +26,6 @@ use crate::protocol::{
     now_ms, parse_send, ErrorCode, IncomingEnvelope, Message, ProtocolError, Target, SEND_MESSAGE,
 };
 
-/// How long a send waits for the broker to confirm before it is answered
-/// `unavailable`.
-const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bindings issued at once while a session connects.
 const BIND_CONCURRENCY: usize = 32;
 
@@ -274,20 +271,14 @@ async fn accept(gw: &Gateway, user: &str, value: &Value) -> Result<(String, i64)
     // A retry is the first send again, whatever its target: answered
     // before the target is looked at.
     if let Some(cid) = &req.client_msg_id {
-        if let Some((id, created_at)) = gw.cached_ack(user, cid) {
-            // Acked before: the broker holds it already, publish nothing.
-            return Ok((id, created_at));
+        if let Some(first) = find_first_send(gw, user, cid).await {
+            // Sent before: the broker or the store holds it already,
+            // publish nothing.
+            return Ok(first);
         }
     }
     if let Target::Channel(c) = &req.target {
         if !is_member(gw, user, c).await? {
-            // A retry whose first send this gateway did not ack (another
-            // gateway, or before a restart) is still a retry.
-            if let Some(cid) = &req.client_msg_id {
-                if let Ok(Some(first)) = gw.store.find_by_client_msg_id(user, cid).await {
-                    return Ok((first.id, first.created_at));
-                }
-            }
             return Err(ProtocolError::new(
                 ErrorCode::NotMember,
                 format!("you are not a member of channel {c}"),
@@ -319,19 +310,39 @@ async fn accept(gw: &Gateway, user: &str, value: &Value) -> Result<(String, i64)
             "the broker did not accept the message; retry with the same clientMsgId",
         )
     };
-    match tokio::time::timeout(PUBLISH_TIMEOUT, gw.backend.publish_incoming(event)).await {
+    // Backends bound their own calls by the same setting; this is the
+    // backstop that keeps a client from waiting forever on a broken one.
+    let timeout = Duration::from_millis(gw.config.broker_timeout_ms);
+    match tokio::time::timeout(timeout, gw.backend.publish_incoming(event)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(unavailable(e.to_string())),
-        Err(_) => {
-            return Err(unavailable(format!(
-                "no confirm within {PUBLISH_TIMEOUT:?}"
-            )))
-        }
+        Err(_) => return Err(unavailable(format!("no confirm within {timeout:?}"))),
     }
     if let Some(cid) = &message.client_msg_id {
         gw.remember_ack(user, cid, &message.id, message.created_at);
     }
     Ok((message.id, message.created_at))
+}
+
+/// The id and time of an earlier send with this `clientMsgId`: from this
+/// gateway's memory of its acks, else from the store (a first send acked by
+/// another gateway, or before a restart, once a worker stored it). A store
+/// error is no reason to refuse the send: the worker deduplicates anyway.
+async fn find_first_send(gw: &Gateway, user: &str, client_msg_id: &str) -> Option<(String, i64)> {
+    if let Some(hit) = gw.cached_ack(user, client_msg_id) {
+        return Some(hit);
+    }
+    match gw.store.find_by_client_msg_id(user, client_msg_id).await {
+        Ok(Some(first)) => {
+            gw.remember_ack(user, client_msg_id, &first.id, first.created_at);
+            Some((first.id, first.created_at))
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(%user, error = %e, "retry lookup failed; the worker will deduplicate");
+            None
+        }
+    }
 }
 
 /// Membership from the local view, falling back to the store when the view

@@ -20,7 +20,7 @@ describe('history', () => {
 
   before(async () => {
     server = await startServer({
-      env: { FANOUT_LIMITS__MESSAGES_PER_SECOND: '10000', FANOUT_LIMITS__MESSAGE_BURST: '10000' },
+      env: { FANOUT_LIMITS__MESSAGES_PER_SECOND: '10000', FANOUT_LIMITS__MESSAGE_BURST: '10000', FANOUT_LIMITS__SEND_QUEUE: '10000' },
     });
     alice = uid('alice');
     bob = uid('bob');

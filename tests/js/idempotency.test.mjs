@@ -112,16 +112,19 @@ describe('idempotent retries', () => {
   it('the scope is the sender: a retry from another session of the same user is a retry too', async () => {
     const alice = uid('alice');
     const bob = uid('bob');
-    const a1 = await server.session(alice);
-    const a2 = await server.session(alice);
+    // Two tabs on one gateway: it remembers the ack it gave the first.
+    const a1 = await server.session(alice, { gateway: 0 });
+    const a2 = await server.session(alice, { gateway: 0 });
     const b = await server.session(bob);
     const eb = collect(b, 'MESSAGE_RECEIVE');
     const first = assertOkAck(await send(a1, { to: bob, content: 'x', clientMsgId: 'tab' }));
     const second = assertOkAck(await send(a2, { to: bob, content: 'x', clientMsgId: 'tab' }));
     assert.equal(second.id, first.id);
-    // And after reconnecting.
+    // And after reconnecting, to any gateway: once the first send is stored
+    // (bob has it), every gateway can know it.
+    await eb.waitFor(1);
     a1.close();
-    const a3 = await server.session(alice);
+    const a3 = await server.session(alice, { gateway: 1 });
     const third = assertOkAck(await send(a3, { to: bob, content: 'x', clientMsgId: 'tab' }));
     assert.equal(third.id, first.id);
     const s = assertOkAck(await send(a2, { to: bob, content: 'sentinel' }));

@@ -14,7 +14,7 @@ describe('membership changes', () => {
   let server;
   before(async () => {
     server = await startServer({
-      env: { FANOUT_LIMITS__MESSAGES_PER_SECOND: '10000', FANOUT_LIMITS__MESSAGE_BURST: '10000' },
+      env: { FANOUT_LIMITS__MESSAGES_PER_SECOND: '10000', FANOUT_LIMITS__MESSAGE_BURST: '10000', FANOUT_LIMITS__SEND_QUEUE: '10000' },
     });
   });
   after(async () => { await server?.stop(); });

@@ -47,10 +47,11 @@ describe('operations endpoints', () => {
     await assert.rejects(server.connect('garbage'), { message: 'unauthorized' });
     await assert.rejects(server.connect(signJwt({ sub: alice, exp: nowSecs() - 5 }, server.jwtSecret)), { message: 'unauthorized' });
     assert.equal(await metric(server, 'fanout_bound_keys'), base, 'refused connections bound nothing');
-    const a1 = await server.session(alice);
+    // Both tabs on one gateway: reference counting is per gateway.
+    const a1 = await server.session(alice, { gateway: 0 });
     const one = await metric(server, 'fanout_bound_keys');
     assert.equal(one, base + 1, 'the first session binds the user key');
-    const a2 = await server.session(alice);
+    const a2 = await server.session(alice, { gateway: 0 });
     assert.equal(await metric(server, 'fanout_bound_keys'), one, 'a second tab binds nothing new');
     await closeAndSettle(server, a2);
     assert.equal(await metric(server, 'fanout_bound_keys'), one, 'the first tab keeps the binding');

@@ -18,7 +18,7 @@ describe('ordering', () => {
     // 200 sends at once exceed the default burst of 100; this file is about
     // order, not rate limits.
     server = await startServer({
-      env: { FANOUT_LIMITS__MESSAGES_PER_SECOND: '10000', FANOUT_LIMITS__MESSAGE_BURST: '10000' },
+      env: { FANOUT_LIMITS__MESSAGES_PER_SECOND: '10000', FANOUT_LIMITS__MESSAGE_BURST: '10000', FANOUT_LIMITS__SEND_QUEUE: '10000' },
     });
   });
   after(async () => { await server?.stop(); });

@@ -1,0 +1,631 @@
+//! The outgoing side: the routing table, one Pub/Sub channel per server,
+//! and the subscriber connection of each registered server.
+//!
+//! A registration owns the id through a random token stored in the
+//! liveness key. Every write that could affect a newer holder of the same id
+//! (bind, cleanup, refresh) is a script that checks the token first, so a
+//! restarted gateway never inherits routes and a slow cleanup of its
+//! predecessor never removes the newcomer's routes.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fanout_backend::{
+    BackendError, OutgoingMessage, RouteKey, RouteOutcome, ServerEvent, ServerId, ServerStream,
+};
+use futures::stream::{self, StreamExt};
+use redis::aio::{AsyncPushSender, MultiplexedConnection, SendError};
+use redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::{interval, Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::{jitter_fraction, Counters, Inner};
+
+/// Messages buffered per server between Redis and the gateway. Beyond it
+/// messages are dropped and counted (Pub/Sub has no backpressure: Redis
+/// itself would disconnect a subscriber whose output buffer overflows).
+pub(crate) const SERVER_BUFFER: usize = 65_536;
+/// How often a subscriber connection is PINGed; a half-open TCP connection
+/// (no RST, e.g. a network partition) is detected by a PING that times out.
+const PING_INTERVAL: Duration = Duration::from_secs(1);
+/// Routes removed per script call during cleanup; small enough that one
+/// call never stalls Redis for long (about 0.5 ms per 500 keys).
+const CLEANUP_BATCH: usize = 500;
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A server registered on this backend value.
+#[derive(Debug)]
+pub(crate) struct LocalServer {
+    /// Tells this registration apart from a later one of the same id.
+    pub generation: u64,
+    /// Stored in the liveness key while this registration holds the id.
+    pub token: String,
+    /// Stops the subscriber task (and so ends the stream).
+    pub cancel: CancellationToken,
+    /// Wakes the subscriber task to yield `RoutesLost` (a bind found the
+    /// liveness key expired and re-asserted it).
+    pub routes_lost: Arc<Notify>,
+}
+
+/// Frames a message for a server channel: `[key length: u8][key][payload]`.
+/// The channel is per server, so the route key has to travel inside.
+pub(crate) fn encode_frame(key: &RouteKey, payload: &[u8]) -> Vec<u8> {
+    let k = key.as_routing_key();
+    // Routing keys are at most "channel:" + 64 bytes, so the length fits a
+    // byte; `min` keeps this total even if that ever changed.
+    let len = k.len().min(usize::from(u8::MAX));
+    let mut frame = Vec::with_capacity(1 + len + payload.len());
+    frame.push(len as u8);
+    frame.extend_from_slice(&k.as_bytes()[..len]);
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The inverse of [`encode_frame`]; `None` for anything malformed.
+pub(crate) fn decode_frame(frame: &[u8]) -> Option<(RouteKey, Bytes)> {
+    let (&len, rest) = frame.split_first()?;
+    let len = usize::from(len);
+    if rest.len() < len {
+        return None;
+    }
+    let key = std::str::from_utf8(&rest[..len]).ok()?;
+    let key = RouteKey::parse(key)?;
+    Some((key, Bytes::copy_from_slice(&rest[len..])))
+}
+
+/// Receives the pushes of one subscriber connection (called by redis-rs'
+/// connection driver, so it must never block): messages go to the server's
+/// stream, a disconnection wakes the subscriber task.
+struct PushForwarder {
+    tx: mpsc::Sender<ServerEvent>,
+    disconnected: Arc<Notify>,
+    counters: Arc<Counters>,
+    server: ServerId,
+}
+
+impl AsyncPushSender for PushForwarder {
+    fn send(&self, info: PushInfo) -> Result<(), SendError> {
+        match info.kind {
+            PushKind::Message => {
+                let frame = match info.data.get(1) {
+                    Some(Value::BulkString(b)) => b.as_slice(),
+                    _ => &[][..],
+                };
+                let Some((key, payload)) = decode_frame(frame) else {
+                    Counters::bump(&self.counters.outgoing_malformed, 1);
+                    tracing::warn!(server = %self.server, "skipped a malformed outgoing frame");
+                    return Ok(());
+                };
+                let event = ServerEvent::Message(OutgoingMessage { key, payload });
+                match self.tx.try_send(event) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        Counters::bump(&self.counters.outgoing_dropped, 1);
+                        tracing::warn!(server = %self.server, "server stream full: outgoing message dropped");
+                    }
+                    // The stream was dropped; the task is stopping.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+            PushKind::Disconnection => self.disconnected.notify_one(),
+            // Subscribe confirmations and anything else are not ours to act on.
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Opens a server's subscriber connection: RESP3, named, subscribed.
+async fn connect_subscriber(
+    inner: &Inner,
+    server: &ServerId,
+    forwarder: PushForwarder,
+) -> Result<MultiplexedConnection, redis::RedisError> {
+    let op = inner.config.operation_timeout;
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(op))
+        .set_response_timeout(Some(op))
+        .set_push_sender(forwarder);
+    let mut con = inner
+        .sub_client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(inner.keys.subscriber_client_name(server))
+        .query_async::<()>(&mut con)
+        .await?;
+    con.subscribe(inner.keys.out_channel(server)).await?;
+    Ok(con)
+}
+
+/// Runs the liveness script in `claim` or `refresh` mode.
+async fn alive(
+    inner: &Inner,
+    server: &ServerId,
+    token: &str,
+    mode: &str,
+) -> Result<i64, BackendError> {
+    let mut conn = inner.conn();
+    inner
+        .run(
+            inner
+                .scripts
+                .alive
+                .key(inner.keys.alive(server.as_str()))
+                .key(inner.keys.servers())
+                .arg(token)
+                .arg(inner.config.liveness_ttl.as_millis() as u64)
+                .arg(server.as_str())
+                .arg(mode)
+                .invoke_async(&mut conn),
+        )
+        .await
+}
+
+/// Removes a server's routes in batches. `mode` is the guard (see the
+/// CLEANUP script). Returns the routes removed, or `None` if the guard
+/// refused (another registration holds the id).
+pub(crate) async fn cleanup(
+    inner: &Inner,
+    server: &str,
+    token: &str,
+    mode: &str,
+) -> Result<Option<u64>, BackendError> {
+    let mut removed = 0u64;
+    loop {
+        let mut conn = inner.conn();
+        let (left, popped): (i64, u64) = inner
+            .run(
+                inner
+                    .scripts
+                    .cleanup
+                    .key(inner.keys.server_keys(server))
+                    .key(inner.keys.alive(server))
+                    .key(inner.keys.servers())
+                    .arg(mode)
+                    .arg(token)
+                    .arg(CLEANUP_BATCH)
+                    .arg(inner.keys.route_prefix())
+                    .arg(server)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        removed += popped;
+        if left < 0 {
+            return Ok(None);
+        }
+        if left == 0 {
+            return Ok(Some(removed));
+        }
+    }
+}
+
+/// Graceful removal of a registration's routes and liveness key.
+pub(crate) async fn remove_routes(
+    inner: &Inner,
+    server: &ServerId,
+    token: &str,
+) -> Result<(), BackendError> {
+    cleanup(inner, server.as_str(), token, "deregister").await?;
+    Ok(())
+}
+
+pub(crate) async fn register(
+    inner: &Arc<Inner>,
+    server: &ServerId,
+) -> Result<ServerStream, BackendError> {
+    inner.check_open()?;
+    let generation = inner.generation.fetch_add(1, Ordering::Relaxed);
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    let cancel = inner.cancel.child_token();
+    let routes_lost = Arc::new(Notify::new());
+    {
+        let mut servers = inner.servers();
+        if servers.contains_key(server) {
+            return Err(BackendError::Conflict(server.to_string()));
+        }
+        // Reserved before any await, so two concurrent registrations of
+        // one id cannot both pass the check.
+        servers.insert(
+            server.clone(),
+            LocalServer {
+                generation,
+                token: token.clone(),
+                cancel: cancel.clone(),
+                routes_lost: routes_lost.clone(),
+            },
+        );
+    }
+    let (tx, rx) = mpsc::channel(SERVER_BUFFER);
+    let setup = async {
+        let disconnected = Arc::new(Notify::new());
+        let forwarder = PushForwarder {
+            tx: tx.clone(),
+            disconnected: disconnected.clone(),
+            counters: inner.counters.clone(),
+            server: server.clone(),
+        };
+        // Subscribed before the id is claimed and before we return, so a
+        // bind that follows is effective at once.
+        let con = inner
+            .run(connect_subscriber(inner, server, forwarder))
+            .await?;
+        alive(inner, server, &token, "claim").await?;
+        // A predecessor with this id (a gateway restarted after a crash)
+        // may have left routes: they are not ours.
+        if cleanup(inner, server.as_str(), &token, "owner")
+            .await?
+            .is_none()
+        {
+            return Err(BackendError::Conflict(server.to_string()));
+        }
+        Ok((con, disconnected))
+    };
+    let (con, disconnected) = match setup.await {
+        Ok(v) => v,
+        Err(e) => {
+            forget(inner, server, generation);
+            return Err(e);
+        }
+    };
+    let task = Subscriber {
+        inner: inner.clone(),
+        server: server.clone(),
+        token,
+        generation,
+        tx,
+        cancel,
+        routes_lost,
+    };
+    inner.spawn(task.run(con, disconnected));
+    let guard = ServerGuard {
+        inner: Arc::downgrade(inner),
+        server: server.clone(),
+        generation,
+    };
+    let stream = stream::unfold((rx, guard), |(mut rx, guard)| async move {
+        rx.recv().await.map(|ev| (ev, (rx, guard)))
+    });
+    Ok(stream.boxed())
+}
+
+/// Removes the local entry of a registration if it is still this one.
+fn forget(inner: &Inner, server: &ServerId, generation: u64) -> Option<LocalServer> {
+    let mut servers = inner.servers();
+    if servers
+        .get(server)
+        .is_some_and(|s| s.generation == generation)
+    {
+        servers.remove(server)
+    } else {
+        None
+    }
+}
+
+pub(crate) async fn deregister(inner: &Inner, server: &ServerId) -> Result<(), BackendError> {
+    let entry = inner.servers().remove(server);
+    match entry {
+        Some(s) => {
+            s.cancel.cancel();
+            remove_routes(inner, server, &s.token).await
+        }
+        // Never registered here, or already deregistered: idempotent.
+        None => Ok(()),
+    }
+}
+
+pub(crate) async fn bind(
+    inner: &Inner,
+    server: &ServerId,
+    key: &RouteKey,
+) -> Result<(), BackendError> {
+    inner.check_open()?;
+    let (token, routes_lost) = {
+        let servers = inner.servers();
+        let s = servers
+            .get(server)
+            .ok_or_else(|| BackendError::NotRegistered(server.to_string()))?;
+        (s.token.clone(), s.routes_lost.clone())
+    };
+    let mut conn = inner.conn();
+    let code: i64 = inner
+        .run(
+            inner
+                .scripts
+                .bind
+                .key(inner.keys.route(key))
+                .key(inner.keys.server_keys(server.as_str()))
+                .key(inner.keys.alive(server.as_str()))
+                .key(inner.keys.servers())
+                .arg(server.as_str())
+                .arg(key.as_routing_key())
+                .arg(&token)
+                .arg(inner.config.liveness_ttl.as_millis() as u64)
+                .invoke_async(&mut conn),
+        )
+        .await?;
+    match code {
+        1 => Ok(()),
+        0 => {
+            // Our liveness had lapsed (Redis unreachable longer than the
+            // TTL, or restarted): the janitor may have removed some routes.
+            routes_lost.notify_one();
+            Ok(())
+        }
+        _ => Err(BackendError::Conflict(server.to_string())),
+    }
+}
+
+pub(crate) async fn unbind(
+    inner: &Inner,
+    server: &ServerId,
+    key: &RouteKey,
+) -> Result<(), BackendError> {
+    inner.check_open()?;
+    let mut conn = inner.conn();
+    // One transaction: the route and the server's own record go together.
+    inner
+        .run(
+            redis::pipe()
+                .atomic()
+                .srem(inner.keys.route(key), server.as_str())
+                .ignore()
+                .srem(
+                    inner.keys.server_keys(server.as_str()),
+                    key.as_routing_key(),
+                )
+                .ignore()
+                .query_async::<()>(&mut conn),
+        )
+        .await
+}
+
+pub(crate) async fn publish(
+    inner: &Inner,
+    key: &RouteKey,
+    payload: &[u8],
+) -> Result<RouteOutcome, BackendError> {
+    inner.check_open()?;
+    let frame = encode_frame(key, payload);
+    let mut conn = inner.conn();
+    let (bound, received): (u64, u64) = inner
+        .run(
+            inner
+                .scripts
+                .publish
+                .key(inner.keys.route(key))
+                .arg(inner.keys.out_prefix())
+                .arg(frame)
+                .invoke_async(&mut conn),
+        )
+        .await?;
+    if bound > 0 && received < bound {
+        // A bound server without a subscriber: crashed (stale route, until
+        // the janitor runs) or reconnecting. Its copy is lost.
+        tracing::debug!(key = %key, bound, received, "message reached fewer servers than are bound");
+    }
+    Ok(if received == 0 {
+        RouteOutcome::Unroutable
+    } else {
+        RouteOutcome::Routed {
+            servers: Some(received as usize),
+        }
+    })
+}
+
+/// Deregisters a server when its stream is dropped, unless the id was
+/// registered anew since.
+struct ServerGuard {
+    inner: Weak<Inner>,
+    server: ServerId,
+    generation: u64,
+}
+
+impl Drop for ServerGuard {
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let Some(entry) = forget(&inner, &self.server, self.generation) else {
+            return;
+        };
+        entry.cancel.cancel();
+        // Drop cannot await: the route removal runs in the background. Outside
+        // a runtime (process exit) the janitor removes them after the TTL.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let server = self.server.clone();
+            rt.spawn(async move {
+                if let Err(e) = remove_routes(&inner, &server, &entry.token).await {
+                    tracing::warn!(server = %server, error = %e, "could not remove routes of a dropped server; the janitor will");
+                }
+            });
+        }
+    }
+}
+
+/// The background task of one registered server: keeps its subscription
+/// and its liveness key alive.
+struct Subscriber {
+    inner: Arc<Inner>,
+    server: ServerId,
+    token: String,
+    generation: u64,
+    tx: mpsc::Sender<ServerEvent>,
+    cancel: CancellationToken,
+    routes_lost: Arc<Notify>,
+}
+
+enum Next {
+    Continue,
+    Reconnect,
+    Stop,
+}
+
+impl Subscriber {
+    async fn run(self, mut con: MultiplexedConnection, mut disconnected: Arc<Notify>) {
+        let mut ping = interval(PING_INTERVAL);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut refresh = interval(self.inner.config.liveness_ttl / 3);
+        refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Both intervals fire at once; the registration just did both.
+        ping.tick().await;
+        refresh.tick().await;
+        loop {
+            let next = tokio::select! {
+                _ = self.cancel.cancelled() => Next::Stop,
+                _ = self.tx.closed() => Next::Stop,
+                _ = disconnected.notified() => Next::Reconnect,
+                _ = ping.tick() => {
+                    let pong = tokio::time::timeout(
+                        self.inner.config.operation_timeout,
+                        redis::cmd("PING").query_async::<String>(&mut con),
+                    )
+                    .await;
+                    match pong {
+                        Ok(Ok(_)) => Next::Continue,
+                        _ => Next::Reconnect,
+                    }
+                }
+                _ = refresh.tick() => self.refresh().await,
+                _ = self.routes_lost.notified() => self.yield_routes_lost().await,
+            };
+            match next {
+                Next::Continue => {}
+                Next::Stop => return,
+                Next::Reconnect => {
+                    tracing::warn!(server = %self.server, "subscriber connection lost; reconnecting");
+                    drop(con);
+                    match self.reconnect().await {
+                        Some((c, d)) => {
+                            con = c;
+                            disconnected = d;
+                            if let Next::Stop = self.yield_routes_lost().await {
+                                return;
+                            }
+                        }
+                        None => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn refresh(&self) -> Next {
+        match alive(&self.inner, &self.server, &self.token, "refresh").await {
+            Ok(1) => Next::Continue,
+            Ok(0) => {
+                tracing::warn!(server = %self.server, "liveness key had expired; re-asserted");
+                self.yield_routes_lost().await
+            }
+            Ok(_) => self.taken_over(),
+            // Redis unreachable: the ping notices a dead subscriber; the
+            // next refresh re-asserts liveness when Redis is back.
+            Err(e) => {
+                tracing::warn!(server = %self.server, error = %e, "could not refresh liveness");
+                Next::Continue
+            }
+        }
+    }
+
+    fn taken_over(&self) -> Next {
+        tracing::error!(
+            server = %self.server,
+            "server id registered by another process; this registration ends"
+        );
+        forget(&self.inner, &self.server, self.generation);
+        Next::Stop
+    }
+
+    async fn yield_routes_lost(&self) -> Next {
+        Counters::bump(&self.inner.counters.routes_lost, 1);
+        tokio::select! {
+            _ = self.cancel.cancelled() => Next::Stop,
+            sent = self.tx.send(ServerEvent::RoutesLost) => {
+                if sent.is_ok() { Next::Continue } else { Next::Stop }
+            }
+        }
+    }
+
+    /// Reconnects with exponential backoff and jitter until subscribed and
+    /// live again; `None` if the registration ended meanwhile.
+    async fn reconnect(&self) -> Option<(MultiplexedConnection, Arc<Notify>)> {
+        Counters::bump(&self.inner.counters.subscriber_reconnects, 1);
+        let started = Instant::now();
+        let mut delay = BACKOFF_MIN;
+        loop {
+            if self.cancel.is_cancelled() || self.tx.is_closed() {
+                return None;
+            }
+            let disconnected = Arc::new(Notify::new());
+            let forwarder = PushForwarder {
+                tx: self.tx.clone(),
+                disconnected: disconnected.clone(),
+                counters: self.inner.counters.clone(),
+                server: self.server.clone(),
+            };
+            match self
+                .inner
+                .run(connect_subscriber(&self.inner, &self.server, forwarder))
+                .await
+            {
+                Ok(con) => match alive(&self.inner, &self.server, &self.token, "refresh").await {
+                    Ok(1 | 0) => {
+                        let gap = started.elapsed();
+                        self.inner
+                            .counters
+                            .last_subscriber_outage_ms
+                            .store(gap.as_millis() as u64, Ordering::Relaxed);
+                        tracing::info!(server = %self.server, outage_ms = gap.as_millis() as u64, "resubscribed");
+                        return Some((con, disconnected));
+                    }
+                    Ok(_) => {
+                        self.taken_over();
+                        return None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(server = %self.server, error = %e, "resubscribed but could not assert liveness; retrying");
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(server = %self.server, error = %e, "subscriber reconnect failed");
+                }
+            }
+            let sleep = delay.mul_f64(0.5 + 0.5 * jitter_fraction());
+            tokio::select! {
+                _ = self.cancel.cancelled() => return None,
+                _ = tokio::time::sleep(sleep) => {}
+            }
+            delay = (delay * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let k = RouteKey::channel("general").expect("valid");
+        let f = encode_frame(&k, b"hello");
+        assert_eq!(f[0] as usize, "channel:general".len());
+        assert_eq!(decode_frame(&f), Some((k, Bytes::from_static(b"hello"))));
+        let u = RouteKey::user("alice").expect("valid");
+        assert_eq!(
+            decode_frame(&encode_frame(&u, b"")),
+            Some((u, Bytes::new()))
+        );
+    }
+
+    #[test]
+    fn malformed_frames_are_refused() {
+        assert_eq!(decode_frame(b""), None);
+        assert_eq!(decode_frame(&[10, b'a']), None);
+        assert_eq!(decode_frame(&[3, b'a', b':', b'b']), None);
+    }
+}

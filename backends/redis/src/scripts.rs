@@ -1,0 +1,396 @@
+//! The Lua scripts. Each runs atomically on the Redis server, which is what
+//! lets a check and the write that depends on it happen in one round trip
+//! with no interleaving (publish to every bound server, compare-and-renew a
+//! lease, "dead-letter only if this consumer still owns the entry").
+//!
+//! They are sent with EVALSHA (redis-rs' `Script` falls back to loading the
+//! source on `NOSCRIPT`, e.g. after a Redis restart), so the source crosses
+//! the network once per server, not per call.
+//!
+//! Some scripts build key names from a prefix passed in ARGV (route sets,
+//! per-server channels) instead of declaring every key in KEYS: the set of
+//! keys depends on data read inside the script. That is fine on a standalone
+//! Redis (or a primary with replicas) and is the reason this backend does not
+//! support Redis Cluster; see `docs/backends/redis.md`.
+
+use redis::Script;
+
+/// Shared by the scripts that may move an incoming entry to the dead-letter
+/// stream: copies the entry's fields, adds why and how often it was
+/// delivered, and acks it so it is never delivered again.
+const DEAD_LETTER_FN: &str = r#"
+local function dead_letter(stream, dead, group, id, reason, attempts, partition, maxlen)
+  local e = redis.call('XRANGE', stream, id, id)
+  if #e > 0 then
+    local args = {'XADD', dead, 'MAXLEN', '~', maxlen, '*'}
+    for _, v in ipairs(e[1][2]) do args[#args + 1] = v end
+    args[#args + 1] = 'reason'; args[#args + 1] = reason
+    args[#args + 1] = 'attempts'; args[#args + 1] = tostring(attempts)
+    args[#args + 1] = 'partition'; args[#args + 1] = partition
+    args[#args + 1] = 'entry'; args[#args + 1] = id
+    redis.call(unpack(args))
+  end
+  redis.call('XACK', stream, group, id)
+end
+"#;
+
+/// Outgoing publish: look up the servers bound to a route key and publish
+/// the frame on each server's channel, in one round trip.
+///
+/// KEYS[1] = route set. ARGV[1] = channel prefix (`{ns}:out:`), ARGV[2] =
+/// frame. Returns `{bound, received}`: servers in the set, and servers whose
+/// channel had at least one subscriber (the message reached them).
+const PUBLISH: &str = r#"
+local servers = redis.call('SMEMBERS', KEYS[1])
+local received = 0
+for _, s in ipairs(servers) do
+  if redis.call('PUBLISH', ARGV[1] .. s, ARGV[2]) > 0 then received = received + 1 end
+end
+return {#servers, received}
+"#;
+
+/// Bind: add a route, but only for the current holder of the server id.
+///
+/// KEYS[1] = route set, KEYS[2] = the server's key set, KEYS[3] = liveness
+/// key, KEYS[4] = servers set. ARGV[1] = server id, ARGV[2] = routing key,
+/// ARGV[3] = holder token, ARGV[4] = liveness TTL ms.
+/// Returns 1 (bound), 0 (bound, but the liveness key had expired and was
+/// re-asserted: the janitor may have removed routes, so the caller reports
+/// `RoutesLost`), -1 (another process holds the id now: nothing written).
+const BIND: &str = r#"
+local a = redis.call('GET', KEYS[3])
+local code = 1
+if a == false then
+  redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+  redis.call('SADD', KEYS[4], ARGV[1])
+  code = 0
+elseif a ~= ARGV[3] then
+  return -1
+end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+return code
+"#;
+
+/// Liveness: take the id (`claim`) or refresh / re-assert it (`refresh`).
+///
+/// KEYS[1] = liveness key, KEYS[2] = servers set. ARGV[1] = token, ARGV[2] =
+/// TTL ms, ARGV[3] = server id, ARGV[4] = mode.
+/// `claim` always takes the id (a restarted gateway replaces its dead
+/// predecessor) and returns 1. `refresh` returns 1 (still ours, extended),
+/// 0 (had expired: re-asserted, routes may be gone) or -1 (another token
+/// holds it: left alone).
+const ALIVE: &str = r#"
+if ARGV[4] == 'claim' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('SADD', KEYS[2], ARGV[3])
+  return 1
+end
+local a = redis.call('GET', KEYS[1])
+if a == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+elseif a == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('SADD', KEYS[2], ARGV[3])
+  return 0
+end
+return -1
+"#;
+
+/// Removes one batch of a server's routes. Batched so that a gateway with
+/// 100,000 users does not block Redis for the whole cleanup.
+///
+/// KEYS[1] = the server's key set, KEYS[2] = liveness key, KEYS[3] =
+/// servers set. ARGV[1] = mode, ARGV[2] = token, ARGV[3] = batch size,
+/// ARGV[4] = route prefix (`{ns}:route:`), ARGV[5] = server id.
+/// Modes guard against removing routes of a newer holder of the id:
+/// `owner` runs only while the liveness key holds the token (registration
+/// wiping a predecessor's routes), `janitor` only while there is no liveness
+/// key, `deregister` while it holds the token or is gone.
+/// Returns `{keys left, keys removed}`; `{-1, 0}` when the guard refused.
+const CLEANUP: &str = r#"
+local a = redis.call('GET', KEYS[2])
+local mode = ARGV[1]
+if mode == 'owner' and a ~= ARGV[2] then return {-1, 0} end
+if mode == 'janitor' and a ~= false then return {-1, 0} end
+if mode == 'deregister' and a ~= false and a ~= ARGV[2] then return {-1, 0} end
+local keys = redis.call('SPOP', KEYS[1], tonumber(ARGV[3]))
+for _, k in ipairs(keys) do
+  redis.call('SREM', ARGV[4] .. k, ARGV[5])
+end
+local left = redis.call('SCARD', KEYS[1])
+if left == 0 then
+  if mode == 'janitor' then
+    redis.call('SREM', KEYS[3], ARGV[5])
+  elseif mode == 'deregister' then
+    if a == ARGV[2] then redis.call('DEL', KEYS[2]) end
+    if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SREM', KEYS[3], ARGV[5]) end
+  end
+end
+return {left, #keys}
+"#;
+
+/// Consumer heartbeat, lease renewal and acquisition, in one round trip.
+///
+/// KEYS[1] = consumers ZSET, KEYS[2..] = the lease key of each partition in
+/// order. ARGV[1] = consumer token, ARGV[2] = lease TTL ms (also how long a
+/// consumer stays a member without a heartbeat).
+/// Live consumers are sorted by token; partition p is *desired* by the
+/// consumer at index `p mod n`. Per partition the reply says: 0 not ours,
+/// 1 ours and desired (renewed), 2 ours but not desired (renewed; release it
+/// once drained), 3 acquired now (was free and desired).
+const MAINTAIN: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - ttl))
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+table.sort(members)
+local n = #members
+local me = 0
+for i, m in ipairs(members) do if m == ARGV[1] then me = i - 1 end end
+local out = {}
+for i = 2, #KEYS do
+  local p = i - 2
+  local desired = (p % n) == me
+  local owner = redis.call('GET', KEYS[i])
+  local status = 0
+  if owner == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+    if desired then status = 1 else status = 2 end
+  elseif owner == false and desired then
+    redis.call('SET', KEYS[i], ARGV[1], 'PX', ttl)
+    status = 3
+  end
+  out[#out + 1] = status
+end
+return out
+"#;
+
+/// Shared by `RELEASE` and `LEAVE`: makes this consumer's pending entries
+/// of one stream claimable at once by the next owner (their idle time is set
+/// to `claim_idle` without touching the delivery count), so a graceful
+/// hand-over does not wait for the entries to age.
+const HANDOVER_FN: &str = r#"
+local function handover(stream, group, me, idle)
+  local from = '-'
+  while true do
+    local pend = redis.pcall('XPENDING', stream, group, from, '+', 500, me)
+    -- No stream or no group (e.g. deleted by an operator): nothing pending.
+    if type(pend) ~= 'table' or pend.err or #pend == 0 then return end
+    local args = {'XCLAIM', stream, group, me, 0}
+    for _, pe in ipairs(pend) do args[#args + 1] = pe[1] end
+    args[#args + 1] = 'IDLE'; args[#args + 1] = idle; args[#args + 1] = 'JUSTID'
+    redis.call(unpack(args))
+    if #pend < 500 then return end
+    from = '(' .. pend[#pend][1]
+  end
+end
+"#;
+
+/// Gives one partition back: hands over what is still pending (normally
+/// nothing: releases wait for the partition to drain) and deletes the lease
+/// if it is still ours.
+///
+/// KEYS[1] = stream, KEYS[2] = lease. ARGV[1] = group, ARGV[2] = token,
+/// ARGV[3] = idle ms to stamp on pending entries.
+const RELEASE_BODY: &str = r#"
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+handover(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
+redis.call('DEL', KEYS[2])
+return 1
+"#;
+
+/// A consumer leaves the group: out of the membership ZSET, every pending
+/// entry it holds handed over, every lease it holds deleted.
+///
+/// KEYS[1] = consumers ZSET, then pairs (stream, lease) for each partition.
+/// ARGV[1] = group, ARGV[2] = token, ARGV[3] = idle ms.
+const LEAVE_BODY: &str = r#"
+redis.call('ZREM', KEYS[1], ARGV[2])
+for i = 2, #KEYS, 2 do
+  handover(KEYS[i], ARGV[1], ARGV[2], ARGV[3])
+  if redis.call('GET', KEYS[i + 1]) == ARGV[2] then redis.call('DEL', KEYS[i + 1]) end
+end
+return 1
+"#;
+
+/// Takes over the pending entries of a partition a consumer has just
+/// acquired, oldest first, starting after a cursor.
+///
+/// KEYS[1] = stream, KEYS[2] = dead-letter stream. ARGV[1] = group,
+/// ARGV[2] = token, ARGV[3] = min idle ms (claim_idle), ARGV[4] = batch,
+/// ARGV[5] = max attempts, ARGV[6] = dead-letter MAXLEN, ARGV[7] =
+/// partition, ARGV[8] = start (`-` or `(id`).
+/// Stops at the first entry that is not idle long enough, so that a later
+/// entry is never delivered before an earlier one (which XAUTOCLAIM alone
+/// would do: it skips entries that are too young). Entries already
+/// delivered `max attempts` times go to the dead-letter stream instead.
+/// Returns `{status, last id seen, {{id, fields, attempt}, ...}, dead}` with
+/// status `done`, `more` or `wait`.
+const CLAIM_BODY: &str = r#"
+local batch = tonumber(ARGV[4])
+local pend = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[8], '+', batch)
+local out = {}
+local last = ''
+local dead = 0
+local status = 'done'
+if #pend >= batch then status = 'more' end
+for _, pe in ipairs(pend) do
+  local id, idle, n = pe[1], pe[3], pe[4]
+  if idle < tonumber(ARGV[3]) then status = 'wait'; break end
+  if n >= tonumber(ARGV[5]) then
+    dead_letter(KEYS[1], KEYS[2], ARGV[1], id, 'max attempts reached', n, ARGV[7], ARGV[6])
+    dead = dead + 1
+  else
+    local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)
+    if c[1] and c[1][2] then
+      out[#out + 1] = {c[1][1], c[1][2], n + 1}
+    else
+      -- The entry was trimmed or deleted: nothing left to deliver.
+      redis.call('XACK', KEYS[1], ARGV[1], id)
+    end
+  end
+  last = id
+end
+return {status, last, out, dead}
+"#;
+
+/// Delivers again one entry this consumer holds (after `reject`, a dropped
+/// delivery or a failed settle): XCLAIM to itself, which increments the
+/// delivery count, or dead-letter it if it has been delivered `max
+/// attempts` times.
+///
+/// KEYS[1] = stream, KEYS[2] = dead-letter stream. ARGV[1] = group,
+/// ARGV[2] = token, ARGV[3] = id, ARGV[4] = max attempts, ARGV[5] =
+/// dead-letter MAXLEN, ARGV[6] = partition.
+/// Returns `{'ok', fields, attempt}`, `{'dead'}` or `{'gone'}` (acked, or
+/// now held by another consumer).
+const REDELIVER_BODY: &str = r#"
+local pe = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #pe == 0 or pe[1][2] ~= ARGV[2] then return {'gone'} end
+local n = pe[1][4]
+if n >= tonumber(ARGV[4]) then
+  dead_letter(KEYS[1], KEYS[2], ARGV[1], ARGV[3], 'max attempts reached', n, ARGV[6], ARGV[5])
+  return {'dead'}
+end
+local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3])
+if c[1] and c[1][2] then return {'ok', c[1][2], n + 1} end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+return {'gone'}
+"#;
+
+/// `reject` and `dead_letter` of one delivery, only if this consumer still
+/// holds the entry (if another consumer took it over, it is theirs now).
+///
+/// KEYS[1] = stream, KEYS[2] = dead-letter stream. ARGV[1] = group,
+/// ARGV[2] = token, ARGV[3] = id, ARGV[4] = `reject` or `dead`, ARGV[5] =
+/// reason, ARGV[6] = max attempts, ARGV[7] = dead-letter MAXLEN, ARGV[8] =
+/// partition. Returns `requeue`, `dead` or `gone`.
+const SETTLE_BODY: &str = r#"
+local pe = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #pe == 0 or pe[1][2] ~= ARGV[2] then return 'gone' end
+local n = pe[1][4]
+local reason = ARGV[5]
+if ARGV[4] == 'reject' then
+  if n < tonumber(ARGV[6]) then return 'requeue' end
+  reason = 'max attempts reached'
+end
+dead_letter(KEYS[1], KEYS[2], ARGV[1], ARGV[3], reason, n, ARGV[8], ARGV[7])
+return 'dead'
+"#;
+
+/// Trims one incoming stream without ever removing an unacked entry.
+///
+/// KEYS[1] = stream. ARGV[1] = group, ARGV[2] = max length.
+/// Nothing happens while the stream holds at most `max length` entries.
+/// Beyond it, every entry older than the group's oldest pending entry (or,
+/// with nothing pending, older than its last-delivered id) is removed with
+/// `XTRIM MINID`: all of those were delivered and acked. Entries not yet
+/// delivered and entries pending are never touched, so an unconsumed backlog
+/// can exceed the bound. Without the group, nothing is known to be consumed
+/// and nothing is trimmed. Returns the number of entries removed.
+const TRIM: &str = r#"
+local len = redis.call('XLEN', KEYS[1])
+if len <= tonumber(ARGV[2]) then return 0 end
+local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
+if type(groups) ~= 'table' or groups.err then return 0 end
+local last = nil
+for _, g in ipairs(groups) do
+  local name, ld
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then ld = g[i + 1] end
+  end
+  if name == ARGV[1] then last = ld end
+end
+if not last or last == '0-0' then return 0 end
+local floor = last
+local pend = redis.call('XPENDING', KEYS[1], ARGV[1])
+if pend[1] > 0 then floor = pend[2] end
+return redis.call('XTRIM', KEYS[1], 'MINID', floor)
+"#;
+
+/// Removes consumers of a stream's group that are gone: not members of the
+/// consumers ZSET, nothing pending, idle for a while. Checked and deleted
+/// in one script so a consumer cannot receive entries between the check and
+/// the delete (XGROUP DELCONSUMER drops a consumer's pending entries).
+///
+/// KEYS[1] = stream, KEYS[2] = consumers ZSET. ARGV[1] = group, ARGV[2] =
+/// min idle ms. Returns the number of consumers removed.
+const GC_CONSUMERS: &str = r#"
+local cs = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if type(cs) ~= 'table' or cs.err then return 0 end
+local removed = 0
+for _, c in ipairs(cs) do
+  local name, pending, idle
+  for i = 1, #c, 2 do
+    if c[i] == 'name' then name = c[i + 1]
+    elseif c[i] == 'pending' then pending = c[i + 1]
+    elseif c[i] == 'idle' then idle = c[i + 1] end
+  end
+  if name and pending == 0 and idle >= tonumber(ARGV[2])
+     and redis.call('ZSCORE', KEYS[2], name) == false then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+    removed = removed + 1
+  end
+end
+return removed
+"#;
+
+/// Every script, hashed once per backend.
+#[derive(Debug)]
+pub(crate) struct Scripts {
+    pub publish: Script,
+    pub bind: Script,
+    pub alive: Script,
+    pub cleanup: Script,
+    pub maintain: Script,
+    pub release: Script,
+    pub leave: Script,
+    pub claim: Script,
+    pub redeliver: Script,
+    pub settle: Script,
+    pub trim: Script,
+    pub gc_consumers: Script,
+}
+
+impl Scripts {
+    pub(crate) fn new() -> Self {
+        Self {
+            publish: Script::new(PUBLISH),
+            bind: Script::new(BIND),
+            alive: Script::new(ALIVE),
+            cleanup: Script::new(CLEANUP),
+            maintain: Script::new(MAINTAIN),
+            release: Script::new(&format!("{HANDOVER_FN}{RELEASE_BODY}")),
+            leave: Script::new(&format!("{HANDOVER_FN}{LEAVE_BODY}")),
+            claim: Script::new(&format!("{DEAD_LETTER_FN}{CLAIM_BODY}")),
+            redeliver: Script::new(&format!("{DEAD_LETTER_FN}{REDELIVER_BODY}")),
+            settle: Script::new(&format!("{DEAD_LETTER_FN}{SETTLE_BODY}")),
+            trim: Script::new(TRIM),
+            gc_consumers: Script::new(GC_CONSUMERS),
+        }
+    }
+}
