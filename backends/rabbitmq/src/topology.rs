@@ -1,0 +1,226 @@
+//! Names of everything the backend creates on the broker, and the
+//! declarations of the shared topology. Every name starts with the
+//! namespace, so two namespaces on one broker share nothing.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+use crate::{QueueType, RabbitMqConfig};
+
+/// Routing key of the dead-letter queue's binding on the dead-letter exchange.
+pub(crate) const DEAD_KEY: &str = "dead";
+/// Routing key of the presence queues on the members exchange.
+pub(crate) const MEMBERS_KEY: &str = "m";
+/// Routing key that keeps auto-delete exchanges of an ephemeral namespace
+/// alive while its dead-letter queue lives. No route key can take this
+/// value: ids cannot contain `~`.
+pub(crate) const ANCHOR_KEY: &str = "~anchor";
+
+/// Header carrying the ordering key of an incoming event.
+pub(crate) const H_ORDERING_KEY: &str = "x-fanout-ordering-key";
+/// Header carrying the worker's dead-letter reason.
+pub(crate) const H_REASON: &str = "x-fanout-reason";
+/// Header carrying the number of deliveries before dead-lettering.
+pub(crate) const H_ATTEMPTS: &str = "x-fanout-attempts";
+/// Header carrying the partition an event was dead-lettered from.
+pub(crate) const H_PARTITION: &str = "x-fanout-partition";
+
+/// The names of one namespace.
+#[derive(Debug, Clone)]
+pub(crate) struct Names {
+    ns: String,
+}
+
+impl Names {
+    pub(crate) fn new(ns: &str) -> Self {
+        Self { ns: ns.to_owned() }
+    }
+
+    pub(crate) fn incoming_exchange(&self) -> String {
+        format!("{}.incoming", self.ns)
+    }
+    pub(crate) fn outgoing_exchange(&self) -> String {
+        format!("{}.outgoing", self.ns)
+    }
+    pub(crate) fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.ns)
+    }
+    pub(crate) fn dead_letter_queue(&self) -> String {
+        format!("{}.dead", self.ns)
+    }
+    pub(crate) fn members_exchange(&self) -> String {
+        format!("{}.members", self.ns)
+    }
+    pub(crate) fn partition_queue(&self, p: u32) -> String {
+        format!("{}.in.{p}", self.ns)
+    }
+    pub(crate) fn member_queue(&self, member: &str) -> String {
+        format!("{}.member.{member}", self.ns)
+    }
+    pub(crate) fn server_queue(&self, server: &str) -> String {
+        format!("{}.gw.{server}", self.ns)
+    }
+}
+
+/// The routing key of partition `p` on the incoming exchange.
+pub(crate) fn partition_key(p: u32) -> String {
+    p.to_string()
+}
+
+/// A short string that the caller has already bounded (names are at most
+/// namespace (100) + a fixed suffix + an id (64) bytes).
+pub(crate) fn ss(s: &str) -> ShortString {
+    ShortString::from(s)
+}
+
+/// A routing key from a [`fanout_backend::RouteKey`]. Its variants are
+/// public, so an unvalidated (too long) one is refused here rather than
+/// trusted.
+pub(crate) fn routing_key(rk: &str) -> Result<ShortString, fanout_backend::BackendError> {
+    ShortString::try_new(rk).map_err(|_| {
+        fanout_backend::BackendError::Invalid(format!(
+            "routing key longer than 255 bytes: {}...",
+            rk.chars().take(32).collect::<String>()
+        ))
+    })
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// Arguments of a partition queue. They must stay identical across
+/// versions: RabbitMQ refuses (PRECONDITION_FAILED) a re-declaration with
+/// other arguments.
+pub(crate) fn partition_queue_args(config: &RabbitMqConfig, names: &Names) -> FieldTable {
+    let mut t = FieldTable::default();
+    // One consumer at a time receives from a partition; the others wait.
+    // This is what keeps per-partition order with several workers.
+    t.insert(ss("x-single-active-consumer"), AMQPValue::Boolean(true));
+    t.insert(
+        ss("x-dead-letter-exchange"),
+        long(&names.dead_letter_exchange()),
+    );
+    t.insert(ss("x-dead-letter-routing-key"), long(DEAD_KEY));
+    match config.queue_type {
+        QueueType::Quorum => {
+            t.insert(ss("x-queue-type"), long("quorum"));
+            // The broker counts every return (reject, lost channel) and
+            // dead-letters after `limit` returns, i.e. on the return of
+            // delivery `limit + 1`: limit = max_attempts - 1 gives exactly
+            // max_attempts deliveries (checked on 3.10.8).
+            let limit = i64::from(config.max_attempts.max(1) - 1);
+            t.insert(ss("x-delivery-limit"), AMQPValue::LongLongInt(limit));
+            // At-least-once dead-lettering (3.10+): the broker keeps the
+            // message until the dead-letter queue confirmed it. It requires
+            // reject-publish overflow.
+            t.insert(ss("x-dead-letter-strategy"), long("at-least-once"));
+            t.insert(ss("x-overflow"), long("reject-publish"));
+        }
+        QueueType::Classic => {
+            t.insert(ss("x-queue-type"), long("classic"));
+        }
+    }
+    if let Some(ms) = expiry_ms(config) {
+        t.insert(ss("x-expires"), AMQPValue::LongLongInt(ms));
+    }
+    t
+}
+
+fn expiry_ms(config: &RabbitMqConfig) -> Option<i64> {
+    config
+        .queue_expiry
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1))
+}
+
+fn expiry_args(config: &RabbitMqConfig) -> FieldTable {
+    let mut t = FieldTable::default();
+    if let Some(ms) = expiry_ms(config) {
+        t.insert(ss("x-expires"), AMQPValue::LongLongInt(ms));
+    }
+    t
+}
+
+/// Declares the namespace's shared topology (idempotent): exchanges, the
+/// dead-letter queue, the partition queues and their bindings.
+///
+/// With `queue_expiry` set the namespace is ephemeral: queues carry
+/// `x-expires`, and exchanges are auto-delete, held alive by an anchor
+/// binding to the dead-letter queue; when that queue expires, the exchanges
+/// go with it and nothing is left on the broker.
+pub(crate) async fn declare(
+    ch: &Channel,
+    config: &RabbitMqConfig,
+    names: &Names,
+) -> lapin::Result<()> {
+    let ephemeral = config.queue_expiry.is_some();
+    let ex = |durable: bool| ExchangeDeclareOptions {
+        durable,
+        auto_delete: ephemeral,
+        ..ExchangeDeclareOptions::default()
+    };
+    let incoming = names.incoming_exchange();
+    let outgoing = names.outgoing_exchange();
+    let dlx = names.dead_letter_exchange();
+    let members = names.members_exchange();
+    let dead = names.dead_letter_queue();
+    for (name, durable) in [
+        (&incoming, true),
+        (&outgoing, true),
+        (&dlx, true),
+        (&members, true),
+    ] {
+        ch.exchange_declare(
+            ss(name),
+            ExchangeKind::Direct,
+            ex(durable),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    // The dead-letter queue is classic on purpose: `dead_letters()` reads it
+    // with basic.get and gives the messages back by closing its channel, and
+    // a classic queue puts them back at their original positions.
+    ch.queue_declare(
+        ss(&dead),
+        QueueDeclareOptions::durable(),
+        expiry_args(config),
+    )
+    .await?;
+    ch.queue_bind(
+        ss(&dead),
+        ss(&dlx),
+        ss(DEAD_KEY),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    if ephemeral {
+        for exchange in [&incoming, &outgoing, &members] {
+            ch.queue_bind(
+                ss(&dead),
+                ss(exchange),
+                ss(ANCHOR_KEY),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+    }
+    let args = partition_queue_args(config, names);
+    for p in 0..config.partitions.max(1) {
+        let q = names.partition_queue(p);
+        ch.queue_declare(ss(&q), QueueDeclareOptions::durable(), args.clone())
+            .await?;
+        ch.queue_bind(
+            ss(&q),
+            ss(&incoming),
+            ss(&partition_key(p)),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    Ok(())
+}
