@@ -37,7 +37,8 @@ pub struct LoadSpec {
     pub warmup: Duration,
     /// `content` size in bytes (at least the 32-byte header).
     pub size: usize,
-    /// How long to wait for stragglers after the last send.
+    /// After the last send, how long to wait without any delivery before
+    /// counting what is missing as lost.
     pub drain: Duration,
     /// Prefix of the user ids, unique per run.
     pub user_prefix: String,
@@ -85,7 +86,8 @@ pub struct LoadReport {
     pub send_errors: u64,
     /// Distinct messages received by their recipient.
     pub delivered: u64,
-    /// Acked messages never received.
+    /// Acked messages not received once deliveries stopped coming for the
+    /// drain time.
     pub lost: u64,
     /// Messages a recipient's session received more than once.
     pub duplicated: u64,
@@ -257,13 +259,20 @@ pub async fn run_personal(spec: &LoadSpec, tokens: &Tokens) -> Result<LoadReport
     for s in senders {
         let _ = s.await;
     }
-    // Wait for every acked message to arrive, or for the drain time.
-    let deadline = Instant::now() + spec.drain;
+    // Wait for every acked message to arrive. A backlog still draining is
+    // not loss: the wait ends only after `drain` without any progress.
+    let mut deadline = Instant::now() + spec.drain;
+    let mut last_delivered = 0;
     loop {
         let settled = rec.acked.load(Ordering::Relaxed) + rec.send_errors.load(Ordering::Relaxed)
             >= rec.sent.load(Ordering::Relaxed);
-        if settled && rec.delivered.load(Ordering::Relaxed) >= rec.acked.load(Ordering::Relaxed) {
+        let delivered = rec.delivered.load(Ordering::Relaxed);
+        if settled && delivered >= rec.acked.load(Ordering::Relaxed) {
             break;
+        }
+        if delivered > last_delivered {
+            last_delivered = delivered;
+            deadline = Instant::now() + spec.drain;
         }
         if Instant::now() > deadline {
             break;

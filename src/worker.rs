@@ -3,15 +3,19 @@
 //!
 //! Order of work for a batch (as many deliveries as are ready, up to
 //! `worker.batch_size`): decode and re-validate (poison goes to the
-//! dead-letter place at once), store all in one statement, publish in
-//! delivery order, ack. Nothing is acked before it is stored and published;
+//! dead-letter place at once), store all in one statement, publish (in
+//! order per route key, keys concurrently), ack. Nothing is acked before it is stored and published;
 //! a crash anywhere means redelivery, which the store's idempotency and the
 //! gateways' duplicate windows absorb.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use fanout_backend::{is_valid_id, ConsumeOptions, DynBackend, IncomingDelivery, RouteOutcome};
+use std::collections::HashMap;
+
+use fanout_backend::{
+    is_valid_id, ConsumeOptions, DynBackend, IncomingDelivery, RouteKey, RouteOutcome,
+};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -157,11 +161,12 @@ impl Consumer {
             }
             None => return, // stopping: the broker redelivers
         };
-        for ((d, _), s) in batch.into_iter().zip(stored) {
-            if !self.settle_stored(&s).await {
-                return; // stopping
-            }
-            if let Err(e) = d.ack().await {
+        if !self.settle_stored(&stored).await {
+            return; // stopping: the broker redelivers
+        }
+        let acks = batch.into_iter().map(|(d, _)| d.ack());
+        for r in futures::future::join_all(acks).await {
+            if let Err(e) = r {
                 tracing::warn!(error = %e, "ack failed; the event will be redelivered and deduplicated");
             }
         }
@@ -171,9 +176,8 @@ impl Consumer {
         for (d, m) in batch {
             match self.store_batch(std::slice::from_ref(&m)).await {
                 None => return,
-                Some(Ok(mut stored)) => {
-                    let Some(s) = stored.pop() else { continue };
-                    if !self.settle_stored(&s).await {
+                Some(Ok(stored)) => {
+                    if !self.settle_stored(&stored).await {
                         return;
                     }
                     let _ = d.ack().await;
@@ -186,14 +190,20 @@ impl Consumer {
         }
     }
 
-    /// Counts and routes a stored message (a client's retry is not routed:
+    /// Counts and routes stored messages (a client's retry is not routed:
     /// see [`Outcome::Retry`]); `false` if the worker stopped first.
-    async fn settle_stored(&self, s: &crate::store::Stored) -> bool {
-        match s.outcome {
-            Outcome::New => self.metrics.messages_stored.inc(),
-            Outcome::Redelivered | Outcome::Retry => self.metrics.messages_deduplicated.inc(),
-        };
-        s.outcome == Outcome::Retry || self.route(&s.message).await
+    async fn settle_stored(&self, stored: &[crate::store::Stored]) -> bool {
+        let mut routed = Vec::with_capacity(stored.len());
+        for s in stored {
+            match s.outcome {
+                Outcome::New => self.metrics.messages_stored.inc(),
+                Outcome::Redelivered | Outcome::Retry => self.metrics.messages_deduplicated.inc(),
+            };
+            if s.outcome != Outcome::Retry {
+                routed.push(&s.message);
+            }
+        }
+        self.route(&routed).await
     }
 
     /// Stores, retrying passing failures until they pass or the worker
@@ -218,39 +228,60 @@ impl Consumer {
         }
     }
 
-    /// Publishes a stored message to each of its route keys, retrying
-    /// broker errors; `false` if the worker stopped first.
-    async fn route(&self, message: &Message) -> bool {
-        let env = OutgoingEnvelope::Message {
-            message: message.clone(),
-        };
-        let payload = match serde_json::to_vec(&env) {
-            Ok(p) => bytes::Bytes::from(p),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode an outgoing message");
-                return true;
+    /// Publishes stored messages to their route keys, retrying broker
+    /// errors; `false` if the worker stopped first. Messages to one key go
+    /// out one after another in batch order (that is the conversation's
+    /// order); different keys go out concurrently, so a batch costs about
+    /// one round trip per message to its busiest key, not one per message.
+    async fn route(&self, messages: &[&Message]) -> bool {
+        let mut per_key: HashMap<RouteKey, Vec<bytes::Bytes>> = HashMap::new();
+        for message in messages {
+            let env = OutgoingEnvelope::Message {
+                message: (*message).clone(),
+            };
+            let payload = match serde_json::to_vec(&env) {
+                Ok(p) => bytes::Bytes::from(p),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode an outgoing message");
+                    continue;
+                }
+            };
+            for key in message.route_keys() {
+                per_key.entry(key).or_default().push(payload.clone());
             }
-        };
-        for key in message.route_keys() {
-            let mut backoff = BACKOFF_START;
-            loop {
-                match self.backend.publish_outgoing(&key, payload.clone()).await {
-                    Ok(RouteOutcome::Unroutable) => {
-                        self.metrics.unroutable.inc();
-                        break;
-                    }
-                    Ok(_) => break,
-                    Err(e) => {
-                        self.metrics.worker_retries.inc();
-                        tracing::warn!(key = %key, error = %e, retry_in = ?backoff, "outgoing publish failed; retrying");
-                        if !self.pause(&mut backoff).await {
-                            return false;
-                        }
+        }
+        let sends = per_key.into_iter().map(|(key, payloads)| async move {
+            for payload in payloads {
+                if !self.publish_one(&key, payload).await {
+                    return false;
+                }
+            }
+            true
+        });
+        futures::future::join_all(sends)
+            .await
+            .into_iter()
+            .all(|ok| ok)
+    }
+
+    async fn publish_one(&self, key: &RouteKey, payload: bytes::Bytes) -> bool {
+        let mut backoff = BACKOFF_START;
+        loop {
+            match self.backend.publish_outgoing(key, payload.clone()).await {
+                Ok(RouteOutcome::Unroutable) => {
+                    self.metrics.unroutable.inc();
+                    return true;
+                }
+                Ok(_) => return true,
+                Err(e) => {
+                    self.metrics.worker_retries.inc();
+                    tracing::warn!(key = %key, error = %e, retry_in = ?backoff, "outgoing publish failed; retrying");
+                    if !self.pause(&mut backoff).await {
+                        return false;
                     }
                 }
             }
         }
-        true
     }
 
     /// Sleeps `backoff` (then doubles it); `false` if the worker stopped.
