@@ -49,20 +49,7 @@ pub async fn connect_backend(config: &Config) -> Result<DynBackend, RunError> {
             },
         ))),
         BackendKind::Rabbitmq => Ok(Arc::new(
-            fanout_rabbitmq::RabbitMqBackend::connect(fanout_rabbitmq::RabbitMqConfig {
-                url: config.rabbitmq_url.clone(),
-                namespace: config.namespace.clone(),
-                partitions: config.incoming.partitions,
-                max_attempts: config.incoming.max_attempts,
-                queue_type: match config.rabbitmq.queue_type {
-                    QueueKind::Quorum => fanout_rabbitmq::QueueType::Quorum,
-                    QueueKind::Classic => fanout_rabbitmq::QueueType::Classic,
-                },
-                server_prefetch: config.rabbitmq.server_prefetch,
-                operation_timeout: Duration::from_millis(config.broker_timeout_ms),
-                queue_expiry: None,
-            })
-            .await?,
+            fanout_rabbitmq::RabbitMqBackend::connect(rabbitmq_config(config)).await?,
         )),
         BackendKind::Redis => Ok(Arc::new(
             fanout_redis::RedisBackend::connect(fanout_redis::RedisConfig {
@@ -78,6 +65,22 @@ pub async fn connect_backend(config: &Config) -> Result<DynBackend, RunError> {
             })
             .await?,
         )),
+    }
+}
+
+fn rabbitmq_config(config: &Config) -> fanout_rabbitmq::RabbitMqConfig {
+    fanout_rabbitmq::RabbitMqConfig {
+        url: config.rabbitmq_url.clone(),
+        namespace: config.namespace.clone(),
+        partitions: config.incoming.partitions,
+        max_attempts: config.incoming.max_attempts,
+        queue_type: match config.rabbitmq.queue_type {
+            QueueKind::Quorum => fanout_rabbitmq::QueueType::Quorum,
+            QueueKind::Classic => fanout_rabbitmq::QueueType::Classic,
+        },
+        server_prefetch: config.rabbitmq.server_prefetch,
+        operation_timeout: Duration::from_millis(config.broker_timeout_ms),
+        queue_expiry: None,
     }
 }
 
@@ -295,6 +298,27 @@ pub async fn dead_letters(
     let letters = backend.dead_letters(limit).await;
     let _ = backend.shutdown().await;
     Ok(letters?)
+}
+
+/// Deletes everything the configured backend keeps under its namespace
+/// (queues, exchanges, keys, streams): for decommissioning a namespace and
+/// for test runs, which must not leave state on a shared broker.
+pub async fn purge_namespace(config: &Config) -> Result<(), RunError> {
+    let timeout = Duration::from_millis(config.broker_timeout_ms);
+    match config.backend {
+        BackendKind::Memory => Ok(()),
+        BackendKind::Redis => {
+            fanout_redis::RedisBackend::purge(&config.redis_url, &config.namespace, timeout)
+                .await?;
+            Ok(())
+        }
+        BackendKind::Rabbitmq => {
+            let rabbit = fanout_rabbitmq::RabbitMqBackend::connect(rabbitmq_config(config)).await?;
+            let result = rabbit.delete_namespace().await;
+            let _ = fanout_backend::FanoutBackend::shutdown(&rabbit).await;
+            Ok(result?)
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

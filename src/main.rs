@@ -61,6 +61,14 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         size: usize,
     },
+    /// Deletes everything the configured backend keeps under FANOUT_NAMESPACE
+    /// (queues, exchanges, keys, streams, pending events). Stop the
+    /// namespace's gateways and workers first.
+    PurgeNamespace {
+        /// Confirms the deletion.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Prints a client token for a user, signed with the configured secret
     /// (or the embedded default's secret in the data directory).
     Token {
@@ -127,6 +135,17 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             };
             let report = fanout::load::run_personal(&spec, &tokens).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::PurgeNamespace { yes } => {
+            anyhow::ensure!(
+                yes,
+                "this deletes every queue, key and pending event of namespace {:?} on the {:?} backend; \
+                 pass --yes to do it",
+                config.namespace,
+                config.backend
+            );
+            app::purge_namespace(&config).await?;
+            eprintln!("namespace {:?} purged", config.namespace);
         }
         Command::DeadLetters { limit } => {
             for d in app::dead_letters(&config, limit).await? {

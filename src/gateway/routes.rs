@@ -6,6 +6,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use fanout_backend::{BackendError, DynBackend, RouteKey, ServerId};
+use futures::StreamExt;
+
+/// Binds in flight at once when re-binding everything.
+const REBIND_CONCURRENCY: usize = 64;
 
 /// One key's count. The async mutex serialises bind and unbind of one key:
 /// a session that connects while the key's bind is in flight waits for it,
@@ -75,21 +79,31 @@ impl Routes {
         result.map(|()| true)
     }
 
-    /// Binds every held key again, after the backend lost them. Returns how
-    /// many keys were bound and the first error.
+    /// Binds every held key again, after the backend lost them, many at a
+    /// time (a reconnect of thousands of users must take seconds, not
+    /// minutes). Returns how many keys were bound and the first error.
     pub async fn rebind_all(&self) -> (usize, Option<BackendError>) {
         let held: Vec<(RouteKey, Slot)> = {
             let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             slots.iter().map(|(k, s)| (k.clone(), s.clone())).collect()
         };
+        let results: Vec<Option<Result<(), BackendError>>> = futures::stream::iter(held)
+            .map(|(key, slot)| async move {
+                // Held across the bind, so a concurrent release of this key
+                // waits and unbinds after us, never before.
+                let count = slot.lock().await;
+                if *count == 0 {
+                    return None;
+                }
+                Some(self.backend.bind(&self.server, &key).await)
+            })
+            .buffer_unordered(REBIND_CONCURRENCY)
+            .collect()
+            .await;
         let mut bound = 0;
         let mut first_error = None;
-        for (key, slot) in held {
-            let count = slot.lock().await;
-            if *count == 0 {
-                continue;
-            }
-            match self.backend.bind(&self.server, &key).await {
+        for r in results.into_iter().flatten() {
+            match r {
                 Ok(()) => bound += 1,
                 Err(e) => {
                     first_error.get_or_insert(e);

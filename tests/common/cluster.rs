@@ -8,7 +8,7 @@ use std::time::Duration;
 use fanout::app;
 use fanout::auth::Tokens;
 use fanout::client::Client;
-use fanout::config::Config;
+use fanout::config::{BackendKind, Config};
 use fanout::metrics::Metrics;
 use fanout::store::Store;
 use fanout_backend::DynBackend;
@@ -28,14 +28,42 @@ pub struct Cluster {
     stops: Vec<oneshot::Sender<()>>,
     gateways: Vec<tokio::task::JoinHandle<()>>,
     worker_stop: CancellationToken,
+    pub config: Config,
     _dir: tempfile::TempDir,
 }
 
 impl Cluster {
     /// `gateways` gateways and a worker with `consumers` consumers.
     pub async fn start(gateways: usize, consumers: u32) -> Cluster {
+        Self::start_on(BackendKind::Memory, gateways, consumers).await
+    }
+
+    /// The same on a real broker in a fresh namespace; `None` (after a
+    /// loud skip, or a panic under CI) when the broker is unreachable.
+    pub async fn start_broker(
+        kind: BackendKind,
+        gateways: usize,
+        consumers: u32,
+    ) -> Option<Cluster> {
+        let (name, port) = match kind {
+            BackendKind::Rabbitmq => ("RabbitMQ", 5672),
+            BackendKind::Redis => ("Redis", 6379),
+            BackendKind::Memory => return Some(Self::start(gateways, consumers).await),
+        };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        if let Err(e) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+            super::skip_or_fail(name, &e.to_string());
+            return None;
+        }
+        Some(Self::start_on(kind, gateways, consumers).await)
+    }
+
+    async fn start_on(kind: BackendKind, gateways: usize, consumers: u32) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config::default();
+        config.backend = kind;
+        config.namespace = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        config.broker_timeout_ms = 15_000;
         config.jwt_secret = Some(SECRET.to_owned());
         config.data_dir = dir.path().to_owned();
         config.worker.consumers = consumers;
@@ -53,6 +81,7 @@ impl Cluster {
             config.worker.clone(),
             worker_stop.clone(),
         ));
+        let config_out = config.clone();
         let mut urls = Vec::new();
         let mut stops = Vec::new();
         let mut handles = Vec::new();
@@ -94,6 +123,7 @@ impl Cluster {
             stops,
             gateways: handles,
             worker_stop,
+            config: config_out,
             _dir: dir,
         }
     }
@@ -138,6 +168,10 @@ impl Cluster {
             let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
         }
         self.worker_stop.cancel();
+        let _ = self.backend.shutdown().await;
+        if let Err(e) = app::purge_namespace(&self.config).await {
+            eprintln!("cannot purge test namespace {}: {e}", self.config.namespace);
+        }
     }
 }
 

@@ -165,7 +165,8 @@ export async function startServer(options = {}) {
     FANOUT_LOG: process.env.FANOUT_E2E_LOG || 'warn',
     ...(jwtSecret ? { FANOUT_JWT_SECRET: jwtSecret } : {}),
     ...(process.env.FANOUT_E2E_DATABASE_URL ? { FANOUT_DATABASE_URL: process.env.FANOUT_E2E_DATABASE_URL } : {}),
-    ...(cluster ? { FANOUT_BACKEND: BACKEND, FANOUT_NAMESPACE: namespace } : {}),
+    // A generous broker timeout: CI machines are small and shared.
+    ...(cluster ? { FANOUT_BACKEND: BACKEND, FANOUT_NAMESPACE: namespace, FANOUT_BROKER_TIMEOUT_MS: '15000' } : {}),
     ...(options.env || {}),
   };
   const bin = binPath();
@@ -238,6 +239,15 @@ export async function startServer(options = {}) {
       // Gateways first, so workers can still drain what they accepted.
       await Promise.all(procs.filter((p) => p.url).map((p) => p.stop()));
       await Promise.all(procs.filter((p) => !p.url).map((p) => p.stop()));
+      if (cluster && !keepData) {
+        // Leave nothing on the shared broker.
+        await new Promise((resolve) => {
+          execFile(bin, ['purge-namespace', '--yes'], { cwd: dataDir, env: childEnv(vars), timeout: 30_000 }, (err, _out, errOut) => {
+            if (err) console.error(`purge-namespace failed: ${err.message}\n${errOut}`);
+            resolve();
+          });
+        });
+      }
       if (!keepData) {
         try { rmSync(dataDir, { recursive: true, force: true }); } catch { /* best effort */ }
       }
