@@ -16,6 +16,7 @@
 //! - [`store`]: SQLite or PostgreSQL through sqlx;
 //! - [`metrics`]: Prometheus figures;
 //! - [`client`], [`load`]: a Socket.IO client and the load generator;
+//! - [`bench`]: the side-by-side benchmark (processes, workloads, report);
 //! - [`app`]: composition, and the one place that names concrete backends.
 //!
 //! The broker contract itself lives in the `fanout-backend` crate
@@ -23,6 +24,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod gateway;
