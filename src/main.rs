@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fanout::config::Config;
+use fanout::config::{BackendKind, Config};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,9 +38,10 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    /// Drives running gateways with the `personal` workload (paired users
-    /// across gateways, open-loop) and prints the measurements as JSON.
-    /// Tokens are signed with the configured secret.
+    /// Drives running gateways with one load pattern (open-loop, latency
+    /// from the intended send time) and prints the measurements as JSON.
+    /// Tokens are signed with the configured secret. `fanout bench` runs
+    /// whole workload files against every backend instead.
     Load {
         /// Gateway base URLs, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:3000")]
@@ -60,6 +61,72 @@ enum Command {
         /// Message size in bytes.
         #[arg(long, default_value_t = 100)]
         size: usize,
+        /// personal, group, offline or churn.
+        #[arg(long, default_value = "personal")]
+        pattern: String,
+        /// group: members per channel.
+        #[arg(long, default_value_t = 10)]
+        members: usize,
+        /// offline: share of recipients not connected.
+        #[arg(long, default_value_t = 0.5)]
+        offline_share: f64,
+        /// churn: connections opened per second.
+        #[arg(long, default_value_t = 20.0)]
+        connects_per_sec: f64,
+    },
+    /// Runs the side-by-side benchmark: for each backend, real gateway and
+    /// worker processes on loopback, every workload file, a raw-broker
+    /// baseline; writes report.json, report.md and SVG charts. Exits
+    /// non-zero if any run failed, lost, duplicated or misrouted a message.
+    Bench {
+        /// Workload profile: `full`, or `ci` (the same workloads, short).
+        #[arg(long, default_value = "full")]
+        profile: String,
+        /// Backends, in run order.
+        #[arg(long, value_delimiter = ',', default_value = "memory,rabbitmq,redis")]
+        backends: Vec<String>,
+        /// Workload names (default: every file in --workloads-dir).
+        #[arg(long, value_delimiter = ',')]
+        workloads: Vec<String>,
+        /// Directory of workload TOML files.
+        #[arg(long, default_value = "benches/workloads")]
+        workloads_dir: PathBuf,
+        /// Report directory.
+        #[arg(long, default_value = "bench-report")]
+        out: PathBuf,
+        /// Gateway processes per broker backend.
+        #[arg(long, default_value_t = 3)]
+        gateways: usize,
+        /// Worker processes per broker backend.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Server-level PostgreSQL URL; each backend gets a fresh database.
+        #[arg(
+            long,
+            env = "FANOUT_BENCH_POSTGRES_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+        )]
+        postgres_url: String,
+        /// A report.json to compare with: prints every in-run ratio that
+        /// moved by more than --threshold.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// Relative change that counts as moved (0.5 = 50 %).
+        #[arg(long, default_value_t = 0.5)]
+        threshold: f64,
+    },
+    /// Compares two benchmark reports (report.json): prints every in-run
+    /// ratio that moved by more than --threshold.
+    BenchCompare {
+        /// The reference report.
+        #[arg(long)]
+        baseline: PathBuf,
+        /// The new report.
+        #[arg(long)]
+        report: PathBuf,
+        /// Relative change that counts as moved (0.5 = 50 %).
+        #[arg(long, default_value_t = 0.5)]
+        threshold: f64,
     },
     /// Deletes everything the configured backend keeps under FANOUT_NAMESPACE
     /// (queues, exchanges, keys, streams, pending events). Stop the
@@ -82,7 +149,13 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config = Config::load(cli.config.as_deref())?;
+    let mut config = Config::load(cli.config.as_deref())?;
+    if matches!(cli.command, Command::Bench { .. }) && std::env::var_os("FANOUT_LOG").is_none() {
+        // The bench reports through its own progress lines; the raw
+        // baseline stops consumers mid-stream on purpose, which backends
+        // rightly log as warnings.
+        config.log = "warn,fanout_redis=error,fanout_rabbitmq=error".to_owned();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&config.log)
@@ -121,10 +194,28 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             duration,
             warmup,
             size,
+            pattern,
+            members,
+            offline_share,
+            connects_per_sec,
         } => {
+            use fanout::load::Pattern;
+            let pattern = match pattern.as_str() {
+                "personal" => Pattern::Personal,
+                "group" => Pattern::Group { members },
+                "offline" => Pattern::Offline { offline_share },
+                "churn" => Pattern::Churn {
+                    connects_per_sec,
+                    hold_ms: 1000,
+                },
+                other => anyhow::bail!(
+                    "unknown pattern {other:?}: use personal, group, offline or churn"
+                ),
+            };
             let tokens = app::tokens(&config, true)?;
             let spec = fanout::load::LoadSpec {
                 urls: url,
+                pattern,
                 users,
                 rate,
                 duration: std::time::Duration::from_secs_f64(duration),
@@ -132,10 +223,73 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 size,
                 drain: std::time::Duration::from_secs(10),
                 user_prefix: format!("load{}-", std::process::id()),
+                progress: Some("load".into()),
             };
-            let report = fanout::load::run_personal(&spec, &tokens).await?;
+            let report = fanout::load::run(&spec, &tokens).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
+        Command::Bench {
+            profile,
+            backends,
+            workloads,
+            workloads_dir,
+            out,
+            gateways,
+            workers,
+            postgres_url,
+            baseline,
+            threshold,
+        } => {
+            let backends = backends
+                .iter()
+                .map(|b| match b.as_str() {
+                    "memory" => Ok(BackendKind::Memory),
+                    "rabbitmq" => Ok(BackendKind::Rabbitmq),
+                    "redis" => Ok(BackendKind::Redis),
+                    other => Err(anyhow::anyhow!(
+                        "unknown backend {other:?}: use memory, rabbitmq or redis"
+                    )),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            anyhow::ensure!(
+                (1..=16).contains(&gateways) && workers <= 16,
+                "--gateways must be 1 to 16 and --workers at most 16"
+            );
+            let workloads =
+                fanout::bench::workload::load_dir(&workloads_dir, &workloads, &profile)?;
+            let opts = fanout::bench::BenchOptions {
+                binary: std::env::current_exe().context("cannot find this binary's path")?,
+                backends,
+                workloads,
+                profile,
+                out: out.clone(),
+                postgres_admin_url: postgres_url,
+                gateways,
+                workers: workers.max(1),
+                base: config,
+            };
+            let report = fanout::bench::run(&opts).await?;
+            eprintln!(
+                "[bench] report: {}, {}, {}",
+                out.join("report.md").display(),
+                out.join("report.json").display(),
+                out.join("charts").display()
+            );
+            if let Some(baseline) = baseline {
+                print_comparison(&read_report(&baseline)?, &report, threshold);
+            }
+            let problems = report.problems();
+            anyhow::ensure!(
+                problems.is_empty(),
+                "the benchmark measured a broken system:\n  {}",
+                problems.join("\n  ")
+            );
+        }
+        Command::BenchCompare {
+            baseline,
+            report,
+            threshold,
+        } => print_comparison(&read_report(&baseline)?, &read_report(&report)?, threshold),
         Command::PurgeNamespace { yes } => {
             anyhow::ensure!(
                 yes,
@@ -163,6 +317,47 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn read_report(path: &std::path::Path) -> anyhow::Result<fanout::bench::report::Report> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read benchmark report {}", path.display()))?;
+    let report: fanout::bench::report::Report = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a fanout benchmark report", path.display()))?;
+    anyhow::ensure!(
+        report.schema == fanout::bench::report::SCHEMA,
+        "{} has schema {:?}; this binary reads {:?}",
+        path.display(),
+        report.schema,
+        fanout::bench::report::SCHEMA
+    );
+    Ok(report)
+}
+
+/// Prints the in-run ratios that moved; never fails, as a noisy machine
+/// moves them without any change in the code.
+fn print_comparison(
+    baseline: &fanout::bench::report::Report,
+    current: &fanout::bench::report::Report,
+    threshold: f64,
+) {
+    let moved = fanout::bench::report::compare(baseline, current, threshold);
+    println!(
+        "Compared with the baseline of {} ({} profile): {} figure(s) moved more than {:.0} %",
+        baseline.created,
+        baseline.profile,
+        moved.len(),
+        threshold * 100.0
+    );
+    for m in moved {
+        println!(
+            "  {}: {:.3} -> {:.3} ({:+.0} %)",
+            m.figure,
+            m.baseline,
+            m.current,
+            (m.current / m.baseline - 1.0) * 100.0
+        );
+    }
 }
 
 async fn bind(config: &Config) -> anyhow::Result<tokio::net::TcpListener> {

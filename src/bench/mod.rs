@@ -1,6 +1,517 @@
 //! `fanout bench`: every selected backend, one after the other in one run,
 //! as real gateway and worker processes on loopback, driven by the same
 //! workload files, measured end to end, and written up as one report.
+//!
+//! Per backend: the raw-broker baseline of each workload ([`raw`]), then a
+//! fresh PostgreSQL database and namespace, a [`procs::Fleet`] (3 gateways
+//! and 2 workers by default; `memory` is one `serve` process), each
+//! workload at its fixed rate and, when it has one, its ramp; CPU and RSS
+//! of every process from `/proc`; then everything is stopped and removed
+//! before the next backend starts, so backends never share the machine.
 
+pub mod charts;
 pub mod pg;
 pub mod procs;
+pub mod raw;
+pub mod report;
+pub mod workload;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::auth::Tokens;
+use crate::config::{BackendKind, Config};
+use crate::load::{LoadReport, LoadSpec};
+use procs::{backend_name, Fleet, FleetSpec, Role};
+use raw::{RawResult, RawSpec};
+use report::{BackendResult, RampStep, Report, Resources, Usage, WorkloadReport};
+use workload::Workload;
+
+/// Whether `s` is a plain name usable in file names and ids.
+pub fn is_safe_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The `fanout` binary the gateways and workers run.
+    pub binary: PathBuf,
+    /// Backends, in run order.
+    pub backends: Vec<BackendKind>,
+    /// Workloads, profile applied.
+    pub workloads: Vec<Workload>,
+    /// Profile name, for the report.
+    pub profile: String,
+    /// Report directory.
+    pub out: PathBuf,
+    /// Server-level PostgreSQL URL; each backend gets a database of its own.
+    pub postgres_admin_url: String,
+    /// Gateway processes per broker backend.
+    pub gateways: usize,
+    /// Worker processes per broker backend.
+    pub workers: usize,
+    /// Broker URLs and settings the processes inherit.
+    pub base: Config,
+}
+
+/// Why the benchmark could not run at all (a backend that fails is recorded
+/// in the report instead).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BenchError {
+    /// Writing the report failed.
+    #[error("writing the report to {path}: {source}")]
+    Write {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A bad option.
+    #[error("{0}")]
+    Options(String),
+}
+
+const SECRET: &str = "fanout-bench-secret-0123456789abcdef";
+
+/// Runs the whole benchmark and writes the report; returns it.
+pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
+    if opts.backends.is_empty() || opts.workloads.is_empty() {
+        return Err(BenchError::Options(
+            "select at least one backend and one workload".into(),
+        ));
+    }
+    std::fs::create_dir_all(&opts.out).map_err(|source| BenchError::Write {
+        path: opts.out.clone(),
+        source,
+    })?;
+    let mut report = Report::new(opts);
+    let run_id = format!(
+        "bench{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    );
+    let mut results: Vec<Vec<BackendResult>> = vec![Vec::new(); opts.workloads.len()];
+    for (b, &kind) in opts.backends.iter().enumerate() {
+        let name = backend_name(kind);
+        progress(&format!(
+            "== backend {name} ({}/{})",
+            b + 1,
+            opts.backends.len()
+        ));
+        let namespace = format!("{run_id}{b}");
+        let per_backend = run_backend(opts, kind, &namespace).await;
+        for (w, r) in per_backend.into_iter().enumerate() {
+            results[w].push(r);
+        }
+    }
+    report.workloads = opts
+        .workloads
+        .iter()
+        .cloned()
+        .zip(results)
+        .map(|(workload, results)| WorkloadReport::new(workload, results))
+        .collect();
+    report::write(&report, &opts.out)?;
+    Ok(report)
+}
+
+/// One line of progress on stderr (CI logs keep it; a terminal shows it).
+pub fn progress(line: &str) {
+    eprintln!("[bench] {line}");
+}
+
+/// Every workload on one backend; failures become results with an error.
+async fn run_backend(
+    opts: &BenchOptions,
+    kind: BackendKind,
+    namespace: &str,
+) -> Vec<BackendResult> {
+    let name = backend_name(kind);
+    let mut out: Vec<BackendResult> = opts
+        .workloads
+        .iter()
+        .map(|_| BackendResult::new(name))
+        .collect();
+    let fail_all = |out: &mut Vec<BackendResult>, why: String| {
+        progress(&format!("{name}: {why}"));
+        for r in out.iter_mut() {
+            r.error.get_or_insert_with(|| why.clone());
+        }
+    };
+
+    for (w, workload) in opts.workloads.iter().enumerate() {
+        if !workload.raw_baseline {
+            continue;
+        }
+        progress(&format!("{name} / {}: raw-broker baseline", workload.name));
+        match raw_baseline(opts, kind, &format!("{namespace}r{w}"), workload).await {
+            Ok(r) => {
+                progress(&format!(
+                    "{name} / {}: broker alone carries {:.0} msg/s ({:.0} deliveries/s)",
+                    workload.name, r.msgs_per_sec, r.deliveries_per_sec
+                ));
+                out[w].raw = Some(r);
+            }
+            Err(e) => progress(&format!(
+                "{name} / {}: raw baseline failed: {e}",
+                workload.name
+            )),
+        }
+    }
+
+    let db =
+        match pg::TempDatabase::create(&opts.postgres_admin_url, &format!("fanout_{namespace}"))
+            .await
+        {
+            Ok(db) => db,
+            Err(e) => {
+                fail_all(&mut out, e.to_string());
+                return out;
+            }
+        };
+    let log_dir = opts.out.join("logs").join(name);
+    let spec = FleetSpec {
+        binary: opts.binary.clone(),
+        backend: kind,
+        namespace: namespace.to_owned(),
+        database_url: db.url.clone(),
+        jwt_secret: SECRET.to_owned(),
+        env: fleet_env(&opts.base),
+        log_dir,
+    };
+    let (gateways, workers) = match kind {
+        BackendKind::Memory => (1, 0),
+        _ => (opts.gateways, opts.workers),
+    };
+    progress(&format!(
+        "{name}: starting {gateways} gateway(s) and {workers} worker(s)"
+    ));
+    match Fleet::start(spec, gateways, workers).await {
+        Ok(mut fleet) => {
+            let tokens = Tokens::new(SECRET.as_bytes());
+            for (w, workload) in opts.workloads.iter().enumerate() {
+                if let Err(e) = fleet.check_alive() {
+                    out[w].error = Some(e.to_string());
+                    continue;
+                }
+                run_workload(
+                    opts,
+                    kind,
+                    &mut fleet,
+                    &tokens,
+                    workload,
+                    namespace,
+                    w,
+                    &mut out[w],
+                )
+                .await;
+            }
+            fleet.stop().await;
+        }
+        Err(e) => fail_all(&mut out, format!("cannot start the fleet: {e}")),
+    }
+    let mut config = opts.base.clone();
+    config.backend = kind;
+    config.namespace = namespace.to_owned();
+    if let Err(e) = crate::app::purge_namespace(&config).await {
+        progress(&format!("{name}: cannot purge namespace {namespace}: {e}"));
+    }
+    db.drop_db().await;
+    out
+}
+
+/// Settings every benchmarked process gets: the broker URLs of this
+/// process's configuration, and client limits raised so the offered load
+/// is measured rather than refused.
+fn fleet_env(base: &Config) -> Vec<(String, String)> {
+    let v = |k: &str, v: String| (k.to_owned(), v);
+    vec![
+        v("FANOUT_RABBITMQ_URL", base.rabbitmq_url.clone()),
+        v("FANOUT_REDIS_URL", base.redis_url.clone()),
+        v("FANOUT_LOG", "warn".into()),
+        v("FANOUT_LIMITS__MESSAGES_PER_SECOND", "100000".into()),
+        v("FANOUT_LIMITS__MESSAGE_BURST", "100000".into()),
+        v("FANOUT_LIMITS__SEND_QUEUE", "100000".into()),
+        v(
+            "FANOUT_INCOMING__PARTITIONS",
+            base.incoming.partitions.to_string(),
+        ),
+    ]
+}
+
+async fn raw_baseline(
+    opts: &BenchOptions,
+    kind: BackendKind,
+    namespace: &str,
+    workload: &Workload,
+) -> Result<RawResult, String> {
+    let mut config = opts.base.clone();
+    config.backend = kind;
+    config.namespace = namespace.to_owned();
+    let backend = crate::app::connect_backend(&config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let spec = RawSpec {
+        pattern: workload.pattern.clone(),
+        users: workload.users,
+        size: workload.size,
+        duration: workload
+            .duration()
+            .saturating_sub(workload.warmup())
+            .min(Duration::from_secs(5)),
+        servers: opts.gateways.max(1),
+        consumers: opts.workers.max(1) * config.worker.consumers as usize,
+        server_prefix: format!("{namespace}-raw"),
+    };
+    let result = raw::run(backend.clone(), &spec)
+        .await
+        .map_err(|e| e.to_string());
+    let _ = backend.shutdown().await;
+    if let Err(e) = crate::app::purge_namespace(&config).await {
+        progress(&format!("cannot purge namespace {namespace}: {e}"));
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_workload(
+    opts: &BenchOptions,
+    kind: BackendKind,
+    fleet: &mut Fleet,
+    tokens: &Tokens,
+    workload: &Workload,
+    namespace: &str,
+    index: usize,
+    out: &mut BackendResult,
+) {
+    let name = backend_name(kind);
+    let label = format!("{name} / {}", workload.name);
+    let spec = |rate: f64, duration: Duration, step: usize| LoadSpec {
+        urls: fleet.urls(),
+        pattern: workload.pattern.clone(),
+        users: workload.users,
+        rate,
+        duration,
+        warmup: workload.warmup(),
+        size: workload.size,
+        drain: Duration::from_secs(10),
+        user_prefix: format!("{namespace}w{index}s{step}u"),
+        progress: Some(format!("{label} @ {rate:.0}/s")),
+    };
+
+    let before = Snapshot::take(fleet, kind, &opts.base);
+    let facts = tokio::spawn(broker_facts_later(
+        kind,
+        opts.base.clone(),
+        namespace.to_owned(),
+        workload.duration() / 2,
+    ));
+    let result = crate::load::run(&spec(workload.rate, workload.duration(), 0), tokens).await;
+    out.resources = Some(before.usage(fleet, kind, &opts.base));
+    out.broker = facts.await.unwrap_or_default();
+    match result {
+        Ok(r) => {
+            progress(&format!("{label}: {}", summary(&r)));
+            out.run = Some(r);
+        }
+        Err(e) => {
+            progress(&format!("{label}: failed: {e}"));
+            out.error = Some(e.to_string());
+            return;
+        }
+    }
+
+    let Some(ramp) = &workload.ramp else {
+        return;
+    };
+    for (step, rate) in workload.ramp_rates().into_iter().enumerate() {
+        let r = match crate::load::run(
+            &spec(rate, Duration::from_secs_f64(ramp.step_secs), step + 1),
+            tokens,
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                progress(&format!("{label}: ramp step {rate:.0}/s failed: {e}"));
+                break;
+            }
+        };
+        let passed = r.e2e_ms.p99 <= ramp.p99_bound_ms
+            && r.lost == 0
+            && r.send_errors == 0
+            && r.acked_per_sec >= 0.95 * rate;
+        progress(&format!(
+            "{label}: ramp {rate:.0}/s -> p99 {:.1} ms, {:.0} acked/s: {}",
+            r.e2e_ms.p99,
+            r.acked_per_sec,
+            if passed { "sustained" } else { "not sustained" }
+        ));
+        out.ramp.push(RampStep {
+            rate,
+            passed,
+            p50_ms: r.e2e_ms.p50,
+            p99_ms: r.e2e_ms.p99,
+            acked_per_sec: r.acked_per_sec,
+            delivered_per_sec: r.delivered_per_sec,
+            lost: r.lost,
+        });
+        if passed {
+            out.sustained_rate = Some(rate);
+        } else {
+            break;
+        }
+    }
+}
+
+fn summary(r: &LoadReport) -> String {
+    format!(
+        "{:.0} acked/s, {:.0} delivered/s, e2e p50 {:.1} ms p99 {:.1} ms, lost {}, duplicated {}, reordered {}, send errors {}",
+        r.acked_per_sec,
+        r.delivered_per_sec,
+        r.e2e_ms.p50,
+        r.e2e_ms.p99,
+        r.lost,
+        r.duplicated,
+        r.reordered,
+        r.send_errors
+    )
+}
+
+/// CPU seconds per process at one instant, by group.
+struct Snapshot {
+    at: std::time::Instant,
+    cpu: HashMap<u32, f64>,
+}
+
+/// The processes of each group: ours from the fleet, the broker's and the
+/// database's found by their command lines.
+fn groups(fleet: &Fleet, kind: BackendKind, base: &Config) -> Vec<(&'static str, Vec<u32>)> {
+    let mut g = vec![
+        (
+            "gateways",
+            [fleet.pids(Role::Gateway), fleet.pids(Role::Serve)].concat(),
+        ),
+        ("workers", fleet.pids(Role::Worker)),
+        ("database", procs::find_pids(&["postgres"])),
+    ];
+    match kind {
+        BackendKind::Rabbitmq => g.push(("broker", procs::find_pids(&["beam.smp", "rabbit"]))),
+        BackendKind::Redis => {
+            let port = base
+                .redis_url
+                .rsplit(':')
+                .next()
+                .unwrap_or("6379")
+                .trim_end_matches('/');
+            let pids = procs::find_pids(&["redis-server", &format!(":{port}")]);
+            g.push(("broker", pids));
+        }
+        BackendKind::Memory => {}
+    }
+    g
+}
+
+impl Snapshot {
+    fn take(fleet: &Fleet, kind: BackendKind, base: &Config) -> Snapshot {
+        let cpu = groups(fleet, kind, base)
+            .into_iter()
+            .flat_map(|(_, pids)| pids)
+            .filter_map(|pid| Some((pid, procs::sample(pid)?.cpu_secs)))
+            .collect();
+        Snapshot {
+            at: std::time::Instant::now(),
+            cpu,
+        }
+    }
+
+    /// CPU used since the snapshot (a process started since counts from
+    /// its start) and RSS now, per group.
+    fn usage(&self, fleet: &Fleet, kind: BackendKind, base: &Config) -> Resources {
+        let wall = self.at.elapsed().as_secs_f64().max(1e-9);
+        let mut res = Resources::default();
+        for (group, pids) in groups(fleet, kind, base) {
+            let mut u = Usage::default();
+            for pid in pids {
+                if let Some(s) = procs::sample(pid) {
+                    let before = self.cpu.get(&pid).copied().unwrap_or(0.0);
+                    u.cpu_percent += (s.cpu_secs - before).max(0.0) / wall * 100.0;
+                    u.rss_mb += s.rss_bytes as f64 / 1_048_576.0;
+                    u.processes += 1;
+                }
+            }
+            match group {
+                "gateways" => res.gateways = Some(u),
+                "workers" => res.workers = Some(u).filter(|u| u.processes > 0),
+                "database" => res.database = Some(u).filter(|u| u.processes > 0),
+                _ => res.broker = Some(u).filter(|u| u.processes > 0),
+            }
+        }
+        res
+    }
+}
+
+/// Broker facts taken `after` into a workload, while its users are online.
+async fn broker_facts_later(
+    kind: BackendKind,
+    base: Config,
+    namespace: String,
+    after: Duration,
+) -> serde_json::Value {
+    tokio::time::sleep(after).await;
+    broker_facts(kind, &base, &namespace).await
+}
+
+/// What the broker says about this namespace, through its own CLI (cheap,
+/// and independent of the backend code under test). `null` fields when
+/// the tool is missing.
+pub async fn broker_facts(kind: BackendKind, base: &Config, namespace: &str) -> serde_json::Value {
+    match kind {
+        BackendKind::Rabbitmq => {
+            let out = cli(
+                "rabbitmqctl",
+                &["list_bindings", "-q", "--no-table-headers", "source_name"],
+            )
+            .await;
+            let exchange = format!("{namespace}.outgoing");
+            let bindings = out.map(|o| o.lines().filter(|l| l.trim() == exchange).count());
+            serde_json::json!({ "outgoing_bindings": bindings })
+        }
+        BackendKind::Redis => {
+            let url = base.redis_url.as_str();
+            let memory = cli("redis-cli", &["-u", url, "info", "memory"])
+                .await
+                .and_then(|o| {
+                    o.lines()
+                        .find_map(|l| l.strip_prefix("used_memory:"))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                });
+            let pattern = format!("{namespace}:route:*");
+            let routes = cli("redis-cli", &["-u", url, "--scan", "--pattern", &pattern])
+                .await
+                .map(|o| o.lines().count());
+            serde_json::json!({ "used_memory_bytes": memory, "route_keys": routes })
+        }
+        BackendKind::Memory => serde_json::Value::Null,
+    }
+}
+
+async fn cli(program: &str, args: &[&str]) -> Option<String> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(15),
+        tokio::process::Command::new(program).args(args).output(),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}

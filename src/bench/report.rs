@@ -1,0 +1,698 @@
+//! The report: `report.json` (schema [`SCHEMA`]; fields are only ever
+//! added), `report.md` (per workload the backends side by side, ratios
+//! between them and a plain reading), and SVG charts; plus the comparison
+//! of a report with a committed baseline.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{BenchError, BenchOptions};
+use crate::bench::raw::RawResult;
+use crate::bench::workload::Workload;
+use crate::load::{LoadReport, Pattern};
+
+/// The schema id; bump the number only for a change that breaks readers.
+pub const SCHEMA: &str = "fanout-bench/1";
+
+/// CPU and memory of a group of processes over one workload.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Usage {
+    /// CPU, percent of one core (200 = two cores busy).
+    pub cpu_percent: f64,
+    /// Resident memory at the end, MiB.
+    pub rss_mb: f64,
+    /// Processes counted.
+    pub processes: usize,
+}
+
+/// Usage per group.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Resources {
+    /// Gateways (or the `serve` process).
+    pub gateways: Option<Usage>,
+    /// Workers.
+    pub workers: Option<Usage>,
+    /// The broker's processes.
+    pub broker: Option<Usage>,
+    /// PostgreSQL's processes (the whole server: other users of the
+    /// machine's PostgreSQL are included).
+    pub database: Option<Usage>,
+}
+
+/// One step of a ramp.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RampStep {
+    /// Offered messages/s.
+    pub rate: f64,
+    /// Within the bound, nothing lost, nothing refused, rate kept.
+    pub passed: bool,
+    /// e2e p50, ms.
+    pub p50_ms: f64,
+    /// e2e p99, ms.
+    pub p99_ms: f64,
+    /// Acked messages/s.
+    pub acked_per_sec: f64,
+    /// Deliveries/s.
+    pub delivered_per_sec: f64,
+    /// Lost deliveries.
+    pub lost: u64,
+}
+
+/// One backend on one workload.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BackendResult {
+    /// `memory`, `rabbitmq` or `redis`.
+    pub backend: String,
+    /// Why it has no (complete) result.
+    pub error: Option<String>,
+    /// The fixed-rate run.
+    pub run: Option<LoadReport>,
+    /// The ramp's steps, if the workload has one.
+    pub ramp: Vec<RampStep>,
+    /// Highest ramp rate that passed.
+    pub sustained_rate: Option<f64>,
+    /// The broker alone on this pattern.
+    pub raw: Option<RawResult>,
+    /// End-to-end messages/s (sustained rate, else the fixed run's acked/s)
+    /// over the raw broker's.
+    pub e2e_vs_raw: Option<f64>,
+    /// CPU and memory.
+    pub resources: Option<Resources>,
+    /// What the broker reported mid-run (bindings, memory).
+    pub broker: serde_json::Value,
+}
+
+impl BackendResult {
+    pub(crate) fn new(backend: &str) -> Self {
+        Self {
+            backend: backend.to_owned(),
+            ..Self::default()
+        }
+    }
+
+    fn e2e_rate(&self) -> Option<f64> {
+        self.sustained_rate
+            .or_else(|| self.run.as_ref().map(|r| r.acked_per_sec))
+    }
+}
+
+/// One workload, every backend.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkloadReport {
+    /// The workload as run.
+    pub workload: Workload,
+    /// One per backend, in run order.
+    pub results: Vec<BackendResult>,
+}
+
+impl WorkloadReport {
+    pub(crate) fn new(workload: Workload, mut results: Vec<BackendResult>) -> Self {
+        for r in &mut results {
+            r.e2e_vs_raw = match (r.e2e_rate(), &r.raw) {
+                (Some(e2e), Some(raw)) if raw.msgs_per_sec > 0.0 => Some(e2e / raw.msgs_per_sec),
+                _ => None,
+            };
+        }
+        Self { workload, results }
+    }
+}
+
+/// The machine and set-up.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Setup {
+    /// CPUs the OS reports.
+    pub cpus: usize,
+    /// `uname -r`-like kernel release, when readable.
+    pub kernel: Option<String>,
+    /// This binary's version.
+    pub fanout_version: String,
+    /// Gateways per broker backend.
+    pub gateways: usize,
+    /// Workers per broker backend.
+    pub workers: usize,
+    /// Where messages are stored.
+    pub database: String,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    /// [`SCHEMA`].
+    pub schema: String,
+    /// RFC 3339 time the run started.
+    pub created: String,
+    /// The profile (`full`, `ci`).
+    pub profile: String,
+    /// The machine and set-up.
+    pub setup: Setup,
+    /// Backends in run order.
+    pub backends: Vec<String>,
+    /// One entry per workload.
+    pub workloads: Vec<WorkloadReport>,
+}
+
+impl Report {
+    pub(crate) fn new(opts: &BenchOptions) -> Self {
+        Self {
+            schema: SCHEMA.to_owned(),
+            created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            profile: opts.profile.clone(),
+            setup: Setup {
+                cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+                kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                    .ok()
+                    .map(|s| s.trim().to_owned()),
+                fanout_version: env!("CARGO_PKG_VERSION").to_owned(),
+                gateways: opts.gateways,
+                workers: opts.workers,
+                database: "postgresql".to_owned(),
+            },
+            backends: opts
+                .backends
+                .iter()
+                .map(|b| super::procs::backend_name(*b).to_owned())
+                .collect(),
+            workloads: Vec::new(),
+        }
+    }
+
+    /// Correctness problems: any error, loss, duplicate or misrouting. A
+    /// benchmark with any of these measured a broken system.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for w in &self.workloads {
+            for r in &w.results {
+                let at = format!("{} / {}", r.backend, w.workload.name);
+                if let Some(e) = &r.error {
+                    out.push(format!("{at}: {e}"));
+                }
+                if let Some(run) = &r.run {
+                    for (what, n) in [
+                        ("lost", run.lost),
+                        ("duplicated", run.duplicated),
+                        ("misrouted", run.misrouted),
+                    ] {
+                        if n > 0 {
+                            out.push(format!("{at}: {n} deliveries {what}"));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Writes `report.json`, `report.md` and `charts/*.svg` into `dir`.
+pub fn write(report: &Report, dir: &Path) -> Result<(), BenchError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| BenchError::Write { path, source }
+    };
+    let json_path = dir.join("report.json");
+    let json = serde_json::to_string_pretty(report).map_err(|e| BenchError::Write {
+        path: json_path.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    std::fs::write(&json_path, json).map_err(io(&json_path))?;
+    let charts = dir.join("charts");
+    std::fs::create_dir_all(&charts).map_err(io(&charts))?;
+    for w in &report.workloads {
+        super::charts::draw(w, &charts).map_err(|e| BenchError::Write {
+            path: charts.clone(),
+            source: std::io::Error::other(e),
+        })?;
+    }
+    let md_path = dir.join("report.md");
+    std::fs::write(&md_path, markdown(report)).map_err(io(&md_path))?;
+    Ok(())
+}
+
+fn f(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// How a row's figures print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A measurement; backends' ratios are shown.
+    Figure,
+    /// A whole count; no ratio.
+    Count,
+    /// A fraction shown as a percentage; no ratio.
+    Share,
+}
+
+/// The backend others are divided by: RabbitMQ if present (the seed's
+/// design), else the first.
+fn reference(w: &WorkloadReport) -> usize {
+    w.results
+        .iter()
+        .position(|r| r.backend == "rabbitmq")
+        .unwrap_or(0)
+}
+
+/// Renders the Markdown report.
+pub fn markdown(report: &Report) -> String {
+    let mut md = String::new();
+    let s = &report.setup;
+    let _ = writeln!(md, "# fanout benchmark ({} profile)\n", report.profile);
+    let _ = writeln!(
+        md,
+        "{} · fanout {} · {} CPUs · kernel {} · {} gateways + {} workers per broker backend (memory: one `serve` process) · {} · broker and database on the same machine. \
+         Every backend ran in this one run, one after the other, on the same workloads; compare the ratios, not absolute figures from other runs.\n",
+        report.created,
+        s.fanout_version,
+        s.cpus,
+        s.kernel.as_deref().unwrap_or("?"),
+        s.gateways,
+        s.workers,
+        s.database
+    );
+    let problems = report.problems();
+    if problems.is_empty() {
+        let _ = writeln!(
+            md,
+            "**Correctness:** no errors, no lost, duplicated or misrouted deliveries in any run.\n"
+        );
+    } else {
+        let _ = writeln!(md, "**Correctness problems:**\n");
+        for p in &problems {
+            let _ = writeln!(md, "- {p}");
+        }
+        md.push('\n');
+    }
+    for w in &report.workloads {
+        workload_section(&mut md, w);
+    }
+    md
+}
+
+fn workload_section(md: &mut String, w: &WorkloadReport) {
+    let wl = &w.workload;
+    let _ = writeln!(md, "## {}\n\n{}.\n", wl.name, wl.description);
+    let _ = writeln!(
+        md,
+        "Offered {} msg/s from {} users, {} B content, {} s ({} s warm-up not measured).\n",
+        f(wl.rate),
+        wl.users,
+        wl.size,
+        wl.duration_secs,
+        wl.warmup_secs
+    );
+    let refi = reference(w);
+    let ref_name = w.results.get(refi).map_or("", |r| r.backend.as_str());
+    let others: Vec<usize> = (0..w.results.len()).filter(|i| *i != refi).collect();
+    let _ = write!(md, "| |");
+    for r in &w.results {
+        let _ = write!(md, " {} |", r.backend);
+    }
+    for i in &others {
+        let _ = write!(md, " {} ÷ {ref_name} |", w.results[*i].backend);
+    }
+    md.push_str("\n|---|");
+    for _ in 0..w.results.len() + others.len() {
+        md.push_str("---:|");
+    }
+    md.push('\n');
+
+    type Get = fn(&BackendResult) -> Option<f64>;
+    let rows: Vec<(&str, Get, Kind)> = vec![
+        (
+            "acked msg/s",
+            |r| r.run.as_ref().map(|x| x.acked_per_sec),
+            Kind::Figure,
+        ),
+        (
+            "deliveries/s",
+            |r| r.run.as_ref().map(|x| x.delivered_per_sec),
+            Kind::Figure,
+        ),
+        (
+            "e2e p50 ms",
+            |r| r.run.as_ref().map(|x| x.e2e_ms.p50),
+            Kind::Figure,
+        ),
+        (
+            "e2e p90 ms",
+            |r| r.run.as_ref().map(|x| x.e2e_ms.p90),
+            Kind::Figure,
+        ),
+        (
+            "e2e p99 ms",
+            |r| r.run.as_ref().map(|x| x.e2e_ms.p99),
+            Kind::Figure,
+        ),
+        (
+            "e2e p99.9 ms",
+            |r| r.run.as_ref().map(|x| x.e2e_ms.p999),
+            Kind::Figure,
+        ),
+        (
+            "e2e max ms",
+            |r| r.run.as_ref().map(|x| x.e2e_ms.max),
+            Kind::Figure,
+        ),
+        (
+            "ack p50 ms",
+            |r| r.run.as_ref().map(|x| x.ack_ms.p50),
+            Kind::Figure,
+        ),
+        (
+            "ack p99 ms",
+            |r| r.run.as_ref().map(|x| x.ack_ms.p99),
+            Kind::Figure,
+        ),
+        (
+            "lost",
+            |r| r.run.as_ref().map(|x| x.lost as f64),
+            Kind::Count,
+        ),
+        (
+            "duplicated",
+            |r| r.run.as_ref().map(|x| x.duplicated as f64),
+            Kind::Count,
+        ),
+        (
+            "reordered",
+            |r| r.run.as_ref().map(|x| x.reordered as f64),
+            Kind::Count,
+        ),
+        (
+            "send errors",
+            |r| r.run.as_ref().map(|x| x.send_errors as f64),
+            Kind::Count,
+        ),
+        (
+            "set-up connects/s",
+            |r| r.run.as_ref().map(|x| x.connects_per_sec),
+            Kind::Figure,
+        ),
+        ("sustained msg/s (ramp)", |r| r.sustained_rate, Kind::Figure),
+        (
+            "raw broker msg/s",
+            |r| r.raw.as_ref().map(|x| x.msgs_per_sec),
+            Kind::Figure,
+        ),
+        ("end-to-end ÷ raw broker", |r| r.e2e_vs_raw, Kind::Share),
+        (
+            "CPU % gateways",
+            |r| usage(r, |x| x.gateways.as_ref()).map(|u| u.cpu_percent),
+            Kind::Figure,
+        ),
+        (
+            "CPU % workers",
+            |r| usage(r, |x| x.workers.as_ref()).map(|u| u.cpu_percent),
+            Kind::Figure,
+        ),
+        (
+            "CPU % broker",
+            |r| usage(r, |x| x.broker.as_ref()).map(|u| u.cpu_percent),
+            Kind::Figure,
+        ),
+        (
+            "CPU % PostgreSQL",
+            |r| usage(r, |x| x.database.as_ref()).map(|u| u.cpu_percent),
+            Kind::Figure,
+        ),
+        (
+            "RSS MiB gateways",
+            |r| usage(r, |x| x.gateways.as_ref()).map(|u| u.rss_mb),
+            Kind::Figure,
+        ),
+        (
+            "RSS MiB workers",
+            |r| usage(r, |x| x.workers.as_ref()).map(|u| u.rss_mb),
+            Kind::Figure,
+        ),
+        (
+            "RSS MiB broker",
+            |r| usage(r, |x| x.broker.as_ref()).map(|u| u.rss_mb),
+            Kind::Figure,
+        ),
+    ];
+    let churn = matches!(wl.pattern, Pattern::Churn { .. });
+    let mut rows = rows;
+    if churn {
+        rows.push((
+            "churn connects done",
+            |r| r.run.as_ref().map(|x| x.churned as f64),
+            Kind::Count,
+        ));
+        rows.push((
+            "churn connect p50 ms",
+            |r| r.run.as_ref().map(|x| x.connect_ms.p50),
+            Kind::Figure,
+        ));
+        rows.push((
+            "churn connect p99 ms",
+            |r| r.run.as_ref().map(|x| x.connect_ms.p99),
+            Kind::Figure,
+        ));
+        rows.push((
+            "churn connect errors",
+            |r| r.run.as_ref().map(|x| x.connect_errors as f64),
+            Kind::Count,
+        ));
+    }
+    for (label, get, kind) in rows {
+        if w.results.iter().all(|r| get(r).is_none()) {
+            continue;
+        }
+        let _ = write!(md, "| {label} |");
+        for r in &w.results {
+            let cell = match (kind, get(r)) {
+                (_, None) => "–".to_owned(),
+                (Kind::Count, Some(v)) => format!("{v:.0}"),
+                (Kind::Share, Some(v)) => format!("{:.1} %", v * 100.0),
+                (Kind::Figure, Some(v)) => f(v),
+            };
+            let _ = write!(md, " {cell} |");
+        }
+        for i in &others {
+            let cell = match (get(&w.results[*i]), w.results.get(refi).and_then(get)) {
+                (Some(a), Some(b)) if kind == Kind::Figure && b > 0.0 => format!("{:.2}×", a / b),
+                _ => String::new(),
+            };
+            let _ = write!(md, " {cell} |");
+        }
+        md.push('\n');
+    }
+    for r in &w.results {
+        if !r.broker.is_null() {
+            let _ = writeln!(md, "\nBroker facts mid-run, {}: `{}`", r.backend, r.broker);
+        }
+    }
+    if w.results.iter().any(|r| !r.ramp.is_empty()) {
+        if let Some(ramp) = &wl.ramp {
+            let _ = writeln!(
+                md,
+                "\nRamp (each step {} s; passes at p99 ≤ {} ms with nothing lost or refused):\n",
+                ramp.step_secs, ramp.p99_bound_ms
+            );
+            let _ = writeln!(md, "| backend | rate | p50 ms | p99 ms | acked/s | result |\n|---|---:|---:|---:|---:|---|");
+            for r in &w.results {
+                for s in &r.ramp {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {} | {} | {} | {} |",
+                        r.backend,
+                        f(s.rate),
+                        f(s.p50_ms),
+                        f(s.p99_ms),
+                        f(s.acked_per_sec),
+                        if s.passed {
+                            "sustained"
+                        } else {
+                            "not sustained"
+                        }
+                    );
+                }
+            }
+        }
+    }
+    let _ = writeln!(md, "\n**Reading.** {}\n", reading(w));
+    for r in &w.results {
+        if let Some(e) = &r.error {
+            let _ = writeln!(md, "- {} failed: {e}", r.backend);
+        }
+    }
+    let n = &wl.name;
+    let _ = writeln!(
+        md,
+        "![latency CDF](charts/{n}-latency-cdf.svg)\n![deliveries per second](charts/{n}-throughput.svg)\n![p99 per second](charts/{n}-p99.svg)\n"
+    );
+}
+
+fn usage(r: &BackendResult, pick: fn(&Resources) -> Option<&Usage>) -> Option<Usage> {
+    r.resources.as_ref().and_then(pick).cloned()
+}
+
+/// A few plain sentences from the numbers.
+fn reading(w: &WorkloadReport) -> String {
+    let done: Vec<&BackendResult> = w.results.iter().filter(|r| r.run.is_some()).collect();
+    if done.is_empty() {
+        return "No backend completed this workload.".to_owned();
+    }
+    let mut out = Vec::new();
+    let p99 = |r: &BackendResult| r.run.as_ref().map_or(f64::INFINITY, |x| x.e2e_ms.p99);
+    let best = done
+        .iter()
+        .min_by(|a, b| p99(a).total_cmp(&p99(b)))
+        .copied();
+    let worst = done
+        .iter()
+        .max_by(|a, b| p99(a).total_cmp(&p99(b)))
+        .copied();
+    if let (Some(b), Some(wr)) = (best, worst) {
+        if b.backend != wr.backend && p99(b) > 0.0 {
+            out.push(format!(
+                "At the same offered load, {} had the lowest p99 ({} ms) and {} the highest ({} ms, {:.1}× as long).",
+                b.backend,
+                f(p99(b)),
+                wr.backend,
+                f(p99(wr)),
+                p99(wr) / p99(b)
+            ));
+        } else {
+            out.push(format!("p99 was {} ms.", f(p99(b))));
+        }
+    }
+    let kept: Vec<&str> = done
+        .iter()
+        .filter(|r| {
+            r.run
+                .as_ref()
+                .is_some_and(|x| x.acked_per_sec >= 0.95 * w.workload.rate)
+        })
+        .map(|r| r.backend.as_str())
+        .collect();
+    if kept.len() == done.len() {
+        out.push("Every backend kept up with the offered rate.".to_owned());
+    } else {
+        out.push(format!(
+            "Only {} kept up with the offered rate.",
+            if kept.is_empty() {
+                "none".to_owned()
+            } else {
+                kept.join(" and ")
+            }
+        ));
+    }
+    let sustained: Vec<String> = done
+        .iter()
+        .filter_map(|r| Some(format!("{} {} msg/s", r.backend, f(r.sustained_rate?))))
+        .collect();
+    if !sustained.is_empty() {
+        out.push(format!(
+            "The ramp's highest sustained rates: {}.",
+            sustained.join(", ")
+        ));
+    }
+    let ceil: Vec<String> = done
+        .iter()
+        .filter_map(|r| Some(format!("{} {:.0} %", r.backend, r.e2e_vs_raw? * 100.0)))
+        .collect();
+    if !ceil.is_empty() {
+        out.push(format!(
+            "End to end, as a share of what the broker alone carried: {}.",
+            ceil.join(", ")
+        ));
+    }
+    if matches!(w.workload.pattern, Pattern::Offline { .. }) {
+        out.push(
+            "Messages to offline users cost a store and a routing attempt each, and no delivery."
+                .to_owned(),
+        );
+    }
+    out.join(" ")
+}
+
+/// A figure that moved between a baseline and a new report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moved {
+    /// What (`personal: redis ÷ rabbitmq e2e p99`).
+    pub figure: String,
+    /// In the baseline.
+    pub baseline: f64,
+    /// Now.
+    pub current: f64,
+}
+
+/// Ratios measured inside each report (so machine speed cancels out),
+/// compared between `baseline` and `current`; those that changed by more
+/// than `threshold` (0.25 = 25 %) either way.
+pub fn compare(baseline: &Report, current: &Report, threshold: f64) -> Vec<Moved> {
+    let mut moved = Vec::new();
+    let old = ratios(baseline);
+    for (figure, now) in ratios(current) {
+        let Some((_, before)) = old.iter().find(|(f, _)| *f == figure) else {
+            continue;
+        };
+        let change = if *before > 0.0 {
+            (now / before - 1.0).abs()
+        } else {
+            0.0
+        };
+        if change > threshold {
+            moved.push(Moved {
+                figure,
+                baseline: *before,
+                current: now,
+            });
+        }
+    }
+    moved
+}
+
+fn ratios(r: &Report) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    for w in &r.workloads {
+        let refi = reference(w);
+        let Some(reference) = w.results.get(refi) else {
+            continue;
+        };
+        let Some(rr) = &reference.run else { continue };
+        for (i, res) in w.results.iter().enumerate() {
+            if let Some(x) = res.e2e_vs_raw {
+                out.push((
+                    format!(
+                        "{}: {} end-to-end ÷ raw broker",
+                        w.workload.name, res.backend
+                    ),
+                    x,
+                ));
+            }
+            let Some(run) = &res.run else { continue };
+            if i == refi {
+                continue;
+            }
+            let pairs = [
+                ("e2e p50", run.e2e_ms.p50, rr.e2e_ms.p50),
+                ("e2e p99", run.e2e_ms.p99, rr.e2e_ms.p99),
+                ("ack p99", run.ack_ms.p99, rr.ack_ms.p99),
+                ("deliveries/s", run.delivered_per_sec, rr.delivered_per_sec),
+            ];
+            for (what, a, b) in pairs {
+                if b > 0.0 {
+                    out.push((
+                        format!(
+                            "{}: {} ÷ {} {what}",
+                            w.workload.name, res.backend, reference.backend
+                        ),
+                        a / b,
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
