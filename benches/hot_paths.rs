@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the hot paths: a gateway's decode/validate of
-//! `sendMessage`, the event encoding, and the memory backend's publish ->
-//! deliver on both sides. Run: `cargo bench --bench hot_paths`.
+//! `sendMessage`, routing (ordering key, partition, route keys), the event
+//! encoding, and the memory backend's publish -> deliver on both sides. Run: `cargo bench --bench hot_paths`.
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -52,6 +52,42 @@ fn decode_validate(c: &mut Criterion) {
             }
         })
     });
+    g.finish();
+}
+
+/// What a worker computes per message before publishing: the conversation's
+/// partition and the route keys as the broker sees them.
+fn routing(c: &mut Criterion) {
+    let mut g = c.benchmark_group("routing");
+    g.throughput(Throughput::Elements(1));
+    for (name, target) in [
+        ("direct", Target::User("bob_01".into())),
+        ("channel", Target::Channel("general".into())),
+    ] {
+        let m = Message {
+            id: uuid::Uuid::now_v7().to_string(),
+            sender_id: "alice_01".into(),
+            target,
+            content: "hi".into(),
+            client_msg_id: None,
+            created_at: 1_764_000_000_000,
+        };
+        g.bench_with_input(
+            BenchmarkId::new("partition_and_route_keys", name),
+            &m,
+            |b, m| {
+                b.iter(|| {
+                    let p = fanout_backend::partition_for(&m.ordering_key(), 16);
+                    let keys: Vec<String> = m
+                        .route_keys()
+                        .iter()
+                        .map(RouteKey::as_routing_key)
+                        .collect();
+                    (p, keys)
+                })
+            },
+        );
+    }
     g.finish();
 }
 
@@ -114,5 +150,5 @@ fn memory_backend(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode_validate, memory_backend);
+criterion_group!(benches, decode_validate, routing, memory_backend);
 criterion_main!(benches);

@@ -349,6 +349,38 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Recorder {
+    fn new(
+        start: Instant,
+        warmup: Duration,
+        duration: Duration,
+        expected_per_msg: Vec<u64>,
+    ) -> Self {
+        Self {
+            start,
+            warmup,
+            duration,
+            e2e: Mutex::new(histogram(3)),
+            ack: Mutex::new(histogram(3)),
+            connect: Mutex::new(histogram(3)),
+            series: Mutex::new(Vec::new()),
+            ledgers: (0..expected_per_msg.len())
+                .map(|_| Mutex::default())
+                .collect(),
+            expected_per_msg,
+            sent: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            acked_measured: AtomicU64::new(0),
+            send_errors: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            delivered_measured: AtomicU64::new(0),
+            duplicated: AtomicU64::new(0),
+            reordered: AtomicU64::new(0),
+            misrouted: AtomicU64::new(0),
+            churned: AtomicU64::new(0),
+            connect_errors: AtomicU64::new(0),
+        }
+    }
+
     fn measured(&self, intended_us: u64) -> bool {
         Duration::from_micros(intended_us) >= self.warmup
     }
@@ -463,28 +495,12 @@ pub async fn run(spec: &LoadSpec, tokens: &Tokens) -> Result<LoadReport, LoadErr
         .collect::<Result<_, _>>()?;
     let connects_per_sec = clients.len() as f64 / t_connect.elapsed().as_secs_f64().max(1e-9);
 
-    let rec = Arc::new(Recorder {
-        start: Instant::now() + Duration::from_millis(200),
-        warmup: spec.warmup,
-        duration: spec.duration,
-        e2e: Mutex::new(histogram(3)),
-        ack: Mutex::new(histogram(3)),
-        connect: Mutex::new(histogram(3)),
-        series: Mutex::new(Vec::new()),
-        ledgers: (0..plan.names.len()).map(|_| Mutex::default()).collect(),
-        expected_per_msg: plan.expected.clone(),
-        sent: AtomicU64::new(0),
-        acked: AtomicU64::new(0),
-        acked_measured: AtomicU64::new(0),
-        send_errors: AtomicU64::new(0),
-        delivered: AtomicU64::new(0),
-        delivered_measured: AtomicU64::new(0),
-        duplicated: AtomicU64::new(0),
-        reordered: AtomicU64::new(0),
-        misrouted: AtomicU64::new(0),
-        churned: AtomicU64::new(0),
-        connect_errors: AtomicU64::new(0),
-    });
+    let rec = Arc::new(Recorder::new(
+        Instant::now() + Duration::from_millis(200),
+        spec.warmup,
+        spec.duration,
+        plan.expected.clone(),
+    ));
     let index: Arc<HashMap<String, usize>> = Arc::new(
         plan.names
             .iter()
@@ -901,28 +917,12 @@ mod tests {
 
     #[test]
     fn ledger_counts_missing_and_extra_deliveries() {
-        let rec = Recorder {
-            start: Instant::now(),
-            warmup: Duration::ZERO,
-            duration: Duration::from_secs(1),
-            e2e: Mutex::new(histogram(3)),
-            ack: Mutex::new(histogram(3)),
-            connect: Mutex::new(histogram(3)),
-            series: Mutex::new(Vec::new()),
-            ledgers: (0..2).map(|_| Mutex::default()).collect(),
-            expected_per_msg: vec![2, 1],
-            sent: AtomicU64::new(0),
-            acked: AtomicU64::new(0),
-            acked_measured: AtomicU64::new(0),
-            send_errors: AtomicU64::new(0),
-            delivered: AtomicU64::new(0),
-            delivered_measured: AtomicU64::new(0),
-            duplicated: AtomicU64::new(0),
-            reordered: AtomicU64::new(0),
-            misrouted: AtomicU64::new(0),
-            churned: AtomicU64::new(0),
-            connect_errors: AtomicU64::new(0),
-        };
+        let rec = Recorder::new(
+            Instant::now(),
+            Duration::ZERO,
+            Duration::from_secs(1),
+            vec![2, 1],
+        );
         let now = Instant::now();
         rec.record_ack(0, 1, 0, now);
         rec.record_delivery(0, 1, 0, now);
