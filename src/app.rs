@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fanout_backend::{BackendError, DynBackend, ServerId};
-use socketioxide::SocketIo;
+use socketioxide::{ParserConfig, SocketIo};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -233,9 +233,17 @@ pub async fn run_gateway(
         None => ServerId::new(format!("gw-{}", uuid::Uuid::new_v4().simple()))?,
     };
     let stream = backend.register_server(&server_id).await?;
+    // max_payload bounds polling bodies only; WebSocket messages, and the
+    // binary attachments the parser buffers until their event is complete,
+    // have their own limits (64 MiB, 10 MB by default), set to the same
+    // bound here: the protocol carries no binary data.
+    let max = usize::try_from(config.limits.max_payload_bytes).unwrap_or(usize::MAX);
     let (layer, io) = SocketIo::builder()
         .max_payload(config.limits.max_payload_bytes)
-        .max_buffer_size(1024)
+        .ws_max_message_size(max)
+        .ws_max_frame_size(max)
+        .with_parser(ParserConfig::common().max_incoming_binary_buf_size(max))
+        .max_buffer_size(config.limits.send_buffer)
         .build_layer();
     let grace = Duration::from_secs(config.gateway.shutdown_grace_secs);
     let gw = Gateway::new(

@@ -235,14 +235,17 @@ impl Default for GatewayConfig {
     }
 }
 
-/// Limits on what clients send.
+/// Limits on what clients send, and on what a slow client may hold back.
+/// `docs/security.md` says what each one defends against.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Largest message `content`, in UTF-8 bytes. Default 4096.
+    /// Largest message `content`, in UTF-8 bytes; at most
+    /// [`MAX_CONTENT_BYTES_CEILING`]. Default 4096.
     pub max_content_bytes: usize,
-    /// Largest Engine.IO payload (one WebSocket frame or polling body), in
-    /// bytes; larger ones close the connection. Default 65536.
+    /// Largest Engine.IO payload (a polling body, one WebSocket message or
+    /// frame, or the binary attachments of one event together), in bytes;
+    /// larger ones close the connection. Default 65536.
     pub max_payload_bytes: u64,
     /// Largest HTTP API request body, in bytes. Default 65536.
     pub max_http_body_bytes: usize,
@@ -250,12 +253,39 @@ pub struct LimitsConfig {
     pub messages_per_second: u32,
     /// Burst above the sustained rate. Default 100.
     pub message_burst: u32,
+    /// Sustained `sendMessage` events per second of one user, all of the
+    /// user's connections to one gateway together. Default: twice
+    /// `messages_per_second` (two tabs at full speed).
+    pub user_messages_per_second: Option<u32>,
+    /// Burst above the per-user rate. Default: twice `message_burst`.
+    pub user_message_burst: Option<u32>,
     /// Sends queued per connection while earlier ones wait for the broker;
     /// beyond it sends are answered `rate_limited`. Default 256.
     pub send_queue: usize,
+    /// Live connections of one user on one gateway; one more is refused
+    /// with `too_many_connections`. Default 16.
+    pub max_connections_per_user: usize,
+    /// Engine.IO packets (events, acks, pings) waiting to be written to
+    /// one connection. A connection whose buffer is full is a slow client:
+    /// it is sent nothing more and disconnected. Default 1024.
+    pub send_buffer: usize,
     /// Members given when creating a channel. Default 1000.
     pub max_initial_members: usize,
+    /// Sustained HTTP API requests per second of one user on one gateway
+    /// (`429 rate_limited` beyond). Default 50.
+    pub api_requests_per_second: u32,
+    /// Burst above the API rate. Default 100.
+    pub api_burst: u32,
 }
+
+/// The largest `limits.max_content_bytes` a gateway may accept: the worker
+/// refuses (dead-letters) anything longer, so a higher limit would ack
+/// messages that can never be stored.
+pub const MAX_CONTENT_BYTES_CEILING: usize = 1 << 20;
+
+/// The smallest `limits.send_buffer`: acks and pings share the buffer
+/// with events, so a tiny one would cut off clients that are merely busy.
+pub const MIN_SEND_BUFFER: usize = 16;
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -265,9 +295,61 @@ impl Default for LimitsConfig {
             max_http_body_bytes: 65_536,
             messages_per_second: 50,
             message_burst: 100,
+            user_messages_per_second: None,
+            user_message_burst: None,
             send_queue: 256,
+            max_connections_per_user: 16,
+            send_buffer: 1024,
             max_initial_members: 1000,
+            api_requests_per_second: 50,
+            api_burst: 100,
         }
+    }
+}
+
+impl LimitsConfig {
+    /// The per-user sustained send rate, with its default filled in.
+    pub fn user_rate(&self) -> u32 {
+        self.user_messages_per_second
+            .unwrap_or_else(|| self.messages_per_second.saturating_mul(2))
+    }
+
+    /// The per-user burst, with its default filled in.
+    pub fn user_burst(&self) -> u32 {
+        self.user_message_burst
+            .unwrap_or_else(|| self.message_burst.saturating_mul(2))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.max_content_bytes == 0 || self.messages_per_second == 0 || self.send_queue == 0 {
+            return Err("limits.max_content_bytes, limits.messages_per_second and limits.send_queue must be at least 1".into());
+        }
+        if self.max_content_bytes > MAX_CONTENT_BYTES_CEILING {
+            return Err(format!(
+                "limits.max_content_bytes must be at most {MAX_CONTENT_BYTES_CEILING} (what workers store)"
+            ));
+        }
+        if self.max_payload_bytes < self.max_content_bytes as u64 + 512 {
+            return Err("limits.max_payload_bytes must exceed limits.max_content_bytes by at least 512 bytes of envelope".into());
+        }
+        if self.user_messages_per_second == Some(0) || self.user_message_burst == Some(0) {
+            return Err(
+                "limits.user_messages_per_second and limits.user_message_burst must be at least 1"
+                    .into(),
+            );
+        }
+        if self.max_connections_per_user == 0
+            || self.api_requests_per_second == 0
+            || self.api_burst == 0
+        {
+            return Err("limits.max_connections_per_user, limits.api_requests_per_second and limits.api_burst must be at least 1".into());
+        }
+        if self.send_buffer < MIN_SEND_BUFFER {
+            return Err(format!(
+                "limits.send_buffer must be at least {MIN_SEND_BUFFER} packets"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -340,15 +422,7 @@ impl Config {
                 "worker.consumers, worker.batch_size and worker.prefetch must be at least 1",
             );
         }
-        if self.limits.max_content_bytes == 0
-            || self.limits.messages_per_second == 0
-            || self.limits.send_queue == 0
-        {
-            return bad("limits.max_content_bytes, limits.messages_per_second and limits.send_queue must be at least 1");
-        }
-        if self.limits.max_payload_bytes < self.limits.max_content_bytes as u64 + 512 {
-            return bad("limits.max_payload_bytes must exceed limits.max_content_bytes by at least 512 bytes of envelope");
-        }
+        self.limits.validate().map_err(ConfigError::Value)?;
         if self.broker_timeout_ms == 0
             || self.redis.liveness_ttl_ms < 1000
             || self.redis.lease_ttl_ms < 1000
@@ -427,5 +501,38 @@ mod tests {
             assert!(Config::load(None).is_err());
             Ok(())
         });
+    }
+
+    #[test]
+    fn per_user_limits_default_to_twice_the_connection_limits() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("FANOUT_LIMITS__MESSAGES_PER_SECOND", "7");
+            let c = Config::load(None).expect("valid");
+            assert_eq!((c.limits.user_rate(), c.limits.user_burst()), (14, 200));
+            jail.set_env("FANOUT_LIMITS__USER_MESSAGES_PER_SECOND", "3");
+            jail.set_env("FANOUT_LIMITS__USER_MESSAGE_BURST", "4");
+            let c = Config::load(None).expect("valid");
+            assert_eq!((c.limits.user_rate(), c.limits.user_burst()), (3, 4));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn limits_out_of_range_are_refused() {
+        for (key, value) in [
+            ("FANOUT_LIMITS__USER_MESSAGES_PER_SECOND", "0"),
+            ("FANOUT_LIMITS__MAX_CONNECTIONS_PER_USER", "0"),
+            ("FANOUT_LIMITS__SEND_BUFFER", "15"),
+            ("FANOUT_LIMITS__API_BURST", "0"),
+            ("FANOUT_LIMITS__MAX_CONTENT_BYTES", "1048577"),
+        ] {
+            figment::Jail::expect_with(|jail| {
+                jail.set_env(key, value);
+                jail.set_env("FANOUT_LIMITS__MAX_PAYLOAD_BYTES", "2000000");
+                let err = Config::load(None).expect_err("out of range");
+                assert!(err.to_string().contains("limits."), "{key}: {err}");
+                Ok(())
+            });
+        }
     }
 }

@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-/// Label set with one `code` label.
+/// Label set with one label (`code`, `reason` or `scope`).
 pub type CodeLabels = Vec<(&'static str, &'static str)>;
 
 /// Every metric fanout exports.
@@ -17,8 +17,20 @@ pub struct Metrics {
     registry: Registry,
     /// Live Socket.IO sessions on this gateway.
     pub sessions: Gauge,
-    /// Connections refused at the handshake (bad token, backend down).
+    /// Connections refused at the handshake (bad token, backend down, too
+    /// many connections).
     pub connects_refused: Counter,
+    /// The same, by `reason`: `unauthorized`, `unavailable`,
+    /// `too_many_connections`.
+    pub connects_refused_by_reason: Family<CodeLabels, Counter>,
+    /// Sends and API requests refused by a rate or queue limit, by `scope`:
+    /// `connection`, `user`, `queue` (sends), `api` (HTTP).
+    pub rate_limited: Family<CodeLabels, Counter>,
+    /// Sessions cut off because their send buffer was full (slow clients).
+    pub slow_client_disconnects: Counter,
+    /// Events and acks not written to a session because its send buffer
+    /// was full or it had been cut off for that.
+    pub slow_client_drops: Counter,
     /// Sends acked `ok`.
     pub sends_accepted: Counter,
     /// Sends refused, by error code.
@@ -60,6 +72,10 @@ impl Metrics {
         let m = Self {
             sessions: Gauge::default(),
             connects_refused: Counter::default(),
+            connects_refused_by_reason: Family::default(),
+            rate_limited: Family::default(),
+            slow_client_disconnects: Counter::default(),
+            slow_client_drops: Counter::default(),
             sends_accepted: Counter::default(),
             sends_refused: Family::default(),
             send_ack_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
@@ -84,6 +100,26 @@ impl Metrics {
             "connects_refused",
             "Handshakes refused",
             m.connects_refused.clone(),
+        );
+        registry.register(
+            "connects_refused_by_reason",
+            "Handshakes refused, by reason",
+            m.connects_refused_by_reason.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Sends and API requests refused by a rate or queue limit, by scope",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "slow_client_disconnects",
+            "Sessions cut off because their send buffer was full",
+            m.slow_client_disconnects.clone(),
+        );
+        registry.register(
+            "slow_client_drops",
+            "Events and acks not written to a session whose send buffer was full",
+            m.slow_client_drops.clone(),
         );
         registry.register(
             "sends_accepted",

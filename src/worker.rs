@@ -28,9 +28,14 @@ use crate::store::{Outcome, Store, StoreError};
 
 /// Largest content a worker accepts, whatever the gateways' limit: a
 /// backstop against an event no gateway should have published.
-const MAX_CONTENT_BYTES: usize = 1 << 20;
+const MAX_CONTENT_BYTES: usize = crate::config::MAX_CONTENT_BYTES_CEILING;
 const BACKOFF_START: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A consumer retrying a store or a publish holds its batch and takes no
+/// other: the cap is how long it may stay idle after the database or the
+/// broker is back. At 5 s, a RabbitMQ restart kept one consumer's
+/// partitions stalled 5 s after the broker was back (fault matrix,
+/// `docs/reliability.md`); one retry a second is still no load.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Runs `config.consumers` consumers until `stop` is cancelled; then each
 /// finishes the batch in hand and returns. Unsettled events go back to the

@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use fanout_backend::{OrderingKey, OutgoingMessage, RouteKey, ServerEvent, ServerStream};
 use futures::StreamExt;
-use socketioxide::extract::SocketRef;
 
-use super::sessions::{Emit, EmitCount};
+use super::sessions::Emit;
 use super::Gateway;
 use crate::protocol::{Message, OutgoingEnvelope};
 
@@ -24,7 +23,8 @@ pub fn spawn(gw: Arc<Gateway>, stream: ServerStream) -> tokio::task::JoinHandle<
 }
 
 /// Ends sessions whose end socketioxide never signalled (see
-/// [`super::Sessions::stale`]), until the gateway is dropped.
+/// [`super::Sessions::stale`]) and forgets the rate buckets of idle users,
+/// until the gateway is dropped.
 pub fn spawn_sweeper(gw: &Arc<Gateway>) -> tokio::task::JoinHandle<()> {
     let weak = Arc::downgrade(gw);
     tokio::spawn(async move {
@@ -32,6 +32,7 @@ pub fn spawn_sweeper(gw: &Arc<Gateway>) -> tokio::task::JoinHandle<()> {
         loop {
             tick.tick().await;
             let Some(gw) = weak.upgrade() else { return };
+            gw.trim_limiters();
             for s in gw.sessions.stale(Duration::from_secs(30)) {
                 tracing::info!(sid = %s.id, "ending a session whose disconnect was not signalled");
                 super::socket::end_session(&gw, &s).await;
@@ -79,7 +80,7 @@ async fn handle(gw: &Gateway, m: OutgoingMessage) {
                 RouteKey::User(u) => gw.sessions.emit_to_user(u, &e),
                 RouteKey::Channel(c) => gw.sessions.emit_to_channel(c, &e),
             };
-            account(gw, count, failed);
+            gw.account(count, failed);
         }
         OutgoingEnvelope::Join {
             channel_id,
@@ -112,7 +113,7 @@ async fn handle(gw: &Gateway, m: OutgoingMessage) {
                     for message in &messages {
                         let (count, failed) =
                             gw.sessions.emit_to_sessions(&sids, &emit_of(message));
-                        account(gw, count, failed);
+                        gw.account(count, failed);
                     }
                 }
                 Err(e) => {
@@ -143,16 +144,5 @@ fn emit_of(message: &Message) -> Emit {
         id: message.id.clone(),
         data,
         created_at: message.created_at,
-    }
-}
-
-fn account(gw: &Gateway, count: EmitCount, failed: Vec<SocketRef>) {
-    gw.metrics.deliveries.inc_by(count.emitted);
-    gw.metrics.duplicates_dropped.inc_by(count.duplicates);
-    for s in failed {
-        // Too slow to drain its buffer, or gone: cut it off rather than
-        // let it silently miss messages; it reconnects and reads history.
-        tracing::warn!(sid = %s.id, "session cannot take more events; disconnecting it");
-        let _ = s.disconnect();
     }
 }

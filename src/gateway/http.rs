@@ -100,7 +100,9 @@ impl From<axum::extract::rejection::JsonRejection> for AppError {
 #[from_request(via(axum::Json), rejection(AppError))]
 struct ApiJson<T>(T);
 
-/// The caller, from `Authorization: Bearer <token>`.
+/// The caller, from `Authorization: Bearer <token>`: every `/api` handler
+/// takes it, so no route runs for an unauthenticated or over-rate caller,
+/// and the caller's id comes from the token, never from the request.
 #[derive(Debug)]
 struct Caller(String);
 
@@ -121,10 +123,20 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(unauthorized)?;
-        gw.tokens
-            .verify(token.trim())
-            .map(Caller)
-            .map_err(|_| unauthorized())
+        let user = gw.tokens.verify(token.trim()).map_err(|_| unauthorized())?;
+        let key: Arc<str> = Arc::from(user.as_str());
+        if gw.user_api.check_key(&key).is_err() {
+            gw.metrics
+                .rate_limited
+                .get_or_create(&vec![("scope", "api")])
+                .inc();
+            return Err(AppError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests; slow down and retry",
+            ));
+        }
+        Ok(Caller(user))
     }
 }
 

@@ -18,11 +18,16 @@ pub mod sessions;
 pub mod socket;
 
 use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fanout_backend::{BackendError, DynBackend, RouteKey, ServerId};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use socketioxide::extract::SocketRef;
+use socketioxide::SocketError;
 
 use crate::auth::Tokens;
 use crate::config::Config;
@@ -32,6 +37,15 @@ use crate::store::Store;
 
 pub use routes::Routes;
 pub use sessions::Sessions;
+
+/// Rate limiter keyed by user id.
+pub type UserLimiter = DefaultKeyedRateLimiter<Arc<str>>;
+
+/// How often a slow client's disconnect is retried while its buffer is full.
+const CLOSE_RETRY_EVERY: Duration = Duration::from_millis(50);
+/// How long it is retried. Engine.IO's heartbeat closes a client that reads
+/// nothing at all at its next ping (every 25 s), so this need not be longer.
+const CLOSE_RETRY_FOR: Duration = Duration::from_secs(60);
 
 /// Everything a gateway's handlers share.
 #[derive(Debug)]
@@ -52,6 +66,10 @@ pub struct Gateway {
     pub sessions: Sessions,
     /// Bound keys.
     pub routes: Routes,
+    /// `sendMessage` rate of each user, all connections here together.
+    pub user_sends: Arc<UserLimiter>,
+    /// HTTP API rate of each user.
+    pub user_api: UserLimiter,
     /// Acks already given, by `(sender, clientMsgId)`: `(id, createdAt)`.
     retries: Mutex<RetryCache>,
     /// Set when shutdown starts: sessions that end then leave their keys to
@@ -71,7 +89,19 @@ impl Gateway {
     ) -> Arc<Self> {
         Arc::new(Self {
             routes: Routes::new(backend.clone(), server_id.clone()),
-            sessions: Sessions::new(config.gateway.dedup_window),
+            sessions: Sessions::new(
+                config.gateway.dedup_window,
+                config.limits.send_buffer,
+                config.limits.max_connections_per_user,
+            ),
+            user_sends: Arc::new(RateLimiter::keyed(quota(
+                config.limits.user_rate(),
+                config.limits.user_burst(),
+            ))),
+            user_api: RateLimiter::keyed(quota(
+                config.limits.api_requests_per_second,
+                config.limits.api_burst,
+            )),
             retries: Mutex::new(RetryCache::new(config.gateway.retry_cache)),
             shutting_down: AtomicBool::new(false),
             server_id,
@@ -94,6 +124,45 @@ impl Gateway {
             .publish_outgoing(key, Bytes::from(payload))
             .await?;
         Ok(())
+    }
+
+    /// Counts what an emit came to and disconnects the sessions it found
+    /// closed or cut off as slow clients.
+    pub(crate) fn account(&self, count: sessions::EmitCount, close: Vec<SocketRef>) {
+        self.metrics.deliveries.inc_by(count.emitted);
+        self.metrics.duplicates_dropped.inc_by(count.duplicates);
+        self.metrics.slow_client_drops.inc_by(count.dropped);
+        self.metrics.slow_client_disconnects.inc_by(count.cut_off);
+        if count.cut_off > 0 {
+            tracing::warn!(
+                sessions = count.cut_off,
+                "slow clients: send buffer full; disconnecting them"
+            );
+        }
+        for s in close {
+            disconnect(s);
+        }
+    }
+
+    /// Cuts a session off as a slow client because `what` did not fit in
+    /// its send buffer.
+    pub(crate) fn cut_off(&self, sid: socketioxide::socket::Sid, what: &str) {
+        self.metrics.slow_client_drops.inc();
+        if let Some(s) = self.sessions.cut_off(sid) {
+            self.metrics.slow_client_disconnects.inc();
+            tracing::warn!(%sid, "slow client: no room for {what}; disconnecting it");
+            disconnect(s);
+        }
+    }
+
+    /// Forgets the rate-limiter state of users whose buckets are full again
+    /// (indistinguishable from a user never seen), so memory follows the
+    /// active users rather than every user ever seen.
+    pub(crate) fn trim_limiters(&self) {
+        self.user_sends.retain_recent();
+        self.user_sends.shrink_to_fit();
+        self.user_api.retain_recent();
+        self.user_api.shrink_to_fit();
     }
 
     /// Marks the start of shutdown.
@@ -119,6 +188,39 @@ impl Gateway {
             (id.to_owned(), created_at),
         );
     }
+}
+
+/// A quota of `per_second` with a burst of `burst` (0 counts as 1; the
+/// configuration refuses 0 where it matters).
+pub(crate) fn quota(per_second: u32, burst: u32) -> Quota {
+    Quota::per_second(NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN))
+        .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN))
+}
+
+/// Disconnects a session. socketioxide 0.18 refuses to disconnect a socket
+/// whose buffer is full (the disconnect packet needs a slot, and nothing
+/// else closes it from outside), so this retries until a slot frees; a
+/// client that reads nothing at all is closed by Engine.IO's heartbeat
+/// instead, whose ping then finds the buffer full.
+fn disconnect(s: SocketRef) {
+    if !matches!(
+        s.clone().disconnect(),
+        Err(SocketError::InternalChannelFull)
+    ) {
+        return;
+    }
+    tokio::spawn(async move {
+        let deadline = Instant::now() + CLOSE_RETRY_FOR;
+        while s.connected() && Instant::now() < deadline {
+            tokio::time::sleep(CLOSE_RETRY_EVERY).await;
+            if !matches!(
+                s.clone().disconnect(),
+                Err(SocketError::InternalChannelFull)
+            ) {
+                return;
+            }
+        }
+    });
 }
 
 /// A map that forgets its oldest entries beyond a capacity. Hand-written:

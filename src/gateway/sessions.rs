@@ -1,5 +1,12 @@
 //! The gateway's local view: which sessions it holds, whose they are, which
 //! channels they receive, and the ids each one was recently shown.
+//!
+//! Slow clients: a session whose Engine.IO buffer is full
+//! (`limits.send_buffer`) is cut off: nothing more is written to it and the
+//! caller disconnects it. Dropping only the event that did not fit would
+//! leave a silent gap in the middle of its stream; cutting it off leaves a
+//! gap-free prefix, and the disconnect tells the client to reconnect and
+//! read the rest from history.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
@@ -7,6 +14,7 @@ use std::sync::Mutex;
 use serde_json::Value;
 use socketioxide::extract::SocketRef;
 use socketioxide::socket::Sid;
+use socketioxide::{SendError, SocketError};
 
 /// The last `capacity` message ids shown to one session, so that a message
 /// delivered twice (at-least-once redelivery, a retry, a catch-up racing a
@@ -57,6 +65,20 @@ pub struct Emit {
     pub created_at: i64,
 }
 
+/// Where a session's events go.
+#[derive(Debug)]
+enum Outbox {
+    /// The client has not seen `connect` yet: what is routed to the session
+    /// meanwhile waits here (at most `limits.send_buffer` events), so
+    /// nothing routed after the bind is lost before the session is live.
+    Pending(Vec<Emit>),
+    /// Events are written to the socket.
+    Live,
+    /// A slow client (see the module doc): nothing more is written; the
+    /// session waits for its disconnect.
+    CutOff,
+}
+
 #[derive(Debug)]
 struct Session {
     user: String,
@@ -67,10 +89,7 @@ struct Session {
     /// catch-up (which starts there) and the live stream stay in order.
     joined: HashMap<String, i64>,
     recent: RecentIds,
-    /// `Some` until the client has seen `connect`: what was routed to the
-    /// session meanwhile waits here, so nothing routed after the bind is
-    /// lost in the gap before the session is live.
-    pending: Option<Vec<Emit>>,
+    outbox: Outbox,
     added: std::time::Instant,
 }
 
@@ -87,7 +106,15 @@ struct Inner {
 pub struct Sessions {
     inner: Mutex<Inner>,
     window: usize,
+    pending_cap: usize,
+    max_per_user: usize,
 }
+
+/// A handshake refused because the user already has
+/// `limits.max_connections_per_user` sessions here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("too many connections of one user")]
+pub struct TooManyConnections;
 
 /// The outcome of emitting to sessions.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -96,26 +123,76 @@ pub struct EmitCount {
     pub emitted: u64,
     /// Sessions that had already been shown this id.
     pub duplicates: u64,
-    /// Sessions whose socket refused the write (closed or buffer full).
+    /// Sessions whose socket was closed.
     pub failed: u64,
+    /// Events not written because the session's buffer was full or it had
+    /// been cut off as a slow client.
+    pub dropped: u64,
+    /// Sessions cut off as slow clients by this emit.
+    pub cut_off: u64,
+}
+
+impl EmitCount {
+    fn add(&mut self, other: EmitCount) {
+        self.emitted += other.emitted;
+        self.duplicates += other.duplicates;
+        self.failed += other.failed;
+        self.dropped += other.dropped;
+        self.cut_off += other.cut_off;
+    }
+}
+
+/// What one write to a live socket came to.
+enum Written {
+    Ok,
+    Full,
+    Closed,
+}
+
+fn write(socket: &SocketRef, e: &Emit) -> Written {
+    match socket.emit(e.event, &e.data) {
+        Ok(()) => Written::Ok,
+        Err(SendError::Socket(SocketError::InternalChannelFull)) => Written::Full,
+        Err(_) => Written::Closed,
+    }
 }
 
 impl Sessions {
-    /// An empty registry whose sessions remember `window` ids each.
-    pub fn new(window: usize) -> Self {
+    /// An empty registry whose sessions remember `window` ids each, hold
+    /// at most `pending_cap` events before they are live, and of which one
+    /// user may have at most `max_per_user`.
+    pub fn new(window: usize, pending_cap: usize, max_per_user: usize) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
             window,
+            pending_cap,
+            max_per_user,
         }
+    }
+
+    /// Whether `user` may open one more session (a hint for refusing early;
+    /// [`Sessions::add_pending`] decides).
+    pub fn has_room_for(&self, user: &str) -> bool {
+        self.lock().by_user.get(user).map_or(0, HashSet::len) < self.max_per_user
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds a session that is not yet live (see [`Sessions::activate`]).
-    pub fn add_pending(&self, socket: SocketRef, user: &str, channels: &[String]) {
+    /// Adds a session that is not yet live (see [`Sessions::activate`]),
+    /// unless the user already has the most sessions allowed: counted and
+    /// added under one lock, so concurrent handshakes cannot overshoot.
+    pub fn add_pending(
+        &self,
+        socket: SocketRef,
+        user: &str,
+        channels: &[String],
+    ) -> Result<(), TooManyConnections> {
         let mut g = self.lock();
+        if g.by_user.get(user).map_or(0, HashSet::len) >= self.max_per_user {
+            return Err(TooManyConnections);
+        }
         let sid = socket.id;
         g.by_user.entry(user.to_owned()).or_default().insert(sid);
         for c in channels {
@@ -129,26 +206,47 @@ impl Sessions {
                 channels: channels.iter().cloned().collect(),
                 joined: HashMap::new(),
                 recent: RecentIds::new(self.window),
-                pending: Some(Vec::new()),
+                outbox: Outbox::Pending(Vec::new()),
                 added: std::time::Instant::now(),
             },
         );
+        Ok(())
     }
 
     /// Marks a session live and emits what was routed to it meanwhile.
-    pub fn activate(&self, sid: Sid) -> EmitCount {
+    /// Returns the socket to disconnect if it turned out a slow client.
+    pub fn activate(&self, sid: Sid) -> (EmitCount, Option<SocketRef>) {
         let mut g = self.lock();
         let mut count = EmitCount::default();
-        if let Some(s) = g.sessions.get_mut(&sid) {
-            for e in s.pending.take().unwrap_or_default() {
-                if s.socket.emit(e.event, &e.data).is_ok() {
-                    count.emitted += 1;
-                } else {
-                    count.failed += 1;
-                }
+        let Some(s) = g.sessions.get_mut(&sid) else {
+            return (count, None);
+        };
+        let queued = match std::mem::replace(&mut s.outbox, Outbox::Live) {
+            Outbox::Pending(queued) => queued,
+            // Its pending queue overflowed: cut off before it went live.
+            Outbox::CutOff => {
+                s.outbox = Outbox::CutOff;
+                return (count, Some(s.socket.clone()));
             }
+            Outbox::Live => Vec::new(),
+        };
+        for e in &queued {
+            count.add(deliver(s, e, usize::MAX));
         }
-        count
+        let close = (count.cut_off + count.failed > 0).then(|| s.socket.clone());
+        (count, close)
+    }
+
+    /// Cuts a session off as a slow client (its ack did not fit in its
+    /// buffer); returns its socket to disconnect if it was not cut off yet.
+    pub fn cut_off(&self, sid: Sid) -> Option<SocketRef> {
+        let mut g = self.lock();
+        let s = g.sessions.get_mut(&sid)?;
+        if matches!(s.outbox, Outbox::CutOff) {
+            return None;
+        }
+        s.outbox = Outbox::CutOff;
+        Some(s.socket.clone())
     }
 
     /// Removes a session; returns its user and channels if it was there.
@@ -235,7 +333,7 @@ impl Sessions {
     pub fn emit_to_user(&self, user: &str, e: &Emit) -> (EmitCount, Vec<SocketRef>) {
         let mut g = self.lock();
         let sids = user_sids(&g, user);
-        emit_to(&mut g, &sids, e)
+        emit_to(&mut g, &sids, e, self.pending_cap)
     }
 
     /// Emits to every session that receives `channel`, except sessions
@@ -255,13 +353,13 @@ impl Sessions {
                 })
                 .collect(),
         };
-        emit_to(&mut g, &sids, e)
+        emit_to(&mut g, &sids, e, self.pending_cap)
     }
 
     /// Emits to the given sessions of `user` (a catch-up after a join).
     pub fn emit_to_sessions(&self, sids: &[Sid], e: &Emit) -> (EmitCount, Vec<SocketRef>) {
         let mut g = self.lock();
-        emit_to(&mut g, sids, e)
+        emit_to(&mut g, sids, e, self.pending_cap)
     }
 
     /// Sessions whose end was never signalled: still pending long after
@@ -271,9 +369,9 @@ impl Sessions {
         let g = self.lock();
         g.sessions
             .values()
-            .filter(|s| match s.pending {
-                Some(_) => s.added.elapsed() > pending_for,
-                None => !s.socket.connected(),
+            .filter(|s| match s.outbox {
+                Outbox::Pending(_) => s.added.elapsed() > pending_for,
+                Outbox::Live | Outbox::CutOff => !s.socket.connected(),
             })
             .map(|s| s.socket.clone())
             .collect()
@@ -298,12 +396,16 @@ fn user_sids(g: &Inner, user: &str) -> Vec<Sid> {
 }
 
 /// Emits under the registry lock, so two deliveries to one session can
-/// never pass each other. Returns the sockets whose write failed; the
-/// caller disconnects them (a client too slow to drain its buffer is cut
-/// off rather than silently missing messages).
-fn emit_to(g: &mut Inner, sids: &[Sid], e: &Emit) -> (EmitCount, Vec<SocketRef>) {
+/// never pass each other. Returns the sockets to disconnect: closed ones,
+/// and slow clients this emit cut off (see the module doc).
+fn emit_to(
+    g: &mut Inner,
+    sids: &[Sid],
+    e: &Emit,
+    pending_cap: usize,
+) -> (EmitCount, Vec<SocketRef>) {
     let mut count = EmitCount::default();
-    let mut failed = Vec::new();
+    let mut close = Vec::new();
     for sid in sids {
         let Some(s) = g.sessions.get_mut(sid) else {
             continue;
@@ -312,22 +414,44 @@ fn emit_to(g: &mut Inner, sids: &[Sid], e: &Emit) -> (EmitCount, Vec<SocketRef>)
             count.duplicates += 1;
             continue;
         }
-        match &mut s.pending {
-            Some(queue) => {
-                queue.push(e.clone());
-                count.emitted += 1;
-            }
-            None => {
-                if s.socket.emit(e.event, &e.data).is_ok() {
-                    count.emitted += 1;
-                } else {
-                    count.failed += 1;
-                    failed.push(s.socket.clone());
-                }
-            }
+        // A pending session cut off is disconnected once it is live
+        // (see [`Sessions::activate`]), not in the middle of its handshake.
+        let live = matches!(s.outbox, Outbox::Live);
+        let one = deliver(s, e, pending_cap);
+        if live && one.cut_off + one.failed > 0 {
+            close.push(s.socket.clone());
         }
+        count.add(one);
     }
-    (count, failed)
+    (count, close)
+}
+
+/// Writes one event to one session, or queues it while the session is
+/// pending, cutting the session off when its buffer or queue is full.
+fn deliver(s: &mut Session, e: &Emit, pending_cap: usize) -> EmitCount {
+    let mut count = EmitCount::default();
+    match &mut s.outbox {
+        Outbox::CutOff => count.dropped += 1,
+        Outbox::Pending(queue) if queue.len() >= pending_cap => {
+            s.outbox = Outbox::CutOff;
+            count.dropped += 1;
+            count.cut_off += 1;
+        }
+        Outbox::Pending(queue) => {
+            queue.push(e.clone());
+            count.emitted += 1;
+        }
+        Outbox::Live => match write(&s.socket, e) {
+            Written::Ok => count.emitted += 1,
+            Written::Full => {
+                s.outbox = Outbox::CutOff;
+                count.dropped += 1;
+                count.cut_off += 1;
+            }
+            Written::Closed => count.failed += 1,
+        },
+    }
+    count
 }
 
 #[cfg(test)]

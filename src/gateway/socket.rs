@@ -3,25 +3,28 @@
 //! Order of a session's sends: socketioxide runs each event handler in its
 //! own task, so two sends of one session could reach the broker in either
 //! order. The [`Slot`] extractor runs inline, in wire order, before that
-//! task is spawned: it reserves the send's place in the session's queue,
-//! and one task per session works the queue in order.
+//! task is spawned: it applies the rate limits, reserves the send's place
+//! in the session's queue, and one task per session works the queue in
+//! order.
+//!
+//! Identity: the user is the token's `sub`, fixed at the handshake; no
+//! field of any payload can change who a send is from.
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fanout_backend::{IncomingEvent, RouteKey};
 use futures::StreamExt;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, RateLimiter};
 use serde_json::{json, Value};
 use socketioxide::adapter::Adapter;
 use socketioxide::extract::{AckSender, SocketRef, TryData};
 use socketioxide::handler::{ConnectHandler, FromMessageParts};
-use socketioxide::socket::Socket;
-use socketioxide::SocketIo;
+use socketioxide::socket::{Sid, Socket};
+use socketioxide::{SendError, SocketError, SocketIo};
 use tokio::sync::{mpsc, oneshot};
 
-use super::Gateway;
+use super::{Gateway, UserLimiter};
 use crate::protocol::{
     now_ms, parse_send, ErrorCode, IncomingEnvelope, Message, ProtocolError, Target, SEND_MESSAGE,
 };
@@ -39,6 +42,20 @@ pub enum HandshakeError {
     /// The database or broker failed; the client may retry.
     #[error("unavailable")]
     Unavailable,
+    /// The user already has `limits.max_connections_per_user` sessions on
+    /// this gateway.
+    #[error("too_many_connections")]
+    TooManyConnections,
+}
+
+impl HandshakeError {
+    fn reason(&self) -> &'static str {
+        match self {
+            HandshakeError::Unauthorized => "unauthorized",
+            HandshakeError::Unavailable => "unavailable",
+            HandshakeError::TooManyConnections => "too_many_connections",
+        }
+    }
 }
 
 /// One queued send.
@@ -48,17 +65,28 @@ struct Job {
     received: Instant,
 }
 
-/// A session's send queue and rate limiter, kept in the socket's extensions.
+/// A session's send queue and rate limiters, kept in the socket's extensions.
 #[derive(Clone)]
 struct SendQueue {
     tx: mpsc::Sender<oneshot::Receiver<Job>>,
     limiter: Arc<DefaultDirectRateLimiter>,
+    user: Arc<str>,
+    user_limiter: Arc<UserLimiter>,
 }
 
 /// A send's reserved place in its session's queue (see the module doc).
 enum Slot {
     Queued(oneshot::Sender<Job>),
-    Refused(ProtocolError),
+    /// Refused before queueing, with the limit that refused it (a
+    /// `rate_limited` label) if one did.
+    Refused(ProtocolError, Option<&'static str>),
+}
+
+fn rate_limited(scope: &'static str, message: &str) -> Slot {
+    Slot::Refused(
+        ProtocolError::new(ErrorCode::RateLimited, message),
+        Some(scope),
+    )
 }
 
 impl<A: Adapter> FromMessageParts<A> for Slot {
@@ -70,24 +98,33 @@ impl<A: Adapter> FromMessageParts<A> for Slot {
         _: &Option<i64>,
     ) -> Result<Self, Self::Error> {
         let Some(queue) = s.extensions.get::<SendQueue>() else {
-            return Ok(Slot::Refused(ProtocolError::new(
-                ErrorCode::Unavailable,
-                "session is not ready",
-            )));
+            return Ok(Slot::Refused(
+                ProtocolError::new(ErrorCode::Unavailable, "session is not ready"),
+                None,
+            ));
         };
+        // The connection's own bucket first: a client flooding on one
+        // connection is then refused without draining the bucket its
+        // user's other connections share.
         if queue.limiter.check().is_err() {
-            return Ok(Slot::Refused(ProtocolError::new(
-                ErrorCode::RateLimited,
-                "too many messages; slow down and retry",
-            )));
+            return Ok(rate_limited(
+                "connection",
+                "too many messages on this connection; slow down and retry",
+            ));
+        }
+        if queue.user_limiter.check_key(&queue.user).is_err() {
+            return Ok(rate_limited(
+                "user",
+                "too many messages from this user; slow down and retry",
+            ));
         }
         let (tx, rx) = oneshot::channel();
         Ok(match queue.tx.try_send(rx) {
             Ok(()) => Slot::Queued(tx),
-            Err(_) => Slot::Refused(ProtocolError::new(
-                ErrorCode::RateLimited,
+            Err(_) => rate_limited(
+                "queue",
                 "too many messages waiting for the broker; retry later",
-            )),
+            ),
         })
     }
 }
@@ -100,8 +137,8 @@ pub fn attach(io: &SocketIo, gw: Arc<Gateway>) {
             let gw = gw.clone();
             async move {
                 tracing::debug!(sid = %s.id, "connected");
-                let c = gw.sessions.activate(s.id);
-                gw.metrics.deliveries.inc_by(c.emitted);
+                let (count, close) = gw.sessions.activate(s.id);
+                gw.account(count, close.into_iter().collect());
             }
         }
     };
@@ -109,8 +146,12 @@ pub fn attach(io: &SocketIo, gw: Arc<Gateway>) {
         let gw = gw.clone();
         async move {
             let result = handshake(&gw, s, auth.ok()).await;
-            if result.is_err() {
+            if let Err(e) = &result {
                 gw.metrics.connects_refused.inc();
+                gw.metrics
+                    .connects_refused_by_reason
+                    .get_or_create(&vec![("reason", e.reason())])
+                    .inc();
             }
             result
         }
@@ -135,13 +176,20 @@ async fn handshake(
         .tokens
         .verify(token)
         .map_err(|_| HandshakeError::Unauthorized)?;
+    // Checked before the database is asked, so that a user hammering the
+    // handshake costs no query; add_pending below is the binding check.
+    if !gw.sessions.has_room_for(&user) {
+        return Err(HandshakeError::TooManyConnections);
+    }
     let channels = gw.store.channels_of(&user).await.map_err(|e| {
         tracing::warn!(%user, error = %e, "handshake: cannot load memberships");
         HandshakeError::Unavailable
     })?;
 
     tracing::debug!(%user, channels = channels.len(), "handshake: memberships loaded");
-    gw.sessions.add_pending(s.clone(), &user, &channels);
+    gw.sessions
+        .add_pending(s.clone(), &user, &channels)
+        .map_err(|_| HandshakeError::TooManyConnections)?;
     let mut keys = vec![RouteKey::User(user.clone())];
     keys.extend(channels.iter().map(|c| RouteKey::Channel(c.clone())));
     let results: Vec<(RouteKey, Result<bool, _>)> = futures::stream::iter(keys)
@@ -166,32 +214,39 @@ async fn handshake(
     tracing::debug!(%user, "handshake: routes bound");
 
     let limits = &gw.config.limits;
-    let quota =
-        Quota::per_second(NonZeroU32::new(limits.messages_per_second).unwrap_or(NonZeroU32::MIN))
-            .allow_burst(NonZeroU32::new(limits.message_burst).unwrap_or(NonZeroU32::MIN));
     let (tx, rx) = mpsc::channel(limits.send_queue);
+    let user: Arc<str> = Arc::from(user);
     s.extensions.insert(SendQueue {
         tx,
-        limiter: Arc::new(RateLimiter::direct(quota)),
+        limiter: Arc::new(RateLimiter::direct(super::quota(
+            limits.messages_per_second,
+            limits.message_burst,
+        ))),
+        user: user.clone(),
+        user_limiter: gw.user_sends.clone(),
     });
-    let user: Arc<str> = Arc::from(user);
-    tokio::spawn(work_queue(gw.clone(), user, rx));
+    tokio::spawn(work_queue(gw.clone(), user, s.id, rx));
 
+    let gw_send = gw.clone();
     s.on(
         SEND_MESSAGE,
-        |slot: Slot, ack: AckSender, TryData(value): TryData<Value>| async move {
-            match slot {
-                Slot::Refused(e) => {
-                    let _ = ack.send(&e.ack());
-                }
-                Slot::Queued(tx) => {
-                    let value = value.unwrap_or(Value::Null);
-                    // The queue's task is gone only if the session is.
-                    let _ = tx.send(Job {
-                        value,
-                        ack,
-                        received: Instant::now(),
-                    });
+        move |slot: Slot, s: SocketRef, ack: AckSender, TryData(value): TryData<Value>| {
+            let gw = gw_send.clone();
+            async move {
+                match slot {
+                    Slot::Refused(e, scope) => {
+                        count_refusal(&gw, e.code, scope);
+                        send_ack(&gw, s.id, ack, &e.ack());
+                    }
+                    Slot::Queued(tx) => {
+                        let value = value.unwrap_or(Value::Null);
+                        // The queue's task is gone only if the session is.
+                        let _ = tx.send(Job {
+                            value,
+                            ack,
+                            received: Instant::now(),
+                        });
+                    }
                 }
             }
         },
@@ -226,10 +281,34 @@ pub(crate) async fn end_session(gw: &Gateway, s: &SocketRef) {
     gw.metrics.bound_keys.set(gw.routes.bound() as i64);
 }
 
+/// Counts a refused send, and the limit that refused it if one did.
+fn count_refusal(gw: &Gateway, code: ErrorCode, scope: Option<&'static str>) {
+    gw.metrics
+        .sends_refused
+        .get_or_create(&vec![("code", code_label(code))])
+        .inc();
+    if let Some(scope) = scope {
+        gw.metrics
+            .rate_limited
+            .get_or_create(&vec![("scope", scope)])
+            .inc();
+    }
+}
+
+/// Sends an ack; one that does not fit in the session's send buffer makes
+/// the session a slow client (an ack silently lost would leave the client
+/// waiting on it).
+fn send_ack(gw: &Gateway, sid: Sid, ack: AckSender, reply: &Value) {
+    if let Err(SendError::Socket(SocketError::InternalChannelFull)) = ack.send(reply) {
+        gw.cut_off(sid, "an ack");
+    }
+}
+
 /// Works one session's sends in the order they arrived.
 async fn work_queue(
     gw: Arc<Gateway>,
     user: Arc<str>,
+    sid: Sid,
     mut queue: mpsc::Receiver<oneshot::Receiver<Job>>,
 ) {
     while let Some(slot) = queue.recv().await {
@@ -241,17 +320,14 @@ async fn work_queue(
                 json!({ "ok": true, "id": id, "createdAt": crate::protocol::format_time(created_at) })
             }
             Err(e) => {
-                gw.metrics
-                    .sends_refused
-                    .get_or_create(&vec![("code", code_label(e.code))])
-                    .inc();
+                count_refusal(&gw, e.code, None);
                 e.ack()
             }
         };
         gw.metrics
             .send_ack_seconds
             .observe(job.received.elapsed().as_secs_f64());
-        let _ = job.ack.send(&reply);
+        send_ack(&gw, sid, job.ack, &reply);
     }
 }
 
@@ -345,22 +421,25 @@ async fn find_first_send(gw: &Gateway, user: &str, client_msg_id: &str) -> Optio
     }
 }
 
-/// Membership from the local view, falling back to the store when the view
-/// says no: a member added a moment ago may send before the join control
-/// message has reached this gateway.
+/// Membership, from the store. Not from the local view alone: that view
+/// learns of a removal only when the `leave` reaches this gateway's stream,
+/// and a member removed a moment ago must not send after the `204`. Only
+/// when the store cannot answer does the local view decide, and only to
+/// say yes: refusing every group send during a database outage would be
+/// worse than the short window in which a removal is not yet seen.
 async fn is_member(gw: &Gateway, user: &str, channel: &str) -> Result<bool, ProtocolError> {
-    if gw.sessions.user_in_channel(user, channel) {
-        return Ok(true);
-    }
-    gw.store
-        .member_since(channel, user)
-        .await
-        .map(|since| since.is_some())
-        .map_err(|e| {
+    match gw.store.member_since(channel, user).await {
+        Ok(since) => Ok(since.is_some()),
+        Err(e) if gw.sessions.user_in_channel(user, channel) => {
+            tracing::warn!(%user, %channel, error = %e, "membership check failed; trusting this gateway's view");
+            Ok(true)
+        }
+        Err(e) => {
             tracing::warn!(%user, %channel, error = %e, "membership check failed");
-            ProtocolError::new(
+            Err(ProtocolError::new(
                 ErrorCode::Unavailable,
                 "cannot check channel membership; retry",
-            )
-        })
+            ))
+        }
+    }
 }

@@ -1,6 +1,7 @@
-// Configured limits: `limits.max_content_bytes` counts UTF-8 bytes, and a
+// Configured limits: `limits.max_content_bytes` counts UTF-8 bytes, a
 // session sending faster than its rate gets `rate_limited` for the excess,
-// which is neither stored nor delivered.
+// which is neither stored nor delivered, and a user's connections to one
+// gateway beyond `limits.max_connections_per_user` are refused.
 
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -17,6 +18,7 @@ describe('configured limits', () => {
         FANOUT_LIMITS__MAX_CONTENT_BYTES: '10',
         FANOUT_LIMITS__MESSAGES_PER_SECOND: '1',
         FANOUT_LIMITS__MESSAGE_BURST: '5',
+        FANOUT_LIMITS__MAX_CONNECTIONS_PER_USER: '2',
       },
     });
   });
@@ -38,6 +40,16 @@ describe('configured limits', () => {
     assert.deepEqual(eb.items, [e]);
     const h = await history(server, server.token(bob), `/api/conversations/${alice}/messages`);
     assert.deepEqual(h, { messages: [e], nextBefore: null });
+  });
+
+  it('max_connections_per_user=2: a third connection to one gateway gets connect_error "too_many_connections"', async () => {
+    const user = uid('tabs');
+    await server.session(user, { gateway: 0 });
+    await server.session(user, { gateway: 0 });
+    await assert.rejects(server.session(user, { gateway: 0 }), (e) => {
+      assert.equal(e.message, 'too_many_connections');
+      return true;
+    });
   });
 
   it('rate_limited: sends beyond the burst are refused, not stored, not delivered; later sends pass again', async () => {
