@@ -265,7 +265,7 @@ impl Plan {
                     } else {
                         Some(Target::User(name(i ^ 1)))
                     });
-                    plan.expected.push(u64::from(!(off && !second)));
+                    plan.expected.push(u64::from(!off || second));
                 }
                 Ok(plan)
             }

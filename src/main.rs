@@ -114,6 +114,10 @@ enum Command {
         /// Relative change that counts as moved (0.5 = 50 %).
         #[arg(long, default_value_t = 0.5)]
         threshold: f64,
+        /// Skip the fault matrix (run by default in the full profile only;
+        /// CI runs it as a test, tests/faults.rs).
+        #[arg(long)]
+        no_faults: bool,
     },
     /// Compares two benchmark reports (report.json): prints every in-run
     /// ratio that moved by more than --threshold.
@@ -239,7 +243,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             postgres_url,
             baseline,
             threshold,
+            no_faults,
         } => {
+            let faults = profile == "full" && !no_faults;
             let backends = backends
                 .iter()
                 .map(|b| match b.as_str() {
@@ -267,6 +273,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 gateways,
                 workers: workers.max(1),
                 base: config,
+                faults,
             };
             let report = fanout::bench::run(&opts).await?;
             eprintln!(

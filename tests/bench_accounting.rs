@@ -31,11 +31,11 @@ struct Faulty {
 impl Faulty {
     fn deliver(&self, to: &str, event: &Value) {
         let n = self.sends.fetch_add(1, Ordering::SeqCst) + 1;
-        if n % DROP_EVERY == 0 {
+        if n.is_multiple_of(DROP_EVERY) {
             self.dropped.fetch_add(1, Ordering::SeqCst);
             return;
         }
-        let copies = if n % DOUBLE_EVERY == 0 {
+        let copies = if n.is_multiple_of(DOUBLE_EVERY) {
             self.doubled.fetch_add(1, Ordering::SeqCst);
             2
         } else {

@@ -10,6 +10,7 @@
 //! before the next backend starts, so backends never share the machine.
 
 pub mod charts;
+pub mod faults;
 pub mod pg;
 pub mod procs;
 pub mod raw;
@@ -57,6 +58,8 @@ pub struct BenchOptions {
     pub workers: usize,
     /// Broker URLs and settings the processes inherit.
     pub base: Config,
+    /// Also run the fault matrix (`faults.rs`) on each broker backend.
+    pub faults: bool,
 }
 
 /// Why the benchmark could not run at all (a backend that fails is recorded
@@ -111,6 +114,9 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
             results[w].push(r);
         }
     }
+    if opts.faults {
+        report.faults = run_faults(opts).await;
+    }
     report.workloads = opts
         .workloads
         .iter()
@@ -120,6 +126,41 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         .collect();
     report::write(&report, &opts.out)?;
     Ok(report)
+}
+
+/// The fault matrix on every selected broker backend, as report rows.
+async fn run_faults(opts: &BenchOptions) -> Vec<serde_json::Value> {
+    let mut rows = Vec::new();
+    for &kind in opts.backends.iter().filter(|k| **k != BackendKind::Memory) {
+        for fault in faults::FaultKind::ALL {
+            let name = backend_name(kind);
+            progress(&format!("faults / {name}: {fault} under steady traffic"));
+            let mut spec = faults::FaultSpec::new(kind, opts.binary.clone());
+            spec.postgres_admin_url = opts.postgres_admin_url.clone();
+            spec.rabbitmq_url = opts.base.rabbitmq_url.clone();
+            spec.log_dir = opts.out.join("logs").join("faults");
+            let row = match faults::run_fault(&spec, fault).await {
+                Ok(r) => {
+                    progress(&format!(
+                        "faults / {name}: {fault}: acked {} of {}, acked-not-stored {}, duplicates {}, not delivered online {}, recovery {} ms",
+                        r.acked,
+                        r.sent,
+                        r.acked_not_stored,
+                        r.duplicates,
+                        r.not_delivered_online,
+                        r.recovery_ms.map_or_else(|| "?".to_owned(), |m| m.to_string())
+                    ));
+                    serde_json::to_value(&r).unwrap_or_default()
+                }
+                Err(e) => {
+                    progress(&format!("faults / {name}: {fault}: could not run: {e}"));
+                    serde_json::json!({ "backend": name, "fault": fault.as_str(), "error": e.to_string() })
+                }
+            };
+            rows.push(row);
+        }
+    }
+    rows
 }
 
 /// One line of progress on stderr (CI logs keep it; a terminal shows it).
@@ -331,6 +372,7 @@ async fn run_workload(
     let Some(ramp) = &workload.ramp else {
         return;
     };
+    let mut failed_in_a_row = 0;
     for (step, rate) in workload.ramp_rates().into_iter().enumerate() {
         let r = match crate::load::run(
             &spec(rate, Duration::from_secs_f64(ramp.step_secs), step + 1),
@@ -365,7 +407,13 @@ async fn run_workload(
         });
         if passed {
             out.sustained_rate = Some(rate);
+            failed_in_a_row = 0;
         } else {
+            failed_in_a_row += 1;
+        }
+        // One failed step may be the shared machine's noise; two in a row,
+        // or a rate the system no longer keeps up with, end the ramp.
+        if failed_in_a_row >= 2 || r.acked_per_sec < 0.95 * rate {
             break;
         }
     }

@@ -91,6 +91,9 @@ pub struct Node {
 #[derive(Debug)]
 pub struct Fleet {
     spec: FleetSpec,
+    /// Settings for the processes of one role only, applied after
+    /// `spec.env`.
+    role_env: Vec<(Role, String, String)>,
     /// Every process started, in order, killed ones included.
     pub nodes: Vec<Node>,
 }
@@ -104,12 +107,25 @@ impl Fleet {
         gateways: usize,
         workers: usize,
     ) -> Result<Fleet, ProcError> {
+        Self::start_with_role_env(spec, gateways, workers, Vec::new()).await
+    }
+
+    /// As [`Fleet::start`], with further `FANOUT_*` settings `(role, key,
+    /// value)` for the processes of one role only (the fault matrix gives
+    /// workers a database address of their own).
+    pub async fn start_with_role_env(
+        spec: FleetSpec,
+        gateways: usize,
+        workers: usize,
+        role_env: Vec<(Role, String, String)>,
+    ) -> Result<Fleet, ProcError> {
         std::fs::create_dir_all(&spec.log_dir).map_err(|source| ProcError::Io {
             what: format!("creating {}", spec.log_dir.display()),
             source,
         })?;
         let mut fleet = Fleet {
             spec,
+            role_env,
             nodes: Vec::new(),
         };
         let started = async {
@@ -165,6 +181,9 @@ impl Fleet {
             .stderr(stderr)
             .kill_on_drop(true);
         for (k, v) in &self.spec.env {
+            cmd.env(k, v);
+        }
+        for (_, k, v) in self.role_env.iter().filter(|(r, _, _)| *r == role) {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().map_err(|source| ProcError::Io {

@@ -159,7 +159,10 @@ pub async fn run(backend: DynBackend, spec: &RawSpec) -> Result<RawResult, Backe
     let mut last_change = Instant::now();
     let settle_until = last_change + Duration::from_secs(10);
     loop {
-        let now = (routed.load(Ordering::Relaxed), delivered.load(Ordering::Relaxed));
+        let now = (
+            routed.load(Ordering::Relaxed),
+            delivered.load(Ordering::Relaxed),
+        );
         if now == last || Instant::now() > settle_until {
             break;
         }
@@ -264,7 +267,9 @@ mod tests {
             assert!(r.msgs_per_sec > 0.0, "{pattern:?}: {r:?}");
             match pattern {
                 Pattern::Offline { .. } => assert_eq!(r.deliveries_per_sec, 0.0),
-                Pattern::Group { .. } => assert!(r.deliveries_per_sec > r.msgs_per_sec * 2.0, "{r:?}"),
+                Pattern::Group { .. } => {
+                    assert!(r.deliveries_per_sec > r.msgs_per_sec * 2.0, "{r:?}")
+                }
                 _ => assert!(r.deliveries_per_sec > 0.0),
             }
         }

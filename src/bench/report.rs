@@ -151,6 +151,11 @@ pub struct Report {
     pub backends: Vec<String>,
     /// One entry per workload.
     pub workloads: Vec<WorkloadReport>,
+    /// The fault matrix (`faults` workload): one object per backend and
+    /// fault, as `bench::faults::FaultResult` serializes, or with an
+    /// `error`. Empty when it was not run.
+    #[serde(default)]
+    pub faults: Vec<serde_json::Value>,
 }
 
 impl Report {
@@ -175,6 +180,7 @@ impl Report {
                 .map(|b| super::procs::backend_name(*b).to_owned())
                 .collect(),
             workloads: Vec::new(),
+            faults: Vec::new(),
         }
     }
 
@@ -198,6 +204,21 @@ impl Report {
                             out.push(format!("{at}: {n} deliveries {what}"));
                         }
                     }
+                }
+            }
+        }
+        for f in &self.faults {
+            let at = format!(
+                "faults / {} / {}",
+                f["backend"].as_str().unwrap_or("?"),
+                f["fault"].as_str().unwrap_or("?")
+            );
+            if let Some(e) = f["error"].as_str() {
+                out.push(format!("{at}: {e}"));
+            }
+            for key in ["acked_not_stored", "duplicates", "unknown_deliveries"] {
+                if f[key].as_u64().is_some_and(|n| n > 0) {
+                    out.push(format!("{at}: {key} = {}", f[key]));
                 }
             }
         }
@@ -293,7 +314,56 @@ pub fn markdown(report: &Report) -> String {
     for w in &report.workloads {
         workload_section(&mut md, w);
     }
+    if !report.faults.is_empty() {
+        faults_section(&mut md, &report.faults);
+    }
     md
+}
+
+/// The fault matrix as a table (`docs/reliability.md` explains each column).
+fn faults_section(md: &mut String, rows: &[serde_json::Value]) {
+    const COLUMNS: [(&str, &str); 11] = [
+        ("sent", "sent"),
+        ("acked", "acked"),
+        ("acked_not_stored", "acked, not stored"),
+        ("stored_not_acked", "stored, not acked"),
+        ("duplicates", "duplicates"),
+        ("delivered", "delivered"),
+        ("delivered_late", "late (> 1 s)"),
+        ("not_delivered_online", "not delivered, online"),
+        ("not_delivered_offline", "not delivered, offline"),
+        ("fault_ms", "fault ms"),
+        ("recovery_ms", "recovery ms"),
+    ];
+    let _ = writeln!(
+        md,
+        "## faults\n\nSteady 1:1 and group traffic with client message ids on 3 gateways and 2 workers; the fault is injected mid-stream, unacked sends are retried with the same id, then every message is accounted for (see docs/reliability.md).\n"
+    );
+    let _ = write!(md, "| backend | fault |");
+    for (_, title) in COLUMNS {
+        let _ = write!(md, " {title} |");
+    }
+    md.push_str("\n|---|---|");
+    for _ in COLUMNS {
+        md.push_str("---:|");
+    }
+    md.push('\n');
+    for r in rows {
+        let text = |k: &str| r[k].as_str().unwrap_or("?").to_owned();
+        let _ = write!(md, "| {} | {} |", text("backend"), text("fault"));
+        if let Some(e) = r["error"].as_str() {
+            let _ = writeln!(md, " could not run: {e} |");
+            continue;
+        }
+        for (key, _) in COLUMNS {
+            let cell = r[key]
+                .as_u64()
+                .map_or_else(|| "–".to_owned(), |v| v.to_string());
+            let _ = write!(md, " {cell} |");
+        }
+        md.push('\n');
+    }
+    md.push('\n');
 }
 
 fn workload_section(md: &mut String, w: &WorkloadReport) {

@@ -227,7 +227,7 @@ impl Workload {
             }
             Pattern::Churn {
                 connects_per_sec, ..
-            } if !(connects_per_sec > 0.0) => {
+            } if connects_per_sec.is_nan() || connects_per_sec <= 0.0 => {
                 return Err("connects_per_sec must be positive".into())
             }
             _ => {}
@@ -349,7 +349,7 @@ mod tests {
         let typo = GROUP.replace("members = 10", "member = 10");
         assert!(parse(&typo, "full").is_err());
         let no_members = GROUP.replace("members = 10", "");
-        assert!(parse(&no_members, "full").unwrap_err().contains("members"));
+        assert!(parse(&no_members, "full").is_err_and(|e| e.contains("members")));
         let bad_rate = GROUP.replace("rate = 1000", "rate = -1");
         assert!(parse(&bad_rate, "full").is_err());
     }

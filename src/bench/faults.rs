@@ -1,0 +1,932 @@
+//! The fault matrix: a deployment of real processes (3 gateways, 2
+//! workers) under steady 1:1 and group traffic, one fault injected in the
+//! middle, and afterwards every message accounted for — acked by a
+//! gateway, stored in the database, shown to each recipient's session.
+//!
+//! [`run_fault`] runs one fault against one backend, on a PostgreSQL
+//! database and a broker namespace of its own, and always removes both.
+//! `docs/reliability.md` states the guarantees these runs check and the
+//! measured matrix; `tests/faults.rs` runs every fault on RabbitMQ and
+//! Redis.
+//!
+//! Parts: `proxy` (the TCP proxy that makes database outages without
+//! touching the shared PostgreSQL), `services` (a Redis server of the run's
+//! own, `rabbitmqctl`, bare HTTP), `traffic` (the clients and the
+//! accounting).
+
+mod proxy;
+mod services;
+mod traffic;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use sqlx::{Connection, Row};
+use tokio_util::sync::CancellationToken;
+
+pub use proxy::TcpProxy;
+
+use self::services::{RabbitStopped, RedisServer};
+use self::traffic::{StoredRow, Traffic};
+use crate::bench::pg::{PgError, TempDatabase};
+use crate::bench::procs::{backend_name, Fleet, FleetSpec, ProcError, Role};
+use crate::config::{BackendKind, Config};
+
+/// The faults of the matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// `kill -9` of one of the two workers while it processes traffic.
+    WorkerKill,
+    /// `kill -9` of one of the three gateways; its clients reconnect to
+    /// another one.
+    GatewayKill,
+    /// Every broker connection of the deployment closed by the broker
+    /// (RabbitMQ `close_connection`, Redis `CLIENT KILL`).
+    BrokerConnectionKill,
+    /// The broker stopped and started again (RabbitMQ `stop_app` /
+    /// `start_app`; the run's own Redis shut down and started on its AOF).
+    BrokerRestart,
+    /// PostgreSQL unreachable for a few seconds (a proxy drops every
+    /// connection and refuses new ones).
+    DatabaseOutage,
+}
+
+impl FaultKind {
+    /// Every fault, in the order the matrix runs them.
+    pub const ALL: [FaultKind; 5] = [
+        FaultKind::WorkerKill,
+        FaultKind::GatewayKill,
+        FaultKind::BrokerConnectionKill,
+        FaultKind::BrokerRestart,
+        FaultKind::DatabaseOutage,
+    ];
+
+    /// The snake_case name (as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultKind::WorkerKill => "worker_kill",
+            FaultKind::GatewayKill => "gateway_kill",
+            FaultKind::BrokerConnectionKill => "broker_connection_kill",
+            FaultKind::BrokerRestart => "broker_restart",
+            FaultKind::DatabaseOutage => "database_outage",
+        }
+    }
+
+    /// Whether the design lets this fault lose deliveries to sessions that
+    /// stay connected: the outgoing side is at-most-once across a broker
+    /// connection loss (RabbitMQ: the gateway's exclusive queue goes with
+    /// its connection; Redis: Pub/Sub keeps nothing for a subscriber that
+    /// is reconnecting), and the gateway does not catch up from the store
+    /// after re-binding. See `docs/reliability.md`.
+    pub fn may_lose_online_deliveries(self) -> bool {
+        matches!(
+            self,
+            FaultKind::BrokerConnectionKill | FaultKind::BrokerRestart
+        )
+    }
+}
+
+impl std::fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How to run a fault.
+#[derive(Debug, Clone)]
+pub struct FaultSpec {
+    /// `rabbitmq` or `redis`.
+    pub backend: BackendKind,
+    /// The `fanout` binary the gateways and workers run.
+    pub binary: PathBuf,
+    /// Server-level PostgreSQL URL; each run creates a database of its own
+    /// there, and the fleet reaches it through a proxy.
+    pub postgres_admin_url: String,
+    /// Where each run's process logs go (a directory per run).
+    pub log_dir: PathBuf,
+    /// Messages per second, all users together.
+    pub rate: f64,
+    /// Users (rounded up to an even number), spread over the gateways.
+    pub users: usize,
+    /// Group channels; each has members on every gateway.
+    pub channels: usize,
+    /// Traffic before the fault.
+    pub before: Duration,
+    /// Traffic after the fault is over (after the broker or the database
+    /// is back; right after a kill); twice as long after a broker restart
+    /// (see [`FaultSpec::after_for`]).
+    pub after: Duration,
+    /// How long a broker or database stays down.
+    pub outage: Duration,
+    /// After sending stops, how long unacked sends are retried.
+    pub retry_budget: Duration,
+    /// Settling ends when nothing new was stored or delivered for this long.
+    pub quiet: Duration,
+    /// For `WorkerKill`: for three times this long before the kill, the
+    /// answer to each batch insert of the workers is held this long (the
+    /// rows are committed, the worker does not know yet), so that the
+    /// killed worker dies between storing a batch and acking it.
+    pub worker_kill_db_delay: Duration,
+    /// RabbitMQ URL (the shared broker).
+    pub rabbitmq_url: String,
+    /// `rabbitmqctl`, for closing connections and restarting the broker.
+    pub rabbitmqctl: PathBuf,
+    /// `redis-server`: Redis runs use a server of their own.
+    pub redis_server: PathBuf,
+}
+
+impl FaultSpec {
+    /// The settings `tests/faults.rs` uses: 18 users on 3 gateways, 3
+    /// channels of 6, 120 messages per second, 3 s before the fault and
+    /// 5 s after it (10 s after a broker restart), outages of 3 s.
+    pub fn new(backend: BackendKind, binary: PathBuf) -> FaultSpec {
+        FaultSpec {
+            backend,
+            binary,
+            postgres_admin_url: std::env::var("FANOUT_BENCH_POSTGRES_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
+            log_dir: std::env::temp_dir().join("fanout-faults"),
+            rate: 120.0,
+            users: 18,
+            channels: 3,
+            before: Duration::from_secs(3),
+            after: Duration::from_secs(5),
+            outage: Duration::from_secs(3),
+            retry_budget: Duration::from_secs(20),
+            quiet: Duration::from_secs(3),
+            worker_kill_db_delay: Duration::from_millis(300),
+            rabbitmq_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            rabbitmqctl: PathBuf::from("rabbitmqctl"),
+            redis_server: PathBuf::from("redis-server"),
+        }
+    }
+}
+
+impl FaultSpec {
+    /// Traffic after `fault` is over. A broker restart gets twice
+    /// [`FaultSpec::after`]: the processes reconnect with a backoff that
+    /// reaches seconds during the outage (RabbitMQ: 100 ms doubling to
+    /// 5 s; Redis subscribers: 50 ms doubling to 5 s), the clients retry
+    /// with theirs (up to 2 s), and then the backlog the outage built
+    /// drains; measured, RabbitMQ needed 5–6 s after the broker was back.
+    pub fn after_for(&self, fault: FaultKind) -> Duration {
+        match fault {
+            FaultKind::BrokerRestart => self.after * 2,
+            _ => self.after,
+        }
+    }
+}
+
+/// Why a fault run could not be carried out (as opposed to what it
+/// measured, which is in [`FaultResult`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FaultError {
+    /// Starting or stopping the fleet.
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    /// Creating the run's database.
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    /// Reading the run's database back.
+    #[error("reading the run's database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Local I/O (ports, files, child processes).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// A broker or helper service did not do what was asked.
+    #[error("{0}")]
+    Service(String),
+    /// The clients could not be set up.
+    #[error("{0}")]
+    Client(String),
+}
+
+/// What one fault run measured. Deliveries count (message, recipient user)
+/// pairs: a 1:1 message is due to its sender and its receiver, a group
+/// message to every member.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultResult {
+    /// The backend.
+    pub backend: BackendKind,
+    /// The fault.
+    pub fault: FaultKind,
+    /// Messages composed (distinct `clientMsgId`s).
+    pub sent: u64,
+    /// Messages acked `ok`, at the first send or a retry.
+    pub acked: u64,
+    /// Messages that needed more than one send.
+    pub retried: u64,
+    /// Messages never acked before the retry budget ran out.
+    pub never_acked: u64,
+    /// Messages in the database.
+    pub stored: u64,
+    /// Acked but not in the database: must be 0.
+    pub acked_not_stored: u64,
+    /// In the database but never acked to the sender.
+    pub stored_not_acked: u64,
+    /// Acked with another id than the stored one (allowed: a retry that
+    /// reached a gateway before any worker stored the first send).
+    pub ack_id_differs: u64,
+    /// Deliveries due for stored messages.
+    pub expected_deliveries: u64,
+    /// Deliveries that arrived.
+    pub delivered: u64,
+    /// Of those, arrived more than 1 s after the message was composed.
+    pub delivered_late: u64,
+    /// Extra copies of a message shown to one session: must be 0.
+    pub duplicates: u64,
+    /// Events for a message that is not stored, or under another id than
+    /// the stored one: must be 0.
+    pub unknown_deliveries: u64,
+    /// Due deliveries that never arrived although the recipient's session
+    /// was up throughout.
+    pub not_delivered_online: u64,
+    /// Due deliveries that never arrived to a recipient whose session was
+    /// down during the message's life (it reconnects; history has them).
+    pub not_delivered_offline: u64,
+    /// Redelivered messages the gateways' duplicate windows dropped
+    /// (`duplicates_dropped` of the surviving gateways).
+    pub redeliveries_suppressed: u64,
+    /// For a worker kill: messages already stored when the worker died but
+    /// shown to nobody until more than 1 s later — the batch it was in
+    /// the middle of (stored, not yet published or acked), delivered again
+    /// by the broker and stored idempotently by the other worker.
+    pub stored_unacked_at_kill: Option<u64>,
+    /// Times gateways re-bound their routes after a broker connection loss.
+    pub routes_lost: u64,
+    /// Client sessions re-established after a loss.
+    pub reconnects: u64,
+    /// The longest time one user was without a session.
+    pub longest_offline_ms: u64,
+    /// Why sends had to be repeated: failure and count.
+    pub send_failures: Vec<(String, u64)>,
+    /// How long the injection itself took (the outage).
+    pub fault_ms: u64,
+    /// From the injection until the last message the fault disturbed (not
+    /// acked at its first send, delivered late, or lost to an online
+    /// recipient) was settled (acked and shown to every recipient that got
+    /// it); `None` if the last messages of the run were still disturbed.
+    pub recovery_ms: Option<u64>,
+    /// Wall time of the whole run, set-up and clean-up included.
+    pub run_ms: u64,
+    /// What was done, and what the numbers mean.
+    pub note: String,
+}
+
+impl FaultResult {
+    /// The guarantees that must hold whatever the fault: nothing acked is
+    /// lost, no session sees a message twice, nothing unstored is shown,
+    /// the system recovered; and no online recipient misses a message
+    /// unless the fault is one the design lets lose outgoing messages
+    /// ([`FaultKind::may_lose_online_deliveries`]). Empty when all hold.
+    pub fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.acked_not_stored > 0 {
+            v.push(format!("{} acked but not stored", self.acked_not_stored));
+        }
+        if self.duplicates > 0 {
+            v.push(format!("{} duplicates shown to a session", self.duplicates));
+        }
+        if self.unknown_deliveries > 0 {
+            v.push(format!(
+                "{} deliveries of unstored messages or under a wrong id",
+                self.unknown_deliveries
+            ));
+        }
+        if self.never_acked > 0 {
+            v.push(format!("{} sends never acked", self.never_acked));
+        }
+        if self.recovery_ms.is_none() {
+            v.push("did not recover before the run ended".into());
+        }
+        if self.not_delivered_online > 0 && !self.fault.may_lose_online_deliveries() {
+            v.push(format!(
+                "{} deliveries lost to online sessions",
+                self.not_delivered_online
+            ));
+        }
+        if self.delivered == 0 {
+            v.push("nothing was delivered at all".into());
+        }
+        v
+    }
+
+    /// The header of [`FaultResult::table_row`]'s table (Markdown).
+    pub fn table_header() -> &'static str {
+        "| backend | fault | sent | acked | retried | acked, not stored | stored, not acked | due deliveries | delivered | late (>1 s) | duplicates | lost online | missed offline | redeliveries suppressed | fault ms | recovery ms |\n\
+         | --- | --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |"
+    }
+
+    /// One Markdown table row.
+    pub fn table_row(&self) -> String {
+        format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            backend_name(self.backend),
+            self.fault,
+            self.sent,
+            self.acked,
+            self.retried,
+            self.acked_not_stored,
+            self.stored_not_acked,
+            self.expected_deliveries,
+            self.delivered,
+            self.delivered_late,
+            self.duplicates,
+            self.not_delivered_online,
+            self.not_delivered_offline,
+            self.redeliveries_suppressed,
+            self.fault_ms,
+            self.recovery_ms
+                .map_or_else(|| "not recovered".to_owned(), |ms| ms.to_string()),
+        )
+    }
+}
+
+/// The tag of an insert's CommandComplete in PostgreSQL's wire protocol.
+const INSERT_DONE: &[u8] = b"INSERT 0 ";
+
+/// Everything a run starts, so that it can all be removed on any path.
+#[derive(Debug, Default)]
+struct Resources {
+    namespace: String,
+    db: Option<TempDatabase>,
+    /// Between the gateways and PostgreSQL.
+    proxy: Option<TcpProxy>,
+    /// Between the workers and PostgreSQL: a worker kill slows only the
+    /// workers' database, so that the gateways keep feeding them.
+    worker_proxy: Option<TcpProxy>,
+    redis: Option<RedisServer>,
+    fleet: Option<Fleet>,
+    traffic: Option<Arc<Traffic>>,
+}
+
+/// Runs `fault` against `spec.backend` (see the module doc) and accounts
+/// for every message. Whatever happens, the fleet is stopped, the broker
+/// namespace purged and the database dropped before this returns.
+pub async fn run_fault(spec: &FaultSpec, fault: FaultKind) -> Result<FaultResult, FaultError> {
+    let started = Instant::now();
+    let mut res = Resources {
+        namespace: format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+        ..Resources::default()
+    };
+    let result = execute(spec, fault, &mut res).await;
+    teardown(spec, &mut res).await;
+    result.map(|mut r| {
+        r.run_ms = started.elapsed().as_millis() as u64;
+        r
+    })
+}
+
+async fn execute(
+    spec: &FaultSpec,
+    fault: FaultKind,
+    res: &mut Resources,
+) -> Result<FaultResult, FaultError> {
+    if !matches!(spec.backend, BackendKind::Rabbitmq | BackendKind::Redis) {
+        return Err(FaultError::Service(
+            "the fault matrix needs a broker shared by processes: rabbitmq or redis".into(),
+        ));
+    }
+    let dir = spec.log_dir.join(format!(
+        "{}-{}-{}",
+        backend_name(spec.backend),
+        fault,
+        res.namespace
+    ));
+    let db = res
+        .db
+        .insert(TempDatabase::create(&spec.postgres_admin_url, "fanout_faults").await?);
+    let db_url = db.url.clone();
+    let upstream = postgres_addr(&spec.postgres_admin_url).await?;
+    let start_proxy = || async {
+        TcpProxy::start(upstream)
+            .await
+            .map_err(|source| FaultError::Io {
+                what: "starting a database proxy".into(),
+                source,
+            })
+    };
+    let fleet_db_url = via(&db_url, res.proxy.insert(start_proxy().await?).addr);
+    let worker_db_url = via(&db_url, res.worker_proxy.insert(start_proxy().await?).addr);
+
+    let secret = uuid::Uuid::new_v4().simple().to_string();
+    let mut env: Vec<(String, String)> = [
+        // The clients send ~7 messages a second each, plus retries.
+        ("FANOUT_LIMITS__MESSAGES_PER_SECOND", "1000"),
+        ("FANOUT_LIMITS__MESSAGE_BURST", "1000"),
+        // A send the broker cannot take is answered within 3 s, so the
+        // client retries rather than waits.
+        ("FANOUT_BROKER_TIMEOUT_MS", "3000"),
+        // Redis: a dead worker's partitions move after 2 s and its entries
+        // are claimed after 1 s idle (defaults: 10 s each), so a worker
+        // kill settles within the run. The gateways' liveness TTL stays at
+        // its default: a dead gateway's stale routes reach no subscriber
+        // and change no count here, and a short one would expire every
+        // gateway's liveness during a broker restart.
+        ("FANOUT_REDIS__LEASE_TTL_MS", "2000"),
+        ("FANOUT_REDIS__CLAIM_IDLE_MS", "1000"),
+        ("FANOUT_RABBITMQ_URL", spec.rabbitmq_url.as_str()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    if spec.backend == BackendKind::Redis {
+        let redis = res
+            .redis
+            .insert(RedisServer::start(&spec.redis_server, &dir.join("redis")).await?);
+        env.push(("FANOUT_REDIS_URL".into(), redis.url()));
+    }
+    let fleet = res.fleet.insert(
+        Fleet::start_with_role_env(
+            FleetSpec {
+                binary: spec.binary.clone(),
+                backend: spec.backend,
+                namespace: res.namespace.clone(),
+                database_url: fleet_db_url,
+                jwt_secret: secret.clone(),
+                env,
+                log_dir: dir.clone(),
+            },
+            3,
+            2,
+            vec![(Role::Worker, "FANOUT_DATABASE_URL".into(), worker_db_url)],
+        )
+        .await?,
+    );
+    let urls = fleet.urls();
+    let first_gateway = urls
+        .first()
+        .cloned()
+        .ok_or_else(|| FaultError::Service("the fleet has no gateway".into()))?;
+    let traffic = res
+        .traffic
+        .insert(Traffic::new(
+            urls.clone(),
+            crate::auth::Tokens::new(secret.as_bytes()),
+            spec.users,
+            spec.channels,
+        ))
+        .clone();
+    create_channels(&traffic, &first_gateway).await?;
+    traffic.connect_all().await?;
+
+    // Steady traffic, the fault in the middle of it.
+    let stop_sending = CancellationToken::new();
+    let give_up = CancellationToken::new();
+    // Whichever way this function returns, the clients stop composing and
+    // retrying (the connections are closed by the teardown).
+    let _stop_guard = stop_sending.clone().drop_guard();
+    let _give_up_guard = give_up.clone().drop_guard();
+    let sending = traffic.start_sending(spec.rate, stop_sending.clone(), give_up.clone());
+    tokio::time::sleep(spec.before).await;
+    if let Some(fleet) = res.fleet.as_mut() {
+        fleet.check_alive()?;
+    }
+    // For a worker kill: what was stored at the instant it died (the
+    // connection is opened beforehand, so the read follows the kill).
+    let mut snapshot_conn = match fault {
+        FaultKind::WorkerKill => {
+            let conn = sqlx::PgConnection::connect(&db_url).await?;
+            if let Some(proxy) = &res.worker_proxy {
+                proxy.set_delay(spec.worker_kill_db_delay, INSERT_DONE);
+            }
+            // From now on every batch insert commits at once and its answer
+            // comes `worker_kill_db_delay` later: a worker spends nearly all
+            // its time between storing a batch and acking it. A few batches
+            // go by before the kill.
+            tokio::time::sleep(spec.worker_kill_db_delay * 3).await;
+            Some(conn)
+        }
+        _ => None,
+    };
+    // The connections to close are listed beforehand: the fault is the
+    // closing, not the listing.
+    let rabbit_pids = match (fault, spec.backend) {
+        (FaultKind::BrokerConnectionKill, BackendKind::Rabbitmq) => {
+            services::rabbitmq_connections(&spec.rabbitmqctl, &res.namespace).await?
+        }
+        _ => Vec::new(),
+    };
+    let mut fault_at = Instant::now();
+    let injected = inject(spec, fault, res, &rabbit_pids).await;
+    let fault_over = Instant::now();
+    let stored_at_fault = match snapshot_conn.as_mut() {
+        Some(conn) => Some(read_stored(conn).await?),
+        None => None,
+    };
+    if let Some(conn) = snapshot_conn {
+        let _ = conn.close().await;
+    }
+    let (what, took_effect) = injected?;
+    fault_at = took_effect.unwrap_or(fault_at);
+    let fault_ms = fault_over.saturating_duration_since(fault_at).as_millis() as u64;
+    tokio::time::sleep(spec.after_for(fault)).await;
+    stop_sending.cancel();
+    let sending_stopped = Instant::now();
+
+    // Let every queued send be acked (retrying), then let the system
+    // settle: until every due delivery to an online session arrived, or
+    // nothing new was stored or delivered for `quiet`.
+    tokio::pin!(sending);
+    if tokio::time::timeout(spec.retry_budget, &mut sending)
+        .await
+        .is_err()
+    {
+        give_up.cancel();
+        let _ = sending.await;
+    }
+    let mut db_conn = sqlx::PgConnection::connect(&db_url).await?;
+    let settle_deadline = Instant::now() + spec.retry_budget;
+    let mut last = (0usize, 0usize);
+    let mut last_progress = Instant::now();
+    let (stored, accounting) = loop {
+        let stored = read_stored(&mut db_conn).await?;
+        let now = Instant::now();
+        let a = traffic.account(&stored, fault_at, now);
+        let progress = (stored.len(), traffic.receipt_count());
+        if progress != last {
+            last = progress;
+            last_progress = now;
+        }
+        let complete = a.acked_not_stored == 0 && a.not_delivered_online == 0;
+        // A short floor, so that a redelivery still on its way is seen
+        // (and counted if it were shown twice).
+        let floor = now.duration_since(sending_stopped) > Duration::from_secs(2);
+        if (complete && floor)
+            || now.duration_since(last_progress) > spec.quiet
+            || now > settle_deadline
+        {
+            break (stored, a);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let _ = db_conn.close().await;
+
+    // Stored when the worker died, yet shown to nobody until well after:
+    // the killed worker had stored them and not yet published or acked
+    // them; they came back by redelivery (the surviving worker publishes
+    // what it stored within the held answer's delay; a take-over of the
+    // dead worker's partitions takes seconds).
+    let caught_mid_batch = stored_at_fault.map(|rows| {
+        let arrivals = traffic.first_arrivals();
+        let after = fault_at + Duration::from_secs(1);
+        rows.iter()
+            .filter(|r| arrivals.get(&r.id).is_none_or(|at| *at > after))
+            .count() as u64
+    });
+    let live = res.fleet.as_ref().map(Fleet::urls).unwrap_or_default();
+    let (suppressed, routes_lost) = scrape_gateways(&live).await;
+    let mut result = FaultResult {
+        backend: spec.backend,
+        fault,
+        sent: accounting.sent,
+        acked: accounting.acked,
+        retried: accounting.retried,
+        never_acked: accounting.never_acked,
+        stored: stored.len() as u64,
+        acked_not_stored: accounting.acked_not_stored,
+        stored_not_acked: accounting.stored_not_acked,
+        ack_id_differs: accounting.ack_id_differs,
+        expected_deliveries: accounting.expected_deliveries,
+        delivered: accounting.delivered,
+        delivered_late: accounting.delivered_late,
+        duplicates: accounting.duplicates,
+        unknown_deliveries: accounting.unknown_deliveries,
+        not_delivered_online: accounting.not_delivered_online,
+        not_delivered_offline: accounting.not_delivered_offline,
+        redeliveries_suppressed: suppressed,
+        stored_unacked_at_kill: caught_mid_batch,
+        routes_lost,
+        reconnects: traffic.reconnects(),
+        longest_offline_ms: accounting.longest_offline.as_millis() as u64,
+        send_failures: accounting.failures,
+        fault_ms,
+        recovery_ms: accounting.recovery.map(|d| d.as_millis() as u64),
+        run_ms: 0,
+        note: String::new(),
+    };
+    result.note = note(spec, &result, &what);
+    Ok(result)
+}
+
+/// Injects the fault; returns what was done, for the note, and when the
+/// fault took effect if that is later than the call (the connections are
+/// closed at the end of the `rabbitmqctl eval`, after its VM started).
+async fn inject(
+    spec: &FaultSpec,
+    fault: FaultKind,
+    res: &mut Resources,
+    rabbit_pids: &[String],
+) -> Result<(String, Option<Instant>), FaultError> {
+    let not_running = || FaultError::Service("the fleet is not running".into());
+    let what = match fault {
+        FaultKind::WorkerKill => {
+            let fleet = res.fleet.as_mut().ok_or_else(not_running)?;
+            let idx = fleet.live(Role::Worker, 0).ok_or_else(not_running)?;
+            let name = fleet.nodes[idx].name.clone();
+            fleet.kill9(idx).await;
+            if let Some(proxy) = &res.worker_proxy {
+                proxy.set_delay(Duration::ZERO, b"");
+            }
+            format!(
+                "SIGKILL to {name} under traffic, while the answers to the workers' batch inserts were held {} ms (committed, not yet known to the worker) so that it died between storing a batch and acking it",
+                spec.worker_kill_db_delay.as_millis()
+            )
+        }
+        FaultKind::GatewayKill => {
+            let fleet = res.fleet.as_mut().ok_or_else(not_running)?;
+            let idx = fleet.live(Role::Gateway, 0).ok_or_else(not_running)?;
+            let name = fleet.nodes[idx].name.clone();
+            fleet.kill9(idx).await;
+            format!("SIGKILL to {name}; its clients reconnected to the other gateways")
+        }
+        FaultKind::BrokerConnectionKill => match spec.backend {
+            BackendKind::Redis => {
+                let redis = res.redis.as_ref().ok_or_else(not_running)?;
+                let n = redis.kill_clients().await?;
+                format!(
+                    "CLIENT KILL TYPE normal and TYPE pubsub on the run's Redis: {n} connections"
+                )
+            }
+            _ => {
+                if rabbit_pids.is_empty() {
+                    return Err(FaultError::Service(format!(
+                        "no RabbitMQ connection of namespace {} found to close",
+                        res.namespace
+                    )));
+                }
+                services::rabbitmq_close(&spec.rabbitmqctl, rabbit_pids).await?;
+                return Ok((
+                    format!(
+                        "every one of the deployment's {} RabbitMQ connections closed by the broker at once (rabbit_networking:close_connection through rabbitmqctl eval)",
+                        rabbit_pids.len()
+                    ),
+                    Some(Instant::now()),
+                ));
+            }
+        },
+        FaultKind::BrokerRestart => match spec.backend {
+            BackendKind::Redis => {
+                let redis = res.redis.as_mut().ok_or_else(not_running)?;
+                redis.restart(spec.outage).await?;
+                format!(
+                    "the run's redis-server (appendonly yes, appendfsync everysec) stopped with SIGTERM, down {} ms, started again on its AOF",
+                    spec.outage.as_millis()
+                )
+            }
+            _ => {
+                let stopped = RabbitStopped::stop(&spec.rabbitmqctl).await?;
+                tokio::time::sleep(spec.outage).await;
+                stopped.start().await?;
+                format!(
+                    "rabbitmqctl stop_app, {} ms, start_app (and await_startup)",
+                    spec.outage.as_millis()
+                )
+            }
+        },
+        FaultKind::DatabaseOutage => {
+            let proxy = res.proxy.as_ref().ok_or_else(not_running)?;
+            let worker_proxy = res.worker_proxy.as_ref().ok_or_else(not_running)?;
+            proxy.cut();
+            worker_proxy.cut();
+            tokio::time::sleep(spec.outage).await;
+            proxy.restore();
+            worker_proxy.restore();
+            format!(
+                "every PostgreSQL connection of the fleet dropped and new ones refused for {} ms",
+                spec.outage.as_millis()
+            )
+        }
+    };
+    Ok((what, None))
+}
+
+async fn teardown(spec: &FaultSpec, res: &mut Resources) {
+    // Processes shutting down may still want the database.
+    for proxy in [&res.proxy, &res.worker_proxy].into_iter().flatten() {
+        proxy.restore();
+        proxy.set_delay(Duration::ZERO, b"");
+    }
+    if let Some(traffic) = res.traffic.take() {
+        traffic.close();
+        // Let the clients' close frames go out before the gateways stop.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(mut fleet) = res.fleet.take() {
+        fleet.stop().await;
+    }
+    let mut config = Config {
+        backend: spec.backend,
+        namespace: res.namespace.clone(),
+        rabbitmq_url: spec.rabbitmq_url.clone(),
+        ..Config::default()
+    };
+    if let Some(redis) = &res.redis {
+        config.redis_url = redis.url();
+    }
+    let purge = res.redis.is_some() || spec.backend == BackendKind::Rabbitmq;
+    if purge {
+        if let Err(e) = crate::app::purge_namespace(&config).await {
+            tracing::warn!(namespace = %res.namespace, error = %e, "cannot purge the run's namespace");
+        }
+    }
+    if let Some(redis) = res.redis.take() {
+        redis.discard().await;
+    }
+    res.proxy = None;
+    res.worker_proxy = None;
+    if let Some(db) = res.db.take() {
+        db.drop_db().await;
+    }
+}
+
+/// Creates the run's channels through the REST API.
+async fn create_channels(traffic: &Traffic, url: &str) -> Result<(), FaultError> {
+    for ch in &traffic.channels {
+        let Some((&creator, others)) = ch.members.split_first() else {
+            continue;
+        };
+        let members: Vec<&str> = others
+            .iter()
+            .map(|&u| traffic.users[u].name.as_str())
+            .collect();
+        let token = traffic.token(creator)?;
+        let (status, body) = services::http(
+            url,
+            "POST",
+            "/api/channels",
+            Some(&token),
+            Some(&serde_json::json!({ "id": ch.id, "name": ch.id, "members": members })),
+        )
+        .await?;
+        if status != 201 {
+            return Err(FaultError::Service(format!(
+                "creating channel {}: {status} {body}",
+                ch.id
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn read_stored(conn: &mut sqlx::PgConnection) -> Result<Vec<StoredRow>, FaultError> {
+    let rows = sqlx::query("SELECT id, sender_id, client_msg_id FROM messages")
+        .fetch_all(conn)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(StoredRow {
+                id: r.try_get("id")?,
+                sender: r.try_get("sender_id")?,
+                cmid: r.try_get("client_msg_id")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(FaultError::from)
+}
+
+/// Sums `duplicates_dropped` and `routes_lost` over the live gateways.
+async fn scrape_gateways(urls: &[String]) -> (u64, u64) {
+    let (mut dups, mut lost) = (0.0, 0.0);
+    for url in urls {
+        match services::http(url, "GET", "/metrics", None, None).await {
+            Ok((200, text)) => {
+                dups += services::metric_sum(&text, "duplicates_dropped_total");
+                lost += services::metric_sum(&text, "routes_lost_total");
+            }
+            other => tracing::warn!(%url, result = ?other.map(|(s, _)| s), "cannot read metrics"),
+        }
+    }
+    (dups as u64, lost as u64)
+}
+
+/// Host and port of a `postgres://user@host:port/db` URL.
+async fn postgres_addr(url: &str) -> Result<SocketAddr, FaultError> {
+    let bad = || FaultError::Service(format!("cannot find host and port in {url:?}"));
+    let rest = url.split_once("://").ok_or_else(bad)?.1;
+    let authority = rest.split('/').next().ok_or_else(bad)?;
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let hostport = if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:5432")
+    };
+    let mut addrs = tokio::net::lookup_host(hostport.as_str())
+        .await
+        .map_err(|source| FaultError::Io {
+            what: format!("resolving {hostport}"),
+            source,
+        })?;
+    addrs.next().ok_or_else(bad)
+}
+
+/// `url` with its host and port replaced by `addr`.
+fn via(url: &str, addr: SocketAddr) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let user = authority.rsplit_once('@').map(|(u, _)| u);
+    match user {
+        Some(u) => format!("{scheme}://{u}@{addr}/{path}"),
+        None => format!("{scheme}://{addr}/{path}"),
+    }
+}
+
+/// What was done, and what the numbers say, in words.
+fn note(spec: &FaultSpec, r: &FaultResult, what: &str) -> String {
+    let mut parts = vec![format!("{what}.")];
+    if r.retried > 0 {
+        let why: Vec<String> = r
+            .send_failures
+            .iter()
+            .map(|(f, n)| format!("{n} {f}"))
+            .collect();
+        parts.push(format!(
+            "{} messages needed a retry with the same clientMsgId (failed sends: {}).",
+            r.retried,
+            why.join(", ")
+        ));
+    }
+    if let Some(n) = r.stored_unacked_at_kill {
+        parts.push(format!(
+            "{n} messages were stored but not yet published or acked by the killed worker; the broker redelivered them and they were shown once."
+        ));
+    }
+    if r.redeliveries_suppressed > 0 {
+        parts.push(format!(
+            "{} redelivered copies were dropped by the sessions' duplicate windows.",
+            r.redeliveries_suppressed
+        ));
+    }
+    if r.reconnects > 0 {
+        parts.push(format!(
+            "{} sessions were re-established, the longest gap {} ms.",
+            r.reconnects, r.longest_offline_ms
+        ));
+    }
+    if r.not_delivered_offline > 0 {
+        parts.push(format!(
+            "{} deliveries were missed by sessions that were down; they are in the history.",
+            r.not_delivered_offline
+        ));
+    }
+    if r.not_delivered_online > 0 {
+        let why = match (spec.backend, r.fault) {
+            (BackendKind::Redis, _) => {
+                "messages published to a gateway's Pub/Sub channel while its subscriber was reconnecting are dropped by Redis, and the gateway does not catch up from the store after re-binding"
+            }
+            (_, FaultKind::BrokerConnectionKill | FaultKind::BrokerRestart) => {
+                "a gateway's exclusive queue is deleted with its connection (with what it held), and messages routed before the gateway re-bound are unroutable; the gateway does not catch up from the store after re-binding"
+            }
+            _ => "not expected for this fault: see the logs",
+        };
+        parts.push(format!(
+            "{} deliveries to connected sessions were lost: {why}.",
+            r.not_delivered_online
+        ));
+    }
+    if r.stored_not_acked > 0 {
+        parts.push(format!(
+            "{} stored messages were never acked (the retry budget ran out).",
+            r.stored_not_acked
+        ));
+    }
+    parts.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrites_database_urls() {
+        let addr: SocketAddr = "127.0.0.1:6000".parse().expect("addr");
+        assert_eq!(
+            via("postgres://postgres@127.0.0.1:5432/fanout_x", addr),
+            "postgres://postgres@127.0.0.1:6000/fanout_x"
+        );
+        assert_eq!(
+            via("postgres://localhost/db", addr),
+            "postgres://127.0.0.1:6000/db"
+        );
+    }
+
+    #[test]
+    fn fault_names_are_snake_case() {
+        for f in FaultKind::ALL {
+            let json = serde_json::to_string(&f).expect("serializes");
+            assert_eq!(json, format!("\"{}\"", f.as_str()));
+        }
+    }
+}
