@@ -220,6 +220,13 @@ pub struct GatewayConfig {
     /// gateways run on several machines; messages sent that long before the
     /// `204` may then be shown to the new member too. Default 0 (one host).
     pub catch_up_skew_ms: i64,
+    /// After the backend lost this gateway's routes (a broker connection
+    /// lost or a broker restart), local sessions are sent again what the
+    /// store holds for them from this many milliseconds before the last
+    /// delivery that arrived before the loss: anything a worker published
+    /// into the gap. Raise it above the workers' longest backlog. Default
+    /// 5000.
+    pub loss_catch_up_ms: i64,
     /// Seconds a graceful shutdown waits for in-flight sends. Default 10.
     pub shutdown_grace_secs: u64,
 }
@@ -230,6 +237,7 @@ impl Default for GatewayConfig {
             dedup_window: 1024,
             retry_cache: 65_536,
             catch_up_skew_ms: 0,
+            loss_catch_up_ms: 5000,
             shutdown_grace_secs: 10,
         }
     }

@@ -45,6 +45,9 @@ pub struct Metrics {
     pub bound_keys: Gauge,
     /// Times the backend lost this gateway's routes and they were re-bound.
     pub routes_lost: Counter,
+    /// Events sent to sessions by catch-ups after a route loss (messages
+    /// published into the gap; those already shown are not counted).
+    pub loss_catch_up_emitted: Counter,
     /// Messages stored by the worker (new ones only).
     pub messages_stored: Counter,
     /// Retried or redelivered messages that were already stored.
@@ -83,6 +86,7 @@ impl Metrics {
             duplicates_dropped: Counter::default(),
             bound_keys: Gauge::default(),
             routes_lost: Counter::default(),
+            loss_catch_up_emitted: Counter::default(),
             messages_stored: Counter::default(),
             messages_deduplicated: Counter::default(),
             unroutable: Counter::default(),
@@ -155,6 +159,11 @@ impl Metrics {
             "routes_lost",
             "Times the backend lost this gateway's routes",
             m.routes_lost.clone(),
+        );
+        registry.register(
+            "loss_catch_up_emitted",
+            "Events sent to sessions by catch-ups after a route loss",
+            m.loss_catch_up_emitted.clone(),
         );
         registry.register(
             "messages_stored",

@@ -451,6 +451,35 @@ impl Store {
             .collect::<Result<_, _>>()?)
     }
 
+    /// Personal messages to or from `user` created at `since` or later,
+    /// oldest first, at most `limit` (a gateway's catch-up after it lost
+    /// its routes).
+    pub async fn personal_messages_since(
+        &self,
+        user: &str,
+        since: i64,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        // Two indexed halves rather than one OR, which neither index serves.
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE receiver_id = $1 AND created_at >= $2 \
+             UNION \
+             SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = $3 AND receiver_id IS NOT NULL AND created_at >= $4 \
+             ORDER BY id ASC LIMIT $5"
+        ))
+        .bind(user.to_owned())
+        .bind(since)
+        .bind(user.to_owned())
+        .bind(since)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(message_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
     /// How many messages are stored (tests and operators).
     pub async fn count_messages(&self) -> Result<i64, StoreError> {
         let row = sqlx::query("SELECT COUNT(*) AS n FROM messages")

@@ -173,6 +173,30 @@ async fn behaviours(store: &Store) {
         since.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
         (15..20).map(uuid_at).collect::<Vec<_>>()
     );
+
+    // A route loss's catch-up: a user's personal messages both ways, from
+    // a time on, oldest first, never a channel's.
+    let ids = |ms: Vec<Message>| ms.into_iter().map(|m| m.id).collect::<Vec<_>>();
+    let bob = store
+        .personal_messages_since("bob", 1001, 100)
+        .await
+        .expect("bob's");
+    assert_eq!(ids(bob), [uuid_at(2), uuid_at(4)]);
+    let alice = store
+        .personal_messages_since("alice", 0, 100)
+        .await
+        .expect("alice's");
+    assert_eq!(ids(alice), [uuid_at(1), uuid_at(2)], "sent ones count");
+    let limited = store
+        .personal_messages_since("bob", 0, 1)
+        .await
+        .expect("limited");
+    assert_eq!(ids(limited), [uuid_at(1)]);
+    assert!(store
+        .personal_messages_since("carol", 3001, 100)
+        .await
+        .expect("carol's")
+        .is_empty());
 }
 
 #[tokio::test]

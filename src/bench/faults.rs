@@ -75,19 +75,6 @@ impl FaultKind {
             FaultKind::DatabaseOutage => "database_outage",
         }
     }
-
-    /// Whether the design lets this fault lose deliveries to sessions that
-    /// stay connected: the outgoing side is at-most-once across a broker
-    /// connection loss (RabbitMQ: the gateway's exclusive queue goes with
-    /// its connection; Redis: Pub/Sub keeps nothing for a subscriber that
-    /// is reconnecting), and the gateway does not catch up from the store
-    /// after re-binding. See `docs/reliability.md`.
-    pub fn may_lose_online_deliveries(self) -> bool {
-        matches!(
-            self,
-            FaultKind::BrokerConnectionKill | FaultKind::BrokerRestart
-        )
-    }
 }
 
 impl std::fmt::Display for FaultKind {
@@ -286,9 +273,10 @@ pub struct FaultResult {
 impl FaultResult {
     /// The guarantees that must hold whatever the fault: nothing acked is
     /// lost, no session sees a message twice, nothing unstored is shown,
-    /// the system recovered; and no online recipient misses a message
-    /// unless the fault is one the design lets lose outgoing messages
-    /// ([`FaultKind::may_lose_online_deliveries`]). Empty when all hold.
+    /// the system recovered, and no online recipient misses a message
+    /// (what a broker connection loss drops on the outgoing side, the
+    /// gateway reads back from the store after re-binding). Empty when all
+    /// hold.
     pub fn violations(&self) -> Vec<String> {
         let mut v = Vec::new();
         if self.acked_not_stored > 0 {
@@ -309,7 +297,7 @@ impl FaultResult {
         if self.recovery_ms.is_none() {
             v.push("did not recover before the run ended".into());
         }
-        if self.not_delivered_online > 0 && !self.fault.may_lose_online_deliveries() {
+        if self.not_delivered_online > 0 {
             v.push(format!(
                 "{} deliveries lost to online sessions",
                 self.not_delivered_online

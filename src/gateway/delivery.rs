@@ -10,10 +10,13 @@ use futures::StreamExt;
 
 use super::sessions::Emit;
 use super::Gateway;
-use crate::protocol::{Message, OutgoingEnvelope};
+use crate::protocol::{now_ms, Message, OutgoingEnvelope};
 
-/// Most stored messages a newly added member catches up on.
+/// Most stored messages a newly added member catches up on; also per user
+/// and per channel after a route loss.
 const CATCH_UP_LIMIT: u32 = 1000;
+/// Catch-up queries in flight after a route loss.
+const CATCH_UP_CONCURRENCY: usize = 8;
 /// How often sessions whose end was never signalled are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
@@ -44,9 +47,15 @@ pub fn spawn_sweeper(gw: &Arc<Gateway>) -> tokio::task::JoinHandle<()> {
 async fn run(gw: Arc<Gateway>, mut stream: ServerStream) {
     // Processed one at a time, in order: a leave applied before the next
     // message, a join's catch-up finished before later live messages.
+    // Wall time of the last delivery before a loss: what was published
+    // after it may have fallen into the gap.
+    let mut last_delivery_ms = now_ms();
     while let Some(event) = stream.next().await {
         match event {
-            ServerEvent::Message(m) => handle(&gw, m).await,
+            ServerEvent::Message(m) => {
+                last_delivery_ms = now_ms();
+                handle(&gw, m).await;
+            }
             ServerEvent::RoutesLost => {
                 gw.metrics.routes_lost.inc();
                 let (n, err) = gw.routes.rebind_all().await;
@@ -59,6 +68,13 @@ async fn run(gw: Arc<Gateway>, mut stream: ServerStream) {
                         tracing::error!(keys = n, error = %e, "re-binding after a route loss failed")
                     }
                 }
+                // Bound again: what comes next arrives live. Before the
+                // stream moves on, send every local session what was
+                // published into the gap, so the order within each
+                // conversation holds; duplicate windows drop what a
+                // session was already shown.
+                let from = last_delivery_ms - gw.config.gateway.loss_catch_up_ms;
+                catch_up_after_loss(&gw, from).await;
             }
         }
     }
@@ -135,6 +151,61 @@ async fn handle(gw: &Gateway, m: OutgoingMessage) {
             gw.metrics.bound_keys.set(gw.routes.bound() as i64);
         }
     }
+}
+
+/// Reads back from the store what local users and channels got from
+/// `from` on, and emits it.
+async fn catch_up_after_loss(gw: &Gateway, from: i64) {
+    let (users, channels) = gw.sessions.local_users_and_channels();
+    let started = std::time::Instant::now();
+    let personal = futures::stream::iter(users)
+        .map(|u| async move {
+            let r = gw
+                .store
+                .personal_messages_since(&u, from, CATCH_UP_LIMIT)
+                .await;
+            (RouteKey::User(u), r)
+        })
+        .buffer_unordered(CATCH_UP_CONCURRENCY);
+    let group = futures::stream::iter(channels)
+        .map(|c| async move {
+            let conversation = OrderingKey::channel(&c);
+            let r = gw
+                .store
+                .messages_since(conversation.as_str(), from, CATCH_UP_LIMIT)
+                .await;
+            (RouteKey::Channel(c), r)
+        })
+        .buffer_unordered(CATCH_UP_CONCURRENCY);
+    let results: Vec<_> = personal.chain(group).collect().await;
+    let (mut shown, mut failed) = (0u64, 0usize);
+    for (key, result) in results {
+        let messages = match result {
+            Ok(m) => m,
+            Err(e) => {
+                failed += 1;
+                tracing::error!(key = %key, error = %e, "catch-up after a route loss failed");
+                continue;
+            }
+        };
+        for message in &messages {
+            let e = emit_of(message);
+            let (count, failed) = match &key {
+                RouteKey::User(u) => gw.sessions.emit_to_user(u, &e),
+                RouteKey::Channel(c) => gw.sessions.emit_to_channel(c, &e),
+            };
+            shown += count.emitted;
+            gw.account(count, failed);
+        }
+    }
+    gw.metrics.loss_catch_up_emitted.inc_by(shown);
+    tracing::warn!(
+        from_ms = from,
+        shown,
+        failed_queries = failed,
+        took_ms = started.elapsed().as_millis() as u64,
+        "caught local sessions up after a route loss"
+    );
 }
 
 fn emit_of(message: &Message) -> Emit {

@@ -329,6 +329,16 @@ impl Sessions {
         left
     }
 
+    /// Users and channels that have a session here: what a catch-up after
+    /// a route loss must cover.
+    pub fn local_users_and_channels(&self) -> (Vec<String>, Vec<String>) {
+        let g = self.lock();
+        (
+            g.by_user.keys().cloned().collect(),
+            g.by_channel.keys().cloned().collect(),
+        )
+    }
+
     /// Emits to every session of `user`.
     pub fn emit_to_user(&self, user: &str, e: &Emit) -> (EmitCount, Vec<SocketRef>) {
         let mut g = self.lock();
