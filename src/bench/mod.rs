@@ -449,6 +449,8 @@ fn groups(fleet: &Fleet, kind: BackendKind, base: &Config) -> Vec<(&'static str,
         ),
         ("workers", fleet.pids(Role::Worker)),
         ("database", procs::find_pids(&["postgres"])),
+        // This process: the virtual users share the machine too.
+        ("load", vec![std::process::id()]),
     ];
     match kind {
         BackendKind::Rabbitmq => g.push(("broker", procs::find_pids(&["beam.smp", "rabbit"]))),
@@ -499,6 +501,7 @@ impl Snapshot {
                 "gateways" => res.gateways = Some(u),
                 "workers" => res.workers = Some(u).filter(|u| u.processes > 0),
                 "database" => res.database = Some(u).filter(|u| u.processes > 0),
+                "load" => res.load_generator = Some(u),
                 _ => res.broker = Some(u).filter(|u| u.processes > 0),
             }
         }

@@ -39,6 +39,9 @@ pub struct Resources {
     /// PostgreSQL's processes (the whole server: other users of the
     /// machine's PostgreSQL are included).
     pub database: Option<Usage>,
+    /// The benchmark process itself (virtual users, accounting).
+    #[serde(default)]
+    pub load_generator: Option<Usage>,
 }
 
 /// One step of a ramp.
@@ -491,6 +494,11 @@ fn workload_section(md: &mut String, w: &WorkloadReport) {
         (
             "CPU % PostgreSQL",
             |r| usage(r, |x| x.database.as_ref()).map(|u| u.cpu_percent),
+            Kind::Figure,
+        ),
+        (
+            "CPU % load generator",
+            |r| usage(r, |x| x.load_generator.as_ref()).map(|u| u.cpu_percent),
             Kind::Figure,
         ),
         (

@@ -60,12 +60,14 @@ impl Cluster {
 
     async fn start_on(kind: BackendKind, gateways: usize, consumers: u32) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config::default();
-        config.backend = kind;
-        config.namespace = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        config.broker_timeout_ms = 15_000;
-        config.jwt_secret = Some(SECRET.to_owned());
-        config.data_dir = dir.path().to_owned();
+        let mut config = Config {
+            backend: kind,
+            namespace: format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+            broker_timeout_ms: 15_000,
+            jwt_secret: Some(SECRET.to_owned()),
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        };
         config.worker.consumers = consumers;
         config.limits.messages_per_second = 10_000;
         config.limits.message_burst = 10_000;
