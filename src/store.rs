@@ -128,6 +128,13 @@ fn message_from_row(row: &AnyRow) -> Result<Message, sqlx::Error> {
     })
 }
 
+fn messages_from(rows: &[AnyRow]) -> Result<Vec<Message>, StoreError> {
+    Ok(rows
+        .iter()
+        .map(message_from_row)
+        .collect::<Result<_, _>>()?)
+}
+
 impl Store {
     /// Connects and applies migrations. A `sqlite:` URL creates its file
     /// (and directory) if missing.
@@ -423,10 +430,7 @@ impl Store {
                 .await?
             }
         };
-        Ok(rows
-            .iter()
-            .map(message_from_row)
-            .collect::<Result<_, _>>()?)
+        messages_from(&rows)
     }
 
     /// A conversation's messages created at or after `since` (ms), oldest
@@ -445,10 +449,7 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .iter()
-            .map(message_from_row)
-            .collect::<Result<_, _>>()?)
+        messages_from(&rows)
     }
 
     /// Personal messages to or from `user` created at `since` or later,
@@ -474,10 +475,7 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .iter()
-            .map(message_from_row)
-            .collect::<Result<_, _>>()?)
+        messages_from(&rows)
     }
 
     /// How many messages are stored (tests and operators).

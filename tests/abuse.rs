@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{next, quiet, send_ok, Cluster, SECRET, WAIT};
+use common::cluster::{next, quiet, send_ok, spawn_gateway, Cluster, SECRET, WAIT};
 use fanout::app;
 use fanout::auth::Tokens;
 use fanout::client::{Client, ClientError};
@@ -118,26 +118,13 @@ impl Node {
             worker_stop.clone(),
         ));
         let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn({
-            let (backend, store, tokens) = (backend.clone(), store.clone(), tokens.clone());
-            async move {
-                let shutdown = async move {
-                    let _ = rx.await;
-                };
-                app::run_gateway(
-                    config,
-                    listener,
-                    backend,
-                    store,
-                    tokens,
-                    Arc::new(Metrics::new()),
-                    shutdown,
-                )
-                .await
-                .expect("gateway runs");
-            }
-        });
+        let (tx, task) = spawn_gateway(
+            config,
+            listener,
+            backend.clone(),
+            store.clone(),
+            tokens.clone(),
+        );
         Node {
             url,
             store,

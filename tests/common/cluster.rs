@@ -92,30 +92,15 @@ impl Cluster {
                 .await
                 .expect("bind");
             urls.push(format!("http://{}", listener.local_addr().expect("addr")));
-            let (tx, rx) = oneshot::channel::<()>();
-            stops.push(tx);
-            let (config, backend, store, tokens) = (
+            let (tx, handle) = spawn_gateway(
                 config.clone(),
+                listener,
                 backend.clone(),
                 store.clone(),
                 tokens.clone(),
             );
-            handles.push(tokio::spawn(async move {
-                let shutdown = async move {
-                    let _ = rx.await;
-                };
-                app::run_gateway(
-                    config,
-                    listener,
-                    backend,
-                    store,
-                    tokens,
-                    Arc::new(Metrics::new()),
-                    shutdown,
-                )
-                .await
-                .expect("gateway runs");
-            }));
+            stops.push(tx);
+            handles.push(handle);
         }
         Cluster {
             urls,
@@ -175,6 +160,35 @@ impl Cluster {
             eprintln!("cannot purge test namespace {}: {e}", self.config.namespace);
         }
     }
+}
+
+/// Runs a gateway on `listener` in this process until the returned sender
+/// fires (or is dropped).
+pub fn spawn_gateway(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    backend: DynBackend,
+    store: Store,
+    tokens: Tokens,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = rx.await;
+        };
+        app::run_gateway(
+            config,
+            listener,
+            backend,
+            store,
+            tokens,
+            Arc::new(Metrics::new()),
+            shutdown,
+        )
+        .await
+        .expect("gateway runs");
+    });
+    (tx, handle)
 }
 
 /// Sends and expects an `ok` ack; returns the message id.
