@@ -120,29 +120,68 @@ pub(crate) async fn register(
     let state = StreamState {
         rx,
         prev: None,
+        unacked: 0,
         limit: inner.timeout(),
         _guard: guard,
     };
     Ok(stream::unfold(state, |mut st| async move {
-        // Taking the next item acknowledges the previous one: the gateway
-        // has handled it (or crashed before asking for more, in which case
-        // the broker redelivers it to... nobody: the queue is exclusive and
-        // goes with the connection).
-        if let Some(acker) = st.prev.take() {
-            let _ = tokio::time::timeout(st.limit, acker.ack(BasicAckOptions::default())).await;
+        // Taking the next item means the gateway handled the previous one
+        // (had it crashed instead, the exclusive queue would be gone with
+        // its connection: nothing to redeliver to). One `multiple` ack of
+        // the latest handled delivery covers every earlier one on its
+        // channel, so while more deliveries are already waiting the ack is
+        // deferred, up to ACK_BATCH of them: one frame instead of one per
+        // message, for the broker and the gateway alike.
+        let next = match st.rx.try_recv() {
+            Ok(item) if st.unacked < ACK_BATCH => item,
+            Ok(item) => {
+                st.flush().await;
+                item
+            }
+            Err(mpsc::error::TryRecvError::Empty) => {
+                st.flush().await;
+                st.rx.recv().await?
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                st.flush().await;
+                return None;
+            }
+        };
+        let (event, acker) = next;
+        if let Some(acker) = acker {
+            // An acker of a channel lost meanwhile is dropped unacked: its
+            // deliveries went with the channel.
+            st.prev = Some(acker);
+            st.unacked += 1;
         }
-        let (event, acker) = st.rx.recv().await?;
-        st.prev = acker;
         Some((event, st))
     })
     .boxed())
 }
 
+/// Most handled deliveries one `multiple` ack covers.
+const ACK_BATCH: usize = 64;
+
 struct StreamState {
     rx: mpsc::Receiver<ServerItem>,
+    /// The latest delivery handed out, not yet acked.
     prev: Option<Acker>,
+    /// Deliveries handed out since the last ack.
+    unacked: usize,
     limit: std::time::Duration,
     _guard: ServerGuard,
+}
+
+impl StreamState {
+    /// Acks every delivery handed out so far (they are all handled: this
+    /// runs when the stream is asked for more).
+    async fn flush(&mut self) {
+        if let Some(acker) = self.prev.take() {
+            let all = BasicAckOptions { multiple: true };
+            let _ = tokio::time::timeout(self.limit, acker.ack(all)).await;
+        }
+        self.unacked = 0;
+    }
 }
 
 /// Deregisters the server when its stream is dropped, unless the id was
