@@ -242,10 +242,7 @@ impl Plan {
                     return Err(LoadError::Spec("offline_share must be 0 to 1".into()));
                 }
                 let users = spec.users.div_ceil(2) * 2;
-                // Spread the offline pairs evenly: pair p is offline when
-                // the running count of offline pairs steps up at p.
-                let offline =
-                    |p: usize| ((p + 1) as f64 * share).floor() > (p as f64 * share).floor();
+                let offline = |p: usize| is_offline_pair(p, share);
                 let mut plan = Plan {
                     names: (0..users).map(name).collect(),
                     gateway: Vec::with_capacity(users),
@@ -296,6 +293,39 @@ impl Plan {
             }
         }
     }
+}
+
+/// Whether pair `p`'s recipient is offline when a `share` of them are:
+/// the offline pairs are spread evenly, pair `p` being one when the running
+/// count of offline pairs steps up at `p`. The raw baseline uses the same
+/// rule, so both measure the same pattern.
+pub fn is_offline_pair(p: usize, share: f64) -> bool {
+    ((p + 1) as f64 * share).floor() > (p as f64 * share).floor()
+}
+
+/// Creates channel `id` as the user `token` names, with `members` besides
+/// them, through a gateway's REST API.
+pub async fn create_channel(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    id: &str,
+    members: &[&str],
+) -> Result<(), String> {
+    let body = json!({ "id": id, "name": id, "members": members });
+    let resp = http
+        .post(format!("{url}/api/channels"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| format!("creating channel {id}: {e}"))?;
+    let status = resp.status();
+    if status.as_u16() != 201 {
+        let text = resp.text().await.unwrap_or_default();
+        return Err(format!("creating channel {id}: {status} {text}"));
+    }
+    Ok(())
 }
 
 /// Per sender: which messages were acked and how many sessions got each.
@@ -469,7 +499,16 @@ pub async fn run(spec: &LoadSpec, tokens: &Tokens) -> Result<LoadReport, LoadErr
     let plan = Plan::new(spec)?;
     let http = reqwest::Client::new();
     for (id, members) in &plan.channels {
-        create_channel(&http, &spec.urls[0], tokens, &plan.names, id, members).await?;
+        let token = tokens
+            .mint(&plan.names[members[0]], 3600)
+            .map_err(|e| LoadError::Setup(e.to_string()))?;
+        let others: Vec<&str> = members[1..]
+            .iter()
+            .map(|m| plan.names[*m].as_str())
+            .collect();
+        create_channel(&http, &spec.urls[0], &token, id, &others)
+            .await
+            .map_err(LoadError::Setup)?;
     }
 
     let t_connect = Instant::now();
@@ -624,40 +663,6 @@ pub async fn run(spec: &LoadSpec, tokens: &Tokens) -> Result<LoadReport, LoadErr
         measured_secs,
         series,
     })
-}
-
-async fn create_channel(
-    http: &reqwest::Client,
-    url: &str,
-    tokens: &Tokens,
-    names: &[String],
-    id: &str,
-    members: &[usize],
-) -> Result<(), LoadError> {
-    let owner = &names[members[0]];
-    let token = tokens
-        .mint(owner, 3600)
-        .map_err(|e| LoadError::Setup(e.to_string()))?;
-    let body = json!({
-        "id": id,
-        "name": id,
-        "members": members[1..].iter().map(|m| &names[*m]).collect::<Vec<_>>(),
-    });
-    let resp = http
-        .post(format!("{url}/api/channels"))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| LoadError::Setup(format!("creating channel {id}: {e}")))?;
-    if resp.status().as_u16() != 201 {
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        return Err(LoadError::Setup(format!(
-            "creating channel {id}: {status} {text}"
-        )));
-    }
-    Ok(())
 }
 
 /// One user's sends on its fixed schedule until the duration ends.

@@ -11,7 +11,7 @@
 //!
 //! Parts: `proxy` (the TCP proxy that makes database outages without
 //! touching the shared PostgreSQL), `services` (a Redis server of the run's
-//! own, `rabbitmqctl`, bare HTTP), `traffic` (the clients and the
+//! own, `rabbitmqctl`, HTTP calls), `traffic` (the clients and the
 //! accounting).
 
 mod proxy;
@@ -749,20 +749,9 @@ async fn create_channels(traffic: &Traffic, url: &str) -> Result<(), FaultError>
             .map(|&u| traffic.users[u].name.as_str())
             .collect();
         let token = traffic.token(creator)?;
-        let (status, body) = services::http(
-            url,
-            "POST",
-            "/api/channels",
-            Some(&token),
-            Some(&serde_json::json!({ "id": ch.id, "name": ch.id, "members": members })),
-        )
-        .await?;
-        if status != 201 {
-            return Err(FaultError::Service(format!(
-                "creating channel {}: {status} {body}",
-                ch.id
-            )));
-        }
+        crate::load::create_channel(&reqwest::Client::new(), url, &token, &ch.id, &members)
+            .await
+            .map_err(FaultError::Service)?;
     }
     Ok(())
 }

@@ -342,25 +342,14 @@ async fn wait_ready(url: &str, name: &str, log: &Path) -> Result<(), ProcError> 
     }
 }
 
-/// A bare HTTP/1.0 GET: enough for `/readyz` without an HTTP client crate
-/// in the binary.
 async fn http_status(base: &str, path: &str) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = base.strip_prefix("http://")?;
-    let mut tcp =
-        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-            .await
-            .ok()?
-            .ok()?;
-    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+    let resp = reqwest::Client::new()
+        .get(format!("{base}{path}"))
+        .timeout(Duration::from_secs(2))
+        .send()
         .await
         .ok()?;
-    let mut head = [0u8; 12];
-    tokio::time::timeout(Duration::from_secs(2), tcp.read_exact(&mut head))
-        .await
-        .ok()?
-        .ok()?;
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+    Some(resp.status().as_u16())
 }
 
 /// CPU time and resident memory of a process, from `/proc`.

@@ -223,7 +223,7 @@ impl Routes {
                 let pairs = users.div_ceil(2).max(1);
                 for p in 0..pairs {
                     let (a, b) = (user(2 * p), user(2 * p + 1));
-                    let offline = ((p + 1) as f64 * share).floor() > (p as f64 * share).floor();
+                    let offline = crate::load::is_offline_pair(p, share);
                     let key = RouteKey::user(&b)?;
                     if !offline {
                         bound[(p + 1) % servers].push((key.clone(), 1));

@@ -3,7 +3,6 @@
 //! makes. No client crate for either: one request each, a few lines of
 //! framing, and the binary stays free of an HTTP client.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -330,8 +329,7 @@ impl Drop for RabbitStopped {
     }
 }
 
-/// A bare HTTP/1.0 request (HTTP/1.0: the answer comes whole, never
-/// chunked, and the connection closes after it); status and body.
+/// One HTTP request to a gateway; status and body.
 pub async fn http(
     base: &str,
     method: &str,
@@ -340,46 +338,21 @@ pub async fn http(
     body: Option<&serde_json::Value>,
 ) -> Result<(u16, String), FaultError> {
     let failed = |why: String| FaultError::Service(format!("{method} {base}{path}: {why}"));
-    let addr: SocketAddr = base
-        .strip_prefix("http://")
-        .and_then(|a| a.parse().ok())
-        .ok_or_else(|| failed("not an http://IP:PORT base URL".into()))?;
-    let call = async {
-        let mut tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
-        if let Some(t) = token {
-            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-        }
-        if !body.is_empty() {
-            req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                body.len()
-            ));
-        }
-        req.push_str("\r\n");
-        req.push_str(&body);
-        tcp.write_all(req.as_bytes())
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let mut raw = Vec::new();
-        tcp.read_to_end(&mut raw)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let text = String::from_utf8_lossy(&raw);
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| failed(format!("no status line in {head:?}")))?;
-        Ok((status, body.to_owned()))
-    };
-    tokio::time::timeout(CALL_TIMEOUT, call)
-        .await
-        .map_err(|_| failed("no answer within 5 s".into()))?
+    let method =
+        reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| failed(e.to_string()))?;
+    let mut req = reqwest::Client::new()
+        .request(method, format!("{base}{path}"))
+        .timeout(CALL_TIMEOUT);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    let resp = req.send().await.map_err(|e| failed(e.to_string()))?;
+    let status = resp.status().as_u16();
+    let text = resp.text().await.map_err(|e| failed(e.to_string()))?;
+    Ok((status, text))
 }
 
 /// The sum of the samples of metric `name` (without labels or with) in a
