@@ -44,7 +44,6 @@ pub async fn connect_backend(config: &Config) -> Result<DynBackend, RunError> {
         BackendKind::Memory => Ok(Arc::new(fanout_memory::MemoryBackend::new(
             fanout_memory::MemoryConfig {
                 partitions: config.incoming.partitions,
-                max_attempts: config.incoming.max_attempts,
                 ..fanout_memory::MemoryConfig::default()
             },
         ))),
@@ -56,7 +55,6 @@ pub async fn connect_backend(config: &Config) -> Result<DynBackend, RunError> {
                 url: config.redis_url.clone(),
                 namespace: config.namespace.clone(),
                 partitions: config.incoming.partitions,
-                max_attempts: config.incoming.max_attempts,
                 operation_timeout: Duration::from_millis(config.broker_timeout_ms),
                 liveness_ttl: Duration::from_millis(config.redis.liveness_ttl_ms),
                 lease_ttl: Duration::from_millis(config.redis.lease_ttl_ms),
@@ -73,7 +71,6 @@ fn rabbitmq_config(config: &Config) -> fanout_rabbitmq::RabbitMqConfig {
         url: config.rabbitmq_url.clone(),
         namespace: config.namespace.clone(),
         partitions: config.incoming.partitions,
-        max_attempts: config.incoming.max_attempts,
         queue_type: match config.rabbitmq.queue_type {
             QueueKind::Quorum => fanout_rabbitmq::QueueType::Quorum,
             QueueKind::Classic => fanout_rabbitmq::QueueType::Classic,
@@ -123,6 +120,7 @@ pub async fn serve(
         store.clone(),
         metrics.clone(),
         config.worker.clone(),
+        config.incoming.max_attempts,
         stop.clone(),
     ));
     let result = run_gateway(
@@ -201,6 +199,7 @@ pub async fn worker(
         store.clone(),
         Arc::new(Metrics::new()),
         config.worker.clone(),
+        config.incoming.max_attempts,
         stop.clone(),
     );
     tokio::pin!(run);

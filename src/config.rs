@@ -23,9 +23,9 @@ const NON_CONFIG_ENV: [&str; 2] = ["config", "test_"];
 pub enum BackendKind {
     /// In-process; single node only. The default.
     Memory,
-    /// RabbitMQ (not built yet in this version).
+    /// RabbitMQ: exchanges, partition queues, bindings as the routing table.
     Rabbitmq,
-    /// Redis (not built yet in this version).
+    /// Redis: route sets, per-server Pub/Sub, partitioned streams.
     Redis,
 }
 
@@ -169,7 +169,10 @@ pub struct IncomingConfig {
     /// time, so this bounds worker parallelism. Every process of one
     /// deployment must use the same value. Default 16.
     pub partitions: u32,
-    /// Deliveries of one event before it is dead-lettered. Default 5.
+    /// Times a worker tries to store a message that the database refuses
+    /// by its content (while it takes a probe message) before it
+    /// dead-letters it. Broker redeliveries and infrastructure errors never
+    /// count. Default 5.
     pub max_attempts: u32,
 }
 

@@ -60,6 +60,13 @@ pub struct Metrics {
     pub batch_size: Histogram,
     /// Database or broker errors the worker retried.
     pub worker_retries: Counter,
+    /// Failed stores of one message that the database refused by its
+    /// content while it took a probe message (counted towards
+    /// `incoming.max_attempts`; infrastructure errors never are).
+    pub worker_message_refusals: Counter,
+    /// Stored messages the broker refused to route for good (an invalid
+    /// argument); they stay in the history.
+    pub worker_publish_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -93,6 +100,8 @@ impl Metrics {
             dead_lettered: Counter::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             worker_retries: Counter::default(),
+            worker_message_refusals: Counter::default(),
+            worker_publish_refused: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -194,6 +203,16 @@ impl Metrics {
             "worker_retries",
             "Database or broker errors retried by workers",
             m.worker_retries.clone(),
+        );
+        registry.register(
+            "worker_message_refusals",
+            "Stores of one message the database refused by its content while it took a probe",
+            m.worker_message_refusals.clone(),
+        );
+        registry.register(
+            "worker_publish_refused",
+            "Stored messages the broker refused to route for good",
+            m.worker_publish_refused.clone(),
         );
         Self { registry, ..m }
     }

@@ -7,6 +7,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::error::DatabaseError as _;
 use sqlx::{AnyPool, Row};
 
 use crate::protocol::{Message, Target};
@@ -37,6 +38,50 @@ impl StoreError {
     pub fn is_temporary(&self) -> bool {
         matches!(self, StoreError::Unavailable(_))
     }
+
+    /// Whether the error may be about the rows the statement carried
+    /// rather than about the database: a constraint the row breaks, a value
+    /// the column cannot take, a value that cannot be encoded. Only these
+    /// can make a message bad by its content; everything else (read-only,
+    /// disk full, out of memory, permissions, a missing table, lost
+    /// connections) is the database's trouble, whatever its code.
+    pub fn blames_data(&self) -> bool {
+        let e = match self {
+            StoreError::Database(e) => e,
+            _ => return false,
+        };
+        match e {
+            sqlx::Error::Encode(_) => true,
+            sqlx::Error::Database(db) => {
+                if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                    // Class 22: data exception; class 23: integrity
+                    // constraint violation.
+                    let code = pg.code();
+                    code.starts_with("22") || code.starts_with("23")
+                } else if let Some(lite) = db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
+                    // Primary result codes (the low byte of the extended
+                    // one): TOOBIG, CONSTRAINT, MISMATCH, RANGE.
+                    let code = lite.code().and_then(|c| c.parse::<i64>().ok()).unwrap_or(0);
+                    matches!(code & 0xff, 18 | 19 | 20 | 25)
+                } else {
+                    false
+                }
+            }
+            _ => false,
+        }
+    }
+}
+
+fn is_transient(db: &dyn sqlx::error::DatabaseError) -> bool {
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        let c = pg.code();
+        return c.starts_with("57") || c.starts_with("08") || c.starts_with("40");
+    }
+    if let Some(lite) = db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
+        let code = lite.code().and_then(|c| c.parse::<i64>().ok()).unwrap_or(0);
+        return matches!(code & 0xff, 5 | 6);
+    }
+    false
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -48,18 +93,60 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_) => StoreError::Unavailable(e),
-            // PostgreSQL shutting down or restarting (class 57) and
-            // connection exceptions (class 08) are transient too.
-            sqlx::Error::Database(ref db)
-                if db
-                    .code()
-                    .is_some_and(|c| c.starts_with("57") || c.starts_with("08")) =>
-            {
+            // PostgreSQL shutting down or restarting (class 57), connection
+            // exceptions (class 08) and transaction rollbacks (class 40:
+            // serialization failure, deadlock) are transient too; so are
+            // SQLite's BUSY and LOCKED (another writer holds the file).
+            sqlx::Error::Database(ref db) if is_transient(db.as_ref()) => {
                 StoreError::Unavailable(e)
             }
             other => StoreError::Database(other),
         }
     }
+}
+
+/// The batch insert of `n` messages; [`bind_message`] binds each.
+fn insert_sql(n: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO messages (id, conversation, sender_id, receiver_id, channel_id, content, client_msg_id, created_at) VALUES ",
+    );
+    for i in 0..n {
+        let b = i * 8;
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str(&format!(
+            "(${},${},${},${},${},${},${},${})",
+            b + 1,
+            b + 2,
+            b + 3,
+            b + 4,
+            b + 5,
+            b + 6,
+            b + 7,
+            b + 8
+        ));
+    }
+    sql.push_str(" ON CONFLICT DO NOTHING RETURNING id");
+    sql
+}
+
+fn bind_message<'q>(
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    m: &Message,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    let (receiver, channel) = match &m.target {
+        Target::User(r) => (Some(r.clone()), None),
+        Target::Channel(c) => (None, Some(c.clone())),
+    };
+    q.bind(m.id.clone())
+        .bind(m.ordering_key().as_str().to_owned())
+        .bind(m.sender_id.clone())
+        .bind(receiver)
+        .bind(channel)
+        .bind(m.content.clone())
+        .bind(m.client_msg_id.clone())
+        .bind(m.created_at)
 }
 
 /// What storing one message found.
@@ -192,42 +279,10 @@ impl Store {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        let mut sql = String::from(
-            "INSERT INTO messages (id, conversation, sender_id, receiver_id, channel_id, content, client_msg_id, created_at) VALUES ",
-        );
-        for i in 0..messages.len() {
-            let b = i * 8;
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push_str(&format!(
-                "(${},${},${},${},${},${},${},${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6,
-                b + 7,
-                b + 8
-            ));
-        }
-        sql.push_str(" ON CONFLICT DO NOTHING RETURNING id");
+        let sql = insert_sql(messages.len());
         let mut q = sqlx::query(&sql);
         for m in messages {
-            let (receiver, channel) = match &m.target {
-                Target::User(r) => (Some(r.clone()), None),
-                Target::Channel(c) => (None, Some(c.clone())),
-            };
-            q = q
-                .bind(m.id.clone())
-                .bind(m.ordering_key().as_str().to_owned())
-                .bind(m.sender_id.clone())
-                .bind(receiver)
-                .bind(channel)
-                .bind(m.content.clone())
-                .bind(m.client_msg_id.clone())
-                .bind(m.created_at);
+            q = bind_message(q, m);
         }
         let inserted: std::collections::HashSet<String> = q
             .fetch_all(&self.pool)
@@ -268,6 +323,28 @@ impl Store {
             out.push(Stored { message, outcome });
         }
         Ok(out)
+    }
+
+    /// Inserts a made-up message in a transaction and rolls it back: whether
+    /// the database takes a message now. When a message fails alone, this
+    /// tells a message the database refuses (the probe passes) from a
+    /// database that refuses everything (the probe fails too).
+    pub async fn probe_insert(&self) -> Result<(), StoreError> {
+        let probe = Message {
+            id: uuid::Uuid::now_v7().to_string(),
+            sender_id: "fanout-probe".into(),
+            target: Target::User("fanout-probe".into()),
+            content: "probe".into(),
+            client_msg_id: None,
+            created_at: 0,
+        };
+        let sql = insert_sql(1);
+        let mut tx = self.pool.begin().await?;
+        bind_message(sqlx::query(&sql), &probe)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.rollback().await?;
+        Ok(())
     }
 
     /// The message `sender` sent with `client_msg_id`, if stored.

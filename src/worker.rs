@@ -4,9 +4,29 @@
 //! Order of work for a batch (as many deliveries as are ready, up to
 //! `worker.batch_size`): decode and re-validate (poison goes to the
 //! dead-letter place at once), store all in one statement, publish (in
-//! order per route key, keys concurrently), ack. Nothing is acked before it is stored and published;
-//! a crash anywhere means redelivery, which the store's idempotency and the
-//! gateways' duplicate windows absorb.
+//! order per route key, keys concurrently), ack. Nothing is acked before it
+//! is stored and published; a crash anywhere means redelivery, which the
+//! store's idempotency and the gateways' duplicate windows absorb.
+//!
+//! # Error policy
+//!
+//! An error is classed by what it says about the message, never by how
+//! often the broker delivered it (redeliveries count hand-overs, restarts
+//! and lost connections):
+//!
+//! - **Bad by content** — dead-lettered: the event fails decoding or
+//!   validation (at once); or its store fails with an error that blames the
+//!   data ([`StoreError::blames_data`]) while the database takes a probe
+//!   message ([`Store::probe_insert`]) at the same moment, `max_attempts`
+//!   times in a row (counted here, in the process; backoff between tries).
+//! - **Infrastructure** — everything else (the database read-only, full,
+//!   unreachable; the broker down): retried in place with capped backoff
+//!   for as long as it lasts, never counted. The consumer holds its batch,
+//!   so its partitions hold their place and order.
+//!
+//! A batch whose insert blames the data is stored one message at a time,
+//! in order: the ones before the guilty one are stored and acked, the ones
+//! after it wait until it is stored or dead-lettered.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +34,7 @@ use std::time::Duration;
 use std::collections::HashMap;
 
 use fanout_backend::{
-    is_valid_id, ConsumeOptions, DynBackend, IncomingDelivery, RouteKey, RouteOutcome,
+    is_valid_id, BackendError, ConsumeOptions, DynBackend, IncomingDelivery, RouteKey, RouteOutcome,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -37,7 +57,9 @@ const BACKOFF_START: Duration = Duration::from_millis(50);
 /// `docs/reliability.md`); one retry a second is still no load.
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Runs `config.consumers` consumers until `stop` is cancelled; then each
+/// Runs `config.consumers` consumers until `stop` is cancelled (a message
+/// the database refuses by its content is dead-lettered after
+/// `max_attempts` refusals: see the module docs); then each
 /// finishes the batch in hand and returns. Unsettled events go back to the
 /// broker for the next worker.
 pub async fn run(
@@ -45,6 +67,7 @@ pub async fn run(
     store: Store,
     metrics: Arc<Metrics>,
     config: WorkerConfig,
+    max_attempts: u32,
     stop: CancellationToken,
 ) -> Result<(), fanout_backend::BackendError> {
     let mut tasks = Vec::new();
@@ -60,6 +83,7 @@ pub async fn run(
             store: store.clone(),
             metrics: metrics.clone(),
             stop: stop.clone(),
+            max_attempts: max_attempts.max(1),
         };
         let batch = config.batch_size as usize;
         tasks.push(tokio::spawn(async move {
@@ -96,6 +120,18 @@ struct Consumer {
     store: Store,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
+    /// Refusals of one message (with the probe passing) before it is
+    /// dead-lettered: `incoming.max_attempts`.
+    max_attempts: u32,
+}
+
+/// What holding a batch until it is stored ended with.
+enum Held {
+    Stored(Vec<crate::store::Stored>),
+    /// The database refused it with an error that may be about the data.
+    BlamesData(StoreError),
+    /// The worker is stopping.
+    Stopped,
 }
 
 /// Why an event can never be processed.
@@ -141,13 +177,7 @@ impl Consumer {
                 None => Ok(env.message),
             }) {
                 Ok(m) => batch.push((d, m)),
-                Err(why) => {
-                    tracing::error!(event = %d.event.id, reason = %why, "poison event dead-lettered");
-                    self.metrics.dead_lettered.inc();
-                    if let Err(e) = d.dead_letter(&why).await {
-                        tracing::warn!(error = %e, "cannot dead-letter; the event will come back");
-                    }
-                }
+                Err(why) => self.dead_letter(d, &why).await,
             }
         }
         if batch.is_empty() {
@@ -155,16 +185,16 @@ impl Consumer {
         }
         self.metrics.batch_size.observe(batch.len() as f64);
         let messages: Vec<Message> = batch.iter().map(|(_, m)| m.clone()).collect();
-        let stored = match self.store_batch(&messages).await {
-            Some(Ok(stored)) => stored,
-            Some(Err(e)) => {
-                // Not a passing failure, and the batch cannot say which
-                // event caused it: store them one by one, so only the
-                // guilty one is rejected (and dead-lettered in the end).
-                tracing::warn!(error = %e, "batch insert failed; storing one by one");
+        let stored = match self.store_held(&messages).await {
+            Held::Stored(stored) => stored,
+            Held::BlamesData(e) if batch.len() > 1 => {
+                // The batch cannot say which message the database refuses:
+                // store them one by one, in order, so only that one waits.
+                tracing::warn!(error = %e, "batch insert refused; storing one by one");
                 return self.process_one_by_one(batch).await;
             }
-            None => return, // stopping: the broker redelivers
+            Held::BlamesData(_) => return self.process_one_by_one(batch).await,
+            Held::Stopped => return, // the broker redelivers
         };
         if !self.settle_stored(&stored).await {
             return; // stopping: the broker redelivers
@@ -177,20 +207,65 @@ impl Consumer {
         }
     }
 
+    /// Stores each message alone, in order. One the database refuses by
+    /// its content (while it takes a probe) is tried `max_attempts` times,
+    /// then dead-lettered; the messages behind it wait meanwhile.
     async fn process_one_by_one(&self, batch: Vec<(IncomingDelivery, Message)>) {
         for (d, m) in batch {
-            match self.store_batch(std::slice::from_ref(&m)).await {
-                None => return,
-                Some(Ok(stored)) => {
-                    if !self.settle_stored(&stored).await {
-                        return;
-                    }
-                    let _ = d.ack().await;
+            let mut refusals = 0u32;
+            let mut backoff = BACKOFF_START;
+            let stored = loop {
+                match self.store_held(std::slice::from_ref(&m)).await {
+                    Held::Stored(stored) => break Ok(stored),
+                    Held::Stopped => return,
+                    Held::BlamesData(e) => match self.store.probe_insert().await {
+                        Err(probe) => {
+                            // The database refuses a made-up message too:
+                            // its trouble, not this message's.
+                            self.metrics.worker_retries.inc();
+                            tracing::warn!(error = %e, probe = %probe, retry_in = ?backoff, "database refuses every message; retrying");
+                        }
+                        Ok(()) => {
+                            refusals += 1;
+                            self.metrics.worker_message_refusals.inc();
+                            tracing::warn!(event = %d.event.id, refusals, max = self.max_attempts, error = %e, "database refuses this message (a probe message passes)");
+                            if refusals >= self.max_attempts {
+                                break Err(format!(
+                                    "refused by the database {refusals} times: {e}"
+                                ));
+                            }
+                        }
+                    },
                 }
-                Some(Err(e)) => {
-                    tracing::error!(event = %d.event.id, attempt = d.attempt, error = %e, "cannot store event; rejecting it");
-                    let _ = d.reject().await;
+                if !self.pause(&mut backoff).await {
+                    return;
                 }
+            };
+            let stored = match stored {
+                Ok(stored) => stored,
+                Err(why) => {
+                    self.dead_letter(d, &why).await;
+                    continue;
+                }
+            };
+            if !self.settle_stored(&stored).await {
+                return;
+            }
+            if let Err(e) = d.ack().await {
+                tracing::warn!(error = %e, "ack failed; the event will be redelivered and deduplicated");
+            }
+        }
+    }
+
+    async fn dead_letter(&self, d: IncomingDelivery, why: &str) {
+        tracing::error!(event = %d.event.id, reason = %why, "event dead-lettered (`fanout dead-letters` lists, replays or drops it)");
+        let id = d.event.id.clone();
+        match d.dead_letter(why).await {
+            Ok(()) => {
+                self.metrics.dead_lettered.inc();
+            }
+            Err(e) => {
+                tracing::warn!(event = %id, error = %e, "cannot dead-letter; the event will come back")
             }
         }
     }
@@ -211,24 +286,23 @@ impl Consumer {
         self.route(&routed).await
     }
 
-    /// Stores, retrying passing failures until they pass or the worker
-    /// stops (`None`). A database outage therefore holds the batch unacked
-    /// rather than losing or dead-lettering it.
-    async fn store_batch(
-        &self,
-        messages: &[Message],
-    ) -> Option<Result<Vec<crate::store::Stored>, StoreError>> {
+    /// Stores, retrying every error that does not blame the data in place
+    /// (with capped backoff, uncounted) until it passes or the worker stops.
+    /// A database outage, a read-only or full database therefore holds the
+    /// batch unacked, in its place, rather than losing or dead-lettering it.
+    async fn store_held(&self, messages: &[Message]) -> Held {
         let mut backoff = BACKOFF_START;
         loop {
             match self.store.insert_messages(messages).await {
-                Err(e) if e.is_temporary() => {
+                Ok(stored) => return Held::Stored(stored),
+                Err(e) if e.blames_data() => return Held::BlamesData(e),
+                Err(e) => {
                     self.metrics.worker_retries.inc();
-                    tracing::warn!(error = %e, retry_in = ?backoff, "database unavailable; retrying");
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot store; holding the batch and retrying");
                     if !self.pause(&mut backoff).await {
-                        return None;
+                        return Held::Stopped;
                     }
                 }
-                other => return Some(other),
             }
         }
     }
@@ -278,6 +352,13 @@ impl Consumer {
                     return true;
                 }
                 Ok(_) => return true,
+                Err(BackendError::Invalid(why)) => {
+                    // Says something about the message, and no retry can
+                    // change it; it is stored and stays in the history.
+                    self.metrics.worker_publish_refused.inc();
+                    tracing::error!(key = %key, reason = %why, "the broker refuses this outgoing message for good; it is stored but not delivered live");
+                    return true;
+                }
                 Err(e) => {
                     self.metrics.worker_retries.inc();
                     tracing::warn!(key = %key, error = %e, retry_in = ?backoff, "outgoing publish failed; retrying");

@@ -115,6 +115,7 @@ impl Node {
             store.clone(),
             Arc::new(Metrics::new()),
             config.worker.clone(),
+            config.incoming.max_attempts,
             worker_stop.clone(),
         ));
         let url = format!("http://{}", listener.local_addr().expect("addr"));

@@ -81,6 +81,7 @@ impl Cluster {
             store.clone(),
             Arc::new(Metrics::new()),
             config.worker.clone(),
+            config.incoming.max_attempts,
             worker_stop.clone(),
         ));
         let config_out = config.clone();

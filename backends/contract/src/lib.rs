@@ -91,9 +91,14 @@ pub trait FanoutBackend: Send + Sync + std::fmt::Debug + 'static {
     ///   its consumer stream is dropped (or its process dies) MUST be
     ///   delivered again, to this or another consumer, ahead of the later
     ///   events of its partition.
-    /// - [`IncomingDelivery::reject`] requeues the event; once an event has
-    ///   been delivered `max_attempts` times (configuration) the backend MUST
-    ///   move it to the dead-letter place instead of delivering it again.
+    /// - [`IncomingDelivery::reject`] requeues the event ahead of the later
+    ///   events of its partition.
+    /// - A backend MUST NOT dead-letter an event on its own, by a delivery
+    ///   count or otherwise: the broker's counts include hand-overs,
+    ///   prefetched returns, restarts and lost connections, which say
+    ///   nothing about the event. Only [`IncomingDelivery::dead_letter`]
+    ///   moves an event to the dead-letter place; the application decides
+    ///   when (it counts what says something about the event itself).
     /// - At most `prefetch` deliveries are unsettled on one stream at once.
     /// - The stream ends only when the backend is shut down; transient broker
     ///   errors SHOULD be retried inside the backend and MAY be surfaced as
@@ -105,7 +110,28 @@ pub trait FanoutBackend: Send + Sync + std::fmt::Debug + 'static {
 
     /// Reads up to `limit` dead-lettered events, oldest first, without
     /// removing them: what an operator looks at after a poison event.
+    ///
+    /// - Dead letters MUST NOT be trimmed silently: a backend either keeps
+    ///   every one until [`FanoutBackend::resolve_dead_letters`] removes
+    ///   it, or, where it bounds them, logs and counts each one it drops.
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BackendError>;
+
+    /// Replays or drops the dead letters `selection` picks, oldest first;
+    /// returns those acted on, in that order. What an operator does after
+    /// fixing the cause of a dead letter (`fanout dead-letters replay`).
+    ///
+    /// - [`DeadLetterAction::Replay`] MUST publish the event to the incoming
+    ///   side as [`FanoutBackend::publish_incoming`] does (confirmed, same
+    ///   id, ordering key and payload) before it removes the dead letter:
+    ///   a crash in between leaves it in both places, never in neither
+    ///   (workers store by id, so a replayed event is stored once).
+    /// - Dead letters not selected stay, in their order.
+    /// - Two calls at once MUST NOT act on one dead letter twice.
+    async fn resolve_dead_letters(
+        &self,
+        selection: &DeadLetterSelection,
+        action: DeadLetterAction,
+    ) -> Result<Vec<DeadLetter>, BackendError>;
 
     // ----- outgoing side -------------------------------------------------
 

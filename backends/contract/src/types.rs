@@ -203,7 +203,10 @@ impl Default for ConsumeOptions {
 pub trait Settle: Send + Sync {
     /// The event is done with; it MUST NOT be delivered again.
     async fn ack(&self) -> Result<(), BackendError>;
-    /// Delivers the event again later (counts towards `max_attempts`).
+    /// Delivers the event again, ahead of the later events of its
+    /// partition. Counts towards nothing: a backend never dead-letters an
+    /// event because of how often it was delivered (see
+    /// [`FanoutBackend::consume_incoming`](crate::FanoutBackend::consume_incoming)).
     async fn reject(&self) -> Result<(), BackendError>;
     /// Moves the event to the dead-letter place now, with a reason.
     async fn dead_letter(&self, reason: &str) -> Result<(), BackendError>;
@@ -215,7 +218,10 @@ pub struct IncomingDelivery {
     pub event: IncomingEvent,
     /// The partition it came from.
     pub partition: u32,
-    /// 1 on first delivery, then 2, 3, ... on redeliveries.
+    /// 1 on first delivery, then 2, 3, ... on redeliveries, as far as the
+    /// backend can tell. Informational only (logs): redeliveries include
+    /// hand-overs, restarts and lost connections, which say nothing about
+    /// the event itself.
     pub attempt: u32,
     settle: Box<dyn Settle>,
 }
@@ -267,10 +273,42 @@ impl fmt::Debug for IncomingDelivery {
 pub struct DeadLetter {
     /// The event as published.
     pub event: IncomingEvent,
-    /// Why it was dead-lettered (`max attempts reached` or the worker's text).
+    /// Why it was dead-lettered: the worker's text.
     pub reason: String,
-    /// How many times it was delivered.
+    /// How many times it was delivered before, as far as the backend can
+    /// tell (informational).
     pub attempts: u32,
+}
+
+/// What [`FanoutBackend::resolve_dead_letters`](crate::FanoutBackend::resolve_dead_letters)
+/// does with the dead letters it selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterAction {
+    /// Publish each to the incoming side again (same id, ordering key and
+    /// payload), then remove it from the dead letters.
+    Replay,
+    /// Remove each from the dead letters for good.
+    Drop,
+}
+
+/// Which dead letters [`FanoutBackend::resolve_dead_letters`](crate::FanoutBackend::resolve_dead_letters)
+/// acts on: the oldest `limit` of those whose event id is in `ids` (every
+/// one when `ids` is `None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterSelection {
+    /// Event ids to select; `None` selects any.
+    pub ids: Option<Vec<String>>,
+    /// Most dead letters to act on.
+    pub limit: usize,
+}
+
+impl DeadLetterSelection {
+    /// Whether `event_id` is selected (ignoring the limit).
+    pub fn matches(&self, event_id: &str) -> bool {
+        self.ids
+            .as_ref()
+            .is_none_or(|ids| ids.iter().any(|i| i == event_id))
+    }
 }
 
 /// A message on the outgoing side, as a gateway receives it.

@@ -14,14 +14,15 @@
 //! capabilities say so.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use fanout_backend::{
-    partition_for, BackendError, Capabilities, ConsumeOptions, DeadLetter, FanoutBackend,
-    IncomingDelivery, IncomingEvent, OutgoingMessage, RouteKey, RouteOutcome, ServerEvent,
-    ServerId, ServerStream, Settle,
+    partition_for, BackendError, Capabilities, ConsumeOptions, DeadLetter, DeadLetterAction,
+    DeadLetterSelection, FanoutBackend, IncomingDelivery, IncomingEvent, OutgoingMessage, RouteKey,
+    RouteOutcome, ServerEvent, ServerId, ServerStream, Settle,
 };
 use futures::stream::{self, BoxStream, StreamExt};
 use tokio::sync::{mpsc, Notify};
@@ -31,14 +32,14 @@ use tokio::sync::{mpsc, Notify};
 pub struct MemoryConfig {
     /// Number of incoming partitions (at least 1).
     pub partitions: u32,
-    /// Deliveries of one event before it is dead-lettered (at least 1).
-    pub max_attempts: u32,
     /// Most events queued on the incoming side; a publish beyond it fails
     /// with `Unavailable` rather than growing without bound.
     pub max_queued: usize,
     /// Capacity of each server's delivery channel; when full, publishers wait.
     pub server_buffer: usize,
-    /// Dead letters kept for inspection; the oldest go first.
+    /// Dead letters kept for inspection. Beyond it the oldest goes, with an
+    /// error logged and counted (`dead_letters_dropped`): the process's
+    /// memory is the bound.
     pub max_dead_letters: usize,
 }
 
@@ -46,7 +47,6 @@ impl Default for MemoryConfig {
     fn default() -> Self {
         Self {
             partitions: 16,
-            max_attempts: 5,
             max_queued: 1_000_000,
             server_buffer: 65_536,
             max_dead_letters: 10_000,
@@ -66,6 +66,8 @@ struct Inner {
     state: Mutex<State>,
     /// Woken on every change a waiting consumer could care about.
     incoming_changed: Notify,
+    /// Dead letters dropped because `max_dead_letters` was reached.
+    dead_letters_dropped: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -116,6 +118,7 @@ impl MemoryBackend {
                 config,
                 state: Mutex::new(state),
                 incoming_changed: Notify::new(),
+                dead_letters_dropped: AtomicU64::new(0),
             }),
         }
     }
@@ -144,7 +147,15 @@ impl Inner {
             attempts: entry.deliveries,
         });
         while st.dead.len() > self.config.max_dead_letters {
-            st.dead.pop_front();
+            if let Some(gone) = st.dead.pop_front() {
+                self.dead_letters_dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    event = %gone.event.id,
+                    reason = %gone.reason,
+                    bound = self.config.max_dead_letters,
+                    "dead letters full: dropped the oldest (replay or drop them with `fanout dead-letters`)"
+                );
+            }
         }
     }
 
@@ -184,11 +195,6 @@ impl Inner {
                     break;
                 };
                 p.owner = Some(consumer);
-                if entry.deliveries >= self.config.max_attempts {
-                    st.queued -= 1;
-                    self.dead_letter(st, entry, "max attempts reached");
-                    continue;
-                }
                 entry.deliveries += 1;
                 p.inflight.push(entry.clone());
                 *cursor = (pi + 1) % n;
@@ -434,6 +440,45 @@ impl FanoutBackend for MemoryBackend {
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BackendError> {
         Ok(self.inner.lock().dead.iter().take(limit).cloned().collect())
+    }
+
+    async fn resolve_dead_letters(
+        &self,
+        selection: &DeadLetterSelection,
+        action: DeadLetterAction,
+    ) -> Result<Vec<DeadLetter>, BackendError> {
+        let mut st = self.inner.lock();
+        if st.closed {
+            return Err(BackendError::Closed);
+        }
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(st.dead.len());
+        for d in std::mem::take(&mut st.dead) {
+            if taken.len() < selection.limit && selection.matches(&d.event.id) {
+                taken.push(d);
+            } else {
+                kept.push_back(d);
+            }
+        }
+        st.dead = kept;
+        if action == DeadLetterAction::Replay {
+            // One lock for the whole call: replayed events are queued
+            // before anything published after it, as a confirmed publish is.
+            for d in &taken {
+                let partition = partition_for(&d.event.ordering_key, st.partitions.len() as u32);
+                let seq = st.next_seq;
+                st.next_seq += 1;
+                st.queued += 1;
+                st.partitions[partition as usize].queue.push_back(Entry {
+                    seq,
+                    event: d.event.clone(),
+                    deliveries: 0,
+                });
+            }
+        }
+        drop(st);
+        self.inner.incoming_changed.notify_waiters();
+        Ok(taken)
     }
 
     async fn register_server(&self, server: &ServerId) -> Result<ServerStream, BackendError> {

@@ -15,7 +15,6 @@ impl Harness for Memory {
     async fn backend(&self, _namespace: &str, s: Settings) -> Arc<dyn FanoutBackend> {
         Arc::new(MemoryBackend::new(MemoryConfig {
             partitions: s.partitions,
-            max_attempts: s.max_attempts,
             ..MemoryConfig::default()
         }))
     }

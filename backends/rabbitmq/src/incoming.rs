@@ -40,8 +40,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use fanout_backend::{
-    partition_for, BackendError, ConsumeOptions, DeadLetter, IncomingDelivery, IncomingEvent,
-    OrderingKey, Settle,
+    partition_for, BackendError, ConsumeOptions, DeadLetter, DeadLetterAction, DeadLetterSelection,
+    IncomingDelivery, IncomingEvent, OrderingKey, Settle,
 };
 use futures::stream::{self, BoxStream, StreamExt};
 use lapin::message::Delivery;
@@ -71,11 +71,6 @@ pub(crate) const DEAD_AFTER: Duration = Duration::from_millis(3500);
 /// `hello` before choosing partitions, so that it does not first take
 /// everything and then hand most of it back.
 const DISCOVERY: Duration = Duration::from_millis(300);
-/// Classic queues: event ids whose attempts this process remembers. Past
-/// it the table is cleared (attempts then restart from the redelivered
-/// flag).
-const MAX_TRACKED_ATTEMPTS: usize = 100_000;
-
 fn unavailable(what: &str) -> BackendError {
     BackendError::Unavailable(what.to_owned())
 }
@@ -316,9 +311,8 @@ fn to_delivery(
         QueueType::Quorum => header_u64(&headers, "x-delivery-count")
             .map(|c| u32::try_from(c.saturating_add(1)).unwrap_or(u32::MAX))
             .unwrap_or(floor),
-        // No broker counter: count in this process, never below what the
-        // redelivered flag tells.
-        QueueType::Classic => count_attempt(inner, &id).max(floor),
+        // No broker counter: only the redelivered flag.
+        QueueType::Classic => floor,
     };
     let event = IncomingEvent {
         id,
@@ -335,25 +329,6 @@ fn to_delivery(
         event: event.clone(),
     };
     IncomingDelivery::new(event, partition, attempt, Box::new(settle))
-}
-
-fn count_attempt(inner: &Inner, id: &str) -> u32 {
-    if id.is_empty() {
-        return 1;
-    }
-    let mut attempts = lock(&inner.attempts);
-    if attempts.len() >= MAX_TRACKED_ATTEMPTS && !attempts.contains_key(id) {
-        attempts.clear();
-    }
-    let n = attempts.entry(id.to_owned()).or_insert(0);
-    *n = n.saturating_add(1);
-    *n
-}
-
-fn forget_attempts(inner: &Inner, id: &str) {
-    if inner.config.queue_type == QueueType::Classic {
-        lock(&inner.attempts).remove(id);
-    }
 }
 
 /// Settles one delivery on the channel it came from.
@@ -402,7 +377,6 @@ impl RabbitSettle {
                     self.acker.ack(BasicAckOptions::default()),
                 )
                 .await;
-                forget_attempts(inner, &self.event.id);
                 self.finish();
                 settled(r)
             }
@@ -447,16 +421,12 @@ impl Settle for RabbitSettle {
             self.acker.ack(BasicAckOptions::default()),
         )
         .await;
-        forget_attempts(&inner, &self.event.id);
         self.finish();
         settled(r)
     }
 
     async fn reject(&self) -> Result<(), BackendError> {
         let inner = self.inner()?;
-        if self.attempt >= inner.config.max_attempts {
-            return self.dead_letter_now(&inner, "max attempts reached").await;
-        }
         // Requeued at the head of its partition (both queue types put a
         // requeued message back in front of later ones).
         let r = bounded(
@@ -989,7 +959,27 @@ pub(crate) async fn dead_letters(
     inner: &Arc<Inner>,
     limit: usize,
 ) -> Result<Vec<DeadLetter>, BackendError> {
-    if limit == 0 {
+    let selection = DeadLetterSelection { ids: None, limit };
+    scan_dead_letters(inner, &selection, None).await
+}
+
+/// Replays or drops the selected dead letters: the same scan as
+/// [`dead_letters`], acking (removing) each selected one after its replay
+/// was confirmed; closing the channel puts the others back in order.
+pub(crate) async fn resolve_dead_letters(
+    inner: &Arc<Inner>,
+    selection: &DeadLetterSelection,
+    action: DeadLetterAction,
+) -> Result<Vec<DeadLetter>, BackendError> {
+    scan_dead_letters(inner, selection, Some(action)).await
+}
+
+async fn scan_dead_letters(
+    inner: &Arc<Inner>,
+    selection: &DeadLetterSelection,
+    action: Option<DeadLetterAction>,
+) -> Result<Vec<DeadLetter>, BackendError> {
+    if selection.limit == 0 {
         return Ok(Vec::new());
     }
     let _reader = within(inner.timeout(), "read dead letters", async {
@@ -998,33 +988,58 @@ pub(crate) async fn dead_letters(
     .await?;
     let session = inner.current()?;
     let queue = inner.names.dead_letter_queue();
-    let max_attempts = inner.config.max_attempts;
     let per_get = inner.timeout();
     let ch = bounded(per_get, "open channel", session.consume.create_channel()).await?;
     let mut out = Vec::new();
     let mut result = Ok(());
-    while out.len() < limit {
-        match bounded(
+    while out.len() < selection.limit {
+        let m = match bounded(
             per_get,
             "read dead letters",
             ch.basic_get(ss(&queue), BasicGetOptions { no_ack: false }),
         )
         .await
         {
-            Ok(Some(m)) => out.push(parse_dead_letter(&m.delivery, max_attempts)),
+            Ok(Some(m)) => m,
             Ok(None) => break,
             Err(e) => {
                 result = Err(e);
                 break;
             }
+        };
+        let dead = parse_dead_letter(&m.delivery);
+        if !selection.matches(&dead.event.id) {
+            continue;
         }
+        if let Some(action) = action {
+            if action == DeadLetterAction::Replay {
+                // Confirmed on the incoming side before it leaves the
+                // dead letters: a crash in between leaves it in both.
+                if let Err(e) = publish(inner, dead.event.clone()).await {
+                    result = Err(e);
+                    break;
+                }
+            }
+            let acked = bounded(
+                per_get,
+                "remove dead letter",
+                m.delivery.acker.ack(BasicAckOptions::default()),
+            )
+            .await;
+            if let Err(e) = settled(acked) {
+                result = Err(e);
+                break;
+            }
+        }
+        out.push(dead);
     }
-    // Closing the channel requeues everything we took, in order.
-    let _ = tokio::time::timeout(per_get, ch.close(200, "read only".into())).await;
+    // Closing the channel requeues everything we took and did not ack, in
+    // order.
+    let _ = tokio::time::timeout(per_get, ch.close(200, "done".into())).await;
     result.map(|()| out)
 }
 
-fn parse_dead_letter(d: &Delivery, max_attempts: u32) -> DeadLetter {
+fn parse_dead_letter(d: &Delivery) -> DeadLetter {
     let headers = d.properties.headers().clone().unwrap_or_default();
     let id = d
         .properties
@@ -1042,9 +1057,10 @@ fn parse_dead_letter(d: &Delivery, max_attempts: u32) -> DeadLetter {
                 .and_then(|a| u32::try_from(a).ok())
                 .unwrap_or(0),
         ),
-        None => match header_str(&headers, "x-first-death-reason").as_deref() {
-            Some("delivery_limit") => ("max attempts reached".to_owned(), max_attempts),
-            Some(other) => (format!("dead-lettered by the broker: {other}"), 0),
+        // A broker's own dead letter (a delivery limit set by policy, a
+        // message TTL): what it says.
+        None => match header_str(&headers, "x-first-death-reason") {
+            Some(why) => (format!("dead-lettered by the broker: {why}"), 0),
             None => ("unknown".to_owned(), 0),
         },
     };

@@ -12,9 +12,9 @@
 //!                                               ┌──────────────────────┴──────────────┐
 //!                                               ▼                                     ▼
 //!                          ns.in.0 … ns.in.{N-1}  (durable, quorum|classic, single-active-consumer,
-//!                                               │   x-delivery-limit on quorum, DLX = ns.dlx)
+//!                                               │   delivery limit 10^9 on quorum, DLX = ns.dlx)
 //!            one worker at a time per partition ▼
-//!                                            workers ──reject × max_attempts / dead_letter()──▶ ns.dlx ──"dead"──▶ ns.dead
+//!                                            workers ──dead_letter()──▶ ns.dlx ──"dead"──▶ ns.dead
 //!                                               │
 //!          publish (mandatory, confirm, key = user id | channel:{id})
 //!                                               ▼
@@ -47,8 +47,9 @@
 //!   heartbeats and hand a partition over only once nothing they handed out
 //!   from it is unsettled. Exclusive consumers were rejected: quorum queues
 //!   on 3.10 do not enforce them.
-//! - Attempts: the quorum queue's `x-delivery-count` (and `x-delivery-limit`
-//!   for workers that crash), or a per-process count on classic queues.
+//! - Attempts: the quorum queue's `x-delivery-count`, informational only;
+//!   nothing is dead-lettered by a count (the worker decides, by what the
+//!   error says about the event). Classic queues only tell "redelivered".
 //! - Dead letters are read with `basic.get` and given back by closing the
 //!   reading channel (a classic queue restores their order).
 //! - No lapin auto-recovery: exclusive gateway queues die with their
@@ -65,8 +66,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fanout_backend::{
-    BackendError, Capabilities, ConsumeOptions, DeadLetter, FanoutBackend, IncomingDelivery,
-    IncomingEvent, RouteKey, RouteOutcome, ServerId, ServerStream,
+    BackendError, Capabilities, ConsumeOptions, DeadLetter, DeadLetterAction, DeadLetterSelection,
+    FanoutBackend, IncomingDelivery, IncomingEvent, RouteKey, RouteOutcome, ServerId, ServerStream,
 };
 use futures::stream::BoxStream;
 use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeleteOptions};
@@ -88,11 +89,10 @@ use topology::{ss, Names};
 /// The queue type of the incoming partition queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum QueueType {
-    /// Classic (mirrored or not) queues: cheaper, but no broker-side delivery
-    /// counter, so attempts are counted in the consuming process.
+    /// Classic (mirrored or not) queues: cheaper, not replicated.
     Classic,
-    /// Quorum (Raft-replicated) queues: the broker counts deliveries and
-    /// dead-letters after `max_attempts` even if workers crash.
+    /// Quorum (Raft-replicated) queues, with a delivery limit no event
+    /// reaches: the broker never dead-letters on its own.
     #[default]
     Quorum,
 }
@@ -109,8 +109,6 @@ pub struct RabbitMqConfig {
     /// Number of incoming partitions (queues). Changing it re-maps ordering
     /// keys: drain the incoming side first.
     pub partitions: u32,
-    /// Deliveries of one event before it is dead-lettered (at least 1).
-    pub max_attempts: u32,
     /// Type of the partition queues. Fixed once the queues exist.
     pub queue_type: QueueType,
     /// Prefetch of each gateway's queue: messages in flight to one gateway
@@ -130,7 +128,6 @@ impl Default for RabbitMqConfig {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
             namespace: "fanout".to_owned(),
             partitions: 16,
-            max_attempts: 5,
             queue_type: QueueType::Quorum,
             server_prefetch: 1000,
             operation_timeout: Duration::from_secs(5),
@@ -158,11 +155,6 @@ impl RabbitMqConfig {
                 "partitions must be 1 to 10000, got {}",
                 self.partitions
             )));
-        }
-        if self.max_attempts == 0 {
-            return Err(BackendError::Invalid(
-                "max_attempts must be at least 1".into(),
-            ));
         }
         if self.server_prefetch == 0 {
             return Err(BackendError::Invalid(
@@ -203,7 +195,6 @@ pub(crate) struct Inner {
     /// gateway queues after a reconnect.
     pub(crate) registration: tokio::sync::Mutex<()>,
     /// Classic queues only: deliveries per event id seen by this process.
-    pub(crate) attempts: Mutex<HashMap<String, u32>>,
     pub(crate) unroutable: AtomicU64,
     pub(crate) reconnects: AtomicU64,
     /// Serialises `dead_letters` readers (each takes and gives back).
@@ -312,7 +303,6 @@ impl RabbitMqBackend {
             ids: AtomicU64::new(0),
             servers: Mutex::new(HashMap::new()),
             registration: tokio::sync::Mutex::new(()),
-            attempts: Mutex::new(HashMap::new()),
             unroutable: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             dead_read: tokio::sync::Mutex::new(()),
@@ -619,6 +609,14 @@ impl FanoutBackend for RabbitMqBackend {
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BackendError> {
         incoming::dead_letters(&self.inner, limit).await
+    }
+
+    async fn resolve_dead_letters(
+        &self,
+        selection: &DeadLetterSelection,
+        action: DeadLetterAction,
+    ) -> Result<Vec<DeadLetter>, BackendError> {
+        incoming::resolve_dead_letters(&self.inner, selection, action).await
     }
 
     async fn register_server(&self, server: &ServerId) -> Result<ServerStream, BackendError> {

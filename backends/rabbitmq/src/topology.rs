@@ -90,6 +90,10 @@ fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
+/// The quorum partition queues' delivery limit: high enough that no event
+/// reaches it (a billion hand-overs), present for the ordering it brings.
+pub(crate) const UNREACHED_DELIVERY_LIMIT: i64 = 1_000_000_000;
+
 /// Arguments of a partition queue. They must stay identical across
 /// versions: RabbitMQ refuses (PRECONDITION_FAILED) a re-declaration with
 /// other arguments.
@@ -106,12 +110,17 @@ pub(crate) fn partition_queue_args(config: &RabbitMqConfig, names: &Names) -> Fi
     match config.queue_type {
         QueueType::Quorum => {
             t.insert(ss("x-queue-type"), long("quorum"));
-            // The broker counts every return (reject, lost channel) and
-            // dead-letters after `limit` returns, i.e. on the return of
-            // delivery `limit + 1`: limit = max_attempts - 1 gives exactly
-            // max_attempts deliveries (checked on 3.10.8).
-            let limit = i64::from(config.max_attempts.max(1) - 1);
-            t.insert(ss("x-delivery-limit"), AMQPValue::LongLongInt(limit));
+            // A delivery limit never reached in practice. The broker's count
+            // includes hand-overs and lost channels, which say nothing
+            // about the event, so it must never dead-letter on it (the
+            // worker decides). Not "no limit": without one, 3.10+ puts a
+            // requeued message at the back of the queue, behind later
+            // events of its partition (rabbitmq-server#10499; checked on
+            // 3.10.8), and 4.x would apply its default of 20.
+            t.insert(
+                ss("x-delivery-limit"),
+                AMQPValue::LongLongInt(UNREACHED_DELIVERY_LIMIT),
+            );
             // At-least-once dead-lettering (3.10+): the broker keeps the
             // message until the dead-letter queue confirmed it. It requires
             // reject-publish overflow.

@@ -14,7 +14,7 @@ use fanout_backend::{
     BackendError, ConsumeOptions, FanoutBackend, IncomingEvent, OrderingKey, RouteKey,
     RouteOutcome, ServerId,
 };
-use fanout_rabbitmq::{QueueType, RabbitMqConfig};
+use fanout_rabbitmq::RabbitMqConfig;
 use futures::StreamExt;
 
 fn sid(s: &str) -> ServerId {
@@ -26,121 +26,6 @@ fn event(id: &str, k: &str, body: &str) -> IncomingEvent {
         id: id.to_owned(),
         ordering_key: OrderingKey::channel(k),
         payload: Bytes::from(body.to_owned()),
-    }
-}
-
-/// A poison event that makes its worker crash every time (the stream is
-/// dropped with the event unsettled) is dead-lettered by the quorum queue
-/// after `max_attempts` deliveries; the events behind it then flow. With
-/// prefetch 1 nothing else was checked out with it, so the next event
-/// comes as a first delivery. (With a larger prefetch, the events
-/// prefetched alongside are returned by each crash too, and the quorum
-/// queue counts that: see the docs.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poison_event_that_crashes_workers_reaches_the_dead_letter_queue() {
-    if !broker_available().await {
-        return;
-    }
-    let ns = fresh_namespace();
-    let b = connect(RabbitMqConfig {
-        queue_type: QueueType::Quorum,
-        ..config(&ns)
-    })
-    .await;
-    b.publish_incoming(event("poison", "p", "boom"))
-        .await
-        .expect("publish");
-    b.publish_incoming(event("fine", "p", "ok"))
-        .await
-        .expect("publish");
-    let one = || ConsumeOptions {
-        consumer_name: "crashing".into(),
-        prefetch: 1,
-    };
-    for attempt in 1..=3u32 {
-        let mut c = b.consume_incoming(one()).await.expect("consume");
-        let d = tokio::time::timeout(Duration::from_secs(15), c.next())
-            .await
-            .expect("delivery in time")
-            .expect("open")
-            .expect("ok");
-        assert_eq!(d.event.id, "poison");
-        assert_eq!(d.attempt, attempt);
-        // The worker "crashes": delivery and stream dropped unsettled.
-        drop(d);
-        drop(c);
-    }
-    let mut c = b.consume_incoming(one()).await.expect("consume");
-    let d = tokio::time::timeout(Duration::from_secs(15), c.next())
-        .await
-        .expect("delivery in time")
-        .expect("open")
-        .expect("ok");
-    assert_eq!(
-        d.event.id, "fine",
-        "the poison event is gone from its partition"
-    );
-    assert_eq!(d.attempt, 1);
-    d.ack().await.expect("ack");
-    let dead = b.dead_letters(10).await.expect("dead letters");
-    assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!(dead[0].event.id, "poison");
-    assert_eq!(dead[0].event.payload, Bytes::from_static(b"boom"));
-    assert_eq!(dead[0].event.ordering_key, OrderingKey::channel("p"));
-    assert_eq!(dead[0].reason, "max attempts reached");
-    assert_eq!(dead[0].attempts, 3);
-    // Reading does not remove.
-    assert_eq!(b.dead_letters(10).await.expect("again").len(), 1);
-    drop(c);
-    b.delete_namespace().await.expect("delete namespace");
-    b.shutdown().await.expect("shutdown");
-}
-
-/// Rejections count on both queue types: after `max_attempts` the event is
-/// in the dead-letter queue with the reason, readable without removing it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rejected_poison_is_dead_lettered_on_both_queue_types() {
-    if !broker_available().await {
-        return;
-    }
-    for queue_type in [QueueType::Classic, QueueType::Quorum] {
-        let ns = fresh_namespace();
-        let b = connect(RabbitMqConfig {
-            queue_type,
-            max_attempts: 2,
-            ..config(&ns)
-        })
-        .await;
-        b.publish_incoming(event("bad", "x", "poison"))
-            .await
-            .expect("publish");
-        let mut c = b
-            .consume_incoming(ConsumeOptions {
-                prefetch: 1,
-                ..ConsumeOptions::default()
-            })
-            .await
-            .expect("consume");
-        for attempt in 1..=2 {
-            let d = tokio::time::timeout(Duration::from_secs(15), c.next())
-                .await
-                .expect("delivery")
-                .expect("open")
-                .expect("ok");
-            assert_eq!(
-                (d.event.id.as_str(), d.attempt),
-                ("bad", attempt),
-                "{queue_type:?}"
-            );
-            d.reject().await.expect("reject");
-        }
-        let dead = b.dead_letters(5).await.expect("dead letters");
-        assert_eq!(dead.len(), 1, "{queue_type:?}: {dead:?}");
-        assert_eq!(dead[0].reason, "max attempts reached");
-        assert_eq!(dead[0].attempts, 2);
-        drop(c);
-        b.delete_namespace().await.expect("delete namespace");
-        b.shutdown().await.expect("shutdown");
     }
 }
 

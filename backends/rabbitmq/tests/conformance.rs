@@ -32,7 +32,6 @@ impl Harness for RabbitMq {
             url: url(),
             namespace: namespace.to_owned(),
             partitions: s.partitions,
-            max_attempts: s.max_attempts,
             queue_type: queue_type(),
             // Nothing of a test run stays on the shared broker: queues
             // expire once unused, exchanges go with them.

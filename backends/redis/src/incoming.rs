@@ -41,7 +41,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use fanout_backend::{
-    BackendError, ConsumeOptions, DeadLetter, IncomingDelivery, IncomingEvent, OrderingKey, Settle,
+    partition_for, BackendError, ConsumeOptions, DeadLetter, DeadLetterAction, DeadLetterSelection,
+    IncomingDelivery, IncomingEvent, OrderingKey, Settle,
 };
 use futures::stream::{BoxStream, StreamExt};
 use redis::aio::MultiplexedConnection;
@@ -164,32 +165,60 @@ pub(crate) async fn dead_letters(
     inner: &Inner,
     limit: usize,
 ) -> Result<Vec<DeadLetter>, BackendError> {
-    if limit == 0 {
-        return Ok(Vec::new());
-    }
-    let mut conn = inner.conn();
-    let reply: Value = inner
-        .run(
-            redis::cmd("XRANGE")
-                .arg(inner.keys.dead())
-                .arg("-")
-                .arg("+")
-                .arg("COUNT")
-                .arg(limit)
-                .query_async(&mut conn),
-        )
-        .await?;
+    let all = DeadLetterSelection { ids: None, limit };
+    Ok(read_dead(inner, &all)
+        .await?
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect())
+}
+
+/// Dead letters read per round trip while scanning for a selection.
+const DEAD_SCAN_PAGE: usize = 500;
+
+/// The dead letters `selection` picks, oldest first, with their entry ids
+/// in the dead-letter stream.
+async fn read_dead(
+    inner: &Inner,
+    selection: &DeadLetterSelection,
+) -> Result<Vec<(String, DeadLetter)>, BackendError> {
     let mut out = Vec::new();
-    if let Value::Array(entries) = reply {
+    let mut start = "-".to_owned();
+    let mut conn = inner.conn();
+    while out.len() < selection.limit {
+        let page = if selection.ids.is_none() {
+            (selection.limit - out.len()).min(DEAD_SCAN_PAGE)
+        } else {
+            DEAD_SCAN_PAGE
+        };
+        let reply: Value = inner
+            .run(
+                redis::cmd("XRANGE")
+                    .arg(inner.keys.dead())
+                    .arg(&start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(page)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let Value::Array(entries) = reply else { break };
+        let n = entries.len();
         for entry in &entries {
             let Value::Array(parts) = entry else { continue };
-            let Some(fv) = parts.get(1) else { continue };
-            let f = fields(fv);
-            let Some(event) = event_from(&f) else {
-                tracing::warn!("skipped a malformed dead letter");
+            let (Some(entry_id), Some(fv)) = (parts.first().and_then(as_str), parts.get(1)) else {
                 continue;
             };
-            out.push(DeadLetter {
+            start = format!("({entry_id}");
+            let f = fields(fv);
+            let Some(event) = event_from(&f) else {
+                tracing::warn!(entry = entry_id, "skipped a malformed dead letter");
+                continue;
+            };
+            if out.len() >= selection.limit || !selection.matches(&event.id) {
+                continue;
+            }
+            let dead = DeadLetter {
                 event,
                 reason: f
                     .get("reason")
@@ -201,10 +230,61 @@ pub(crate) async fn dead_letters(
                     .and_then(|v| as_int(v))
                     .and_then(|n| u32::try_from(n).ok())
                     .unwrap_or(0),
-            });
+            };
+            out.push((entry_id.to_owned(), dead));
+        }
+        if n < page {
+            break;
         }
     }
     Ok(out)
+}
+
+/// Replays (the REPLAY script: out of the dead letters and into the
+/// partition stream atomically) or drops (XDEL) the selected dead letters.
+/// A dead letter another call removed meanwhile is skipped.
+pub(crate) async fn resolve_dead_letters(
+    inner: &Inner,
+    selection: &DeadLetterSelection,
+    action: DeadLetterAction,
+) -> Result<Vec<DeadLetter>, BackendError> {
+    let mut done = Vec::new();
+    let mut conn = inner.conn();
+    for (entry_id, dead) in read_dead(inner, selection).await? {
+        let removed: i64 = match action {
+            DeadLetterAction::Replay => {
+                let partition = partition_for(&dead.event.ordering_key, inner.config.partitions);
+                inner
+                    .run(
+                        inner
+                            .scripts
+                            .replay
+                            .key(inner.keys.dead())
+                            .key(inner.keys.stream(partition))
+                            .arg(&entry_id)
+                            .arg(&dead.event.id)
+                            .arg(dead.event.ordering_key.as_str())
+                            .arg(dead.event.payload.as_ref())
+                            .invoke_async(&mut conn),
+                    )
+                    .await?
+            }
+            DeadLetterAction::Drop => {
+                inner
+                    .run(
+                        redis::cmd("XDEL")
+                            .arg(inner.keys.dead())
+                            .arg(&entry_id)
+                            .query_async(&mut conn),
+                    )
+                    .await?
+            }
+        };
+        if removed > 0 {
+            done.push(dead);
+        }
+    }
+    Ok(done)
 }
 
 /// Bookkeeping shared between a consumer task and its deliveries' settles.
@@ -589,13 +669,9 @@ impl Consumer {
                     .scripts
                     .redeliver
                     .key(inner.keys.stream(p))
-                    .key(inner.keys.dead())
                     .arg(GROUP)
                     .arg(&self.token)
                     .arg(id.to_string())
-                    .arg(inner.config.max_attempts)
-                    .arg(inner.config.max_stream_len)
-                    .arg(p)
                     .invoke_async(&mut conn),
             )
             .await?;
@@ -614,9 +690,6 @@ impl Consumer {
                     Some(event) => self.send(p, Entry { id, event, attempt }),
                     None => self.malformed(p, id).await,
                 }
-            }
-            Some("dead") => {
-                Counters::bump(&self.inner.counters.dead_lettered, 1);
             }
             _ => {}
         }
@@ -654,14 +727,10 @@ impl Consumer {
                         .scripts
                         .claim
                         .key(inner.keys.stream(p))
-                        .key(inner.keys.dead())
                         .arg(GROUP)
                         .arg(&self.token)
                         .arg(inner.config.claim_idle.as_millis() as u64)
                         .arg(permits.min(CLAIM_BATCH))
-                        .arg(inner.config.max_attempts)
-                        .arg(inner.config.max_stream_len)
-                        .arg(p)
                         .arg(&start)
                         .invoke_async(&mut conn),
                 )
@@ -671,8 +740,6 @@ impl Consumer {
             };
             let status = parts.first().and_then(as_str).unwrap_or("done").to_owned();
             let last = parts.get(1).and_then(as_str).unwrap_or("").to_owned();
-            let dead = parts.get(3).and_then(as_int).unwrap_or(0);
-            Counters::bump(&self.inner.counters.dead_lettered, dead.max(0) as u64);
             let mut claimed = Vec::new();
             if let Some(Value::Array(entries)) = parts.get(2) {
                 for e in entries {
@@ -693,8 +760,8 @@ impl Consumer {
                     }
                 }
             }
-            if !claimed.is_empty() || dead > 0 {
-                tracing::info!(consumer = %self.token, partition = p, claimed = claimed.len(), dead, "took over pending entries");
+            if !claimed.is_empty() {
+                tracing::info!(consumer = %self.token, partition = p, claimed = claimed.len(), "took over pending entries");
             }
             for entry in claimed {
                 self.send(p, entry);
@@ -888,8 +955,6 @@ impl Consumer {
                     .arg(id.to_string())
                     .arg("dead")
                     .arg("malformed entry")
-                    .arg(inner.config.max_attempts)
-                    .arg(inner.config.max_stream_len)
                     .arg(p)
                     .invoke_async(&mut conn),
             )
@@ -1001,8 +1066,6 @@ impl RedisSettle {
                     .arg(self.id.to_string())
                     .arg(mode)
                     .arg(reason)
-                    .arg(inner.config.max_attempts)
-                    .arg(inner.config.max_stream_len)
                     .arg(self.partition)
                     .invoke_async(&mut conn),
             )
@@ -1043,9 +1106,6 @@ impl Settle for RedisSettle {
         }
         match self.run_settle("reject", "").await {
             Ok(outcome) => {
-                if outcome == "dead" {
-                    Counters::bump(&self.inner.counters.dead_lettered, 1);
-                }
                 self.finish(outcome == "requeue");
                 Ok(())
             }

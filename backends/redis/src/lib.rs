@@ -47,8 +47,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use fanout_backend::{
-    partition_for, BackendError, Capabilities, ConsumeOptions, DeadLetter, FanoutBackend,
-    IncomingDelivery, IncomingEvent, RouteKey, RouteOutcome, ServerId, ServerStream,
+    partition_for, BackendError, Capabilities, ConsumeOptions, DeadLetter, DeadLetterAction,
+    DeadLetterSelection, FanoutBackend, IncomingDelivery, IncomingEvent, RouteKey, RouteOutcome,
+    ServerId, ServerStream,
 };
 use futures::stream::BoxStream;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -80,9 +81,6 @@ pub struct RedisConfig {
     /// Number of incoming streams (at least 1). Every process of a
     /// deployment must agree on it: it decides the stream of each event.
     pub partitions: u32,
-    /// Deliveries of one event before it goes to the dead-letter stream
-    /// (at least 1).
-    pub max_attempts: u32,
     /// Bound on every call to Redis; past it the call fails with
     /// `Unavailable`.
     pub operation_timeout: Duration,
@@ -101,8 +99,8 @@ pub struct RedisConfig {
     pub claim_idle: Duration,
     /// Each incoming stream is trimmed once it holds more entries than
     /// this, and then only of entries that were delivered and acked: an
-    /// unacked backlog is never trimmed. Also the approximate cap of the
-    /// dead-letter stream.
+    /// unacked backlog is never trimmed. The dead-letter stream is never
+    /// trimmed.
     pub max_stream_len: usize,
 }
 
@@ -112,7 +110,6 @@ impl Default for RedisConfig {
             url: "redis://127.0.0.1:6379".to_owned(),
             namespace: "fanout".to_owned(),
             partitions: 16,
-            max_attempts: 5,
             operation_timeout: Duration::from_secs(5),
             liveness_ttl: Duration::from_secs(10),
             lease_ttl: Duration::from_secs(10),
@@ -128,7 +125,6 @@ impl fmt::Debug for RedisConfig {
             .field("url", &redact_url(&self.url))
             .field("namespace", &self.namespace)
             .field("partitions", &self.partitions)
-            .field("max_attempts", &self.max_attempts)
             .field("operation_timeout", &self.operation_timeout)
             .field("liveness_ttl", &self.liveness_ttl)
             .field("lease_ttl", &self.lease_ttl)
@@ -167,11 +163,6 @@ impl RedisConfig {
         if self.partitions == 0 {
             return Err(BackendError::Invalid(
                 "partitions must be at least 1".into(),
-            ));
-        }
-        if self.max_attempts == 0 {
-            return Err(BackendError::Invalid(
-                "max_attempts must be at least 1".into(),
             ));
         }
         if self.operation_timeout < Duration::from_millis(10) {
@@ -609,6 +600,15 @@ impl FanoutBackend for RedisBackend {
         incoming::dead_letters(&self.inner, limit).await
     }
 
+    async fn resolve_dead_letters(
+        &self,
+        selection: &DeadLetterSelection,
+        action: DeadLetterAction,
+    ) -> Result<Vec<DeadLetter>, BackendError> {
+        self.inner.check_open()?;
+        incoming::resolve_dead_letters(&self.inner, selection, action).await
+    }
+
     async fn register_server(&self, server: &ServerId) -> Result<ServerStream, BackendError> {
         outgoing::register(&self.inner, server).await
     }
@@ -699,10 +699,6 @@ mod tests {
             },
             RedisConfig {
                 partitions: 0,
-                ..RedisConfig::default()
-            },
-            RedisConfig {
-                max_attempts: 0,
                 ..RedisConfig::default()
             },
             RedisConfig {

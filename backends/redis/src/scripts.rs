@@ -17,12 +17,14 @@ use redis::Script;
 
 /// Shared by the scripts that may move an incoming entry to the dead-letter
 /// stream: copies the entry's fields, adds why and how often it was
-/// delivered, and acks it so it is never delivered again.
+/// delivered, and acks it so it is never delivered again. The dead-letter
+/// stream is never trimmed: dead letters leave it only by an operator's
+/// replay or drop.
 const DEAD_LETTER_FN: &str = r#"
-local function dead_letter(stream, dead, group, id, reason, attempts, partition, maxlen)
+local function dead_letter(stream, dead, group, id, reason, attempts, partition)
   local e = redis.call('XRANGE', stream, id, id)
   if #e > 0 then
-    local args = {'XADD', dead, 'MAXLEN', '~', maxlen, '*'}
+    local args = {'XADD', dead, '*'}
     for _, v in ipairs(e[1][2]) do args[#args + 1] = v end
     args[#args + 1] = 'reason'; args[#args + 1] = reason
     args[#args + 1] = 'attempts'; args[#args + 1] = tostring(attempts)
@@ -220,62 +222,48 @@ return 1
 /// Takes over the pending entries of a partition a consumer has just
 /// acquired, oldest first, starting after a cursor.
 ///
-/// KEYS[1] = stream, KEYS[2] = dead-letter stream. ARGV[1] = group,
-/// ARGV[2] = token, ARGV[3] = min idle ms (claim_idle), ARGV[4] = batch,
-/// ARGV[5] = max attempts, ARGV[6] = dead-letter MAXLEN, ARGV[7] =
-/// partition, ARGV[8] = start (`-` or `(id`).
+/// KEYS[1] = stream. ARGV[1] = group, ARGV[2] = token, ARGV[3] = min idle
+/// ms (claim_idle), ARGV[4] = batch, ARGV[5] = start (`-` or `(id`).
 /// Stops at the first entry that is not idle long enough, so that a later
 /// entry is never delivered before an earlier one (which XAUTOCLAIM alone
-/// would do: it skips entries that are too young). Entries already
-/// delivered `max attempts` times go to the dead-letter stream instead.
-/// Returns `{status, last id seen, {{id, fields, attempt}, ...}, dead}` with
+/// would do: it skips entries that are too young). However often an entry
+/// was claimed before, it is claimed again: a take-over says nothing about
+/// the entry (the worker decides what is dead-lettered).
+/// Returns `{status, last id seen, {{id, fields, attempt}, ...}}` with
 /// status `done`, `more` or `wait`.
-const CLAIM_BODY: &str = r#"
+const CLAIM: &str = r#"
 local batch = tonumber(ARGV[4])
-local pend = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[8], '+', batch)
+local pend = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[5], '+', batch)
 local out = {}
 local last = ''
-local dead = 0
 local status = 'done'
 if #pend >= batch then status = 'more' end
 for _, pe in ipairs(pend) do
   local id, idle, n = pe[1], pe[3], pe[4]
   if idle < tonumber(ARGV[3]) then status = 'wait'; break end
-  if n >= tonumber(ARGV[5]) then
-    dead_letter(KEYS[1], KEYS[2], ARGV[1], id, 'max attempts reached', n, ARGV[7], ARGV[6])
-    dead = dead + 1
+  local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)
+  if c[1] and c[1][2] then
+    out[#out + 1] = {c[1][1], c[1][2], n + 1}
   else
-    local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)
-    if c[1] and c[1][2] then
-      out[#out + 1] = {c[1][1], c[1][2], n + 1}
-    else
-      -- The entry was trimmed or deleted: nothing left to deliver.
-      redis.call('XACK', KEYS[1], ARGV[1], id)
-    end
+    -- The entry was trimmed or deleted: nothing left to deliver.
+    redis.call('XACK', KEYS[1], ARGV[1], id)
   end
   last = id
 end
-return {status, last, out, dead}
+return {status, last, out}
 "#;
 
 /// Delivers again one entry this consumer holds (after `reject`, a dropped
 /// delivery or a failed settle): XCLAIM to itself, which increments the
-/// delivery count, or dead-letter it if it has been delivered `max
-/// attempts` times.
+/// delivery count (informational: nothing is dead-lettered by it).
 ///
-/// KEYS[1] = stream, KEYS[2] = dead-letter stream. ARGV[1] = group,
-/// ARGV[2] = token, ARGV[3] = id, ARGV[4] = max attempts, ARGV[5] =
-/// dead-letter MAXLEN, ARGV[6] = partition.
-/// Returns `{'ok', fields, attempt}`, `{'dead'}` or `{'gone'}` (acked, or
-/// now held by another consumer).
-const REDELIVER_BODY: &str = r#"
+/// KEYS[1] = stream. ARGV[1] = group, ARGV[2] = token, ARGV[3] = id.
+/// Returns `{'ok', fields, attempt}` or `{'gone'}` (acked, or now held by
+/// another consumer).
+const REDELIVER: &str = r#"
 local pe = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if #pe == 0 or pe[1][2] ~= ARGV[2] then return {'gone'} end
 local n = pe[1][4]
-if n >= tonumber(ARGV[4]) then
-  dead_letter(KEYS[1], KEYS[2], ARGV[1], ARGV[3], 'max attempts reached', n, ARGV[6], ARGV[5])
-  return {'dead'}
-end
 local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3])
 if c[1] and c[1][2] then return {'ok', c[1][2], n + 1} end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
@@ -287,19 +275,26 @@ return {'gone'}
 ///
 /// KEYS[1] = stream, KEYS[2] = dead-letter stream. ARGV[1] = group,
 /// ARGV[2] = token, ARGV[3] = id, ARGV[4] = `reject` or `dead`, ARGV[5] =
-/// reason, ARGV[6] = max attempts, ARGV[7] = dead-letter MAXLEN, ARGV[8] =
-/// partition. Returns `requeue`, `dead` or `gone`.
+/// reason, ARGV[6] = partition. Returns `requeue`, `dead` or `gone`.
 const SETTLE_BODY: &str = r#"
 local pe = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if #pe == 0 or pe[1][2] ~= ARGV[2] then return 'gone' end
-local n = pe[1][4]
-local reason = ARGV[5]
-if ARGV[4] == 'reject' then
-  if n < tonumber(ARGV[6]) then return 'requeue' end
-  reason = 'max attempts reached'
-end
-dead_letter(KEYS[1], KEYS[2], ARGV[1], ARGV[3], reason, n, ARGV[8], ARGV[7])
+if ARGV[4] == 'reject' then return 'requeue' end
+dead_letter(KEYS[1], KEYS[2], ARGV[1], ARGV[3], ARGV[5], pe[1][4], ARGV[6])
 return 'dead'
+"#;
+
+/// Replays one dead letter: removes it from the dead-letter stream and
+/// appends its event to its partition stream, both or neither, so two
+/// operators replaying at once never replay one dead letter twice.
+///
+/// KEYS[1] = dead-letter stream, KEYS[2] = partition stream. ARGV[1] =
+/// dead-letter entry id, ARGV[2] = event id, ARGV[3] = ordering key,
+/// ARGV[4] = payload. Returns 1 (replayed) or 0 (gone already).
+const REPLAY: &str = r#"
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', 'id', ARGV[2], 'k', ARGV[3], 'p', ARGV[4])
+return 1
 "#;
 
 /// Trims one incoming stream without ever removing an unacked entry.
@@ -372,6 +367,7 @@ pub(crate) struct Scripts {
     pub claim: Script,
     pub redeliver: Script,
     pub settle: Script,
+    pub replay: Script,
     pub trim: Script,
     pub gc_consumers: Script,
 }
@@ -386,9 +382,10 @@ impl Scripts {
             maintain: Script::new(MAINTAIN),
             release: Script::new(&format!("{HANDOVER_FN}{RELEASE_BODY}")),
             leave: Script::new(&format!("{HANDOVER_FN}{LEAVE_BODY}")),
-            claim: Script::new(&format!("{DEAD_LETTER_FN}{CLAIM_BODY}")),
-            redeliver: Script::new(&format!("{DEAD_LETTER_FN}{REDELIVER_BODY}")),
+            claim: Script::new(CLAIM),
+            redeliver: Script::new(REDELIVER),
             settle: Script::new(&format!("{DEAD_LETTER_FN}{SETTLE_BODY}")),
+            replay: Script::new(REPLAY),
             trim: Script::new(TRIM),
             gc_consumers: Script::new(GC_CONSUMERS),
         }

@@ -18,7 +18,6 @@ impl Harness for Redis {
     async fn backend(&self, namespace: &str, s: Settings) -> Arc<dyn FanoutBackend> {
         let backend = RedisBackend::connect(RedisConfig {
             partitions: s.partitions,
-            max_attempts: s.max_attempts,
             ..common::config(namespace)
         })
         .await

@@ -45,7 +45,6 @@ fn event(id: &str, key: &str, body: &str) -> IncomingEvent {
 fn crash_config(ns: &str) -> RedisConfig {
     RedisConfig {
         partitions: 4,
-        max_attempts: 5,
         lease_ttl: Duration::from_secs(2),
         claim_idle: Duration::from_secs(1),
         ..common::config(ns)
@@ -471,66 +470,6 @@ async fn killed_subscriber_yields_routes_lost_and_routing_resumes() {
         next_message(&mut s1, Duration::from_secs(5)).await.1,
         Bytes::from_static(b"after")
     );
-    b.shutdown().await.expect("shutdown");
-}
-
-/// An entry whose every delivery crashes its worker (never settled) is
-/// dead-lettered once it has been delivered `max_attempts` times, by the
-/// take-over path, and the entry behind it comes next.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poison_entry_is_dead_lettered_after_max_attempts() {
-    if !common::available().await {
-        return;
-    }
-    let ns = common::namespace();
-    let _cleanup = common::Cleanup(ns.clone());
-    let b = RedisBackend::connect(RedisConfig {
-        partitions: 2,
-        max_attempts: 3,
-        claim_idle: Duration::from_secs(1),
-        ..common::config(&ns)
-    })
-    .await
-    .expect("connect");
-    b.publish_incoming(event("poison", "p", "boom"))
-        .await
-        .expect("publish");
-    b.publish_incoming(event("good", "p", "fine"))
-        .await
-        .expect("publish");
-    for attempt in 1..=3u32 {
-        let mut c = b
-            .consume_incoming(ConsumeOptions {
-                consumer_name: format!("victim{attempt}"),
-                prefetch: 1,
-            })
-            .await
-            .expect("consume");
-        let d = next_delivery(&mut c, Duration::from_secs(10)).await;
-        assert_eq!(d.event.id, "poison");
-        assert_eq!(d.attempt, attempt);
-        // The worker dies: its stream goes first, the delivery with it.
-        drop(c);
-        drop(d);
-    }
-    let mut c = b
-        .consume_incoming(ConsumeOptions {
-            consumer_name: "survivor".into(),
-            prefetch: 1,
-        })
-        .await
-        .expect("consume");
-    let d = next_delivery(&mut c, Duration::from_secs(10)).await;
-    assert_eq!(d.event.id, "good", "the poison entry is skipped");
-    assert_eq!(d.attempt, 1);
-    d.ack().await.expect("ack");
-    let dead = b.dead_letters(10).await.expect("dead letters");
-    assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!(dead[0].event.id, "poison");
-    assert_eq!(dead[0].event.payload, Bytes::from_static(b"boom"));
-    assert_eq!(dead[0].attempts, 3);
-    assert_eq!(dead[0].reason, "max attempts reached");
-    assert!(b.stats().dead_lettered >= 1);
     b.shutdown().await.expect("shutdown");
 }
 

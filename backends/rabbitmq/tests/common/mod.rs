@@ -30,7 +30,6 @@ pub fn config(namespace: &str) -> RabbitMqConfig {
         url: url(),
         namespace: namespace.to_owned(),
         partitions: 4,
-        max_attempts: 3,
         queue_expiry: Some(Duration::from_secs(60)),
         operation_timeout: Duration::from_secs(15),
         ..RabbitMqConfig::default()

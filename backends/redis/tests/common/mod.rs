@@ -186,6 +186,13 @@ impl FanoutBackend for Purging {
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BackendError> {
         self.backend.dead_letters(limit).await
     }
+    async fn resolve_dead_letters(
+        &self,
+        selection: &fanout_backend::DeadLetterSelection,
+        action: fanout_backend::DeadLetterAction,
+    ) -> Result<Vec<DeadLetter>, BackendError> {
+        self.backend.resolve_dead_letters(selection, action).await
+    }
     async fn register_server(&self, server: &ServerId) -> Result<ServerStream, BackendError> {
         self.backend.register_server(server).await
     }
