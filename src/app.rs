@@ -294,17 +294,34 @@ pub async fn dead_letters(
     config: &Config,
     limit: usize,
 ) -> Result<Vec<fanout_backend::DeadLetter>, RunError> {
-    if config.backend == BackendKind::Memory {
-        return Err(RunError::Config(
-            "the memory backend keeps its dead letters inside the `fanout serve` process; \
-             there is nothing to read from outside it"
-                .into(),
-        ));
-    }
-    let backend = connect_backend(config).await?;
+    let backend = dead_letter_backend(config).await?;
     let letters = backend.dead_letters(limit).await;
     let _ = backend.shutdown().await;
     Ok(letters?)
+}
+
+/// Replays or drops the configured broker's dead letters (see
+/// `FanoutBackend::resolve_dead_letters`).
+pub async fn resolve_dead_letters(
+    config: &Config,
+    selection: &fanout_backend::DeadLetterSelection,
+    action: fanout_backend::DeadLetterAction,
+) -> Result<Vec<fanout_backend::DeadLetter>, RunError> {
+    let backend = dead_letter_backend(config).await?;
+    let done = backend.resolve_dead_letters(selection, action).await;
+    let _ = backend.shutdown().await;
+    Ok(done?)
+}
+
+async fn dead_letter_backend(config: &Config) -> Result<DynBackend, RunError> {
+    if config.backend == BackendKind::Memory {
+        return Err(RunError::Config(
+            "the memory backend keeps its dead letters inside the `fanout serve` process; \
+             there is nothing to reach from outside it"
+                .into(),
+        ));
+    }
+    connect_backend(config).await
 }
 
 /// Deletes everything the configured backend keeps under its namespace

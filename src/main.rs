@@ -23,6 +23,33 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+enum DeadLetterCommand {
+    /// Publishes the selected dead letters to the incoming side again (same
+    /// id: a message stored before is stored once), oldest first, and
+    /// removes them from the dead letters. Fix the cause first.
+    Replay {
+        #[command(flatten)]
+        select: DeadLetterSelect,
+    },
+    /// Removes the selected dead letters for good.
+    Drop {
+        #[command(flatten)]
+        select: DeadLetterSelect,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct DeadLetterSelect {
+    /// Event ids to act on (repeat, or comma-separate).
+    #[arg(long = "id", value_delimiter = ',')]
+    ids: Vec<String>,
+    /// Act on every dead letter (up to --limit).
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Gateway and worker in one process: the embedded default (memory
     /// backend, SQLite), no broker or database server needed.
@@ -32,11 +59,14 @@ enum Command {
     /// A worker process (scale-out); needs FANOUT_JWT_SECRET and a broker backend.
     Worker,
     /// Prints up to LIMIT dead-lettered events of the configured broker, one
-    /// JSON object a line, oldest first, without removing them.
+    /// JSON object a line, oldest first, without removing them; `replay`
+    /// and `drop` act on them.
     DeadLetters {
-        /// How many to print.
-        #[arg(long, default_value_t = 100)]
+        /// How many to print, replay or drop at the most (oldest first).
+        #[arg(long, default_value_t = 100, global = true)]
         limit: usize,
+        #[command(subcommand)]
+        action: Option<DeadLetterCommand>,
     },
     /// Drives running gateways with one load pattern (open-loop, latency
     /// from the intended send time) and prints the measurements as JSON.
@@ -308,22 +338,62 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             app::purge_namespace(&config).await?;
             eprintln!("namespace {:?} purged", config.namespace);
         }
-        Command::DeadLetters { limit } => {
+        Command::DeadLetters {
+            limit,
+            action: None,
+        } => {
             for d in app::dead_letters(&config, limit).await? {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "id": d.event.id,
-                        "orderingKey": d.event.ordering_key.as_str(),
-                        "reason": d.reason,
-                        "attempts": d.attempts,
-                        "payload": String::from_utf8_lossy(&d.event.payload),
-                    })
+                print_dead_letter(&d);
+            }
+        }
+        Command::DeadLetters {
+            limit,
+            action: Some(action),
+        } => {
+            let (select, action, verb) = match action {
+                DeadLetterCommand::Replay { select } => {
+                    (select, fanout_backend::DeadLetterAction::Replay, "replayed")
+                }
+                DeadLetterCommand::Drop { select } => {
+                    (select, fanout_backend::DeadLetterAction::Drop, "dropped")
+                }
+            };
+            let selection = fanout_backend::DeadLetterSelection {
+                ids: (!select.all).then_some(select.ids.clone()),
+                limit,
+            };
+            let done = app::resolve_dead_letters(&config, &selection, action).await?;
+            for d in &done {
+                print_dead_letter(d);
+            }
+            eprintln!("{verb} {} dead letters", done.len());
+            if !select.all {
+                let missing: Vec<&String> = select
+                    .ids
+                    .iter()
+                    .filter(|id| !done.iter().any(|d| &d.event.id == *id))
+                    .collect();
+                anyhow::ensure!(
+                    missing.is_empty(),
+                    "no dead letter with id {missing:?} (list them with `fanout dead-letters`)"
                 );
             }
         }
     }
     Ok(())
+}
+
+fn print_dead_letter(d: &fanout_backend::DeadLetter) {
+    println!(
+        "{}",
+        serde_json::json!({
+            "id": d.event.id,
+            "orderingKey": d.event.ordering_key.as_str(),
+            "reason": d.reason,
+            "attempts": d.attempts,
+            "payload": String::from_utf8_lossy(&d.event.payload),
+        })
+    );
 }
 
 fn read_report(path: &std::path::Path) -> anyhow::Result<fanout::bench::report::Report> {

@@ -53,16 +53,27 @@ pub enum FaultKind {
     /// PostgreSQL unreachable for a few seconds (a proxy drops every
     /// connection and refuses new ones).
     DatabaseOutage,
+    /// The database turned read-only (`default_transaction_read_only`, its
+    /// sessions terminated) for [`FaultSpec::read_only_for`], as after a
+    /// failover to a replica: every insert fails with SQLSTATE 25006, an
+    /// error that is not a connection loss. One worker, 200 msg/s.
+    DatabaseReadOnly,
+    /// The only worker killed, a backlog of [`FaultSpec::backlog`] events
+    /// built up, then the worker started and killed again
+    /// [`FaultSpec::restarts`] times while it works the backlog off.
+    WorkerRestarts,
 }
 
 impl FaultKind {
     /// Every fault, in the order the matrix runs them.
-    pub const ALL: [FaultKind; 5] = [
+    pub const ALL: [FaultKind; 7] = [
         FaultKind::WorkerKill,
         FaultKind::GatewayKill,
         FaultKind::BrokerConnectionKill,
         FaultKind::BrokerRestart,
         FaultKind::DatabaseOutage,
+        FaultKind::DatabaseReadOnly,
+        FaultKind::WorkerRestarts,
     ];
 
     /// The snake_case name (as serialized).
@@ -73,7 +84,22 @@ impl FaultKind {
             FaultKind::BrokerConnectionKill => "broker_connection_kill",
             FaultKind::BrokerRestart => "broker_restart",
             FaultKind::DatabaseOutage => "database_outage",
+            FaultKind::DatabaseReadOnly => "database_read_only",
+            FaultKind::WorkerRestarts => "worker_restarts",
         }
+    }
+}
+
+impl FaultKind {
+    /// Whether sessions must see each sender's messages in order through
+    /// this fault. The faults that cut a gateway off its broker are
+    /// excepted: the catch-up after a route loss fills a gap after newer
+    /// live messages may have been shown (issue 12 sequences the streams).
+    pub fn keeps_order(self) -> bool {
+        !matches!(
+            self,
+            FaultKind::BrokerConnectionKill | FaultKind::BrokerRestart | FaultKind::GatewayKill
+        )
     }
 }
 
@@ -124,6 +150,16 @@ pub struct FaultSpec {
     pub rabbitmqctl: PathBuf,
     /// `redis-server`: Redis runs use a server of their own.
     pub redis_server: PathBuf,
+    /// For `DatabaseReadOnly`: how long the database stays read-only.
+    pub read_only_for: Duration,
+    /// For `DatabaseReadOnly`: messages per second.
+    pub read_only_rate: f64,
+    /// For `WorkerRestarts`: events waiting before the first restart.
+    pub backlog: u64,
+    /// For `WorkerRestarts`: how often the worker is killed and started.
+    pub restarts: u32,
+    /// For `WorkerRestarts`: how long each restarted worker lives.
+    pub restart_every: Duration,
 }
 
 impl FaultSpec {
@@ -149,6 +185,11 @@ impl FaultSpec {
             rabbitmq_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             rabbitmqctl: PathBuf::from("rabbitmqctl"),
             redis_server: PathBuf::from("redis-server"),
+            read_only_for: Duration::from_secs(10),
+            read_only_rate: 200.0,
+            backlog: 5000,
+            restarts: 6,
+            restart_every: Duration::from_millis(2500),
         }
     }
 }
@@ -162,8 +203,27 @@ impl FaultSpec {
     /// drains; measured, RabbitMQ needed 5–6 s after the broker was back.
     pub fn after_for(&self, fault: FaultKind) -> Duration {
         match fault {
-            FaultKind::BrokerRestart => self.after * 2,
+            FaultKind::BrokerRestart | FaultKind::DatabaseReadOnly => self.after * 2,
+            // A lone worker works off the backlog and what came meanwhile.
+            FaultKind::WorkerRestarts => self.after * 3,
             _ => self.after,
+        }
+    }
+
+    /// Worker processes for `fault`: one where the fault is about what a
+    /// lone worker does with events it cannot store or keeps losing.
+    pub fn workers_for(&self, fault: FaultKind) -> usize {
+        match fault {
+            FaultKind::DatabaseReadOnly | FaultKind::WorkerRestarts => 1,
+            _ => 2,
+        }
+    }
+
+    /// Messages per second for `fault`.
+    pub fn rate_for(&self, fault: FaultKind) -> f64 {
+        match fault {
+            FaultKind::DatabaseReadOnly => self.read_only_rate,
+            _ => self.rate,
         }
     }
 }
@@ -232,6 +292,12 @@ pub struct FaultResult {
     pub delivered_late: u64,
     /// Extra copies of a message shown to one session: must be 0.
     pub duplicates: u64,
+    /// Messages a session was shown after a later message of the same
+    /// sender to the same conversation.
+    pub reordered: u64,
+    /// Events in the dead letters after the run: must be 0 (every event of
+    /// the run is valid; no fault may make the worker give up on one).
+    pub dead_lettered: u64,
     /// Events for a message that is not stored, or under another id than
     /// the stored one: must be 0.
     pub unknown_deliveries: u64,
@@ -306,19 +372,31 @@ impl FaultResult {
         if self.delivered == 0 {
             v.push("nothing was delivered at all".into());
         }
+        if self.dead_lettered > 0 {
+            v.push(format!(
+                "{} valid events dead-lettered",
+                self.dead_lettered
+            ));
+        }
+        if self.reordered > 0 && self.fault.keeps_order() {
+            v.push(format!(
+                "{} messages shown out of their sender's order",
+                self.reordered
+            ));
+        }
         v
     }
 
     /// The header of [`FaultResult::table_row`]'s table (Markdown).
     pub fn table_header() -> &'static str {
-        "| backend | fault | sent | acked | retried | acked, not stored | stored, not acked | due deliveries | delivered | late (>1 s) | duplicates | lost online | missed offline | redeliveries suppressed | fault ms | recovery ms |\n\
-         | --- | --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |"
+        "| backend | fault | sent | acked | retried | acked, not stored | stored, not acked | due deliveries | delivered | late (>1 s) | duplicates | reordered | lost online | missed offline | dead letters | redeliveries suppressed | fault ms | recovery ms |\n\
+         | --- | --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |"
     }
 
     /// One Markdown table row.
     pub fn table_row(&self) -> String {
         format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             backend_name(self.backend),
             self.fault,
             self.sent,
@@ -330,8 +408,10 @@ impl FaultResult {
             self.delivered,
             self.delivered_late,
             self.duplicates,
+            self.reordered,
             self.not_delivered_online,
             self.not_delivered_offline,
+            self.dead_lettered,
             self.redeliveries_suppressed,
             self.fault_ms,
             self.recovery_ms
@@ -446,7 +526,7 @@ async fn execute(
                 log_dir: dir.clone(),
             },
             3,
-            2,
+            spec.workers_for(fault),
             vec![(Role::Worker, "FANOUT_DATABASE_URL".into(), worker_db_url)],
         )
         .await?,
@@ -475,7 +555,11 @@ async fn execute(
     // retrying (the connections are closed by the teardown).
     let _stop_guard = stop_sending.clone().drop_guard();
     let _give_up_guard = give_up.clone().drop_guard();
-    let sending = traffic.start_sending(spec.rate, stop_sending.clone(), give_up.clone());
+    let sending = traffic.start_sending(
+        spec.rate_for(fault),
+        stop_sending.clone(),
+        give_up.clone(),
+    );
     tokio::time::sleep(spec.before).await;
     if let Some(fleet) = res.fleet.as_mut() {
         fleet.check_alive()?;
@@ -574,6 +658,10 @@ async fn execute(
     });
     let live = res.fleet.as_ref().map(Fleet::urls).unwrap_or_default();
     let (suppressed, routes_lost) = scrape_gateways(&live).await;
+    let dead_lettered = crate::app::dead_letters(&broker_config(spec, res), 10_000)
+        .await
+        .map_err(|e| FaultError::Service(format!("reading the dead letters: {e}")))?
+        .len() as u64;
     let mut result = FaultResult {
         backend: spec.backend,
         fault,
@@ -589,6 +677,8 @@ async fn execute(
         delivered: accounting.delivered,
         delivered_late: accounting.delivered_late,
         duplicates: accounting.duplicates,
+        reordered: accounting.reordered,
+        dead_lettered,
         unknown_deliveries: accounting.unknown_deliveries,
         not_delivered_online: accounting.not_delivered_online,
         not_delivered_offline: accounting.not_delivered_offline,
@@ -695,6 +785,48 @@ async fn inject(
                 spec.outage.as_millis()
             )
         }
+        FaultKind::DatabaseReadOnly => {
+            let db = res.db.as_ref().ok_or_else(not_running)?;
+            db.set_read_only(true).await?;
+            tokio::time::sleep(spec.read_only_for).await;
+            db.set_read_only(false).await?;
+            format!(
+                "the database set read-only (default_transaction_read_only = on, its sessions terminated) for {} ms under {} msg/s with one worker, then read-write again (sessions terminated again)",
+                spec.read_only_for.as_millis(),
+                spec.read_only_rate
+            )
+        }
+        FaultKind::WorkerRestarts => {
+            let traffic = res.traffic.clone().ok_or_else(not_running)?;
+            let fleet = res.fleet.as_mut().ok_or_else(not_running)?;
+            let idx = fleet.live(Role::Worker, 0).ok_or_else(not_running)?;
+            fleet.kill9(idx).await;
+            let acked_at_kill = traffic.acked_count();
+            traffic.burst(usize::try_from(spec.backlog).unwrap_or(usize::MAX));
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while traffic.acked_count().saturating_sub(acked_at_kill) < spec.backlog {
+                if Instant::now() > deadline {
+                    return Err(FaultError::Service(format!(
+                        "no backlog of {} events within 120 s",
+                        spec.backlog
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let backlog = traffic.acked_count() - acked_at_kill;
+            for _ in 0..spec.restarts {
+                let idx = fleet.spawn(Role::Worker).await?;
+                tokio::time::sleep(spec.restart_every).await;
+                fleet.kill9(idx).await;
+            }
+            fleet.spawn(Role::Worker).await?;
+            format!(
+                "the only worker killed (SIGKILL), a burst of {} messages sent until {backlog} events waited, then the worker started and killed again {} times, {} ms apart, while it worked the backlog off, then started for good",
+                spec.backlog,
+                spec.restarts,
+                spec.restart_every.as_millis()
+            )
+        }
     };
     Ok((what, None))
 }
@@ -713,15 +845,7 @@ async fn teardown(spec: &FaultSpec, res: &mut Resources) {
     if let Some(mut fleet) = res.fleet.take() {
         fleet.stop().await;
     }
-    let mut config = Config {
-        backend: spec.backend,
-        namespace: res.namespace.clone(),
-        rabbitmq_url: spec.rabbitmq_url.clone(),
-        ..Config::default()
-    };
-    if let Some(redis) = &res.redis {
-        config.redis_url = redis.url();
-    }
+    let config = broker_config(spec, res);
     let purge = res.redis.is_some() || spec.backend == BackendKind::Rabbitmq;
     if purge {
         if let Err(e) = crate::app::purge_namespace(&config).await {
@@ -736,6 +860,20 @@ async fn teardown(spec: &FaultSpec, res: &mut Resources) {
     if let Some(db) = res.db.take() {
         db.drop_db().await;
     }
+}
+
+/// A configuration that reaches the run's broker namespace.
+fn broker_config(spec: &FaultSpec, res: &Resources) -> Config {
+    let mut config = Config {
+        backend: spec.backend,
+        namespace: res.namespace.clone(),
+        rabbitmq_url: spec.rabbitmq_url.clone(),
+        ..Config::default()
+    };
+    if let Some(redis) = &res.redis {
+        config.redis_url = redis.url();
+    }
+    config
 }
 
 /// Creates the run's channels through the REST API.

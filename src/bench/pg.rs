@@ -55,6 +55,40 @@ impl TempDatabase {
         })
     }
 
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Sets `default_transaction_read_only` on the database (or resets it)
+    /// and terminates every session on it, as a failover to a read-only
+    /// node (or back) does to its clients: the sessions opened next get the
+    /// new default.
+    pub async fn set_read_only(&self, read_only: bool) -> Result<(), PgError> {
+        let err = |source| PgError {
+            url: self.admin_url.clone(),
+            source,
+        };
+        let mut conn = PgConnection::connect(&self.admin_url).await.map_err(err)?;
+        let setting = if read_only { "on" } else { "off" };
+        sqlx::query(&format!(
+            "ALTER DATABASE {} SET default_transaction_read_only = {setting}",
+            self.name
+        ))
+        .execute(&mut conn)
+        .await
+        .map_err(err)?;
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&self.name)
+        .execute(&mut conn)
+        .await
+        .map_err(err)?;
+        Ok(())
+    }
+
     /// Drops the database, closing any connection still open to it.
     pub async fn drop_db(self) {
         match PgConnection::connect(&self.admin_url).await {

@@ -114,6 +114,8 @@ pub struct Traffic {
     /// The channels.
     pub channels: Vec<ChannelSpec>,
     sends: Mutex<Vec<SendRecord>>,
+    /// Each user's send queue, once sending started.
+    queues: Mutex<Vec<mpsc::UnboundedSender<usize>>>,
     receipts: Mutex<Vec<Receipt>>,
     next_session: AtomicU64,
     reconnects: AtomicU64,
@@ -157,6 +159,7 @@ impl Traffic {
             urls,
             tokens,
             sends: Mutex::new(Vec::new()),
+            queues: Mutex::new(Vec::new()),
             receipts: Mutex::new(Vec::new()),
             next_session: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
@@ -200,6 +203,11 @@ impl Traffic {
     /// Sessions re-established after a loss.
     pub fn reconnects(&self) -> u64 {
         self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Messages acked so far.
+    pub fn acked_count(&self) -> u64 {
+        lock(&self.sends).iter().filter(|s| s.acked.is_some()).count() as u64
     }
 
     /// Receipts so far.
@@ -292,6 +300,7 @@ impl Traffic {
         let mut tasks = Vec::with_capacity(2 * n);
         for u in 0..n {
             let (tx, rx) = mpsc::unbounded_channel();
+            lock(&self.queues).push(tx.clone());
             let offset = period.mul_f64(u as f64 / n as f64);
             tasks.push(tokio::spawn(self.clone().compose(
                 u,
@@ -311,6 +320,42 @@ impl Traffic {
                 let _ = t.await;
             }
         })
+    }
+
+    /// Composes `count` messages at once, spread over the users (two in
+    /// three to the partner, one in three to the channel), behind whatever
+    /// each user's queue holds: a burst that builds a backlog as fast as
+    /// the gateways ack. Needs [`Traffic::start_sending`] first.
+    pub fn burst(&self, count: usize) {
+        let queues = lock(&self.queues).clone();
+        if queues.is_empty() {
+            return;
+        }
+        for i in 0..count {
+            let u = i % queues.len();
+            let user = &self.users[u];
+            let dest = if i % 3 == 2 {
+                Dest::Channel(user.channel)
+            } else {
+                Dest::User(user.partner)
+            };
+            let idx = self.record(u, format!("{}-b{i}", user.name), dest);
+            let _ = queues[u].send(idx);
+        }
+    }
+
+    fn record(&self, sender: usize, cmid: String, dest: Dest) -> usize {
+        let mut sends = lock(&self.sends);
+        sends.push(SendRecord {
+            sender,
+            cmid,
+            dest,
+            composed: Instant::now(),
+            attempts: 0,
+            acked: None,
+            failures: Vec::new(),
+        });
+        sends.len() - 1
     }
 
     async fn compose(
@@ -336,19 +381,7 @@ impl Traffic {
             } else {
                 Dest::User(user.partner)
             };
-            let idx = {
-                let mut sends = lock(&self.sends);
-                sends.push(SendRecord {
-                    sender: u,
-                    cmid: format!("{}-{seq}", user.name),
-                    dest,
-                    composed: Instant::now(),
-                    attempts: 0,
-                    acked: None,
-                    failures: Vec::new(),
-                });
-                sends.len() - 1
-            };
+            let idx = self.record(u, format!("{}-{seq}", user.name), dest);
             if queue.send(idx).is_err() {
                 return;
             }
@@ -475,6 +508,9 @@ pub struct Accounting {
     pub delivered: u64,
     pub delivered_late: u64,
     pub duplicates: u64,
+    /// First arrivals in a session that came after a later message of the
+    /// same sender to the same conversation.
+    pub reordered: u64,
     pub unknown_deliveries: u64,
     pub not_delivered_online: u64,
     pub not_delivered_offline: u64,
@@ -531,6 +567,7 @@ fn account(
             .or_insert(r.at);
     }
     a.duplicates = per_session.values().map(|n| n - 1).sum();
+    a.reordered = reordered(t, sends, receipts);
     a.longest_offline = offline
         .iter()
         .flatten()
@@ -634,6 +671,54 @@ fn account(
     failures.sort();
     a.failures = failures;
     a
+}
+
+/// Counts, per session, first arrivals older (by composing time) than a
+/// message of the same sender to the same conversation shown before them.
+/// Each sender composes one message at a time, so composing order is the
+/// order its sends were acked in.
+fn reordered(t: &Traffic, sends: &[SendRecord], receipts: &[Receipt]) -> u64 {
+    let composed: HashMap<(&str, &str), (Instant, DestKey)> = sends
+        .iter()
+        .map(|s| {
+            let dest = match s.dest {
+                Dest::User(u) => DestKey::User(u),
+                Dest::Channel(c) => DestKey::Channel(c),
+            };
+            (
+                (t.users[s.sender].name.as_str(), s.cmid.as_str()),
+                (s.composed, dest),
+            )
+        })
+        .collect();
+    let mut arrivals: Vec<&Receipt> = receipts.iter().collect();
+    arrivals.sort_by_key(|r| r.at);
+    let mut seen: std::collections::HashSet<(u64, &str, &str)> = Default::default();
+    let mut newest: HashMap<(u64, &str, DestKey), Instant> = HashMap::new();
+    let mut n = 0;
+    for r in arrivals {
+        if !seen.insert((r.session, r.sender.as_str(), r.cmid.as_str())) {
+            continue;
+        }
+        let Some(&(at, dest)) = composed.get(&(r.sender.as_str(), r.cmid.as_str())) else {
+            continue;
+        };
+        // A 1:1 conversation is the same whichever way it goes: key it by
+        // the sender and the other side.
+        let newest = newest.entry((r.session, r.sender.as_str(), dest)).or_insert(at);
+        if at < *newest {
+            n += 1;
+        } else {
+            *newest = at;
+        }
+    }
+    n
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum DestKey {
+    User(usize),
+    Channel(usize),
 }
 
 #[cfg(test)]
