@@ -183,14 +183,17 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             println!("{}", tokens.mint(&user_id, ttl)?);
         }
         Command::Serve => {
-            let listener = bind(&config).await?;
+            let listener = bind(config.listen).await?;
             app::serve(config, listener, app::shutdown_signal()).await?;
         }
         Command::Gateway => {
-            let listener = bind(&config).await?;
+            let listener = bind(config.listen).await?;
             app::gateway(config, listener, app::shutdown_signal()).await?;
         }
-        Command::Worker => app::worker(config, app::shutdown_signal()).await?,
+        Command::Worker => {
+            let listener = bind(config.worker_listen()).await?;
+            app::worker(config, listener, app::shutdown_signal()).await?
+        }
         Command::Load {
             url,
             users,
@@ -367,13 +370,8 @@ fn print_comparison(
     }
 }
 
-async fn bind(config: &Config) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (set FANOUT_LISTEN to another address)",
-                config.listen
-            )
-        })
+async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} (set FANOUT_LISTEN to another address)")
+    })
 }

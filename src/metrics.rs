@@ -205,4 +205,24 @@ impl Metrics {
         let _ = encode(&mut out, &self.registry);
         out
     }
+
+    /// The exposition with the backend's own counters
+    /// (`FanoutBackend::counters`) as `fanout_backend_{name}_total`.
+    pub fn render_with(&self, backend_counters: &[(&'static str, u64)]) -> String {
+        let mut out = self.render();
+        // The backend's counters go before the closing `# EOF`.
+        let eof = out.rfind("# EOF").unwrap_or(out.len());
+        let mut extra = String::new();
+        for (name, value) in backend_counters {
+            use std::fmt::Write;
+            let _ = write!(
+                extra,
+                "# HELP fanout_backend_{name} Counter kept by the broker backend.\n\
+                 # TYPE fanout_backend_{name} counter\n\
+                 fanout_backend_{name}_total {value}\n"
+            );
+        }
+        out.insert_str(eof, &extra);
+        out
+    }
 }
