@@ -371,7 +371,7 @@ fn print_comparison(
 }
 
 async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.with_context(|| {
-        format!("cannot listen on {addr} (set FANOUT_LISTEN to another address)")
-    })
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (set FANOUT_LISTEN to another address)"))
 }

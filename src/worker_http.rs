@@ -105,7 +105,8 @@ async fn readyz(State(w): State<Arc<WorkerHttp>>) -> Response {
     match backend.and(store) {
         Ok(()) => (StatusCode::OK, axum::Json(body)).into_response(),
         Err(what) => {
-            let err = json!({ "error": { "code": "unavailable", "message": what }, "status": body });
+            let err =
+                json!({ "error": { "code": "unavailable", "message": what }, "status": body });
             (StatusCode::SERVICE_UNAVAILABLE, axum::Json(err)).into_response()
         }
     }

@@ -86,7 +86,8 @@ async fn run(gw: Arc<Gateway>, mut stream: ServerStream) {
         // with it, or took it while this one was paused or cut off).
         // Nothing reaches this gateway's sessions any more.
         let reason = format!(
-            "this gateway's registration as {} ended (another process holds the server id);              it delivers nothing: restart it with a server id of its own",
+            "this gateway's registration as {} ended (another process holds the server id); \
+             it delivers nothing: restart it with a server id of its own",
             gw.server_id
         );
         tracing::error!("{reason}");
