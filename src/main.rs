@@ -157,8 +157,9 @@ fn main() -> anyhow::Result<()> {
     if matches!(cli.command, Command::Bench { .. }) && std::env::var_os("FANOUT_LOG").is_none() {
         // The bench reports through its own progress lines; the raw
         // baseline stops consumers mid-stream on purpose, which backends
-        // rightly log as warnings.
-        config.log = "warn,fanout_redis=error,fanout_rabbitmq=error".to_owned();
+        // rightly log as warnings; dropping a run's database (`WITH
+        // (FORCE)`) takes seconds, which sqlx reports as a slow statement.
+        config.log = "warn,fanout_redis=error,fanout_rabbitmq=error,sqlx::query=error".to_owned();
     }
     let filter = log_filter(&config.log, std::env::var("RUST_LOG").ok());
     tracing_subscriber::fmt()
