@@ -24,6 +24,9 @@ pub const READY_CACHE: Duration = Duration::from_secs(1);
 /// Bound on each readiness probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A readiness probe's answers: when, the broker's, the database's.
+type Probed = (Instant, Result<(), String>, Result<(), String>);
+
 /// What the worker's handlers share.
 #[derive(Debug)]
 pub struct WorkerHttp {
@@ -33,7 +36,7 @@ pub struct WorkerHttp {
     /// The last probe: when, the broker's and the database's answer. A
     /// tokio mutex, held across the probe, so concurrent requests wait for
     /// one probe instead of each starting theirs.
-    last: tokio::sync::Mutex<Option<(Instant, Result<(), String>, Result<(), String>)>>,
+    last: tokio::sync::Mutex<Option<Probed>>,
 }
 
 impl WorkerHttp {

@@ -450,7 +450,7 @@ async fn reattach_one_inner(inner: Arc<Inner>, r: Reattach) {
                 failures += 1;
                 // Every try at first, then one line in ten: the state is
                 // also visible as `/readyz` 503.
-                if failures <= 3 || failures % 10 == 0 {
+                if failures <= 3 || failures.is_multiple_of(10) {
                     tracing::warn!(server = %r.server, error = %e, failures, "cannot declare the gateway queue again yet; retrying");
                 }
             }
