@@ -680,3 +680,89 @@ async fn rabbitmq_reattach_never_gives_up() {
     purge(BackendKind::Rabbitmq, &namespace).await;
     db.drop_db().await;
 }
+
+/// `rabbitmqctl -q --no-table-headers ARGS` output lines, split on tabs.
+fn rabbitmqctl_rows(args: &[&str]) -> Vec<Vec<String>> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "--no-table-headers"])
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split('\t').map(str::to_owned).collect())
+        .collect()
+}
+
+/// Closes, on the broker, the connection that owns exclusive queue
+/// `queue`; returns whether it found one.
+fn close_queue_owner(queue: &str) -> bool {
+    let owner = rabbitmqctl_rows(&["list_queues", "name", "owner_pid"])
+        .into_iter()
+        .find(|r| r.first().is_some_and(|n| n == queue))
+        .and_then(|r| r.get(1).cloned());
+    let Some(owner) = owner else { return false };
+    rabbitmqctl(&["close_connection", &owner, "ops test: take-over"]);
+    true
+}
+
+/// RabbitMQ: gateway A paused while the broker closes its connection (its
+/// exclusive queue goes with it); B registers the id; A, resumed, finds
+/// the queue held by B when it re-declares it, logs an error and leaves
+/// readiness for good while B stays ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_taken_over_gateway_leaves_readiness() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    if !broker_up(BackendKind::Rabbitmq) {
+        return;
+    }
+    let Some(db) = common::TestDb::create().await else {
+        return;
+    };
+    let logs = tempfile::tempdir().expect("tempdir");
+    let (mut fleet, namespace) = fleet(BackendKind::Rabbitmq, &db, logs.path(), &[]).await;
+    let a_url = fleet.urls()[0].clone();
+    let queue = format!("{namespace}.gw.{namespace}-gw");
+    let pid = Pid::from_raw(i32::try_from(fleet.pids(Role::Gateway)[0]).expect("pid"));
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    let closed = close_queue_owner(&queue);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rabbitmqctl_rows(&["list_queues", "name"])
+        .iter()
+        .any(|r| r.first() == Some(&queue))
+    {
+        if Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let b = fleet.spawn(Role::Gateway).await;
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    assert!(closed, "no connection owned {queue}");
+    let b = b.expect("with the first gateway's queue gone, the id is free");
+    let b_url = fleet.nodes[b].url.clone().expect("url");
+    // First 503 for the reconnect, then for good for the lost id.
+    let deadline = Instant::now() + WAIT;
+    let body = loop {
+        let body = wait_status(&a_url, "/readyz", 503).await;
+        if body.contains("another process") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "still not the take-over: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = log_of(logs.path(), "gateway-0");
+    assert!(
+        log.contains("ERROR") && log.contains("registered by another process"),
+        "the first gateway must say so at error level:\n{log}"
+    );
+    wait_status(&b_url, "/readyz", 200).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, _) = get(&a_url, "/readyz").await.expect("readyz");
+    assert_eq!(status, 503, "a taken-over gateway stays out of readiness");
+    println!("RabbitMQ: taken-over gateway left readiness: {body}");
+    fleet.stop().await;
+    purge(BackendKind::Rabbitmq, &namespace).await;
+    db.drop_db().await;
+}
