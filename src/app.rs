@@ -266,7 +266,9 @@ pub async fn run_gateway(
             return Err(RunError::Config(format!(
                 "server id {server_id} is held by another live gateway on this broker and \
                  namespace: give each gateway its own FANOUT_SERVER_ID (or leave it unset \
-                 for a random one)"
+                 for a random one). If its holder died with its machine, the broker frees \
+                 the id once it notices (Redis: redis.liveness_ttl_ms; RabbitMQ: the \
+                 connection heartbeat)"
             )))
         }
         Err(e) => return Err(e.into()),
