@@ -226,3 +226,27 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_counters_are_rendered_before_the_end_marker() {
+        let m = Metrics::new();
+        m.messages_stored.inc_by(7);
+        let page = m.render_with(&[("unroutable", 3), ("reconnects", 0)]);
+        assert!(page.contains("fanout_messages_stored_total 7"), "{page}");
+        assert!(page.contains("# TYPE fanout_backend_unroutable counter\n"));
+        assert!(
+            page.contains("\nfanout_backend_unroutable_total 3\n"),
+            "{page}"
+        );
+        assert!(
+            page.contains("\nfanout_backend_reconnects_total 0\n"),
+            "{page}"
+        );
+        assert!(page.ends_with("# EOF\n"), "{page}");
+        assert_eq!(page.matches("# EOF").count(), 1);
+    }
+}
