@@ -95,10 +95,13 @@ pub async fn connect_store(config: &Config) -> Result<Store, RunError> {
 /// one in the data directory.
 pub fn tokens(config: &Config, allow_generated: bool) -> Result<Tokens, RunError> {
     match &config.jwt_secret {
-        Some(s) => Ok(Tokens::new(s.as_bytes())),
+        Some(s) => {
+            crate::auth::check_secret(s, "jwt_secret (FANOUT_JWT_SECRET or the configuration file)")?;
+            Ok(Tokens::new(s.as_bytes()))
+        }
         None if allow_generated => Ok(Tokens::new(load_or_create_secret(&config.data_dir)?.as_bytes())),
         None => Err(RunError::Config(
-            "no jwt_secret configured: set FANOUT_JWT_SECRET (at least 16 bytes, the same on every gateway)".into(),
+            "no jwt_secret configured: set FANOUT_JWT_SECRET (at least 32 bytes, the same on every gateway; make one with `openssl rand -hex 32`)".into(),
         )),
     }
 }
@@ -182,9 +185,11 @@ pub async fn gateway(
     result
 }
 
-/// `fanout worker`: a worker process until `shutdown` resolves.
+/// `fanout worker`: a worker process until `shutdown` resolves, serving
+/// `/healthz`, `/readyz` and `/metrics` on `listener`.
 pub async fn worker(
     config: Config,
+    listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     // Deployed beside gateways, which need the secret: a deployment
@@ -193,11 +198,28 @@ pub async fn worker(
     require_shared_broker(&config, "worker")?;
     let backend = connect_backend(&config).await?;
     let store = connect_store(&config).await?;
+    let metrics = Arc::new(Metrics::new());
     let stop = CancellationToken::new();
+    let addr = listener.local_addr()?;
+    let http = crate::worker_http::router(crate::worker_http::WorkerHttp::new(
+        backend.clone(),
+        store.clone(),
+        metrics.clone(),
+    ));
+    let http_stop = stop.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, http)
+            .with_graceful_shutdown(http_stop.cancelled_owned())
+            .await
+    });
+    // Scripts and tests read this line to learn the port when 0 was asked
+    // (unlike a gateway's, it names no server id: workers have none).
+    println!("fanout: worker listening on http://{addr}");
+    tracing::info!(%addr, backend = %backend.capabilities(), "worker started");
     let run = crate::worker::run(
         backend.clone(),
         store.clone(),
-        Arc::new(Metrics::new()),
+        metrics,
         config.worker.clone(),
         config.incoming.max_attempts,
         stop.clone(),
@@ -211,6 +233,12 @@ pub async fn worker(
             run.await
         }
     };
+    stop.cancel();
+    match http.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "worker HTTP endpoint failed"),
+        Err(e) => tracing::warn!(error = %e, "worker HTTP task failed"),
+        Ok(Ok(())) => {}
+    }
     let _ = backend.shutdown().await;
     store.close().await;
     Ok(result?)
@@ -231,7 +259,19 @@ pub async fn run_gateway(
         Some(id) => ServerId::new(id.clone())?,
         None => ServerId::new(format!("gw-{}", uuid::Uuid::new_v4().simple()))?,
     };
-    let stream = backend.register_server(&server_id).await?;
+    let stream = match backend.register_server(&server_id).await {
+        Ok(s) => s,
+        Err(BackendError::Conflict(_)) => {
+            return Err(RunError::Config(format!(
+                "server id {server_id} is held by another live gateway on this broker and \
+                 namespace: give each gateway its own FANOUT_SERVER_ID (or leave it unset \
+                 for a random one). If its holder died with its machine, the broker frees \
+                 the id once it notices (Redis: redis.liveness_ttl_ms; RabbitMQ: the \
+                 connection heartbeat)"
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
     // max_payload bounds polling bodies only; WebSocket messages, and the
     // binary attachments the parser buffers until their event is complete,
     // have their own limits (64 MiB, 10 MB by default), set to the same

@@ -13,9 +13,38 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-/// Environment variables with this prefix that are not configuration keys:
-/// the config file's path, and switches for the test suite.
-const NON_CONFIG_ENV: [&str; 2] = ["config", "test_"];
+/// Every `FANOUT_*` environment variable the project uses that is not a
+/// configuration key, in one place: the config file's path, and the
+/// switches of the test suites and the benchmark. Lower case, without the
+/// `FANOUT_` prefix; a trailing `*` matches any rest. Any other `FANOUT_*`
+/// variable is a key, and an unknown key is refused at start, so a process
+/// that inherits one of these from a test or CI shell must still start
+/// (`tests/ops.rs` sets them all).
+pub const NON_CONFIG_ENV: &[&str] = &[
+    "config",
+    "bench_postgres_url",
+    "bench_report_dir",
+    "bin",
+    "e2e_*",
+    "rabbitmq_queue_type",
+    "redis_test_*",
+    "test_*",
+];
+
+/// Whether `name` (`FANOUT_TEST_FAULTS` or `test_faults`, any case) is one
+/// of [`NON_CONFIG_ENV`].
+pub fn is_non_config_env(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    let key = lower.strip_prefix("fanout_").unwrap_or(&lower);
+    NON_CONFIG_ENV.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => key.starts_with(prefix),
+        None => key == *p,
+    })
+}
+
+/// The worker's default address: the gateway's default port is 3000, and a
+/// worker beside a gateway on one host must not take it.
+pub const WORKER_DEFAULT_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 3100);
 
 /// Which broker carries events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,14 +64,20 @@ pub enum BackendKind {
 pub struct Config {
     /// Broker backend: `memory`, `rabbitmq` or `redis`. Default `memory`.
     pub backend: BackendKind,
-    /// Address the gateway listens on. Default `127.0.0.1:3000`; port 0
-    /// picks a free port (the chosen address is printed on stdout).
+    /// Address the gateway (or the worker's health and metrics endpoint)
+    /// listens on. Default `127.0.0.1:3000`, and `127.0.0.1:3100` for
+    /// `fanout worker` when not set; port 0 picks a free port (the chosen
+    /// address is printed on stdout).
     pub listen: SocketAddr,
+    /// Whether `listen` was set (file or environment) rather than defaulted.
+    #[serde(skip)]
+    pub listen_set: bool,
     /// `sqlite:PATH` or `postgres://...`. Default: `sqlite:` a file
     /// `fanout.db` in `data_dir`, created if missing.
     pub database_url: Option<String>,
-    /// HS256 secret for client tokens. Default: none; `serve` and `token`
-    /// then use (and create) `data_dir/jwt-secret`, `gateway` refuses to start.
+    /// HS256 secret for client tokens, at least 32 bytes. Default: none;
+    /// `serve` and `token` then use (and create) `data_dir/jwt-secret`,
+    /// `gateway` and `worker` refuse to start.
     pub jwt_secret: Option<String>,
     /// Directory for the embedded defaults (SQLite file, generated secret).
     /// Default `fanout-data`.
@@ -82,6 +117,7 @@ impl Default for Config {
         Self {
             backend: BackendKind::Memory,
             listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            listen_set: false,
             database_url: None,
             jwt_secret: None,
             data_dir: PathBuf::from("fanout-data"),
@@ -398,7 +434,8 @@ impl Config {
     /// Reads defaults, then `file` (if given, it must exist; otherwise
     /// `fanout.toml` if present), then the environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        // What the operator set, apart from the defaults: `listen_set`.
+        let mut fig = Figment::new();
         match file {
             Some(path) => {
                 if !path.exists() {
@@ -411,11 +448,15 @@ impl Config {
             }
             None => fig = fig.merge(Toml::file("fanout.toml")),
         }
-        let env = Env::prefixed("FANOUT_").split("__").filter(|k| {
-            let k = k.as_str().to_ascii_lowercase();
-            !NON_CONFIG_ENV.iter().any(|p| k.starts_with(p))
-        });
-        let config: Config = fig.merge(env).extract().map_err(Box::new)?;
+        let env = Env::prefixed("FANOUT_")
+            .split("__")
+            .filter(|k| !is_non_config_env(k.as_str()));
+        let set = fig.merge(env);
+        let mut config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(set.clone())
+            .extract()
+            .map_err(Box::new)?;
+        config.listen_set = set.contains("listen");
         config.validate()?;
         Ok(config)
     }
@@ -449,11 +490,23 @@ impl Config {
             }
         }
         if let Some(s) = &self.jwt_secret {
-            if s.len() < 16 {
-                return bad("jwt_secret must be at least 16 bytes");
-            }
+            crate::auth::check_secret(
+                s,
+                "jwt_secret (FANOUT_JWT_SECRET or the configuration file)",
+            )
+            .map_err(|e| ConfigError::Value(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// The address `fanout worker` serves `/healthz`, `/readyz` and
+    /// `/metrics` on: `listen` if set, else [`WORKER_DEFAULT_LISTEN`].
+    pub fn worker_listen(&self) -> SocketAddr {
+        if self.listen_set {
+            self.listen
+        } else {
+            SocketAddr::from(WORKER_DEFAULT_LISTEN)
+        }
     }
 
     /// The database URL, with the embedded default filled in.
@@ -501,6 +554,45 @@ mod tests {
             assert_eq!(c.listen.port(), 2);
             assert_eq!(c.limits.max_content_bytes, 20);
             assert_eq!(c.database_url(), "postgres://x/y");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn non_config_variables_are_ignored_and_listen_set_is_known() {
+        figment::Jail::expect_with(|jail| {
+            for name in [
+                "FANOUT_TEST_WHATEVER",
+                "FANOUT_E2E_BACKEND",
+                "FANOUT_BENCH_POSTGRES_URL",
+                "FANOUT_RABBITMQ_QUEUE_TYPE",
+                "FANOUT_REDIS_TEST_NS",
+                "FANOUT_BIN",
+            ] {
+                assert!(is_non_config_env(name), "{name}");
+                jail.set_env(name, "x");
+            }
+            // Spelled in two parts: tests/ops.rs scans the sources for names.
+            assert!(!is_non_config_env(&format!("FANOUT_{}", "BINARY")));
+            let c = Config::load(None).expect("valid");
+            assert!(!c.listen_set);
+            assert_eq!(c.worker_listen().port(), 3100);
+            jail.set_env("FANOUT_LISTEN", "127.0.0.1:0");
+            let c = Config::load(None).expect("valid");
+            assert!(c.listen_set);
+            assert_eq!(c.worker_listen().port(), 0);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn short_secrets_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("FANOUT_JWT_SECRET", "0123456789abcdef0123456789abcde");
+            let err = Config::load(None).expect_err("31 bytes");
+            assert!(err.to_string().contains("openssl rand -hex 32"), "{err}");
+            jail.set_env("FANOUT_JWT_SECRET", "0123456789abcdef0123456789abcdef");
+            Config::load(None).expect("32 bytes");
             Ok(())
         });
     }

@@ -12,7 +12,8 @@
 //! - [`protocol`]: the client contract's shapes, validation and error codes;
 //! - [`auth`]: client tokens;
 //! - [`gateway`]: Socket.IO sessions, REST API, delivery;
-//! - [`worker`]: consume, store, route, ack;
+//! - [`worker`]: consume, store, route, ack; [`worker_http`]: a worker's
+//!   health, readiness and metrics endpoint;
 //! - [`store`]: SQLite or PostgreSQL through sqlx;
 //! - [`metrics`]: Prometheus figures;
 //! - [`client`], [`load`]: a Socket.IO client and the load generator;
@@ -33,3 +34,4 @@ pub mod metrics;
 pub mod protocol;
 pub mod store;
 pub mod worker;
+pub mod worker_http;

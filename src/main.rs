@@ -187,18 +187,44 @@ fn main() -> anyhow::Result<()> {
     if matches!(cli.command, Command::Bench { .. }) && std::env::var_os("FANOUT_LOG").is_none() {
         // The bench reports through its own progress lines; the raw
         // baseline stops consumers mid-stream on purpose, which backends
-        // rightly log as warnings.
-        config.log = "warn,fanout_redis=error,fanout_rabbitmq=error".to_owned();
+        // rightly log as warnings; dropping a run's database (`WITH
+        // (FORCE)`) takes seconds, which sqlx reports as a slow statement.
+        config.log = "warn,fanout_redis=error,fanout_rabbitmq=error,sqlx::query=error".to_owned();
     }
+    let filter = log_filter(&config.log, std::env::var("RUST_LOG").ok());
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log)
-                .with_context(|| format!("invalid log filter {:?}", config.log))?,
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .with_context(|| format!("invalid log filter {filter:?}"))?,
         )
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(run(cli.command, config))
+}
+
+/// Library events that are expected in normal operation and logged once
+/// per message: lapin warns for every message the broker returns as
+/// unroutable, which on the outgoing side means only that the recipient is
+/// offline (counted as `fanout_unroutable_total` and
+/// `fanout_backend_unroutable_total`). Quieted to the given level unless the
+/// filter names the crate.
+const QUIET_TARGETS: [(&str, &str); 1] = [("lapin::returned_messages", "error")];
+
+/// The log filter: `RUST_LOG` when set (taken as it is, the operator's
+/// word), else the configured `log` with [`QUIET_TARGETS`] added.
+fn log_filter(configured: &str, rust_log: Option<String>) -> String {
+    if let Some(f) = rust_log.filter(|f| !f.trim().is_empty()) {
+        return f;
+    }
+    let mut filter = configured.to_owned();
+    for (target, level) in QUIET_TARGETS {
+        let krate = target.split("::").next().unwrap_or(target);
+        if !filter.contains(krate) {
+            filter.push_str(&format!(",{target}={level}"));
+        }
+    }
+    filter
 }
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
@@ -213,14 +239,17 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             println!("{}", tokens.mint(&user_id, ttl)?);
         }
         Command::Serve => {
-            let listener = bind(&config).await?;
+            let listener = bind(config.listen).await?;
             app::serve(config, listener, app::shutdown_signal()).await?;
         }
         Command::Gateway => {
-            let listener = bind(&config).await?;
+            let listener = bind(config.listen).await?;
             app::gateway(config, listener, app::shutdown_signal()).await?;
         }
-        Command::Worker => app::worker(config, app::shutdown_signal()).await?,
+        Command::Worker => {
+            let listener = bind(config.worker_listen()).await?;
+            app::worker(config, listener, app::shutdown_signal()).await?
+        }
         Command::Load {
             url,
             users,
@@ -437,13 +466,27 @@ fn print_comparison(
     }
 }
 
-async fn bind(config: &Config) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(config.listen)
+async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (set FANOUT_LISTEN to another address)",
-                config.listen
-            )
-        })
+        .with_context(|| format!("cannot listen on {addr} (set FANOUT_LISTEN to another address)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn expected_library_noise_is_quieted_unless_asked_for() {
+        assert_eq!(
+            log_filter("info", None),
+            "info,lapin::returned_messages=error"
+        );
+        assert_eq!(log_filter("info,lapin=debug", None), "info,lapin=debug");
+        assert_eq!(log_filter("info", Some("lapin=warn".into())), "lapin=warn");
+        assert_eq!(
+            log_filter("warn", Some(" ".into())),
+            "warn,lapin::returned_messages=error"
+        );
+    }
 }

@@ -224,4 +224,48 @@ impl Metrics {
         let _ = encode(&mut out, &self.registry);
         out
     }
+
+    /// The exposition with the backend's own counters
+    /// (`FanoutBackend::counters`) as `fanout_backend_{name}_total`.
+    pub fn render_with(&self, backend_counters: &[(&'static str, u64)]) -> String {
+        let mut out = self.render();
+        // The backend's counters go before the closing `# EOF`.
+        let eof = out.rfind("# EOF").unwrap_or(out.len());
+        let mut extra = String::new();
+        for (name, value) in backend_counters {
+            use std::fmt::Write;
+            let _ = write!(
+                extra,
+                "# HELP fanout_backend_{name} Counter kept by the broker backend.\n\
+                 # TYPE fanout_backend_{name} counter\n\
+                 fanout_backend_{name}_total {value}\n"
+            );
+        }
+        out.insert_str(eof, &extra);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_counters_are_rendered_before_the_end_marker() {
+        let m = Metrics::new();
+        m.messages_stored.inc_by(7);
+        let page = m.render_with(&[("unroutable", 3), ("reconnects", 0)]);
+        assert!(page.contains("fanout_messages_stored_total 7"), "{page}");
+        assert!(page.contains("# TYPE fanout_backend_unroutable counter\n"));
+        assert!(
+            page.contains("\nfanout_backend_unroutable_total 3\n"),
+            "{page}"
+        );
+        assert!(
+            page.contains("\nfanout_backend_reconnects_total 0\n"),
+            "{page}"
+        );
+        assert!(page.ends_with("# EOF\n"), "{page}");
+        assert_eq!(page.matches("# EOF").count(), 1);
+    }
 }

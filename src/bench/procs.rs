@@ -81,7 +81,7 @@ pub struct Node {
     pub name: String,
     /// Its process id.
     pub pid: u32,
-    /// Base URL, for gateways.
+    /// Base URL: a gateway's, or a worker's health and metrics endpoint.
     pub url: Option<String>,
     child: Child,
     alive: bool,
@@ -191,13 +191,16 @@ impl Fleet {
             source,
         })?;
         let pid = child.id().unwrap_or(0);
-        let url = match role {
-            Role::Worker => None,
-            Role::Gateway | Role::Serve => Some(read_url(&mut child, &name, &log).await?),
-        };
-        if let Some(url) = &url {
-            wait_ready(url, &name, &log).await?;
+        // Each process, workers included, listens on a port of its own
+        // (FANOUT_LISTEN=127.0.0.1:0 above) and says which once connected
+        // to the broker and the database. Gateways are then waited for
+        // until ready; a worker's readiness is its own business (a fault
+        // scenario may start one while the database is failing).
+        let url = read_url(&mut child, &name, &log).await?;
+        if role != Role::Worker {
+            wait_ready(&url, &name, &log).await?;
         }
+        let url = Some(url);
         self.nodes.push(Node {
             role,
             name,
@@ -213,7 +216,16 @@ impl Fleet {
     pub fn urls(&self) -> Vec<String> {
         self.nodes
             .iter()
-            .filter(|n| n.alive)
+            .filter(|n| n.alive && n.role != Role::Worker)
+            .filter_map(|n| n.url.clone())
+            .collect()
+    }
+
+    /// Base URLs of the live workers' health and metrics endpoints.
+    pub fn worker_urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|n| n.alive && n.role == Role::Worker)
             .filter_map(|n| n.url.clone())
             .collect()
     }
@@ -300,7 +312,8 @@ pub fn backend_name(kind: BackendKind) -> &'static str {
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The gateway prints `fanout: listening on http://ADDR as ID` once bound.
+/// A gateway prints `fanout: listening on http://ADDR as ID` once bound, a
+/// worker `fanout: worker listening on http://ADDR`.
 async fn read_url(child: &mut Child, name: &str, log: &Path) -> Result<String, ProcError> {
     let not_ready = |why: &str| ProcError::NotReady(format!("{name} {why}; see {}", log.display()));
     let stdout = child
@@ -318,6 +331,7 @@ async fn read_url(child: &mut Child, name: &str, log: &Path) -> Result<String, P
         .ok_or_else(|| not_ready("exited before listening"))?;
     let url = line
         .strip_prefix("fanout: listening on ")
+        .or_else(|| line.strip_prefix("fanout: worker listening on "))
         .and_then(|rest| rest.split_whitespace().next())
         .ok_or_else(|| not_ready(&format!("printed {line:?} instead of its address")))?
         .to_owned();

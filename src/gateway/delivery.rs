@@ -78,7 +78,21 @@ async fn run(gw: Arc<Gateway>, mut stream: ServerStream) {
             }
         }
     }
-    tracing::info!("outgoing stream ended");
+    if gw.is_shutting_down() {
+        tracing::info!("outgoing stream ended");
+    } else {
+        // Only the backend ends a registration on its own: another
+        // process registered this server id (a second gateway started
+        // with it, or took it while this one was paused or cut off).
+        // Nothing reaches this gateway's sessions any more.
+        let reason = format!(
+            "this gateway's registration as {} ended (another process holds the server id); \
+             it delivers nothing: restart it with a server id of its own",
+            gw.server_id
+        );
+        tracing::error!("{reason}");
+        gw.set_unready(reason);
+    }
 }
 
 async fn handle(gw: &Gateway, m: OutgoingMessage) {

@@ -166,6 +166,13 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(gw): State<AppState>) -> Response {
+    if let Some(reason) = gw.unready_reason() {
+        let err = json!({
+            "error": { "code": "unavailable", "message": reason },
+            "status": { "serverId": gw.server_id.as_str() },
+        });
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(err)).into_response();
+    }
     let timeout = std::time::Duration::from_secs(2);
     let backend = tokio::time::timeout(timeout, gw.backend.health()).await;
     let store = tokio::time::timeout(timeout, gw.store.ping()).await;
@@ -180,10 +187,10 @@ async fn readyz(State(gw): State<AppState>) -> Response {
     if backend_ok && store_ok {
         (StatusCode::OK, axum::Json(body)).into_response()
     } else {
-        let what = if backend_ok {
-            "database unreachable"
-        } else {
-            "broker unreachable"
+        let what = match (&backend, &store) {
+            (Ok(Err(e)), _) => format!("broker not ready: {e}"),
+            (Err(_), _) => "broker unreachable (no answer in time)".to_owned(),
+            _ => "database unreachable".to_owned(),
         };
         let err = json!({ "error": { "code": "unavailable", "message": what }, "status": body });
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(err)).into_response()
@@ -196,7 +203,7 @@ async fn metrics(State(gw): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        gw.metrics.render(),
+        gw.metrics.render_with(&gw.backend.counters()),
     )
         .into_response()
 }

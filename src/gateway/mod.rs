@@ -75,6 +75,10 @@ pub struct Gateway {
     /// Set when shutdown starts: sessions that end then leave their keys to
     /// the bulk `deregister_server`.
     shutting_down: AtomicBool,
+    /// Why this gateway can no longer deliver (its registration on the
+    /// backend ended: the server id was taken by another process), for
+    /// `/readyz`. Never cleared: a restart is the way back.
+    unready: Mutex<Option<String>>,
 }
 
 impl Gateway {
@@ -104,6 +108,7 @@ impl Gateway {
             )),
             retries: Mutex::new(RetryCache::new(config.gateway.retry_cache)),
             shutting_down: AtomicBool::new(false),
+            unready: Mutex::new(None),
             server_id,
             backend,
             store,
@@ -172,6 +177,19 @@ impl Gateway {
 
     fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Takes this gateway out of readiness for good, saying why.
+    pub fn set_unready(&self, reason: String) {
+        *self.unready.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
+
+    /// Why this gateway is out of readiness for good, if it is.
+    pub fn unready_reason(&self) -> Option<String> {
+        self.unready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn cached_ack(&self, sender: &str, client_msg_id: &str) -> Option<(String, i64)> {

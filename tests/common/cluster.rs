@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-pub const SECRET: &str = "cluster-test-secret-0123456789";
+pub const SECRET: &str = "cluster-test-secret-0123456789abcdef";
 pub const WAIT: Duration = Duration::from_secs(5);
 pub const QUIET: Duration = Duration::from_millis(300);
 

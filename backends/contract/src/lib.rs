@@ -192,6 +192,11 @@ pub trait FanoutBackend: Send + Sync + std::fmt::Debug + 'static {
         payload: bytes::Bytes,
     ) -> Result<RouteOutcome, BackendError>;
 
+    /// Monotonic counters the backend keeps (name without prefix, value), exported on /metrics as fanout_backend_{name}_total.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+
     /// Releases connections and background tasks. Idempotent. After it,
     /// every method MAY fail with [`BackendError::Closed`].
     async fn shutdown(&self) -> Result<(), BackendError>;

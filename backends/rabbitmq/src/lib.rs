@@ -197,6 +197,9 @@ pub(crate) struct Inner {
     /// Classic queues only: deliveries per event id seen by this process.
     pub(crate) unroutable: AtomicU64,
     pub(crate) reconnects: AtomicU64,
+    /// Gateway queues whose consumer ended without this process stopping
+    /// it (connection loss, queue deleted, channel error).
+    pub(crate) queues_lost: AtomicU64,
     /// Serialises `dead_letters` readers (each takes and gives back).
     pub(crate) dead_read: tokio::sync::Mutex<()>,
     /// Poked by calls that met a broken connection, so the supervisor looks
@@ -305,6 +308,7 @@ impl RabbitMqBackend {
             registration: tokio::sync::Mutex::new(()),
             unroutable: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            queues_lost: AtomicU64::new(0),
             dead_read: tokio::sync::Mutex::new(()),
             lost_hint: Notify::new(),
             supervisor: Mutex::new(None),
@@ -566,6 +570,17 @@ impl FanoutBackend for RabbitMqBackend {
         }
     }
 
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("unroutable", self.unroutable_count()),
+            ("reconnects", self.reconnect_count()),
+            (
+                "gateway_queues_lost",
+                self.inner.queues_lost.load(Ordering::Relaxed),
+            ),
+        ]
+    }
+
     async fn health(&self) -> Result<(), BackendError> {
         let inner = &self.inner;
         let session = inner.current()?;
@@ -573,6 +588,13 @@ impl FanoutBackend for RabbitMqBackend {
             return Err(BackendError::Unavailable(
                 "RabbitMQ blocks publishing (resource alarm)".into(),
             ));
+        }
+        // A gateway whose queue is gone receives nothing until it is
+        // declared again: not ready meanwhile, however healthy the broker.
+        if let Some(server) = outgoing::detached(inner) {
+            return Err(BackendError::Unavailable(format!(
+                "the queue of gateway {server} was lost; declaring it again"
+            )));
         }
         let limit = inner.timeout().min(Duration::from_secs(2));
         let exchange = inner.names.incoming_exchange();

@@ -325,7 +325,40 @@ async fn pump(
     // supervisor re-attaches every gateway; otherwise (the queue was
     // deleted by hand, a channel error) this gateway is re-attached alone.
     if let Some(inner) = reattach.inner.upgrade() {
+        inner.queues_lost.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(reattach_one(inner, reattach));
+    }
+}
+
+/// A registered gateway whose queue consumer is gone and not yet
+/// re-attached (its routes deliver nothing meanwhile), if any.
+pub(crate) fn detached(inner: &Inner) -> Option<ServerId> {
+    lock(&inner.servers)
+        .iter()
+        .find(|(_, e)| {
+            e.live.load(Ordering::Acquire) && e.pump.as_ref().is_none_or(JoinHandle::is_finished)
+        })
+        .map(|(id, _)| id.clone())
+}
+
+/// Another connection holds this gateway's exclusive queue: its server id
+/// was registered by another process while this one could not renew its
+/// queue (a partition, a paused process). This registration ends: its
+/// stream closes, and the gateway stops being ready.
+fn taken_over(inner: &Inner, server: &ServerId, generation: u64) {
+    let entry = {
+        let mut servers = lock(&inner.servers);
+        match servers.get(server) {
+            Some(e) if e.generation == generation => servers.remove(server),
+            _ => None,
+        }
+    };
+    if let Some(e) = entry {
+        e.live.store(false, Ordering::Release);
+        tracing::error!(
+            server = %server,
+            "server id registered by another process (its queue is held by another connection); this registration ends"
+        );
     }
 }
 
@@ -338,12 +371,37 @@ fn reattach_one(inner: Arc<Inner>, r: Reattach) -> futures::future::BoxFuture<'s
     Box::pin(reattach_one_inner(inner, r))
 }
 
+/// First pause before re-declaring a lost gateway queue (gives a
+/// connection loss the time to be noticed first); doubles up to the cap.
+const REATTACH_FIRST: std::time::Duration = std::time::Duration::from_millis(200);
+const REATTACH_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The pause after `delay`: doubled, capped. Never gives up: a gateway
+/// whose queue cannot be declared delivers nothing, so it keeps trying for
+/// as long as the registration lives (and `health` says not ready).
+fn next_reattach_delay(delay: std::time::Duration) -> std::time::Duration {
+    (delay * 2).min(REATTACH_MAX)
+}
+
 async fn reattach_one_inner(inner: Arc<Inner>, r: Reattach) {
-    let mut delay = std::time::Duration::from_millis(200);
-    for _ in 0..10 {
-        // Give a connection loss the time to be noticed first.
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(std::time::Duration::from_secs(5));
+    // Held weakly while waiting, so that dropping the backend ends this.
+    let weak = Arc::downgrade(&inner);
+    drop(inner);
+    let mut delay = REATTACH_FIRST;
+    let mut failures = 0u64;
+    loop {
+        let Some(mut stopping) = weak.upgrade().map(|i| i.stopping.subscribe()) else {
+            return;
+        };
+        if *stopping.borrow() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stopping.changed() => return,
+        }
+        delay = next_reattach_delay(delay);
+        let Some(inner) = weak.upgrade() else { return };
         let _registration = inner.registration.lock().await;
         let Ok(session) = inner.current() else {
             return;
@@ -381,11 +439,20 @@ async fn reattach_one_inner(inner: Arc<Inner>, r: Reattach) {
                         },
                     )));
                 }
-                tracing::warn!(server = %r.server, "gateway queue was lost; declared it again");
+                tracing::warn!(server = %r.server, failures, "gateway queue was lost; declared it again");
+                return;
+            }
+            Err(BackendError::Conflict(_)) => {
+                taken_over(&inner, &r.server, r.generation);
                 return;
             }
             Err(e) => {
-                tracing::warn!(server = %r.server, error = %e, "cannot declare the gateway queue again yet");
+                failures += 1;
+                // Every try at first, then one line in ten: the state is
+                // also visible as `/readyz` 503.
+                if failures <= 3 || failures.is_multiple_of(10) {
+                    tracing::warn!(server = %r.server, error = %e, failures, "cannot declare the gateway queue again yet; retrying");
+                }
             }
         }
     }
@@ -409,7 +476,16 @@ pub(crate) async fn reattach_all(
             .collect()
     };
     for (id, generation) in targets {
-        let consumer = attach(inner, session, &id, false).await?;
+        let consumer = match attach(inner, session, &id, false).await {
+            Ok(c) => c,
+            // Another process took the id while we were disconnected: that
+            // gateway's registration ends; the others go on.
+            Err(BackendError::Conflict(_)) => {
+                taken_over(inner, &id, generation);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let mut servers = lock(&inner.servers);
         if let Some(e) = servers.get_mut(&id).filter(|e| e.generation == generation) {
             e.keys.clear();
@@ -636,5 +712,25 @@ pub(crate) async fn publish(
             inner.hint_lost();
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reattach_backoff_is_capped_and_never_ends() {
+        let mut delay = REATTACH_FIRST;
+        let mut waited = std::time::Duration::ZERO;
+        // An hour of failures: the pause stays at the cap; the loop that
+        // uses it has no bound on tries.
+        for _ in 0..1000 {
+            waited += delay;
+            delay = next_reattach_delay(delay);
+            assert!(delay <= REATTACH_MAX);
+        }
+        assert_eq!(delay, REATTACH_MAX);
+        assert!(waited > std::time::Duration::from_secs(3600));
     }
 }

@@ -552,6 +552,19 @@ impl FanoutBackend for RedisBackend {
         }
     }
 
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = self.stats();
+        vec![
+            ("subscriber_reconnects", s.subscriber_reconnects),
+            ("routes_lost", s.routes_lost),
+            ("outgoing_dropped", s.outgoing_dropped),
+            ("outgoing_malformed", s.outgoing_malformed),
+            ("dead_lettered", s.dead_lettered),
+            ("janitor_servers_cleaned", s.janitor_servers_cleaned),
+            ("janitor_routes_removed", s.janitor_routes_removed),
+        ]
+    }
+
     async fn health(&self) -> Result<(), BackendError> {
         self.inner.check_open()?;
         let limit = self

@@ -162,6 +162,7 @@ async fn alive(
                 .arg(inner.config.liveness_ttl.as_millis() as u64)
                 .arg(server.as_str())
                 .arg(mode)
+                .arg(inner.keys.out_channel(server))
                 .invoke_async(&mut conn),
         )
         .await
@@ -250,21 +251,43 @@ pub(crate) async fn register(
             counters: inner.counters.clone(),
             server: server.clone(),
         };
-        // Subscribed before the id is claimed and before we return, so a
-        // bind that follows is effective at once.
-        let con = inner
-            .run(connect_subscriber(inner, server, forwarder))
-            .await?;
-        alive(inner, server, &token, "claim").await?;
-        // A predecessor with this id (a gateway restarted after a crash)
-        // may have left routes: they are not ours.
-        if cleanup(inner, server.as_str(), &token, "owner")
-            .await?
-            .is_none()
-        {
-            return Err(BackendError::Conflict(server.to_string()));
+        // Claimed before subscribing: the claim tells a live holder of the
+        // id (subscribed to its channel) from a crashed one (not), and our
+        // own subscription must not count. A live holder keeps the id.
+        if alive(inner, server, &token, "claim").await? < 0 {
+            return Err(BackendError::Conflict(format!(
+                "{server} (another live process holds it)"
+            )));
         }
-        Ok((con, disconnected))
+        // Subscribed before we return, so a bind that follows is
+        // effective at once.
+        let subscribed = async {
+            let con = inner
+                .run(connect_subscriber(inner, server, forwarder))
+                .await?;
+            // A predecessor with this id (a gateway restarted after a
+            // crash) may have left routes: they are not ours. The guard
+            // also fails if a process starting at the same instant took
+            // the id after our claim.
+            if cleanup(inner, server.as_str(), &token, "owner")
+                .await?
+                .is_none()
+            {
+                return Err(BackendError::Conflict(format!(
+                    "{server} (another process registered it at the same time)"
+                )));
+            }
+            Ok(con)
+        }
+        .await;
+        match subscribed {
+            Ok(con) => Ok((con, disconnected)),
+            Err(e) => {
+                // Give the id back at once rather than after the TTL.
+                let _ = remove_routes(inner, server, &token).await;
+                Err(e)
+            }
+        }
     };
     let (con, disconnected) = match setup.await {
         Ok(v) => v,

@@ -77,13 +77,21 @@ return code
 /// Liveness: take the id (`claim`) or refresh / re-assert it (`refresh`).
 ///
 /// KEYS[1] = liveness key, KEYS[2] = servers set. ARGV[1] = token, ARGV[2] =
-/// TTL ms, ARGV[3] = server id, ARGV[4] = mode.
-/// `claim` always takes the id (a restarted gateway replaces its dead
-/// predecessor) and returns 1. `refresh` returns 1 (still ours, extended),
-/// 0 (had expired: re-asserted, routes may be gone) or -1 (another token
-/// holds it: left alone).
+/// TTL ms, ARGV[3] = server id, ARGV[4] = mode, ARGV[5] = the server's
+/// Pub/Sub channel.
+/// `claim` takes the id and returns 1, unless another token holds it and
+/// someone is subscribed to the id's channel (a live process: -1). A
+/// holder with no subscriber is a crashed predecessor, replaced at once.
+/// `refresh` returns 1 (still ours, extended), 0 (had expired:
+/// re-asserted, routes may be gone) or -1 (another token holds it: left
+/// alone).
 const ALIVE: &str = r#"
 if ARGV[4] == 'claim' then
+  local held = redis.call('GET', KEYS[1])
+  if held and held ~= ARGV[1] then
+    local subs = redis.call('PUBSUB', 'NUMSUB', ARGV[5])
+    if tonumber(subs[2]) > 0 then return -1 end
+  end
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   redis.call('SADD', KEYS[2], ARGV[3])
   return 1
