@@ -373,10 +373,7 @@ impl FaultResult {
             v.push("nothing was delivered at all".into());
         }
         if self.dead_lettered > 0 {
-            v.push(format!(
-                "{} valid events dead-lettered",
-                self.dead_lettered
-            ));
+            v.push(format!("{} valid events dead-lettered", self.dead_lettered));
         }
         if self.reordered > 0 && self.fault.keeps_order() {
             v.push(format!(
@@ -555,11 +552,8 @@ async fn execute(
     // retrying (the connections are closed by the teardown).
     let _stop_guard = stop_sending.clone().drop_guard();
     let _give_up_guard = give_up.clone().drop_guard();
-    let sending = traffic.start_sending(
-        spec.rate_for(fault),
-        stop_sending.clone(),
-        give_up.clone(),
-    );
+    let sending =
+        traffic.start_sending(spec.rate_for(fault), stop_sending.clone(), give_up.clone());
     tokio::time::sleep(spec.before).await;
     if let Some(fleet) = res.fleet.as_mut() {
         fleet.check_alive()?;

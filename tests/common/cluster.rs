@@ -28,6 +28,8 @@ pub struct Cluster {
     stops: Vec<oneshot::Sender<()>>,
     gateways: Vec<tokio::task::JoinHandle<()>>,
     worker_stop: CancellationToken,
+    /// The worker's metrics.
+    pub worker_metrics: Arc<Metrics>,
     pub config: Config,
     _dir: tempfile::TempDir,
 }
@@ -35,7 +37,7 @@ pub struct Cluster {
 impl Cluster {
     /// `gateways` gateways and a worker with `consumers` consumers.
     pub async fn start(gateways: usize, consumers: u32) -> Cluster {
-        Self::start_on(BackendKind::Memory, gateways, consumers).await
+        Self::start_on(BackendKind::Memory, gateways, consumers, |_| {}).await
     }
 
     /// The same on a real broker in a fresh namespace; `None` (after a
@@ -45,20 +47,38 @@ impl Cluster {
         gateways: usize,
         consumers: u32,
     ) -> Option<Cluster> {
+        Self::start_broker_with(kind, gateways, consumers, |_| {}).await
+    }
+
+    /// [`Cluster::start_broker`] with the configuration changed by
+    /// `configure` before anything starts (a database URL, limits).
+    pub async fn start_broker_with(
+        kind: BackendKind,
+        gateways: usize,
+        consumers: u32,
+        configure: impl FnOnce(&mut Config),
+    ) -> Option<Cluster> {
         let (name, port) = match kind {
             BackendKind::Rabbitmq => ("RabbitMQ", 5672),
             BackendKind::Redis => ("Redis", 6379),
-            BackendKind::Memory => return Some(Self::start(gateways, consumers).await),
+            BackendKind::Memory => {
+                return Some(Self::start_on(kind, gateways, consumers, configure).await)
+            }
         };
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         if let Err(e) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
             super::skip_or_fail(name, &e.to_string());
             return None;
         }
-        Some(Self::start_on(kind, gateways, consumers).await)
+        Some(Self::start_on(kind, gateways, consumers, configure).await)
     }
 
-    async fn start_on(kind: BackendKind, gateways: usize, consumers: u32) -> Cluster {
+    async fn start_on(
+        kind: BackendKind,
+        gateways: usize,
+        consumers: u32,
+        configure: impl FnOnce(&mut Config),
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config {
             backend: kind,
@@ -72,14 +92,16 @@ impl Cluster {
         config.limits.messages_per_second = 10_000;
         config.limits.message_burst = 10_000;
         config.limits.send_queue = 10_000;
+        configure(&mut config);
         let backend = app::connect_backend(&config).await.expect("backend");
         let store = app::connect_store(&config).await.expect("store");
         let tokens = Tokens::new(SECRET.as_bytes());
         let worker_stop = CancellationToken::new();
+        let worker_metrics = Arc::new(Metrics::new());
         tokio::spawn(fanout::worker::run(
             backend.clone(),
             store.clone(),
-            Arc::new(Metrics::new()),
+            worker_metrics.clone(),
             config.worker.clone(),
             config.incoming.max_attempts,
             worker_stop.clone(),
@@ -111,6 +133,7 @@ impl Cluster {
             stops,
             gateways: handles,
             worker_stop,
+            worker_metrics,
             config: config_out,
             _dir: dir,
         }

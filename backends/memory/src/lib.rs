@@ -587,6 +587,13 @@ impl FanoutBackend for MemoryBackend {
         })
     }
 
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![(
+            "dead_letters_dropped",
+            self.inner.dead_letters_dropped.load(Ordering::Relaxed),
+        )]
+    }
+
     async fn shutdown(&self) -> Result<(), BackendError> {
         let mut st = self.inner.lock();
         st.closed = true;

@@ -207,7 +207,10 @@ impl Traffic {
 
     /// Messages acked so far.
     pub fn acked_count(&self) -> u64 {
-        lock(&self.sends).iter().filter(|s| s.acked.is_some()).count() as u64
+        lock(&self.sends)
+            .iter()
+            .filter(|s| s.acked.is_some())
+            .count() as u64
     }
 
     /// Receipts so far.
@@ -315,6 +318,14 @@ impl Traffic {
                 give_up.clone(),
             )));
         }
+        // A send queue ends when every sender of it is gone: the burst
+        // handles go when composing stops.
+        let this = self.clone();
+        let stopped = stop_sending.clone();
+        tokio::spawn(async move {
+            stopped.cancelled().await;
+            lock(&this.queues).clear();
+        });
         tokio::spawn(async move {
             for t in tasks {
                 let _ = t.await;
@@ -705,7 +716,9 @@ fn reordered(t: &Traffic, sends: &[SendRecord], receipts: &[Receipt]) -> u64 {
         };
         // A 1:1 conversation is the same whichever way it goes: key it by
         // the sender and the other side.
-        let newest = newest.entry((r.session, r.sender.as_str(), dest)).or_insert(at);
+        let newest = newest
+            .entry((r.session, r.sender.as_str(), dest))
+            .or_insert(at);
         if at < *newest {
             n += 1;
         } else {

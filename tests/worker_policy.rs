@@ -1,0 +1,173 @@
+//! The worker's error policy (`src/worker.rs`, `docs/reliability.md` G7)
+//! on PostgreSQL and every backend: a message the database refuses by its
+//! content is dead-lettered alone, after `incoming.max_attempts` refusals,
+//! while its neighbours are stored and delivered in order; after the fix,
+//! `fanout dead-letters replay` brings it back and it is stored once.
+//! (Infrastructure errors never dead-letter: the fault matrix's
+//! `database_read_only` and `worker_restarts` rows, `tests/faults.rs`.)
+
+mod common;
+
+use common::cluster::{next, quiet, send_ok, Cluster};
+use common::TestDb;
+use fanout::config::BackendKind;
+use fanout_backend::{DeadLetterAction, DeadLetterSelection};
+use serde_json::json;
+use sqlx::{Connection, PgConnection, Row};
+
+const REFUSED: &str = "refuse me";
+const MAX_ATTEMPTS: u32 = 3;
+
+async fn sql(url: &str, statement: &str) {
+    let mut conn = PgConnection::connect(url).await.expect("connect");
+    sqlx::query(statement)
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{statement}: {e}"));
+}
+
+async fn count(url: &str, content: &str) -> i64 {
+    let mut conn = PgConnection::connect(url).await.expect("connect");
+    sqlx::query("SELECT count(*) AS n FROM messages WHERE content = $1 OR $1 = ''")
+        .bind(content)
+        .fetch_one(&mut conn)
+        .await
+        .expect("count")
+        .try_get("n")
+        .expect("n")
+}
+
+/// Contents of the next `n` events `c` receives.
+async fn contents(c: &fanout::client::Client, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let (name, data) = next(c).await;
+        assert_eq!(name, "MESSAGE_RECEIVE");
+        out.push(data["content"].as_str().unwrap_or_default().to_owned());
+    }
+    out
+}
+
+/// `fanout dead-letters ARGS` against the cluster's broker namespace.
+fn cli(c: &Cluster, args: &[&str]) -> std::process::Output {
+    let backend = match c.config.backend {
+        BackendKind::Rabbitmq => "rabbitmq",
+        BackendKind::Redis => "redis",
+        BackendKind::Memory => "memory",
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .arg("dead-letters")
+        .args(args)
+        .current_dir(dir.path())
+        .env_remove("FANOUT_CONFIG")
+        .env("FANOUT_BACKEND", backend)
+        .env("FANOUT_NAMESPACE", &c.config.namespace)
+        .env("FANOUT_RABBITMQ_URL", &c.config.rabbitmq_url)
+        .env("FANOUT_REDIS_URL", &c.config.redis_url)
+        .output()
+        .expect("run fanout dead-letters")
+}
+
+async fn refused_message_is_dead_lettered_alone_then_replayed(kind: BackendKind) {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let url = db.url.clone();
+    let Some(c) = Cluster::start_broker_with(kind, 1, 1, |config| {
+        config.database_url = Some(url.clone());
+        config.incoming.max_attempts = MAX_ATTEMPTS;
+    })
+    .await
+    else {
+        db.drop_db().await;
+        return;
+    };
+    // The database refuses one message by its content (a CHECK constraint:
+    // SQLSTATE 23514), as it refuses a value a column cannot hold.
+    sql(
+        &db.url,
+        &format!("ALTER TABLE messages ADD CONSTRAINT refuse_test CHECK (content <> '{REFUSED}')"),
+    )
+    .await;
+    let alice = c.connect(0, "alice").await;
+    let bob = c.connect(0, "bob").await;
+    let mut ids = Vec::new();
+    for content in ["one", REFUSED, "three"] {
+        ids.push(send_ok(&alice, json!({ "to": "bob", "content": content })).await);
+    }
+    assert_eq!(
+        contents(&bob, 2).await,
+        ["one", "three"],
+        "the neighbours are stored and delivered, in order"
+    );
+    quiet(&bob, "the refused message is not delivered").await;
+
+    let dead = c.backend.dead_letters(10).await.expect("dead letters");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].event.id, ids[1]);
+    assert!(
+        dead[0]
+            .reason
+            .starts_with(&format!("refused by the database {MAX_ATTEMPTS} times")),
+        "{}",
+        dead[0].reason
+    );
+    assert_eq!(c.worker_metrics.dead_lettered.get(), 1);
+    assert_eq!(
+        c.worker_metrics.worker_message_refusals.get(),
+        u64::from(MAX_ATTEMPTS),
+        "each refusal counted once"
+    );
+    assert_eq!(count(&db.url, "").await, 2);
+
+    // The operator fixes the cause, then replays.
+    sql(&db.url, "ALTER TABLE messages DROP CONSTRAINT refuse_test").await;
+    if kind == BackendKind::Memory {
+        // Its dead letters live in this process: the same call the CLI makes.
+        let selection = DeadLetterSelection {
+            ids: Some(vec![ids[1].clone()]),
+            limit: 10,
+        };
+        let done = c
+            .backend
+            .resolve_dead_letters(&selection, DeadLetterAction::Replay)
+            .await
+            .expect("replay");
+        assert_eq!(done.len(), 1);
+    } else {
+        let listed = cli(&c, &[]);
+        assert!(listed.status.success(), "{listed:?}");
+        assert!(String::from_utf8_lossy(&listed.stdout).contains(&ids[1]));
+        let out = cli(&c, &["replay", "--id", &ids[1]]);
+        assert!(out.status.success(), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&ids[1]));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("replayed 1 dead letters"));
+        let again = cli(&c, &["replay", "--id", &ids[1]]);
+        assert!(!again.status.success(), "a second replay finds nothing");
+        assert!(String::from_utf8_lossy(&again.stderr).contains("no dead letter with id"));
+    }
+    assert_eq!(contents(&bob, 1).await, [REFUSED], "replayed and delivered");
+    assert_eq!(count(&db.url, REFUSED).await, 1, "stored once");
+    assert_eq!(count(&db.url, "").await, 3);
+    assert!(c.backend.dead_letters(10).await.expect("dead").is_empty());
+    alice.close().await;
+    bob.close().await;
+    c.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_refused_message_is_dead_lettered_alone_then_replayed() {
+    refused_message_is_dead_lettered_alone_then_replayed(BackendKind::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_refused_message_is_dead_lettered_alone_then_replayed() {
+    refused_message_is_dead_lettered_alone_then_replayed(BackendKind::Rabbitmq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_refused_message_is_dead_lettered_alone_then_replayed() {
+    refused_message_is_dead_lettered_alone_then_replayed(BackendKind::Redis).await;
+}
