@@ -439,13 +439,7 @@ pub async fn rejected_events_come_back_until_dead_lettered(h: &dyn Harness) {
             .await
             .expect("publish");
     }
-    let mut c = b
-        .consume_incoming(ConsumeOptions {
-            prefetch: 1,
-            ..ConsumeOptions::default()
-        })
-        .await
-        .expect("consume");
+    let mut c = consume_one_at_a_time(b.as_ref()).await;
     for attempt in 1..=REJECTIONS {
         let d = next_delivery(&mut c).await;
         assert_eq!(
@@ -477,6 +471,19 @@ pub async fn rejected_events_come_back_until_dead_lettered(h: &dyn Harness) {
     assert_eq!(dead[0].event.payload, Bytes::from_static(b"poison"));
     assert_eq!(dead[0].event.ordering_key, ok);
     b.shutdown().await.expect("shutdown");
+}
+
+/// A consumer with prefetch 1: nothing is checked out beside the delivery
+/// in hand.
+async fn consume_one_at_a_time(
+    b: &dyn FanoutBackend,
+) -> futures::stream::BoxStream<'static, Result<crate::IncomingDelivery, crate::BackendError>> {
+    b.consume_incoming(ConsumeOptions {
+        prefetch: 1,
+        ..ConsumeOptions::default()
+    })
+    .await
+    .expect("consume")
 }
 
 async fn next_delivery(
@@ -550,13 +557,7 @@ pub async fn dead_letters_are_replayed_or_dropped(h: &dyn Harness) {
             .await
             .expect("publish");
     }
-    let mut c = b
-        .consume_incoming(ConsumeOptions {
-            prefetch: 1,
-            ..ConsumeOptions::default()
-        })
-        .await
-        .expect("consume");
+    let mut c = consume_one_at_a_time(b.as_ref()).await;
     for id in ids {
         let d = tokio::time::timeout(ARRIVE, c.next())
             .await
