@@ -90,19 +90,6 @@ impl FaultKind {
     }
 }
 
-impl FaultKind {
-    /// Whether sessions must see each sender's messages in order through
-    /// this fault. The faults that cut a gateway off its broker are
-    /// excepted: the catch-up after a route loss fills a gap after newer
-    /// live messages may have been shown (issue 12 sequences the streams).
-    pub fn keeps_order(self) -> bool {
-        !matches!(
-            self,
-            FaultKind::BrokerConnectionKill | FaultKind::BrokerRestart | FaultKind::GatewayKill
-        )
-    }
-}
-
 impl std::fmt::Display for FaultKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -375,7 +362,7 @@ impl FaultResult {
         if self.dead_lettered > 0 {
             v.push(format!("{} valid events dead-lettered", self.dead_lettered));
         }
-        if self.reordered > 0 && self.fault.keeps_order() {
+        if self.reordered > 0 {
             v.push(format!(
                 "{} messages shown out of their sender's order",
                 self.reordered
