@@ -232,6 +232,7 @@ pub async fn run_gateway(
         Some(id) => ServerId::new(id.clone())?,
         None => ServerId::new(format!("gw-{}", uuid::Uuid::new_v4().simple()))?,
     };
+    metrics.attach_backend(backend.clone());
     let stream = backend.register_server(&server_id).await?;
     // max_payload bounds polling bodies only; WebSocket messages, and the
     // binary attachments the parser buffers until their event is complete,

@@ -1,7 +1,13 @@
 //! Prometheus metrics, one registry per process (not a global, so tests can
 //! run several gateways in one process and read each one's figures).
 
+use std::sync::{Arc, Mutex};
+
+use fanout_backend::DynBackend;
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -60,6 +66,44 @@ pub struct Metrics {
     pub batch_size: Histogram,
     /// Database or broker errors the worker retried.
     pub worker_retries: Counter,
+    /// `/readyz` probes that asked the broker and the database (at most
+    /// one per second, however many requests).
+    pub readiness_probes: Counter,
+    /// Backends whose own counters are exported (see
+    /// [`Metrics::attach_backend`]).
+    backends: Arc<Mutex<Vec<DynBackend>>>,
+}
+
+/// Reads the attached backends' counters at each scrape.
+#[derive(Debug)]
+struct BackendCounters(Arc<Mutex<Vec<DynBackend>>>);
+
+impl Collector for BackendCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let backends = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // One family per name, summed over the attached backends (a process
+        // normally holds one).
+        let mut sums: Vec<(&'static str, u64)> = Vec::new();
+        for b in &backends {
+            for (name, value) in b.counters() {
+                match sums.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, v)) => *v = v.saturating_add(value),
+                    None => sums.push((name, value)),
+                }
+            }
+        }
+        for (name, value) in sums {
+            let counter = ConstCounter::new(value);
+            let metric = encoder.encode_descriptor(
+                name,
+                "Counted by the broker backend (see docs/reliability.md)",
+                None,
+                counter.metric_type(),
+            )?;
+            counter.encode(metric)?;
+        }
+        Ok(())
+    }
 }
 
 impl Default for Metrics {
@@ -93,6 +137,8 @@ impl Metrics {
             dead_lettered: Counter::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             worker_retries: Counter::default(),
+            readiness_probes: Counter::default(),
+            backends: Arc::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -195,7 +241,24 @@ impl Metrics {
             "Database or broker errors retried by workers",
             m.worker_retries.clone(),
         );
+        registry.register(
+            "readiness_probes",
+            "Readiness probes of the broker and the database",
+            m.readiness_probes.clone(),
+        );
+        registry
+            .sub_registry_with_prefix("backend")
+            .register_collector(Box::new(BackendCounters(m.backends.clone())));
         Self { registry, ..m }
+    }
+
+    /// Exports `backend`'s own counters ([`fanout_backend::FanoutBackend::counters`])
+    /// as `fanout_backend_{name}_total` from now on.
+    pub fn attach_backend(&self, backend: DynBackend) {
+        self.backends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(backend);
     }
 
     /// The Prometheus text exposition.

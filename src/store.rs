@@ -103,6 +103,10 @@ pub struct Store {
     pool: AnyPool,
 }
 
+/// Members written by one INSERT at channel creation. Each row binds one
+/// value (the user) besides the two all rows share.
+pub const MEMBERS_PER_STATEMENT: usize = 10_000;
+
 const MESSAGE_COLUMNS: &str =
     "id, sender_id, receiver_id, channel_id, content, client_msg_id, created_at";
 
@@ -290,7 +294,11 @@ impl Store {
     }
 
     /// Creates a channel with its creator and `members` as members, all
-    /// from `now`. `Conflict` if the id is taken.
+    /// from `now`. `Conflict` if the id is taken. Two statements in one
+    /// transaction, whatever the number of members: the channel row, then
+    /// every member in one multi-row INSERT (chunked only beyond
+    /// [`MEMBERS_PER_STATEMENT`], far above `limits.max_initial_members`'
+    /// default).
     pub async fn create_channel(
         &self,
         id: &str,
@@ -316,13 +324,23 @@ impl Store {
         all.push(creator);
         all.sort_unstable();
         all.dedup();
-        for user in all {
-            sqlx::query("INSERT INTO channel_members (channel_id, user_id, added_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
-                .bind(id.to_owned())
-                .bind(user.to_owned())
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+        for chunk in all.chunks(MEMBERS_PER_STATEMENT) {
+            // $1 and $2 are shared by every row: the bound values stay at
+            // rows + 2, well under SQLite's 32,766 and PostgreSQL's 65,535.
+            let mut sql = String::with_capacity(80 + chunk.len() * 16);
+            sql.push_str("INSERT INTO channel_members (channel_id, user_id, added_at) VALUES ");
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(&format!("($1,${},$2)", i + 3));
+            }
+            sql.push_str(" ON CONFLICT DO NOTHING");
+            let mut q = sqlx::query(&sql).bind(id.to_owned()).bind(now);
+            for user in chunk {
+                q = q.bind((*user).to_owned());
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -375,6 +393,29 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected() > 0)
+    }
+
+    /// Adds a member unless they already are one, in one statement, and
+    /// returns when their membership started (now, or when they were first
+    /// added): what their gateways' catch-up starts from.
+    pub async fn add_member_since(
+        &self,
+        channel: &str,
+        user: &str,
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        // The no-op update makes RETURNING yield the existing row too.
+        let row = sqlx::query(
+            "INSERT INTO channel_members (channel_id, user_id, added_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (channel_id, user_id) DO UPDATE SET added_at = channel_members.added_at \
+             RETURNING added_at",
+        )
+        .bind(channel.to_owned())
+        .bind(user.to_owned())
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("added_at")?)
     }
 
     /// Removes a member; `false` if they were not one.

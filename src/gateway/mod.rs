@@ -65,11 +65,17 @@ pub struct Gateway {
     /// Local sessions.
     pub sessions: Sessions,
     /// Bound keys.
-    pub routes: Routes,
+    pub routes: Arc<Routes>,
     /// `sendMessage` rate of each user, all connections here together.
     pub user_sends: Arc<UserLimiter>,
     /// HTTP API rate of each user.
     pub user_api: UserLimiter,
+    /// Membership changes (one per member) of each user.
+    pub user_members: UserLimiter,
+    /// Socket.IO handshakes of each user.
+    pub user_handshakes: UserLimiter,
+    /// The last `/readyz` probe, shared by every request within a second.
+    pub(crate) readiness: http::ReadinessCache,
     /// Acks already given, by `(sender, clientMsgId)`: `(id, createdAt)`.
     retries: Mutex<RetryCache>,
     /// Set when shutdown starts: sessions that end then leave their keys to
@@ -88,7 +94,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            routes: Routes::new(backend.clone(), server_id.clone()),
+            routes: Arc::new(Routes::new(backend.clone(), server_id.clone())),
             sessions: Sessions::new(
                 config.gateway.dedup_window,
                 config.limits.send_buffer,
@@ -102,6 +108,15 @@ impl Gateway {
                 config.limits.api_requests_per_second,
                 config.limits.api_burst,
             )),
+            user_members: RateLimiter::keyed(quota(
+                config.limits.membership_changes_per_second,
+                config.limits.membership_burst,
+            )),
+            user_handshakes: RateLimiter::keyed(quota(
+                config.limits.handshakes_per_second,
+                config.limits.handshake_burst,
+            )),
+            readiness: http::ReadinessCache::default(),
             retries: Mutex::new(RetryCache::new(config.gateway.retry_cache)),
             shutting_down: AtomicBool::new(false),
             server_id,
@@ -163,6 +178,10 @@ impl Gateway {
         self.user_sends.shrink_to_fit();
         self.user_api.retain_recent();
         self.user_api.shrink_to_fit();
+        self.user_members.retain_recent();
+        self.user_members.shrink_to_fit();
+        self.user_handshakes.retain_recent();
+        self.user_handshakes.shrink_to_fit();
     }
 
     /// Marks the start of shutdown.
