@@ -101,10 +101,18 @@ pub struct Channel {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// SQLite resolves each `$N` by a linear search of the statement's
+    /// parameter names, so statements with many values use `?` there.
+    sqlite: bool,
+    /// SQLite has one writer at a time, and a writer that finds the file
+    /// locked polls with sleeps of up to 100 ms: a long write (a channel of
+    /// 1,000 members) would stall the worker's inserts in steps of that.
+    /// Writers of this process queue here instead, in order; `None` on
+    /// PostgreSQL.
+    writer: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
 }
 
-/// Members written by one INSERT at channel creation. Each row binds one
-/// value (the user) besides the two all rows share.
+/// Members written by one INSERT at channel creation.
 pub const MEMBERS_PER_STATEMENT: usize = 10_000;
 
 const MESSAGE_COLUMNS: &str =
@@ -173,7 +181,19 @@ impl Store {
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            sqlite: is_sqlite,
+            writer: is_sqlite.then(Default::default),
+        })
+    }
+
+    /// Waits for this process's turn to write (SQLite only).
+    async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.writer {
+            Some(w) => Some(w.lock().await),
+            None => None,
+        }
     }
 
     /// Checks the database answers.
@@ -196,6 +216,7 @@ impl Store {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
+        let _turn = self.write_turn().await;
         let mut sql = String::from(
             "INSERT INTO messages (id, conversation, sender_id, receiver_id, channel_id, content, client_msg_id, created_at) VALUES ",
         );
@@ -307,6 +328,7 @@ impl Store {
         members: &[String],
         now: i64,
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         let mut tx = self.pool.begin().await?;
         let created = sqlx::query(
             "INSERT INTO channels (id, name, creator_id, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
@@ -325,20 +347,32 @@ impl Store {
         all.sort_unstable();
         all.dedup();
         for chunk in all.chunks(MEMBERS_PER_STATEMENT) {
-            // $1 and $2 are shared by every row: the bound values stay at
-            // rows + 2, well under SQLite's 32,766 and PostgreSQL's 65,535.
+            // At most 3 values a row: 30,000, under SQLite's 32,766 and
+            // PostgreSQL's 65,535.
             let mut sql = String::with_capacity(80 + chunk.len() * 16);
             sql.push_str("INSERT INTO channel_members (channel_id, user_id, added_at) VALUES ");
             for i in 0..chunk.len() {
                 if i > 0 {
                     sql.push(',');
                 }
-                sql.push_str(&format!("($1,${},$2)", i + 3));
+                if self.sqlite {
+                    sql.push_str("(?,?,?)");
+                } else {
+                    // The channel and the time are shared by every row.
+                    sql.push_str(&format!("($1,${},$2)", i + 3));
+                }
             }
             sql.push_str(" ON CONFLICT DO NOTHING");
-            let mut q = sqlx::query(&sql).bind(id.to_owned()).bind(now);
-            for user in chunk {
-                q = q.bind((*user).to_owned());
+            let mut q = sqlx::query(&sql);
+            if self.sqlite {
+                for user in chunk {
+                    q = q.bind(id.to_owned()).bind((*user).to_owned()).bind(now);
+                }
+            } else {
+                q = q.bind(id.to_owned()).bind(now);
+                for user in chunk {
+                    q = q.bind((*user).to_owned());
+                }
             }
             q.execute(&mut *tx).await?;
         }
@@ -384,6 +418,7 @@ impl Store {
         user: &str,
         now: i64,
     ) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await;
         let r = sqlx::query(
             "INSERT INTO channel_members (channel_id, user_id, added_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         )
@@ -404,6 +439,7 @@ impl Store {
         user: &str,
         now: i64,
     ) -> Result<i64, StoreError> {
+        let _turn = self.write_turn().await;
         // The no-op update makes RETURNING yield the existing row too.
         let row = sqlx::query(
             "INSERT INTO channel_members (channel_id, user_id, added_at) VALUES ($1, $2, $3) \
@@ -420,6 +456,7 @@ impl Store {
 
     /// Removes a member; `false` if they were not one.
     pub async fn remove_member(&self, channel: &str, user: &str) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await;
         let r = sqlx::query("DELETE FROM channel_members WHERE channel_id = $1 AND user_id = $2")
             .bind(channel.to_owned())
             .bind(user.to_owned())

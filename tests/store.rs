@@ -139,7 +139,10 @@ async fn behaviours(store: &Store) {
         900
     );
     assert_eq!(
-        store.add_member_since("x", "dave", 950).await.expect("again"),
+        store
+            .add_member_since("x", "dave", 950)
+            .await
+            .expect("again"),
         900,
         "an existing membership keeps its start"
     );
@@ -151,7 +154,12 @@ async fn behaviours(store: &Store) {
         .create_channel("big", "Big", "bob", &many, 1200)
         .await
         .expect("create a channel beyond one statement's members");
-    for u in ["m0", "m1", "bob", &format!("m{}", fanout::store::MEMBERS_PER_STATEMENT + 6)] {
+    for u in [
+        "m0",
+        "m1",
+        "bob",
+        &format!("m{}", fanout::store::MEMBERS_PER_STATEMENT + 6),
+    ] {
         assert_eq!(
             store.member_since("big", u).await.expect("since"),
             Some(1200),

@@ -26,7 +26,7 @@ const MAX_LIMIT: u32 = 200;
 /// Longest channel name, in bytes.
 const MAX_NAME_BYTES: usize = 200;
 /// Join notices of one channel creation published at once.
-const ANNOUNCE_CONCURRENCY: usize = 64;
+const ANNOUNCE_CONCURRENCY: usize = 16;
 /// How long one readiness probe answers for every `/readyz` request.
 const READINESS_TTL: Duration = Duration::from_secs(1);
 /// How long a readiness probe waits for the broker and the database.
@@ -292,8 +292,13 @@ struct NewChannel {
 async fn create_channel(
     State(gw): State<AppState>,
     Caller(caller): Caller,
-    ApiJson(body): ApiJson<NewChannel>,
+    request: axum::extract::Request,
 ) -> Result<Response, AppError> {
+    // The creator's own membership is taken before the body is read, so a
+    // user over the membership rate costs no parsing of up to
+    // `max_initial_members` ids; the other members are taken below.
+    check_membership_rate(&gw, &caller, 1)?;
+    let ApiJson(body) = ApiJson::<NewChannel>::from_request(request, &gw).await?;
     let id = match body.id {
         Some(id) => {
             check_id("id", &id)?;
@@ -323,7 +328,16 @@ async fn create_channel(
     members.push(caller.clone());
     members.sort_unstable();
     members.dedup();
-    check_membership_rate(&gw, &caller, members.len())?;
+    if members.len() > 1 {
+        check_membership_rate(&gw, &caller, members.len() - 1)?;
+    }
+    // Only closed if the gateway is dropped, which cannot happen while a
+    // handler holds it.
+    let _slot = gw
+        .fan_outs
+        .acquire()
+        .await
+        .map_err(|e| AppError::unavailable("gateway shutting down", &e))?;
     let now = now_ms();
     gw.store
         .create_channel(&id, &body.name, &caller, &members, now)

@@ -47,6 +47,9 @@ const CLOSE_RETRY_EVERY: Duration = Duration::from_millis(50);
 /// nothing at all at its next ping (every 25 s), so this need not be longer.
 const CLOSE_RETRY_FOR: Duration = Duration::from_secs(60);
 
+/// Channel creations written and announced at once per gateway.
+const FAN_OUT_CONCURRENCY: usize = 2;
+
 /// Everything a gateway's handlers share.
 #[derive(Debug)]
 pub struct Gateway {
@@ -74,6 +77,9 @@ pub struct Gateway {
     pub user_members: UserLimiter,
     /// Socket.IO handshakes of each user.
     pub user_handshakes: UserLimiter,
+    /// Channel creations fanning out at once on this gateway: a flood of
+    /// them waits here instead of crowding out chat delivery.
+    pub(crate) fan_outs: tokio::sync::Semaphore,
     /// The last `/readyz` probe, shared by every request within a second.
     pub(crate) readiness: http::ReadinessCache,
     /// Acks already given, by `(sender, clientMsgId)`: `(id, createdAt)`.
@@ -116,6 +122,7 @@ impl Gateway {
                 config.limits.handshakes_per_second,
                 config.limits.handshake_burst,
             )),
+            fan_outs: tokio::sync::Semaphore::new(FAN_OUT_CONCURRENCY),
             readiness: http::ReadinessCache::default(),
             retries: Mutex::new(RetryCache::new(config.gateway.retry_cache)),
             shutting_down: AtomicBool::new(false),

@@ -369,7 +369,11 @@ impl Sessions {
             };
             let live = matches!(s.outbox, Outbox::Live);
             let mut one = EmitCount::default();
-            for e in catch_up.iter().filter(|e| e.created_at >= t.since).chain(&waited) {
+            for e in catch_up
+                .iter()
+                .filter(|e| e.created_at >= t.since)
+                .chain(&waited)
+            {
                 if !s.recent.insert(&e.id) {
                     one.duplicates += 1;
                     continue;

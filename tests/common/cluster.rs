@@ -35,7 +35,7 @@ pub struct Cluster {
 impl Cluster {
     /// `gateways` gateways and a worker with `consumers` consumers.
     pub async fn start(gateways: usize, consumers: u32) -> Cluster {
-        Self::start_on(BackendKind::Memory, gateways, consumers).await
+        Self::start_on(BackendKind::Memory, gateways, consumers, |_| {}).await
     }
 
     /// The same on a real broker in a fresh namespace; `None` (after a
@@ -45,21 +45,44 @@ impl Cluster {
         gateways: usize,
         consumers: u32,
     ) -> Option<Cluster> {
+        Self::start_broker_with(kind, gateways, consumers, |_| {}).await
+    }
+
+    /// [`Cluster::start_broker`] with `configure` applied to the
+    /// configuration before anything starts.
+    pub async fn start_broker_with(
+        kind: BackendKind,
+        gateways: usize,
+        consumers: u32,
+        configure: impl FnOnce(&mut Config),
+    ) -> Option<Cluster> {
         let (name, port) = match kind {
             BackendKind::Rabbitmq => ("RabbitMQ", 5672),
             BackendKind::Redis => ("Redis", 6379),
-            BackendKind::Memory => return Some(Self::start(gateways, consumers).await),
+            BackendKind::Memory => {
+                return Some(Self::start_on(kind, gateways, consumers, configure).await)
+            }
         };
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         if let Err(e) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
             super::skip_or_fail(name, &e.to_string());
             return None;
         }
-        Some(Self::start_on(kind, gateways, consumers).await)
+        Some(Self::start_on(kind, gateways, consumers, configure).await)
     }
 
-    async fn start_on(kind: BackendKind, gateways: usize, consumers: u32) -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
+    async fn start_on(
+        kind: BackendKind,
+        gateways: usize,
+        consumers: u32,
+        configure: impl FnOnce(&mut Config),
+    ) -> Cluster {
+        // The database in memory where the machine has a tmpfs: tests
+        // measure gateways and brokers, not the disk's fsync stalls.
+        let dir = tempfile::Builder::new()
+            .tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::tempdir())
+            .expect("tempdir");
         let mut config = Config {
             backend: kind,
             namespace: format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
@@ -72,6 +95,7 @@ impl Cluster {
         config.limits.messages_per_second = 10_000;
         config.limits.message_burst = 10_000;
         config.limits.send_queue = 10_000;
+        configure(&mut config);
         let backend = app::connect_backend(&config).await.expect("backend");
         let store = app::connect_store(&config).await.expect("store");
         let tokens = Tokens::new(SECRET.as_bytes());

@@ -1058,7 +1058,9 @@ async fn an_overflowing_server_stream_is_a_route_loss_and_counted() {
         matches!(&ev, ServerEvent::Message(m) if &m.payload[..] == b"after"),
         "{ev:?}"
     );
-    println!("overflow: {SENT} sent, {lost_at} yielded before RoutesLost, {dropped} dropped and counted");
+    println!(
+        "overflow: {SENT} sent, {lost_at} yielded before RoutesLost, {dropped} dropped and counted"
+    );
     drop(stream);
     b.shutdown().await.expect("shutdown");
     common::purge(&ns).await;
