@@ -32,7 +32,7 @@ const CATCH_UP_CONCURRENCY: usize = 8;
 /// How often sessions whose end was never signalled are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// Channels whose joins are bound and caught up at once.
-const JOIN_CONCURRENCY: usize = 8;
+const JOIN_CONCURRENCY: usize = 4;
 
 /// Joins queued for their bind and catch-up, by channel: joins of one
 /// channel that arrive before its task starts share that task.
