@@ -107,9 +107,55 @@ pub struct Store {
     /// SQLite has one writer at a time, and a writer that finds the file
     /// locked polls with sleeps of up to 100 ms: a long write (a channel of
     /// 1,000 members) would stall the worker's inserts in steps of that.
-    /// Writers of this process queue here instead, in order; `None` on
+    /// Writers of this process take turns here instead; `None` on
     /// PostgreSQL.
-    writer: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
+    writer: Option<std::sync::Arc<Writer>>,
+}
+
+/// Turns at SQLite's one writer. Short writes (messages, one member) go in
+/// order; a bulk write (a channel creation) waits until no short write is
+/// waiting, so a flood of creations delays chat inserts by at most the one
+/// creation already writing.
+#[derive(Debug, Default)]
+struct Writer {
+    turn: tokio::sync::Mutex<()>,
+    /// Short writes waiting for the turn.
+    short_waiting: std::sync::atomic::AtomicUsize,
+    /// Woken when no short write waits any more.
+    no_short_waiting: tokio::sync::Notify,
+}
+
+impl Writer {
+    async fn short(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::sync::atomic::Ordering;
+        self.short_waiting.fetch_add(1, Ordering::SeqCst);
+        let turn = self.turn.lock().await;
+        if self.short_waiting.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.no_short_waiting.notify_waiters();
+        }
+        turn
+    }
+
+    async fn bulk(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::sync::atomic::Ordering;
+        loop {
+            let wake = self.no_short_waiting.notified();
+            tokio::pin!(wake);
+            // Registered before the check, so a wake-up between the check
+            // and the wait is not missed.
+            wake.as_mut().enable();
+            if self.short_waiting.load(Ordering::SeqCst) == 0 {
+                let turn = self.turn.lock().await;
+                if self.short_waiting.load(Ordering::SeqCst) == 0 {
+                    return turn;
+                }
+                // A short write queued while we waited: it goes first.
+                drop(turn);
+                continue;
+            }
+            wake.await;
+        }
+    }
 }
 
 /// Members written by one INSERT at channel creation.
@@ -188,10 +234,19 @@ impl Store {
         })
     }
 
-    /// Waits for this process's turn to write (SQLite only).
+    /// Waits for this process's turn to write a few rows (SQLite only).
     async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
         match &self.writer {
-            Some(w) => Some(w.lock().await),
+            Some(w) => Some(w.short().await),
+            None => None,
+        }
+    }
+
+    /// Waits for a turn to write many rows, after every short write that
+    /// waits (SQLite only).
+    async fn bulk_write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.writer {
+            Some(w) => Some(w.bulk().await),
             None => None,
         }
     }
@@ -328,7 +383,7 @@ impl Store {
         members: &[String],
         now: i64,
     ) -> Result<(), StoreError> {
-        let _turn = self.write_turn().await;
+        let _turn = self.bulk_write_turn().await;
         let mut tx = self.pool.begin().await?;
         let created = sqlx::query(
             "INSERT INTO channels (id, name, creator_id, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
