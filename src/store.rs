@@ -520,6 +520,20 @@ impl Store {
         Ok(r.rows_affected() > 0)
     }
 
+    /// The channels `user` belongs to, with when each membership started.
+    pub async fn memberships_of(&self, user: &str) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT channel_id, added_at FROM channel_members WHERE user_id = $1 ORDER BY channel_id",
+        )
+        .bind(user.to_owned())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Ok((r.try_get("channel_id")?, r.try_get("added_at")?)))
+            .collect::<Result<_, sqlx::Error>>()?)
+    }
+
     /// The channels `user` belongs to.
     pub async fn channels_of(&self, user: &str) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query(

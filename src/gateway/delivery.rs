@@ -126,6 +126,9 @@ async fn run(gw: Arc<Gateway>, mut stream: ServerStream) {
                 // published into the gap, so the order within each
                 // conversation holds; duplicate windows drop what a
                 // session was already shown.
+                // Join and leave notices may have fallen into the gap too:
+                // the store says what each local user belongs to now.
+                resync_memberships(&gw, &joins, &join_tx).await;
                 let from = last_delivery_ms - lag_ms - gw.config.gateway.loss_catch_up_ms;
                 catch_up_after_loss(&gw, from).await;
                 lag_ms = 0;
@@ -265,6 +268,68 @@ async fn complete_joins(gw: &Gateway, joins: &JoinQueue, channel: &str) {
         }
     }
     gw.metrics.bound_keys.set(gw.routes.bound() as i64);
+}
+
+/// Applies to the local sessions the memberships the store holds now, as
+/// join and leave notices would have (after a route loss, which may have
+/// swallowed some). Both directions are idempotent, so a notice still in
+/// the stream changes nothing more when it arrives.
+async fn resync_memberships(
+    gw: &Arc<Gateway>,
+    joins: &JoinQueue,
+    join_tx: &mpsc::UnboundedSender<String>,
+) {
+    let (users, _) = gw.sessions.local_users_and_channels();
+    let results: Vec<_> = futures::stream::iter(users)
+        .map(|u| async move {
+            let r = gw.store.memberships_of(&u).await;
+            (u, r)
+        })
+        .buffer_unordered(CATCH_UP_CONCURRENCY)
+        .collect()
+        .await;
+    let (mut joined, mut left) = (0usize, 0usize);
+    for (user, result) in results {
+        let memberships = match result {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(%user, error = %e, "membership check after a route loss failed");
+                continue;
+            }
+        };
+        let held = gw.sessions.channels_of_user(&user);
+        for (channel, added_at) in &memberships {
+            if held.contains(channel) {
+                continue;
+            }
+            let from = added_at - gw.config.gateway.catch_up_skew_ms;
+            let tickets = gw.sessions.join_channel(&user, channel, from);
+            joined += tickets.len();
+            if !tickets.is_empty() && joins.push(channel, tickets) {
+                // Fails only once the join task is gone, i.e. never while
+                // the delivery loop runs.
+                let _ = join_tx.send(channel.clone());
+            }
+        }
+        let now: std::collections::HashSet<&String> = memberships.iter().map(|(c, _)| c).collect();
+        for channel in held.iter().filter(|c| !now.contains(c)) {
+            let sids = gw.sessions.leave_channel(&user, channel);
+            left += sids.len();
+            let key = RouteKey::Channel(channel.clone());
+            for _ in &sids {
+                if let Err(e) = gw.routes.release(&key).await {
+                    tracing::warn!(%channel, error = %e, "cannot unbind a left channel");
+                }
+            }
+        }
+    }
+    if joined + left > 0 {
+        tracing::warn!(
+            joined,
+            left,
+            "applied membership changes whose notices the route loss swallowed"
+        );
+    }
 }
 
 /// Reads back from the store what local users and channels got from

@@ -418,6 +418,18 @@ impl Sessions {
         left
     }
 
+    /// The channels the sessions of `user` receive (all of them alike).
+    pub fn channels_of_user(&self, user: &str) -> HashSet<String> {
+        let g = self.lock();
+        let mut out = HashSet::new();
+        for sid in user_sids(&g, user) {
+            if let Some(s) = g.sessions.get(&sid) {
+                out.extend(s.channels.iter().cloned());
+            }
+        }
+        out
+    }
+
     /// Users and channels that have a session here: what a catch-up after
     /// a route loss must cover.
     pub fn local_users_and_channels(&self) -> (Vec<String>, Vec<String>) {
