@@ -199,6 +199,7 @@ pub async fn worker(
     let backend = connect_backend(&config).await?;
     let store = connect_store(&config).await?;
     let metrics = Arc::new(Metrics::new());
+    metrics.attach_backend(backend.clone());
     let stop = CancellationToken::new();
     let addr = listener.local_addr()?;
     let http = crate::worker_http::router(crate::worker_http::WorkerHttp::new(
@@ -259,6 +260,7 @@ pub async fn run_gateway(
         Some(id) => ServerId::new(id.clone())?,
         None => ServerId::new(format!("gw-{}", uuid::Uuid::new_v4().simple()))?,
     };
+    metrics.attach_backend(backend.clone());
     let stream = match backend.register_server(&server_id).await {
         Ok(s) => s,
         Err(BackendError::Conflict(_)) => {

@@ -323,6 +323,21 @@ pub struct LimitsConfig {
     pub api_requests_per_second: u32,
     /// Burst above the API rate. Default 100.
     pub api_burst: u32,
+    /// Sustained channel membership changes per second of one user on one
+    /// gateway: each member named at creation (the creator included), each
+    /// added and each removed member counts one (`429 rate_limited`
+    /// beyond). Default 100.
+    pub membership_changes_per_second: u32,
+    /// Burst above the membership rate; at least
+    /// `max_initial_members + 1`, so one full channel creation always fits.
+    /// Default 2000.
+    pub membership_burst: u32,
+    /// Sustained Socket.IO handshakes per second of one user on one gateway
+    /// (`connect_error` `rate_limited` beyond). Default 2.
+    pub handshakes_per_second: u32,
+    /// Burst above the handshake rate: every tab of a user reconnecting at
+    /// once after a gateway restart fits. Default 32.
+    pub handshake_burst: u32,
 }
 
 /// The largest `limits.max_content_bytes` a gateway may accept: the worker
@@ -350,6 +365,10 @@ impl Default for LimitsConfig {
             max_initial_members: 1000,
             api_requests_per_second: 50,
             api_burst: 100,
+            membership_changes_per_second: 100,
+            membership_burst: 2000,
+            handshakes_per_second: 2,
+            handshake_burst: 32,
         }
     }
 }
@@ -390,6 +409,18 @@ impl LimitsConfig {
             || self.api_burst == 0
         {
             return Err("limits.max_connections_per_user, limits.api_requests_per_second and limits.api_burst must be at least 1".into());
+        }
+        if self.membership_changes_per_second == 0
+            || self.handshakes_per_second == 0
+            || self.handshake_burst == 0
+        {
+            return Err("limits.membership_changes_per_second, limits.handshakes_per_second and limits.handshake_burst must be at least 1".into());
+        }
+        if (self.membership_burst as usize) <= self.max_initial_members {
+            return Err(format!(
+                "limits.membership_burst must exceed limits.max_initial_members ({}), so that one full channel creation fits; got {}",
+                self.max_initial_members, self.membership_burst
+            ));
         }
         if self.send_buffer < MIN_SEND_BUFFER {
             return Err(format!(
@@ -627,6 +658,8 @@ mod tests {
             ("FANOUT_LIMITS__MAX_CONNECTIONS_PER_USER", "0"),
             ("FANOUT_LIMITS__SEND_BUFFER", "15"),
             ("FANOUT_LIMITS__API_BURST", "0"),
+            ("FANOUT_LIMITS__HANDSHAKES_PER_SECOND", "0"),
+            ("FANOUT_LIMITS__MEMBERSHIP_BURST", "1000"),
             ("FANOUT_LIMITS__MAX_CONTENT_BYTES", "1048577"),
         ] {
             figment::Jail::expect_with(|jail| {

@@ -1,7 +1,13 @@
 //! Prometheus metrics, one registry per process (not a global, so tests can
 //! run several gateways in one process and read each one's figures).
 
+use std::sync::{Arc, Mutex};
+
+use fanout_backend::DynBackend;
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -67,6 +73,44 @@ pub struct Metrics {
     /// Stored messages the broker refused to route for good (an invalid
     /// argument); they stay in the history.
     pub worker_publish_refused: Counter,
+    /// `/readyz` probes that asked the broker and the database (at most
+    /// one per second, however many requests).
+    pub readiness_probes: Counter,
+    /// Backends whose own counters are exported (see
+    /// [`Metrics::attach_backend`]).
+    backends: Arc<Mutex<Vec<DynBackend>>>,
+}
+
+/// Reads the attached backends' counters at each scrape.
+#[derive(Debug)]
+struct BackendCounters(Arc<Mutex<Vec<DynBackend>>>);
+
+impl Collector for BackendCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let backends = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // One family per name, summed over the attached backends (a process
+        // normally holds one).
+        let mut sums: Vec<(&'static str, u64)> = Vec::new();
+        for b in &backends {
+            for (name, value) in b.counters() {
+                match sums.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, v)) => *v = v.saturating_add(value),
+                    None => sums.push((name, value)),
+                }
+            }
+        }
+        for (name, value) in sums {
+            let counter = ConstCounter::new(value);
+            let metric = encoder.encode_descriptor(
+                name,
+                "Counted by the broker backend (see docs/reliability.md)",
+                None,
+                counter.metric_type(),
+            )?;
+            counter.encode(metric)?;
+        }
+        Ok(())
+    }
 }
 
 impl Default for Metrics {
@@ -102,6 +146,8 @@ impl Metrics {
             worker_retries: Counter::default(),
             worker_message_refusals: Counter::default(),
             worker_publish_refused: Counter::default(),
+            readiness_probes: Counter::default(),
+            backends: Arc::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -214,7 +260,24 @@ impl Metrics {
             "Stored messages the broker refused to route for good",
             m.worker_publish_refused.clone(),
         );
+        registry.register(
+            "readiness_probes",
+            "Readiness probes of the broker and the database",
+            m.readiness_probes.clone(),
+        );
+        registry
+            .sub_registry_with_prefix("backend")
+            .register_collector(Box::new(BackendCounters(m.backends.clone())));
         Self { registry, ..m }
+    }
+
+    /// Exports `backend`'s own counters ([`fanout_backend::FanoutBackend::counters`])
+    /// as `fanout_backend_{name}_total` from now on.
+    pub fn attach_backend(&self, backend: DynBackend) {
+        self.backends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(backend);
     }
 
     /// The Prometheus text exposition.
@@ -224,26 +287,6 @@ impl Metrics {
         let _ = encode(&mut out, &self.registry);
         out
     }
-
-    /// The exposition with the backend's own counters
-    /// (`FanoutBackend::counters`) as `fanout_backend_{name}_total`.
-    pub fn render_with(&self, backend_counters: &[(&'static str, u64)]) -> String {
-        let mut out = self.render();
-        // The backend's counters go before the closing `# EOF`.
-        let eof = out.rfind("# EOF").unwrap_or(out.len());
-        let mut extra = String::new();
-        for (name, value) in backend_counters {
-            use std::fmt::Write;
-            let _ = write!(
-                extra,
-                "# HELP fanout_backend_{name} Counter kept by the broker backend.\n\
-                 # TYPE fanout_backend_{name} counter\n\
-                 fanout_backend_{name}_total {value}\n"
-            );
-        }
-        out.insert_str(eof, &extra);
-        out
-    }
 }
 
 #[cfg(test)]
@@ -251,18 +294,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backend_counters_are_rendered_before_the_end_marker() {
+    fn backend_counters_are_exported_with_the_process_metrics() {
         let m = Metrics::new();
         m.messages_stored.inc_by(7);
-        let page = m.render_with(&[("unroutable", 3), ("reconnects", 0)]);
+        m.attach_backend(Arc::new(fanout_memory::MemoryBackend::default()));
+        let page = m.render();
         assert!(page.contains("fanout_messages_stored_total 7"), "{page}");
-        assert!(page.contains("# TYPE fanout_backend_unroutable counter\n"));
         assert!(
-            page.contains("\nfanout_backend_unroutable_total 3\n"),
+            page.contains("# TYPE fanout_backend_dead_letters_dropped counter\n"),
             "{page}"
         );
         assert!(
-            page.contains("\nfanout_backend_reconnects_total 0\n"),
+            page.contains("\nfanout_backend_dead_letters_dropped_total 0\n"),
             "{page}"
         );
         assert!(page.ends_with("# EOF\n"), "{page}");

@@ -188,7 +188,65 @@ pub struct Channel {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// SQLite resolves each `$N` by a linear search of the statement's
+    /// parameter names, so statements with many values use `?` there.
+    sqlite: bool,
+    /// SQLite has one writer at a time, and a writer that finds the file
+    /// locked polls with sleeps of up to 100 ms: a long write (a channel of
+    /// 1,000 members) would stall the worker's inserts in steps of that.
+    /// Writers of this process take turns here instead; `None` on
+    /// PostgreSQL.
+    writer: Option<std::sync::Arc<Writer>>,
 }
+
+/// Turns at SQLite's one writer. Short writes (messages, one member) go in
+/// order; a bulk write (a channel creation) waits until no short write is
+/// waiting, so a flood of creations delays chat inserts by at most the one
+/// creation already writing.
+#[derive(Debug, Default)]
+struct Writer {
+    turn: tokio::sync::Mutex<()>,
+    /// Short writes waiting for the turn.
+    short_waiting: std::sync::atomic::AtomicUsize,
+    /// Woken when no short write waits any more.
+    no_short_waiting: tokio::sync::Notify,
+}
+
+impl Writer {
+    async fn short(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::sync::atomic::Ordering;
+        self.short_waiting.fetch_add(1, Ordering::SeqCst);
+        let turn = self.turn.lock().await;
+        if self.short_waiting.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.no_short_waiting.notify_waiters();
+        }
+        turn
+    }
+
+    async fn bulk(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::sync::atomic::Ordering;
+        loop {
+            let wake = self.no_short_waiting.notified();
+            tokio::pin!(wake);
+            // Registered before the check, so a wake-up between the check
+            // and the wait is not missed.
+            wake.as_mut().enable();
+            if self.short_waiting.load(Ordering::SeqCst) == 0 {
+                let turn = self.turn.lock().await;
+                if self.short_waiting.load(Ordering::SeqCst) == 0 {
+                    return turn;
+                }
+                // A short write queued while we waited: it goes first.
+                drop(turn);
+                continue;
+            }
+            wake.await;
+        }
+    }
+}
+
+/// Members written by one INSERT at channel creation.
+pub const MEMBERS_PER_STATEMENT: usize = 10_000;
 
 const MESSAGE_COLUMNS: &str =
     "id, sender_id, receiver_id, channel_id, content, client_msg_id, created_at";
@@ -256,7 +314,28 @@ impl Store {
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            sqlite: is_sqlite,
+            writer: is_sqlite.then(Default::default),
+        })
+    }
+
+    /// Waits for this process's turn to write a few rows (SQLite only).
+    async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.writer {
+            Some(w) => Some(w.short().await),
+            None => None,
+        }
+    }
+
+    /// Waits for a turn to write many rows, after every short write that
+    /// waits (SQLite only).
+    async fn bulk_write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.writer {
+            Some(w) => Some(w.bulk().await),
+            None => None,
+        }
     }
 
     /// Checks the database answers.
@@ -279,6 +358,7 @@ impl Store {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
+        let _turn = self.write_turn().await;
         let sql = insert_sql(messages.len());
         let mut q = sqlx::query(&sql);
         for m in messages {
@@ -339,6 +419,7 @@ impl Store {
             created_at: 0,
         };
         let sql = insert_sql(1);
+        let _turn = self.write_turn().await;
         let mut tx = self.pool.begin().await?;
         bind_message(sqlx::query(&sql), &probe)
             .fetch_all(&mut *tx)
@@ -367,7 +448,11 @@ impl Store {
     }
 
     /// Creates a channel with its creator and `members` as members, all
-    /// from `now`. `Conflict` if the id is taken.
+    /// from `now`. `Conflict` if the id is taken. Two statements in one
+    /// transaction, whatever the number of members: the channel row, then
+    /// every member in one multi-row INSERT (chunked only beyond
+    /// [`MEMBERS_PER_STATEMENT`], far above `limits.max_initial_members`'
+    /// default).
     pub async fn create_channel(
         &self,
         id: &str,
@@ -376,6 +461,7 @@ impl Store {
         members: &[String],
         now: i64,
     ) -> Result<(), StoreError> {
+        let _turn = self.bulk_write_turn().await;
         let mut tx = self.pool.begin().await?;
         let created = sqlx::query(
             "INSERT INTO channels (id, name, creator_id, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
@@ -393,13 +479,35 @@ impl Store {
         all.push(creator);
         all.sort_unstable();
         all.dedup();
-        for user in all {
-            sqlx::query("INSERT INTO channel_members (channel_id, user_id, added_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
-                .bind(id.to_owned())
-                .bind(user.to_owned())
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+        for chunk in all.chunks(MEMBERS_PER_STATEMENT) {
+            // At most 3 values a row: 30,000, under SQLite's 32,766 and
+            // PostgreSQL's 65,535.
+            let mut sql = String::with_capacity(80 + chunk.len() * 16);
+            sql.push_str("INSERT INTO channel_members (channel_id, user_id, added_at) VALUES ");
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    sql.push(',');
+                }
+                if self.sqlite {
+                    sql.push_str("(?,?,?)");
+                } else {
+                    // The channel and the time are shared by every row.
+                    sql.push_str(&format!("($1,${},$2)", i + 3));
+                }
+            }
+            sql.push_str(" ON CONFLICT DO NOTHING");
+            let mut q = sqlx::query(&sql);
+            if self.sqlite {
+                for user in chunk {
+                    q = q.bind(id.to_owned()).bind((*user).to_owned()).bind(now);
+                }
+            } else {
+                q = q.bind(id.to_owned()).bind(now);
+                for user in chunk {
+                    q = q.bind((*user).to_owned());
+                }
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -443,6 +551,7 @@ impl Store {
         user: &str,
         now: i64,
     ) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await;
         let r = sqlx::query(
             "INSERT INTO channel_members (channel_id, user_id, added_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         )
@@ -454,14 +563,53 @@ impl Store {
         Ok(r.rows_affected() > 0)
     }
 
+    /// Adds a member unless they already are one, in one statement, and
+    /// returns when their membership started (now, or when they were first
+    /// added): what their gateways' catch-up starts from.
+    pub async fn add_member_since(
+        &self,
+        channel: &str,
+        user: &str,
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        let _turn = self.write_turn().await;
+        // The no-op update makes RETURNING yield the existing row too.
+        let row = sqlx::query(
+            "INSERT INTO channel_members (channel_id, user_id, added_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (channel_id, user_id) DO UPDATE SET added_at = channel_members.added_at \
+             RETURNING added_at",
+        )
+        .bind(channel.to_owned())
+        .bind(user.to_owned())
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("added_at")?)
+    }
+
     /// Removes a member; `false` if they were not one.
     pub async fn remove_member(&self, channel: &str, user: &str) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await;
         let r = sqlx::query("DELETE FROM channel_members WHERE channel_id = $1 AND user_id = $2")
             .bind(channel.to_owned())
             .bind(user.to_owned())
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() > 0)
+    }
+
+    /// The channels `user` belongs to, with when each membership started.
+    pub async fn memberships_of(&self, user: &str) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT channel_id, added_at FROM channel_members WHERE user_id = $1 ORDER BY channel_id",
+        )
+        .bind(user.to_owned())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Ok((r.try_get("channel_id")?, r.try_get("added_at")?)))
+            .collect::<Result<_, sqlx::Error>>()?)
     }
 
     /// The channels `user` belongs to.

@@ -121,7 +121,7 @@ async fn metrics(State(w): State<Arc<WorkerHttp>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        w.metrics.render_with(&w.backend.counters()),
+        w.metrics.render(),
     )
         .into_response()
 }

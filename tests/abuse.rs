@@ -780,6 +780,157 @@ async fn api_requests_beyond_the_per_user_rate_get_429() {
     node.stop().await;
 }
 
+impl Node {
+    async fn send(
+        &self,
+        user: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(self.token(user));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("http");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_beyond_the_per_user_rate_get_429() {
+    let _t = TIMING.read().await;
+    let node = Node::start(|c| {
+        c.limits.max_initial_members = 3;
+        c.limits.membership_burst = 6;
+        c.limits.membership_changes_per_second = 1;
+    })
+    .await;
+    let create = |id: &str, members: &[&str]| json!({ "id": id, "name": id, "members": members });
+    // Four changes: the creator and three members.
+    let (status, body) = node
+        .send(
+            "owner",
+            Method::POST,
+            "/api/channels",
+            Some(create("a", &["m1", "m2", "m3"])),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    // Two left in the bucket: a creation of four more is refused whole (the
+    // creator's own change, taken before the body is read, is spent).
+    let (status, body) = node
+        .send(
+            "owner",
+            Method::POST,
+            "/api/channels",
+            Some(create("b", &["m1", "m2", "m3"])),
+        )
+        .await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(error_code(&body), "rate_limited", "{body}");
+    let (status, _) = node.get("m1", "/api/channels/b/messages").await;
+    assert_eq!(status, 404, "nothing of the refused creation was written");
+    // The last change fits; the one after it does not.
+    let add = |u: &str| Some(json!({ "userId": u }));
+    let (status, body) = node
+        .send("owner", Method::POST, "/api/channels/a/members", add("m4"))
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = node
+        .send("owner", Method::DELETE, "/api/channels/a/members/m4", None)
+        .await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(error_code(&body), "rate_limited", "{body}");
+    // Another user is not affected, and the bucket refills.
+    let (status, body) = node
+        .send(
+            "other",
+            Method::POST,
+            "/api/channels",
+            Some(create("c", &["m1"])),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, body) = node
+        .send("owner", Method::DELETE, "/api/channels/a/members/m4", None)
+        .await;
+    assert_eq!(status, 204, "a second later: {body}");
+    let limited = metric(&node.url, "fanout_rate_limited_total{scope=\"membership\"}").await;
+    assert_eq!(limited, 2.0);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_beyond_the_per_user_rate_are_refused() {
+    let _t = TIMING.read().await;
+    let node = Node::start(|c| {
+        c.limits.handshakes_per_second = 1;
+        c.limits.handshake_burst = 2;
+    })
+    .await;
+    let first = node.connect("churner").await.expect("first");
+    first.close().await;
+    let _second = node.connect("churner").await.expect("second");
+    let third = node.connect("churner").await;
+    assert!(
+        matches!(&third, Err(ClientError::Refused(m)) if m == "rate_limited"),
+        "{third:?}"
+    );
+    // Refused before any query or bind: the user's key holds one session.
+    assert_eq!(
+        metric(
+            &node.url,
+            "fanout_connects_refused_by_reason_total{reason=\"rate_limited\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(&node.url, "fanout_rate_limited_total{scope=\"handshake\"}").await,
+        1.0
+    );
+    node.connect("someone-else").await.expect("another user");
+    // A reconnecting client gets in after a pause.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    node.connect("churner").await.expect("a second later");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_asks_the_database_at_most_once_a_second() {
+    let _t = TIMING.read().await;
+    let node = Node::start(|_| {}).await;
+    let started = Instant::now();
+    let http = reqwest::Client::new();
+    let answers = futures::future::join_all((0..200).map(|_| {
+        let http = http.clone();
+        let url = format!("{}/readyz", node.url);
+        async move {
+            http.get(url)
+                .send()
+                .await
+                .expect("readyz")
+                .status()
+                .as_u16()
+        }
+    }))
+    .await;
+    assert!(answers.iter().all(|s| *s == 200), "{answers:?}");
+    let probes = metric(&node.url, "fanout_readiness_probes_total").await;
+    let bound = started.elapsed().as_secs_f64().ceil() + 1.0;
+    assert!(
+        probes >= 1.0 && probes <= bound,
+        "{probes} probes for 200 requests in {:?}",
+        started.elapsed()
+    );
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_message_over_max_payload_closes_the_connection() {
     let _t = TIMING.read().await;

@@ -286,3 +286,103 @@ async fn a_retry_is_stored_and_delivered_once_with_the_first_id() {
     assert_eq!(c.store.count_messages().await.expect("count"), 1);
     c.stop().await;
 }
+
+/// One Redis command over a plain connection (the root crate has no Redis
+/// client); enough RESP for a bulk string or an integer reply.
+async fn redis_command(args: &[&str]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect("127.0.0.1:6379")
+        .await
+        .expect("redis");
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 65536];
+        let n = s.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "redis closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).to_string();
+        if let Some(rest) = text.strip_prefix('$') {
+            let (len, body) = rest.split_once("\r\n").expect("bulk header");
+            let len: usize = len.parse().expect("bulk length");
+            if body.len() >= len {
+                return body[..len].to_owned();
+            }
+        } else if text.ends_with("\r\n") {
+            return text.trim_end().to_owned();
+        }
+    }
+}
+
+/// A join notice swallowed by a route loss (here: the membership written
+/// without one) is applied when the gateway recovers from the loss: the
+/// store says what each local user belongs to, and the session receives
+/// the channel from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_swallowed_by_a_route_loss_is_applied_after_it() {
+    let Some(c) = Cluster::start_broker(fanout::config::BackendKind::Redis, 1, 1).await else {
+        return;
+    };
+    let owner = c.connect(0, "owner").await;
+    let alice = c.connect(0, "alice").await;
+    let (status, _) = c
+        .api(
+            0,
+            "owner",
+            Method::POST,
+            "/api/channels",
+            Some(json!({ "id": "late", "name": "Late" })),
+        )
+        .await;
+    assert_eq!(status, 201);
+    c.store
+        .add_member("late", "alice", fanout::protocol::now_ms())
+        .await
+        .expect("store");
+    // The gateway loses its routes: Redis drops its subscriber connection.
+    let ready: serde_json::Value = reqwest::get(format!("{}/readyz", c.urls[0]))
+        .await
+        .expect("readyz")
+        .json()
+        .await
+        .expect("json");
+    let server = ready["serverId"].as_str().expect("server id");
+    let name = format!("name={}:sub:{server}", c.config.namespace);
+    let list = redis_command(&["CLIENT", "LIST"]).await;
+    let id = list
+        .lines()
+        .find(|l| l.split_whitespace().any(|f| f == name))
+        .and_then(|l| l.split_whitespace().find_map(|f| f.strip_prefix("id=")))
+        .expect("the gateway's subscriber connection")
+        .to_owned();
+    assert_eq!(redis_command(&["CLIENT", "KILL", "ID", &id]).await, ":1");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let text = reqwest::get(format!("{}/metrics", c.urls[0]))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("body");
+        if text.lines().any(|l| l == "fanout_routes_lost_total 1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no route loss seen");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let id = send_ok(
+        &owner,
+        json!({ "channelId": "late", "content": "after the loss" }),
+    )
+    .await;
+    let (name, data) = next(&alice).await;
+    assert_eq!(
+        (name.as_str(), &data["id"]),
+        ("GROUP_MESSAGE_RECEIVE", &json!(id))
+    );
+    c.stop().await;
+}

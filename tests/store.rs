@@ -133,6 +133,44 @@ async fn behaviours(store: &Store) {
         .expect("remove again"));
     assert_eq!(store.member_since("x", "carol").await.expect("since"), None);
 
+    // One statement for a large membership, and for member changes.
+    assert_eq!(
+        store.add_member_since("x", "dave", 900).await.expect("add"),
+        900
+    );
+    assert_eq!(
+        store
+            .add_member_since("x", "dave", 950)
+            .await
+            .expect("again"),
+        900,
+        "an existing membership keeps its start"
+    );
+    let many: Vec<String> = (0..fanout::store::MEMBERS_PER_STATEMENT + 7)
+        .map(|n| format!("m{n}"))
+        .chain(["bob".to_owned(), "m1".to_owned()])
+        .collect();
+    store
+        .create_channel("big", "Big", "bob", &many, 1200)
+        .await
+        .expect("create a channel beyond one statement's members");
+    for u in [
+        "m0",
+        "m1",
+        "bob",
+        &format!("m{}", fanout::store::MEMBERS_PER_STATEMENT + 6),
+    ] {
+        assert_eq!(
+            store.member_since("big", u).await.expect("since"),
+            Some(1200),
+            "{u} is a member"
+        );
+    }
+    assert_eq!(
+        store.channels_of("m3").await.expect("channels"),
+        vec!["big".to_owned()]
+    );
+
     // History pages: newest first, `before` exclusive.
     let group: Vec<Message> = (10..20)
         .map(|n| {

@@ -1,14 +1,26 @@
 //! The loop over this gateway's outgoing stream: emits routed messages to
 //! local sessions, applies membership changes, and re-binds after the
 //! backend lost the routes.
+//!
+//! Joins leave the loop's critical path: the loop only marks the joining
+//! sessions (an in-memory step) and queues the join; join tasks bind the
+//! channel and read its catch-up, up to [`JOIN_CONCURRENCY`] channels at a
+//! time, all joins of one channel that queued meanwhile in one bind and one
+//! query. Meanwhile the joining sessions keep the channel's live messages
+//! aside and are shown them after the catch-up (see
+//! [`super::Sessions::finish_join`]), so a channel flood of joins costs
+//! chat delivery no bind and no query, and each session still sees its
+//! conversation in order.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fanout_backend::{OrderingKey, OutgoingMessage, RouteKey, ServerEvent, ServerStream};
 use futures::StreamExt;
+use tokio::sync::{mpsc, Semaphore};
 
-use super::sessions::Emit;
+use super::sessions::{Emit, JoinTicket};
 use super::Gateway;
 use crate::protocol::{now_ms, Message, OutgoingEnvelope};
 
@@ -19,6 +31,38 @@ const CATCH_UP_LIMIT: u32 = 1000;
 const CATCH_UP_CONCURRENCY: usize = 8;
 /// How often sessions whose end was never signalled are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// Channels whose joins are bound and caught up at once.
+const JOIN_CONCURRENCY: usize = 4;
+
+/// Joins queued for their bind and catch-up, by channel: joins of one
+/// channel that arrive before its task starts share that task.
+#[derive(Debug, Default)]
+struct JoinQueue {
+    pending: Mutex<HashMap<String, Vec<JoinTicket>>>,
+}
+
+impl JoinQueue {
+    /// Adds tickets; `true` if the channel had none waiting (the caller
+    /// then schedules a task for it).
+    fn push(&self, channel: &str, tickets: Vec<JoinTicket>) -> bool {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        match p.get_mut(channel) {
+            Some(waiting) => {
+                waiting.extend(tickets);
+                false
+            }
+            None => {
+                p.insert(channel.to_owned(), tickets);
+                true
+            }
+        }
+    }
+
+    fn take(&self, channel: &str) -> Vec<JoinTicket> {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.remove(channel).unwrap_or_default()
+    }
+}
 
 /// Runs the delivery loop until the stream ends.
 pub fn spawn(gw: Arc<Gateway>, stream: ServerStream) -> tokio::task::JoinHandle<()> {
@@ -46,15 +90,24 @@ pub fn spawn_sweeper(gw: &Arc<Gateway>) -> tokio::task::JoinHandle<()> {
 
 async fn run(gw: Arc<Gateway>, mut stream: ServerStream) {
     // Processed one at a time, in order: a leave applied before the next
-    // message, a join's catch-up finished before later live messages.
-    // Wall time of the last delivery before a loss: what was published
-    // after it may have fallen into the gap.
+    // message, a join's sessions marked before later live messages.
+    let joins = Arc::new(JoinQueue::default());
+    let (join_tx, join_rx) = mpsc::unbounded_channel();
+    // Ends when this loop ends (join_tx dropped) and its queue is done.
+    tokio::spawn(run_joins(gw.clone(), joins.clone(), join_rx));
+    // Wall time of the last delivery before a loss, and how far behind its
+    // message's creation it was: what was published after the message may
+    // have fallen into the gap, which then starts that much earlier (a
+    // gateway whose stream overflowed was behind by a whole buffer).
     let mut last_delivery_ms = now_ms();
+    let mut lag_ms: i64 = 0;
     while let Some(event) = stream.next().await {
         match event {
             ServerEvent::Message(m) => {
                 last_delivery_ms = now_ms();
-                handle(&gw, m).await;
+                if let Some(created_at) = handle(&gw, &joins, &join_tx, m) {
+                    lag_ms = (last_delivery_ms - created_at).max(0);
+                }
             }
             ServerEvent::RoutesLost => {
                 gw.metrics.routes_lost.inc();
@@ -73,8 +126,12 @@ async fn run(gw: Arc<Gateway>, mut stream: ServerStream) {
                 // published into the gap, so the order within each
                 // conversation holds; duplicate windows drop what a
                 // session was already shown.
-                let from = last_delivery_ms - gw.config.gateway.loss_catch_up_ms;
+                // Join and leave notices may have fallen into the gap too:
+                // the store says what each local user belongs to now.
+                resync_memberships(&gw, &joins, &join_tx).await;
+                let from = last_delivery_ms - lag_ms - gw.config.gateway.loss_catch_up_ms;
                 catch_up_after_loss(&gw, from).await;
+                lag_ms = 0;
             }
         }
     }
@@ -95,12 +152,19 @@ async fn run(gw: Arc<Gateway>, mut stream: ServerStream) {
     }
 }
 
-async fn handle(gw: &Gateway, m: OutgoingMessage) {
+/// Applies one outgoing message without awaiting anything; returns the
+/// chat message's creation time if it was one.
+fn handle(
+    gw: &Gateway,
+    joins: &JoinQueue,
+    join_tx: &mpsc::UnboundedSender<String>,
+    m: OutgoingMessage,
+) -> Option<i64> {
     let env: OutgoingEnvelope = match serde_json::from_slice(&m.payload) {
         Ok(env) => env,
         Err(e) => {
             tracing::error!(key = %m.key, error = %e, "undecodable outgoing message dropped");
-            return;
+            return None;
         }
     };
     match env {
@@ -111,6 +175,7 @@ async fn handle(gw: &Gateway, m: OutgoingMessage) {
                 RouteKey::Channel(c) => gw.sessions.emit_to_channel(c, &e),
             };
             gw.account(count, failed);
+            Some(message.created_at)
         }
         OutgoingEnvelope::Join {
             channel_id,
@@ -118,52 +183,166 @@ async fn handle(gw: &Gateway, m: OutgoingMessage) {
             since,
         } => {
             let from = since - gw.config.gateway.catch_up_skew_ms;
-            let sids = gw.sessions.join_channel(&user_id, &channel_id, from);
-            if sids.is_empty() {
-                return;
+            let tickets = gw.sessions.join_channel(&user_id, &channel_id, from);
+            if !tickets.is_empty() && joins.push(&channel_id, tickets) {
+                // Fails only once the join task is gone, i.e. never while
+                // this loop runs.
+                let _ = join_tx.send(channel_id);
             }
-            let key = RouteKey::Channel(channel_id.clone());
-            for _ in &sids {
-                if let Err(e) = gw.routes.acquire(&key).await {
-                    tracing::error!(user = %user_id, channel = %channel_id, error = %e, "cannot bind a joined channel");
-                }
-            }
-            gw.metrics.bound_keys.set(gw.routes.bound() as i64);
-            // Bound now: everything published from here on arrives live.
-            // What was published before the bind is in the store (workers
-            // store before they publish), so read it back; the sessions'
-            // duplicate windows drop what they were already shown.
-            let conversation = OrderingKey::channel(&channel_id);
-            match gw
-                .store
-                .messages_since(conversation.as_str(), from, CATCH_UP_LIMIT)
-                .await
-            {
-                Ok(messages) => {
-                    for message in &messages {
-                        let (count, failed) =
-                            gw.sessions.emit_to_sessions(&sids, &emit_of(message));
-                        gw.account(count, failed);
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(channel = %channel_id, error = %e, "catch-up after join failed")
-                }
-            }
+            None
         }
         OutgoingEnvelope::Leave {
             channel_id,
             user_id,
         } => {
             let sids = gw.sessions.leave_channel(&user_id, &channel_id);
-            let key = RouteKey::Channel(channel_id.clone());
+            if !sids.is_empty() {
+                // Unbinding waits for nothing the loop needs: the session
+                // no longer receives the channel, so a late unbind only
+                // lets a few messages arrive that nobody is shown.
+                let gw_routes = gw.routes.clone();
+                let metrics = gw.metrics.clone();
+                tokio::spawn(async move {
+                    let key = RouteKey::Channel(channel_id.clone());
+                    for _ in &sids {
+                        if let Err(e) = gw_routes.release(&key).await {
+                            tracing::warn!(channel = %channel_id, error = %e, "cannot unbind a left channel");
+                        }
+                    }
+                    metrics.bound_keys.set(gw_routes.bound() as i64);
+                });
+            }
+            None
+        }
+    }
+}
+
+/// Works the join queue, [`JOIN_CONCURRENCY`] channels at a time.
+async fn run_joins(
+    gw: Arc<Gateway>,
+    joins: Arc<JoinQueue>,
+    mut rx: mpsc::UnboundedReceiver<String>,
+) {
+    let slots = Arc::new(Semaphore::new(JOIN_CONCURRENCY));
+    while let Some(channel) = rx.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (gw, joins) = (gw.clone(), joins.clone());
+        tokio::spawn(async move {
+            complete_joins(&gw, &joins, &channel).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Binds `channel` for the joins queued on it, reads its catch-up once,
+/// and shows each joined session its part, then what waited meanwhile.
+async fn complete_joins(gw: &Gateway, joins: &JoinQueue, channel: &str) {
+    let tickets = joins.take(channel);
+    let Some(from) = tickets.iter().map(|t| t.since).min() else {
+        return;
+    };
+    let key = RouteKey::Channel(channel.to_owned());
+    let mut held = Vec::with_capacity(tickets.len());
+    for t in &tickets {
+        match gw.routes.acquire(&key).await {
+            Ok(_) => held.push(t.ticket),
+            Err(e) => {
+                tracing::error!(channel = %channel, error = %e, "cannot bind a joined channel")
+            }
+        }
+    }
+    gw.metrics.bound_keys.set(gw.routes.bound() as i64);
+    // Bound now: everything published from here on arrives live. What was
+    // published before the bind is in the store (workers store before they
+    // publish), so read it back; the sessions' duplicate windows drop what
+    // they were already shown.
+    let conversation = OrderingKey::channel(channel);
+    let catch_up: Vec<Emit> = match gw
+        .store
+        .messages_since(conversation.as_str(), from, CATCH_UP_LIMIT)
+        .await
+    {
+        Ok(messages) => messages.iter().map(emit_of).collect(),
+        Err(e) => {
+            tracing::error!(channel = %channel, error = %e, "catch-up after join failed");
+            Vec::new()
+        }
+    };
+    let (count, close, gone) = gw.sessions.finish_join(channel, &tickets, &catch_up);
+    gw.account(count, close);
+    // Sessions that left or ended while catching up: their references
+    // were never handed to them, so they go back here.
+    for t in gone {
+        if held.contains(&t.ticket) {
+            if let Err(e) = gw.routes.release(&key).await {
+                tracing::warn!(channel = %channel, error = %e, "cannot unbind a left channel");
+            }
+        }
+    }
+    gw.metrics.bound_keys.set(gw.routes.bound() as i64);
+}
+
+/// Applies to the local sessions the memberships the store holds now, as
+/// join and leave notices would have (after a route loss, which may have
+/// swallowed some). Both directions are idempotent, so a notice still in
+/// the stream changes nothing more when it arrives.
+async fn resync_memberships(
+    gw: &Arc<Gateway>,
+    joins: &JoinQueue,
+    join_tx: &mpsc::UnboundedSender<String>,
+) {
+    let (users, _) = gw.sessions.local_users_and_channels();
+    let results: Vec<_> = futures::stream::iter(users)
+        .map(|u| async move {
+            let r = gw.store.memberships_of(&u).await;
+            (u, r)
+        })
+        .buffer_unordered(CATCH_UP_CONCURRENCY)
+        .collect()
+        .await;
+    let (mut joined, mut left) = (0usize, 0usize);
+    for (user, result) in results {
+        let memberships = match result {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(%user, error = %e, "membership check after a route loss failed");
+                continue;
+            }
+        };
+        let held = gw.sessions.channels_of_user(&user);
+        for (channel, added_at) in &memberships {
+            if held.contains(channel) {
+                continue;
+            }
+            let from = added_at - gw.config.gateway.catch_up_skew_ms;
+            let tickets = gw.sessions.join_channel(&user, channel, from);
+            joined += tickets.len();
+            if !tickets.is_empty() && joins.push(channel, tickets) {
+                // Fails only once the join task is gone, i.e. never while
+                // the delivery loop runs.
+                let _ = join_tx.send(channel.clone());
+            }
+        }
+        let now: std::collections::HashSet<&String> = memberships.iter().map(|(c, _)| c).collect();
+        for channel in held.iter().filter(|c| !now.contains(c)) {
+            let sids = gw.sessions.leave_channel(&user, channel);
+            left += sids.len();
+            let key = RouteKey::Channel(channel.clone());
             for _ in &sids {
                 if let Err(e) = gw.routes.release(&key).await {
-                    tracing::warn!(channel = %channel_id, error = %e, "cannot unbind a left channel");
+                    tracing::warn!(%channel, error = %e, "cannot unbind a left channel");
                 }
             }
-            gw.metrics.bound_keys.set(gw.routes.bound() as i64);
         }
+    }
+    if joined + left > 0 {
+        tracing::warn!(
+            joined,
+            left,
+            "applied membership changes whose notices the route loss swallowed"
+        );
     }
 }
 

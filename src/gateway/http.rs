@@ -1,7 +1,9 @@
 //! The HTTP side of a gateway: the REST API under `/api`, `/healthz`,
 //! `/readyz`, `/metrics`, and the Socket.IO endpoint at `/socket.io/`.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
@@ -10,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
 use fanout_backend::{is_valid_id, OrderingKey, RouteKey};
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -22,6 +25,12 @@ const DEFAULT_LIMIT: u32 = 50;
 const MAX_LIMIT: u32 = 200;
 /// Longest channel name, in bytes.
 const MAX_NAME_BYTES: usize = 200;
+/// Join notices of one channel creation published at once.
+const ANNOUNCE_CONCURRENCY: usize = 16;
+/// How long one readiness probe answers for every `/readyz` request.
+const READINESS_TTL: Duration = Duration::from_secs(1);
+/// How long a readiness probe waits for the broker and the database.
+const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
 
 type AppState = Arc<Gateway>;
 
@@ -165,6 +174,45 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
 }
 
+/// The last readiness probe: `/readyz` is unauthenticated, so however
+/// many requests arrive, a gateway asks its broker and its database at
+/// most once per [`READINESS_TTL`]; requests that arrive while a probe
+/// runs wait for it and share its answer.
+#[derive(Debug, Default)]
+pub(crate) struct ReadinessCache {
+    last: tokio::sync::Mutex<Option<Readiness>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Readiness {
+    at: Instant,
+    backend_ok: bool,
+    store_ok: bool,
+}
+
+impl ReadinessCache {
+    async fn get(&self, gw: &Gateway) -> Readiness {
+        let mut last = self.last.lock().await;
+        if let Some(r) = *last {
+            if r.at.elapsed() < READINESS_TTL {
+                return r;
+            }
+        }
+        let (backend, store) = tokio::join!(
+            tokio::time::timeout(READINESS_TIMEOUT, gw.backend.health()),
+            tokio::time::timeout(READINESS_TIMEOUT, gw.store.ping()),
+        );
+        gw.metrics.readiness_probes.inc();
+        let r = Readiness {
+            at: Instant::now(),
+            backend_ok: matches!(backend, Ok(Ok(()))),
+            store_ok: matches!(store, Ok(Ok(()))),
+        };
+        *last = Some(r);
+        r
+    }
+}
+
 async fn readyz(State(gw): State<AppState>) -> Response {
     if let Some(reason) = gw.unready_reason() {
         let err = json!({
@@ -173,11 +221,11 @@ async fn readyz(State(gw): State<AppState>) -> Response {
         });
         return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(err)).into_response();
     }
-    let timeout = std::time::Duration::from_secs(2);
-    let backend = tokio::time::timeout(timeout, gw.backend.health()).await;
-    let store = tokio::time::timeout(timeout, gw.store.ping()).await;
-    let backend_ok = matches!(backend, Ok(Ok(())));
-    let store_ok = matches!(store, Ok(Ok(())));
+    let Readiness {
+        backend_ok,
+        store_ok,
+        ..
+    } = gw.readiness.get(&gw).await;
     let body = json!({
         "backend": gw.backend.capabilities().name,
         "backendReady": backend_ok,
@@ -187,14 +235,35 @@ async fn readyz(State(gw): State<AppState>) -> Response {
     if backend_ok && store_ok {
         (StatusCode::OK, axum::Json(body)).into_response()
     } else {
-        let what = match (&backend, &store) {
-            (Ok(Err(e)), _) => format!("broker not ready: {e}"),
-            (Err(_), _) => "broker unreachable (no answer in time)".to_owned(),
-            _ => "database unreachable".to_owned(),
+        let what = if backend_ok {
+            "database unreachable"
+        } else {
+            "broker unreachable"
         };
         let err = json!({ "error": { "code": "unavailable", "message": what }, "status": body });
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(err)).into_response()
     }
+}
+
+/// Takes `changes` membership changes from `user`'s bucket
+/// (`limits.membership_changes_per_second`), or refuses with `429`.
+fn check_membership_rate(gw: &Gateway, user: &str, changes: usize) -> Result<(), AppError> {
+    let n = NonZeroU32::new(u32::try_from(changes).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
+    let key: Arc<str> = Arc::from(user);
+    // More than the burst at once cannot happen within the limits the
+    // configuration enforces; it is refused like any other excess.
+    if matches!(gw.user_members.check_key_n(&key, n), Ok(Ok(()))) {
+        return Ok(());
+    }
+    gw.metrics
+        .rate_limited
+        .get_or_create(&vec![("scope", "membership")])
+        .inc();
+    Err(AppError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "too many membership changes; slow down and retry",
+    ))
 }
 
 async fn metrics(State(gw): State<AppState>) -> Response {
@@ -203,7 +272,7 @@ async fn metrics(State(gw): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        gw.metrics.render_with(&gw.backend.counters()),
+        gw.metrics.render(),
     )
         .into_response()
 }
@@ -230,8 +299,13 @@ struct NewChannel {
 async fn create_channel(
     State(gw): State<AppState>,
     Caller(caller): Caller,
-    ApiJson(body): ApiJson<NewChannel>,
+    request: axum::extract::Request,
 ) -> Result<Response, AppError> {
+    // The creator's own membership is taken before the body is read, so a
+    // user over the membership rate costs no parsing of up to
+    // `max_initial_members` ids; the other members are taken below.
+    check_membership_rate(&gw, &caller, 1)?;
+    let ApiJson(body) = ApiJson::<NewChannel>::from_request(request, &gw).await?;
     let id = match body.id {
         Some(id) => {
             check_id("id", &id)?;
@@ -257,20 +331,37 @@ async fn create_channel(
     for m in &body.members {
         check_id("every member", m)?;
     }
-    let now = now_ms();
-    gw.store
-        .create_channel(&id, &body.name, &caller, &body.members, now)
-        .await?;
-    let mut members = body.members.clone();
-    members.push(caller);
+    let mut members = body.members;
+    members.push(caller.clone());
     members.sort_unstable();
     members.dedup();
-    for m in members {
-        announce_join(&gw, &id, &m, now).await.unwrap_or_else(|e| {
-            // The channel exists; this member's live sessions pick it up
-            // when they reconnect.
-            tracing::warn!(channel = %id, member = %m, error = %e.message, "join not announced");
-        });
+    if members.len() > 1 {
+        check_membership_rate(&gw, &caller, members.len() - 1)?;
+    }
+    // Only closed if the gateway is dropped, which cannot happen while a
+    // handler holds it.
+    let _slot = gw
+        .fan_outs
+        .acquire()
+        .await
+        .map_err(|e| AppError::unavailable("gateway shutting down", &e))?;
+    let now = now_ms();
+    gw.store
+        .create_channel(&id, &body.name, &caller, &members, now)
+        .await?;
+    // Published many at a time: all are enqueued before the 201, so each
+    // member's gateways apply the join before any message sent after it.
+    let (gw_ref, id_ref) = (&*gw, id.as_str());
+    let results: Vec<Result<(), AppError>> = futures::stream::iter(members)
+        .map(|m| async move { announce_join(gw_ref, id_ref, &m, now).await })
+        .buffer_unordered(ANNOUNCE_CONCURRENCY)
+        .collect()
+        .await;
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if failed > 0 {
+        // The channel exists; these members' live sessions pick it up when
+        // they reconnect.
+        tracing::warn!(channel = %id, members = failed, "joins not announced");
     }
     Ok((StatusCode::CREATED, axum::Json(json!({ "id": id }))).into_response())
 }
@@ -305,18 +396,15 @@ async fn add_member(
 ) -> Result<StatusCode, AppError> {
     check_id("channel id", &channel)?;
     check_id("userId", &body.user_id)?;
+    check_membership_rate(&gw, &caller, 1)?;
     require_channel(&gw, &channel).await?;
     if gw.store.member_since(&channel, &caller).await?.is_none() {
         return Err(AppError::forbidden("only members can add members"));
     }
-    gw.store
-        .add_member(&channel, &body.user_id, now_ms())
-        .await?;
     let since = gw
         .store
-        .member_since(&channel, &body.user_id)
-        .await?
-        .unwrap_or_else(now_ms);
+        .add_member_since(&channel, &body.user_id, now_ms())
+        .await?;
     // Announced on every call, also when already a member, so that a retry
     // after a 503 completes what the first call began.
     announce_join(&gw, &channel, &body.user_id, since).await?;
@@ -330,6 +418,7 @@ async fn remove_member(
 ) -> Result<StatusCode, AppError> {
     check_id("channel id", &channel)?;
     check_id("user id", &user)?;
+    check_membership_rate(&gw, &caller, 1)?;
     let ch = require_channel(&gw, &channel).await?;
     let allowed = caller == ch.creator_id
         || (caller == user && gw.store.member_since(&channel, &caller).await?.is_some());

@@ -88,6 +88,11 @@ struct Session {
     /// start: older channel messages still in flight are not shown, so the
     /// catch-up (which starts there) and the live stream stay in order.
     joined: HashMap<String, i64>,
+    /// Channels joined whose bind and catch-up are still running (off the
+    /// delivery loop), by join ticket: live channel messages wait here and
+    /// follow the catch-up, so the session sees the conversation in order.
+    /// The join task owns these channels' key references.
+    catching_up: HashMap<String, (u64, Vec<Emit>)>,
     recent: RecentIds,
     outbox: Outbox,
     added: std::time::Instant,
@@ -98,6 +103,19 @@ struct Inner {
     sessions: HashMap<Sid, Session>,
     by_user: HashMap<String, HashSet<Sid>>,
     by_channel: HashMap<String, HashSet<Sid>>,
+    next_ticket: u64,
+}
+
+/// One session's part in a join whose bind and catch-up run off the
+/// delivery loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JoinTicket {
+    /// The session.
+    pub sid: Sid,
+    /// Tells this join apart from a later one of the same channel.
+    pub ticket: u64,
+    /// Channel messages created from here on are shown to it.
+    pub since: i64,
 }
 
 /// The registry. A std mutex: every section is a few map operations and
@@ -205,6 +223,7 @@ impl Sessions {
                 socket,
                 channels: channels.iter().cloned().collect(),
                 joined: HashMap::new(),
+                catching_up: HashMap::new(),
                 recent: RecentIds::new(self.window),
                 outbox: Outbox::Pending(Vec::new()),
                 added: std::time::Instant::now(),
@@ -267,7 +286,14 @@ impl Sessions {
                 }
             }
         }
-        Some((s.user, s.channels.into_iter().collect()))
+        // A channel still catching up holds no reference yet; its join
+        // task gives back the one it takes.
+        let channels = s
+            .channels
+            .into_iter()
+            .filter(|c| !s.catching_up.contains_key(c))
+            .collect();
+        Some((s.user, channels))
     }
 
     /// Whether the user's sessions here receive `channel`.
@@ -281,45 +307,108 @@ impl Sessions {
     }
 
     /// Adds `channel` to every session of `user` that lacks it, showing
-    /// channel messages created from `since` on; returns those sessions
-    /// (each now needs one reference to the channel key).
-    pub fn join_channel(&self, user: &str, channel: &str, since: i64) -> Vec<Sid> {
+    /// channel messages created from `since` on. Those sessions catch up
+    /// first: live channel messages wait until [`Sessions::finish_join`].
+    /// Returns their tickets; the caller takes one reference to the
+    /// channel key for each.
+    pub fn join_channel(&self, user: &str, channel: &str, since: i64) -> Vec<JoinTicket> {
         let mut g = self.lock();
         let sids = user_sids(&g, user);
         let mut joined = Vec::new();
         for sid in sids {
+            let ticket = g.next_ticket;
             if let Some(s) = g.sessions.get_mut(&sid) {
                 if s.channels.insert(channel.to_owned()) {
                     s.joined.insert(channel.to_owned(), since);
-                    joined.push(sid);
+                    s.catching_up
+                        .insert(channel.to_owned(), (ticket, Vec::new()));
+                    joined.push(JoinTicket { sid, ticket, since });
+                    g.next_ticket += 1;
                 }
             }
         }
-        for sid in &joined {
+        for j in &joined {
             g.by_channel
                 .entry(channel.to_owned())
                 .or_default()
-                .insert(*sid);
+                .insert(j.sid);
         }
         joined
     }
 
+    /// Ends the catch-up of joins: each session still waiting on its
+    /// ticket is shown `catch_up` (from its own start on), then the live
+    /// messages that waited, in that order, under one lock. Returns what
+    /// that came to, the sockets to disconnect, and the tickets whose
+    /// session left or ended meanwhile (their key references go back).
+    pub fn finish_join(
+        &self,
+        channel: &str,
+        tickets: &[JoinTicket],
+        catch_up: &[Emit],
+    ) -> (EmitCount, Vec<SocketRef>, Vec<JoinTicket>) {
+        let mut g = self.lock();
+        let mut count = EmitCount::default();
+        let mut close = Vec::new();
+        let mut gone = Vec::new();
+        for t in tickets {
+            let Some(s) = g.sessions.get_mut(&t.sid) else {
+                gone.push(*t);
+                continue;
+            };
+            let waited = match s.catching_up.get(channel) {
+                Some((ticket, _)) if *ticket == t.ticket => s
+                    .catching_up
+                    .remove(channel)
+                    .map(|(_, w)| w)
+                    .unwrap_or_default(),
+                _ => {
+                    gone.push(*t);
+                    continue;
+                }
+            };
+            let live = matches!(s.outbox, Outbox::Live);
+            let mut one = EmitCount::default();
+            for e in catch_up
+                .iter()
+                .filter(|e| e.created_at >= t.since)
+                .chain(&waited)
+            {
+                if !s.recent.insert(&e.id) {
+                    one.duplicates += 1;
+                    continue;
+                }
+                one.add(deliver(s, e, self.pending_cap));
+            }
+            if live && one.cut_off + one.failed > 0 {
+                close.push(s.socket.clone());
+            }
+            count.add(one);
+        }
+        (count, close, gone)
+    }
+
     /// Removes `channel` from every session of `user`; returns those that
-    /// had it (each gives back one reference to the channel key).
+    /// had it with a reference to give back (a session still catching up
+    /// leaves that to its join task).
     pub fn leave_channel(&self, user: &str, channel: &str) -> Vec<Sid> {
         let mut g = self.lock();
         let sids = user_sids(&g, user);
         let mut left = Vec::new();
+        let mut removed = Vec::new();
         for sid in sids {
             if let Some(s) = g.sessions.get_mut(&sid) {
                 if s.channels.remove(channel) {
                     s.joined.remove(channel);
-                    left.push(sid);
+                    removed.push(sid);
+                    if s.catching_up.remove(channel).is_none() {
+                        left.push(sid);
+                    }
                 }
             }
         }
         if let Some(set) = g.by_channel.get_mut(channel) {
-            for sid in &left {
+            for sid in &removed {
                 set.remove(sid);
             }
             if set.is_empty() {
@@ -327,6 +416,18 @@ impl Sessions {
             }
         }
         left
+    }
+
+    /// The channels the sessions of `user` receive (all of them alike).
+    pub fn channels_of_user(&self, user: &str) -> HashSet<String> {
+        let g = self.lock();
+        let mut out = HashSet::new();
+        for sid in user_sids(&g, user) {
+            if let Some(s) = g.sessions.get(&sid) {
+                out.extend(s.channels.iter().cloned());
+            }
+        }
+        out
     }
 
     /// Users and channels that have a session here: what a catch-up after
@@ -347,7 +448,8 @@ impl Sessions {
     }
 
     /// Emits to every session that receives `channel`, except sessions
-    /// that joined it after the message was created.
+    /// that joined it after the message was created; sessions still
+    /// catching up on it keep it for [`Sessions::finish_join`].
     pub fn emit_to_channel(&self, channel: &str, e: &Emit) -> (EmitCount, Vec<SocketRef>) {
         let mut g = self.lock();
         let sids: Vec<Sid> = match g.by_channel.get(channel) {
@@ -363,13 +465,38 @@ impl Sessions {
                 })
                 .collect(),
         };
-        emit_to(&mut g, &sids, e, self.pending_cap)
-    }
-
-    /// Emits to the given sessions of `user` (a catch-up after a join).
-    pub fn emit_to_sessions(&self, sids: &[Sid], e: &Emit) -> (EmitCount, Vec<SocketRef>) {
-        let mut g = self.lock();
-        emit_to(&mut g, sids, e, self.pending_cap)
+        let mut now = Vec::with_capacity(sids.len());
+        let mut count = EmitCount::default();
+        let mut close = Vec::new();
+        for sid in sids {
+            let Some(s) = g.sessions.get_mut(&sid) else {
+                continue;
+            };
+            let Some((_, waiting)) = s.catching_up.get_mut(channel) else {
+                now.push(sid);
+                continue;
+            };
+            if waiting.len() < self.pending_cap {
+                // Counted when shown, in finish_join.
+                waiting.push(e.clone());
+                continue;
+            }
+            // A catch-up that long behind a busy channel: a slow client,
+            // cut off like one (see the module doc).
+            count.dropped += 1;
+            if !matches!(s.outbox, Outbox::CutOff) {
+                let live = matches!(s.outbox, Outbox::Live);
+                s.outbox = Outbox::CutOff;
+                count.cut_off += 1;
+                if live {
+                    close.push(s.socket.clone());
+                }
+            }
+        }
+        let (more, more_close) = emit_to(&mut g, &now, e, self.pending_cap);
+        count.add(more);
+        close.extend(more_close);
+        (count, close)
     }
 
     /// Sessions whose end was never signalled: still pending long after

@@ -46,6 +46,10 @@ pub enum HandshakeError {
     /// this gateway.
     #[error("too_many_connections")]
     TooManyConnections,
+    /// The user opened more connections than `limits.handshakes_per_second`
+    /// allows (with its burst); the client retries after a pause.
+    #[error("rate_limited")]
+    RateLimited,
 }
 
 impl HandshakeError {
@@ -54,6 +58,7 @@ impl HandshakeError {
             HandshakeError::Unauthorized => "unauthorized",
             HandshakeError::Unavailable => "unavailable",
             HandshakeError::TooManyConnections => "too_many_connections",
+            HandshakeError::RateLimited => "rate_limited",
         }
     }
 }
@@ -176,6 +181,19 @@ async fn handshake(
         .tokens
         .verify(token)
         .map_err(|_| HandshakeError::Unauthorized)?;
+    // Before anything costs a query or a bind: one user churning
+    // connections would otherwise bind and unbind on the broker at will.
+    if gw
+        .user_handshakes
+        .check_key(&Arc::from(user.as_str()))
+        .is_err()
+    {
+        gw.metrics
+            .rate_limited
+            .get_or_create(&vec![("scope", "handshake")])
+            .inc();
+        return Err(HandshakeError::RateLimited);
+    }
     // Checked before the database is asked, so that a user hammering the
     // handshake costs no query; add_pending below is the binding check.
     if !gw.sessions.has_room_for(&user) {

@@ -192,14 +192,21 @@ pub trait FanoutBackend: Send + Sync + std::fmt::Debug + 'static {
         payload: bytes::Bytes,
     ) -> Result<RouteOutcome, BackendError>;
 
-    /// Monotonic counters the backend keeps (name without prefix, value), exported on /metrics as fanout_backend_{name}_total.
-    fn counters(&self) -> Vec<(&'static str, u64)> {
-        Vec::new()
-    }
-
     /// Releases connections and background tasks. Idempotent. After it,
     /// every method MAY fail with [`BackendError::Closed`].
     async fn shutdown(&self) -> Result<(), BackendError>;
+
+    /// The monotonic counters this backend value keeps, as `(name, value)`,
+    /// read at each scrape of the process's `/metrics` (exported as
+    /// `fanout_backend_{name}_total`).
+    ///
+    /// - Names MUST be constant `snake_case` without the `_total` suffix,
+    ///   and each value MUST never decrease for the life of the value.
+    /// - MUST be cheap and MUST NOT touch the broker: it is called inline.
+    /// - The default keeps none.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// The stream of deliveries for one registered server.

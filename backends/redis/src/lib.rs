@@ -197,8 +197,11 @@ pub struct RedisStats {
     /// `RoutesLost` events yielded to gateways.
     pub routes_lost: u64,
     /// Outgoing messages dropped because a server's stream buffer was full
-    /// (the gateway did not keep up).
+    /// (the gateway did not keep up); each overflow is a route loss, so the
+    /// gateway recovers them from the store.
     pub outgoing_dropped: u64,
+    /// Times a server's stream overflowed (each yields one `RoutesLost`).
+    pub outgoing_overflows: u64,
     /// Outgoing frames that could not be decoded and were skipped.
     pub outgoing_malformed: u64,
     /// Incoming events this value moved to the dead-letter stream.
@@ -215,6 +218,7 @@ pub(crate) struct Counters {
     pub last_subscriber_outage_ms: AtomicU64,
     pub routes_lost: AtomicU64,
     pub outgoing_dropped: AtomicU64,
+    pub outgoing_overflows: AtomicU64,
     pub outgoing_malformed: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub janitor_servers_cleaned: AtomicU64,
@@ -429,6 +433,7 @@ impl RedisBackend {
             last_subscriber_outage_ms: get(&c.last_subscriber_outage_ms),
             routes_lost: get(&c.routes_lost),
             outgoing_dropped: get(&c.outgoing_dropped),
+            outgoing_overflows: get(&c.outgoing_overflows),
             outgoing_malformed: get(&c.outgoing_malformed),
             dead_lettered: get(&c.dead_lettered),
             janitor_servers_cleaned: get(&c.janitor_servers_cleaned),
@@ -552,19 +557,6 @@ impl FanoutBackend for RedisBackend {
         }
     }
 
-    fn counters(&self) -> Vec<(&'static str, u64)> {
-        let s = self.stats();
-        vec![
-            ("subscriber_reconnects", s.subscriber_reconnects),
-            ("routes_lost", s.routes_lost),
-            ("outgoing_dropped", s.outgoing_dropped),
-            ("outgoing_malformed", s.outgoing_malformed),
-            ("dead_lettered", s.dead_lettered),
-            ("janitor_servers_cleaned", s.janitor_servers_cleaned),
-            ("janitor_routes_removed", s.janitor_routes_removed),
-        ]
-    }
-
     async fn health(&self) -> Result<(), BackendError> {
         self.inner.check_open()?;
         let limit = self
@@ -644,6 +636,20 @@ impl FanoutBackend for RedisBackend {
         payload: Bytes,
     ) -> Result<RouteOutcome, BackendError> {
         outgoing::publish(&self.inner, key, &payload).await
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = self.stats();
+        vec![
+            ("outgoing_dropped", s.outgoing_dropped),
+            ("outgoing_overflows", s.outgoing_overflows),
+            ("outgoing_malformed", s.outgoing_malformed),
+            ("subscriber_reconnects", s.subscriber_reconnects),
+            ("routes_lost", s.routes_lost),
+            ("dead_lettered", s.dead_lettered),
+            ("janitor_servers_cleaned", s.janitor_servers_cleaned),
+            ("janitor_routes_removed", s.janitor_routes_removed),
+        ]
     }
 
     async fn shutdown(&self) -> Result<(), BackendError> {

@@ -26,7 +26,10 @@ use crate::{jitter_fraction, Counters, Inner};
 
 /// Messages buffered per server between Redis and the gateway. Beyond it
 /// messages are dropped and counted (Pub/Sub has no backpressure: Redis
-/// itself would disconnect a subscriber whose output buffer overflows).
+/// itself would disconnect a subscriber whose output buffer overflows),
+/// and the overflow is a route loss: everything from the first drop until
+/// a `RoutesLost` is queued is dropped too, so the gateway's catch-up from
+/// the store starts at a clean cut (see [`PushForwarder`]).
 pub(crate) const SERVER_BUFFER: usize = 65_536;
 /// How often a subscriber connection is PINGed; a half-open TCP connection
 /// (no RST, e.g. a network partition) is detected by a PING that times out.
@@ -47,8 +50,16 @@ pub(crate) struct LocalServer {
     /// Stops the subscriber task (and so ends the stream).
     pub cancel: CancellationToken,
     /// Wakes the subscriber task to yield `RoutesLost` (a bind found the
-    /// liveness key expired and re-asserted it).
+    /// liveness key expired and re-asserted it, or the stream overflowed).
     pub routes_lost: Arc<Notify>,
+}
+
+/// Shared by a registration's push forwarders and its subscriber task:
+/// set at the first message dropped for a full stream, cleared once the
+/// `RoutesLost` that recovers it is queued.
+#[derive(Debug, Default)]
+pub(crate) struct Overflow {
+    dropping: AtomicBool,
 }
 
 /// Frames a message for a server channel: `[key length: u8][key][payload]`.
@@ -80,6 +91,13 @@ pub(crate) fn decode_frame(frame: &[u8]) -> Option<(RouteKey, Bytes)> {
 /// Receives the pushes of one subscriber connection (called by redis-rs'
 /// connection driver, so it must never block): messages go to the server's
 /// stream, a disconnection wakes the subscriber task.
+///
+/// A full stream (the gateway fell [`SERVER_BUFFER`] messages behind) is a
+/// route loss, never a silent drop: the message is counted as dropped, the
+/// subscriber task is woken to queue a `RoutesLost` as soon as there is
+/// room, and every message until then is dropped and counted too. So the
+/// gateway sees all messages before the first drop, then `RoutesLost`,
+/// and its catch-up from the store covers exactly the dropped ones.
 struct PushForwarder {
     tx: mpsc::Sender<ServerEvent>,
     disconnected: Arc<Notify>,
@@ -89,6 +107,23 @@ struct PushForwarder {
     /// `RoutesLost` yet: its messages are dropped meanwhile (see
     /// [`Subscriber::reconnect`]).
     held: Arc<AtomicBool>,
+    overflow: Arc<Overflow>,
+    routes_lost: Arc<Notify>,
+}
+
+impl PushForwarder {
+    fn drop_one(&self) {
+        Counters::bump(&self.counters.outgoing_dropped, 1);
+        if !self.overflow.dropping.swap(true, Ordering::AcqRel) {
+            Counters::bump(&self.counters.outgoing_overflows, 1);
+            tracing::warn!(
+                server = %self.server,
+                buffer = SERVER_BUFFER,
+                "server stream full: the gateway fell behind; dropping until it recovers the gap from the store"
+            );
+            self.routes_lost.notify_one();
+        }
+    }
 }
 
 impl AsyncPushSender for PushForwarder {
@@ -107,13 +142,14 @@ impl AsyncPushSender for PushForwarder {
                 if self.held.load(Ordering::Acquire) {
                     return Ok(());
                 }
+                if self.overflow.dropping.load(Ordering::Acquire) {
+                    self.drop_one();
+                    return Ok(());
+                }
                 let event = ServerEvent::Message(OutgoingMessage { key, payload });
                 match self.tx.try_send(event) {
                     Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        Counters::bump(&self.counters.outgoing_dropped, 1);
-                        tracing::warn!(server = %self.server, "server stream full: outgoing message dropped");
-                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => self.drop_one(),
                     // The stream was dropped; the task is stopping.
                     Err(mpsc::error::TrySendError::Closed(_)) => {}
                 }
@@ -251,6 +287,7 @@ pub(crate) async fn register(
     }
     let (tx, rx) = mpsc::channel(SERVER_BUFFER);
     let held = Arc::new(AtomicBool::new(false));
+    let overflow = Arc::new(Overflow::default());
     let setup = async {
         let disconnected = Arc::new(Notify::new());
         let forwarder = PushForwarder {
@@ -259,6 +296,8 @@ pub(crate) async fn register(
             counters: inner.counters.clone(),
             server: server.clone(),
             held: held.clone(),
+            overflow: overflow.clone(),
+            routes_lost: routes_lost.clone(),
         };
         // Claimed before subscribing: the claim tells a live holder of the
         // id (subscribed to its channel) from a crashed one (not), and our
@@ -314,6 +353,7 @@ pub(crate) async fn register(
         cancel,
         routes_lost,
         held,
+        overflow,
     };
     inner.spawn(task.run(con, disconnected));
     let guard = ServerGuard {
@@ -493,6 +533,7 @@ struct Subscriber {
     routes_lost: Arc<Notify>,
     /// Shared with the current subscription's forwarder.
     held: Arc<AtomicBool>,
+    overflow: Arc<Overflow>,
 }
 
 enum Next {
@@ -585,6 +626,11 @@ impl Subscriber {
             }
         };
         self.held.store(false, Ordering::Release);
+        // Queued: what arrives from here on follows the RoutesLost, whose
+        // catch-up covers what was dropped before it.
+        if self.overflow.dropping.swap(false, Ordering::AcqRel) {
+            tracing::info!(server = %self.server, "stream has room again after an overflow; the gateway recovers the gap");
+        }
         next
     }
 
@@ -616,6 +662,8 @@ impl Subscriber {
                 counters: self.inner.counters.clone(),
                 server: self.server.clone(),
                 held: self.held.clone(),
+                overflow: self.overflow.clone(),
+                routes_lost: self.routes_lost.clone(),
             };
             match self
                 .inner

@@ -915,3 +915,92 @@ async fn binds_per_second() {
     println!("memory per route (route SET + share of the server's key SET): {per_route:.0} bytes");
     b.shutdown().await.expect("shutdown");
 }
+
+/// A gateway that stops reading its stream while 70,000 messages are
+/// published to it: the overflow is a route loss, never a silent drop.
+/// The stream yields every message from before the first drop, in order,
+/// then one `RoutesLost`, then only messages published after it; what was
+/// dropped in between is counted (and exported as a backend counter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overflowing_server_stream_is_a_route_loss_and_counted() {
+    if !common::available().await {
+        return;
+    }
+    let ns = common::namespace();
+    let b = RedisBackend::connect(common::config(&ns))
+        .await
+        .expect("connect");
+    let server = sid("gw-slow");
+    let mut stream = b.register_server(&server).await.expect("register");
+    let key = user("flooded");
+    b.bind(&server, &key).await.expect("bind");
+    // The gateway reads nothing meanwhile: a slow consumer.
+    const SENT: u64 = 70_000;
+    let published = futures::stream::iter(0..SENT)
+        .map(|n| {
+            let b = &b;
+            let key = &key;
+            async move {
+                b.publish_outgoing(key, Bytes::from(n.to_string()))
+                    .await
+                    .expect("publish")
+            }
+        })
+        .buffered(256)
+        .count()
+        .await;
+    assert_eq!(published as u64, SENT);
+    // The last pushes may still be in flight from Redis to us.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let dropped = b.stats().outgoing_dropped;
+    assert!(
+        dropped >= SENT - 65_536,
+        "{dropped} dropped of {SENT} into a buffer of 65,536"
+    );
+    assert_eq!(b.stats().outgoing_overflows, 1, "one overflow, one loss");
+    let exported: HashMap<&str, u64> = b.counters().into_iter().collect();
+    assert_eq!(exported.get("outgoing_dropped"), Some(&dropped));
+
+    // Every message before the first drop (published concurrently, so in
+    // no set order), each once, then RoutesLost.
+    let mut seen = HashSet::new();
+    let lost_at = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("the stream yields")
+            .expect("the stream goes on");
+        match ev {
+            ServerEvent::Message(m) => {
+                let n: u64 = std::str::from_utf8(&m.payload)
+                    .expect("utf-8")
+                    .parse()
+                    .expect("a number");
+                assert!(n < SENT && seen.insert(n), "{n} yielded once");
+            }
+            ServerEvent::RoutesLost => break seen.len() as u64,
+        }
+    };
+    assert_eq!(
+        lost_at + dropped,
+        SENT,
+        "what was not yielded before RoutesLost is exactly what was counted"
+    );
+    // After the loss, messages flow again.
+    b.publish_outgoing(&key, Bytes::from_static(b"after"))
+        .await
+        .expect("publish");
+    let ev = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the stream yields")
+        .expect("the stream goes on");
+    assert!(
+        matches!(&ev, ServerEvent::Message(m) if &m.payload[..] == b"after"),
+        "{ev:?}"
+    );
+    println!(
+        "overflow: {SENT} sent, {lost_at} yielded before RoutesLost, {dropped} dropped and counted"
+    );
+    drop(stream);
+    b.shutdown().await.expect("shutdown");
+    common::purge(&ns).await;
+}
