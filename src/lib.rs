@@ -32,6 +32,7 @@ pub mod gateway;
 pub mod load;
 pub mod metrics;
 pub mod protocol;
+pub mod readiness;
 pub mod store;
 pub mod worker;
 pub mod worker_http;

@@ -3,7 +3,6 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
@@ -27,10 +26,6 @@ const MAX_LIMIT: u32 = 200;
 const MAX_NAME_BYTES: usize = 200;
 /// Join notices of one channel creation published at once.
 const ANNOUNCE_CONCURRENCY: usize = 16;
-/// How long one readiness probe answers for every `/readyz` request.
-const READINESS_TTL: Duration = Duration::from_secs(1);
-/// How long a readiness probe waits for the broker and the database.
-const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
 
 type AppState = Arc<Gateway>;
 
@@ -174,45 +169,6 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
 }
 
-/// The last readiness probe: `/readyz` is unauthenticated, so however
-/// many requests arrive, a gateway asks its broker and its database at
-/// most once per [`READINESS_TTL`]; requests that arrive while a probe
-/// runs wait for it and share its answer.
-#[derive(Debug, Default)]
-pub(crate) struct ReadinessCache {
-    last: tokio::sync::Mutex<Option<Readiness>>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Readiness {
-    at: Instant,
-    backend_ok: bool,
-    store_ok: bool,
-}
-
-impl ReadinessCache {
-    async fn get(&self, gw: &Gateway) -> Readiness {
-        let mut last = self.last.lock().await;
-        if let Some(r) = *last {
-            if r.at.elapsed() < READINESS_TTL {
-                return r;
-            }
-        }
-        let (backend, store) = tokio::join!(
-            tokio::time::timeout(READINESS_TIMEOUT, gw.backend.health()),
-            tokio::time::timeout(READINESS_TIMEOUT, gw.store.ping()),
-        );
-        gw.metrics.readiness_probes.inc();
-        let r = Readiness {
-            at: Instant::now(),
-            backend_ok: matches!(backend, Ok(Ok(()))),
-            store_ok: matches!(store, Ok(Ok(()))),
-        };
-        *last = Some(r);
-        r
-    }
-}
-
 async fn readyz(State(gw): State<AppState>) -> Response {
     if let Some(reason) = gw.unready_reason() {
         let err = json!({
@@ -221,27 +177,20 @@ async fn readyz(State(gw): State<AppState>) -> Response {
         });
         return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(err)).into_response();
     }
-    let Readiness {
-        backend_ok,
-        store_ok,
-        ..
-    } = gw.readiness.get(&gw).await;
+    let probe = gw.readiness.get().await;
     let body = json!({
         "backend": gw.backend.capabilities().name,
-        "backendReady": backend_ok,
-        "databaseReady": store_ok,
+        "backendReady": probe.backend.is_ok(),
+        "databaseReady": probe.store.is_ok(),
         "serverId": gw.server_id.as_str(),
     });
-    if backend_ok && store_ok {
-        (StatusCode::OK, axum::Json(body)).into_response()
-    } else {
-        let what = if backend_ok {
-            "database unreachable"
-        } else {
-            "broker unreachable"
-        };
-        let err = json!({ "error": { "code": "unavailable", "message": what }, "status": body });
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(err)).into_response()
+    match probe.ready() {
+        Ok(()) => (StatusCode::OK, axum::Json(body)).into_response(),
+        Err(what) => {
+            let err =
+                json!({ "error": { "code": "unavailable", "message": what }, "status": body });
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(err)).into_response()
+        }
     }
 }
 

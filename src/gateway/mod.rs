@@ -85,7 +85,7 @@ pub struct Gateway {
     /// them waits here instead of crowding out chat delivery.
     pub(crate) fan_outs: tokio::sync::Semaphore,
     /// The last `/readyz` probe, shared by every request within a second.
-    pub(crate) readiness: http::ReadinessCache,
+    pub(crate) readiness: crate::readiness::Readiness,
     /// Acks already given, by `(sender, clientMsgId)`: `(id, createdAt)`.
     retries: Mutex<RetryCache>,
     /// Set when shutdown starts: sessions that end then leave their keys to
@@ -131,7 +131,11 @@ impl Gateway {
                 config.limits.handshake_burst,
             )),
             fan_outs: tokio::sync::Semaphore::new(FAN_OUT_CONCURRENCY),
-            readiness: http::ReadinessCache::default(),
+            readiness: crate::readiness::Readiness::new(
+                backend.clone(),
+                store.clone(),
+                metrics.clone(),
+            ),
             retries: Mutex::new(RetryCache::new(config.gateway.retry_cache)),
             shutting_down: AtomicBool::new(false),
             unready: Mutex::new(None),
