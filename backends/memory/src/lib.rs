@@ -184,22 +184,20 @@ impl Inner {
             if desired != consumer {
                 continue;
             }
-            loop {
-                let p = &mut st.partitions[pi];
-                // The partition changes hands only when its previous owner
-                // has nothing unsettled, so its order survives rebalancing.
-                if p.owner.is_some_and(|o| o != consumer) && !p.inflight.is_empty() {
-                    break;
-                }
-                let Some(mut entry) = p.queue.pop_front() else {
-                    break;
-                };
-                p.owner = Some(consumer);
-                entry.deliveries += 1;
-                p.inflight.push(entry.clone());
-                *cursor = (pi + 1) % n;
-                return Some((pi as u32, entry));
+            let p = &mut st.partitions[pi];
+            // The partition changes hands only when its previous owner has
+            // nothing unsettled, so its order survives rebalancing.
+            if p.owner.is_some_and(|o| o != consumer) && !p.inflight.is_empty() {
+                continue;
             }
+            let Some(mut entry) = p.queue.pop_front() else {
+                continue;
+            };
+            p.owner = Some(consumer);
+            entry.deliveries += 1;
+            p.inflight.push(entry.clone());
+            *cursor = (pi + 1) % n;
+            return Some((pi as u32, entry));
         }
         None
     }

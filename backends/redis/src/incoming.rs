@@ -678,20 +678,18 @@ impl Consumer {
         let Value::Array(parts) = reply else {
             return Ok(());
         };
-        match parts.first().and_then(as_str) {
-            Some("ok") => {
-                let f = parts.get(1).map(fields).unwrap_or_default();
-                let attempt = parts
-                    .get(2)
-                    .and_then(as_int)
-                    .and_then(|n| u32::try_from(n).ok())
-                    .unwrap_or(1);
-                match event_from(&f) {
-                    Some(event) => self.send(p, Entry { id, event, attempt }),
-                    None => self.malformed(p, id).await,
-                }
+        // `gone`: acked meanwhile, or now another consumer's.
+        if parts.first().and_then(as_str) == Some("ok") {
+            let f = parts.get(1).map(fields).unwrap_or_default();
+            let attempt = parts
+                .get(2)
+                .and_then(as_int)
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(1);
+            match event_from(&f) {
+                Some(event) => self.send(p, Entry { id, event, attempt }),
+                None => self.malformed(p, id).await,
             }
-            _ => {}
         }
         Ok(())
     }
