@@ -7,7 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use fanout_backend::DynBackend;
+use serde_json::json;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
@@ -31,6 +34,20 @@ impl Probe {
     /// Both ready, or the first reason why not.
     pub fn ready(&self) -> Result<(), String> {
         self.backend.clone().and(self.store.clone())
+    }
+
+    /// The `/readyz` answer: `200` with `status` (plus `backendReady` and
+    /// `databaseReady`), or `503` with the error and that status.
+    pub fn response(&self, mut status: serde_json::Value) -> Response {
+        status["backendReady"] = self.backend.is_ok().into();
+        status["databaseReady"] = self.store.is_ok().into();
+        match self.ready() {
+            Ok(()) => (StatusCode::OK, axum::Json(status)).into_response(),
+            Err(what) => {
+                let err = json!({ "error": { "code": "unavailable", "message": what }, "status": status });
+                (StatusCode::SERVICE_UNAVAILABLE, axum::Json(err)).into_response()
+            }
+        }
     }
 }
 

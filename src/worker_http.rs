@@ -56,21 +56,10 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(w): State<Arc<WorkerHttp>>) -> Response {
-    let probe = w.readiness.get().await;
-    let body = json!({
+    w.readiness.get().await.response(json!({
         "role": "worker",
         "backend": w.backend.capabilities().name,
-        "backendReady": probe.backend.is_ok(),
-        "databaseReady": probe.store.is_ok(),
-    });
-    match probe.ready() {
-        Ok(()) => (StatusCode::OK, axum::Json(body)).into_response(),
-        Err(what) => {
-            let err =
-                json!({ "error": { "code": "unavailable", "message": what }, "status": body });
-            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(err)).into_response()
-        }
-    }
+    }))
 }
 
 async fn metrics(State(w): State<Arc<WorkerHttp>>) -> Response {

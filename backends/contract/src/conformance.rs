@@ -499,6 +499,16 @@ async fn next_delivery(
         .expect("ok")
 }
 
+/// The event ids in the dead letters, oldest first.
+async fn dead_ids(b: &dyn FanoutBackend) -> Vec<String> {
+    b.dead_letters(100)
+        .await
+        .expect("dead letters")
+        .into_iter()
+        .map(|d| d.event.id)
+        .collect()
+}
+
 async fn wait_dead_letters(b: &dyn FanoutBackend, n: usize) -> Vec<crate::DeadLetter> {
     let deadline = tokio::time::Instant::now() + ARRIVE;
     loop {
@@ -592,13 +602,7 @@ pub async fn dead_letters_are_replayed_or_dropped(h: &dyn Harness) {
         assert_eq!(d.event.payload, Bytes::from(format!("body {id}")));
         d.ack().await.expect("ack");
     }
-    let left: Vec<String> = b
-        .dead_letters(100)
-        .await
-        .expect("dead letters")
-        .into_iter()
-        .map(|d| d.event.id)
-        .collect();
+    let left = dead_ids(b.as_ref()).await;
     assert_eq!(left, ["d1", "d4"], "the others stay, in order");
 
     let dropped = b
@@ -619,13 +623,7 @@ pub async fn dead_letters_are_replayed_or_dropped(h: &dyn Harness) {
         .await
         .expect("drop of nothing");
     assert!(none.is_empty());
-    let left: Vec<String> = b
-        .dead_letters(100)
-        .await
-        .expect("dead letters")
-        .into_iter()
-        .map(|d| d.event.id)
-        .collect();
+    let left = dead_ids(b.as_ref()).await;
     assert_eq!(left, ["d4"]);
     if let Ok(Some(d)) = tokio::time::timeout(QUIET, c.next()).await {
         panic!("a dropped dead letter came back: {d:?}");
