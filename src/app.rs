@@ -379,10 +379,8 @@ pub async fn purge_namespace(config: &Config) -> Result<(), RunError> {
             Ok(())
         }
         BackendKind::Rabbitmq => {
-            let rabbit = fanout_rabbitmq::RabbitMqBackend::connect(rabbitmq_config(config)).await?;
-            let result = rabbit.delete_namespace().await;
-            let _ = fanout_backend::FanoutBackend::shutdown(&rabbit).await;
-            Ok(result?)
+            fanout_rabbitmq::RabbitMqBackend::purge(&rabbitmq_config(config)).await?;
+            Ok(())
         }
     }
 }

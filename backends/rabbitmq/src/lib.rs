@@ -371,6 +371,55 @@ impl RabbitMqBackend {
         lock(&self.inner.servers).get(server).map(|e| e.keys.len())
     }
 
+    /// Deletes every queue and exchange of `config.namespace` without
+    /// declaring anything first: unlike [`RabbitMqBackend::connect`] +
+    /// [`RabbitMqBackend::delete_namespace`], it works on a namespace whose
+    /// queues an earlier version declared with other arguments (which
+    /// `connect` refuses, PRECONDITION_FAILED). Gateway and presence
+    /// queues are exclusive and go with their connections. Idempotent.
+    pub async fn purge(config: &RabbitMqConfig) -> Result<(), BackendError> {
+        config.validate()?;
+        let names = Names::new(&config.namespace);
+        let props = lapin::ConnectionProperties::default().with_connection_name(
+            lapin::types::LongString::from(format!("fanout purge {}", config.namespace)),
+        );
+        within(config.operation_timeout * 4, "purge namespace", async {
+            let conn = lapin::Connection::connect(&config.url, props)
+                .await
+                .map_err(|e| error::map_err("connect to RabbitMQ", &e))?;
+            let result = async {
+                let ch = conn
+                    .create_channel()
+                    .await
+                    .map_err(|e| error::map_err("open channel", &e))?;
+                let mut queues: Vec<String> = (0..config.partitions)
+                    .map(|p| names.partition_queue(p))
+                    .collect();
+                queues.push(names.dead_letter_queue());
+                for q in queues {
+                    ch.queue_delete(ss(&q), QueueDeleteOptions::default())
+                        .await
+                        .map_err(|e| error::map_err("delete queue", &e))?;
+                }
+                for x in [
+                    names.incoming_exchange(),
+                    names.outgoing_exchange(),
+                    names.dead_letter_exchange(),
+                    names.members_exchange(),
+                ] {
+                    ch.exchange_delete(ss(&x), ExchangeDeleteOptions::default())
+                        .await
+                        .map_err(|e| error::map_err("delete exchange", &e))?;
+                }
+                Ok(())
+            }
+            .await;
+            let _ = conn.close(200, "purged".into()).await;
+            result
+        })
+        .await
+    }
+
     /// Deletes the namespace's shared topology: partition queues (with any
     /// events in them), the dead-letter queue and the exchanges. Gateways'
     /// and consumers' queues are exclusive and go with their connections.

@@ -14,7 +14,7 @@ use fanout_backend::{
     BackendError, ConsumeOptions, FanoutBackend, IncomingEvent, OrderingKey, RouteKey,
     RouteOutcome, ServerId,
 };
-use fanout_rabbitmq::RabbitMqConfig;
+use fanout_rabbitmq::{RabbitMqBackend, RabbitMqConfig};
 use futures::StreamExt;
 
 fn sid(s: &str) -> ServerId {
@@ -297,6 +297,59 @@ async fn a_deleted_gateway_queue_comes_back_with_routes_lost() {
         }
         other => panic!("expected the message, got {other:?}"),
     }
+    b.delete_namespace().await.expect("delete namespace");
+    b.shutdown().await.expect("shutdown");
+}
+
+/// A namespace whose partition queues an earlier version declared with
+/// other arguments (a delivery limit of 4): `connect` refuses it
+/// (RabbitMQ's PRECONDITION_FAILED), and `purge`, which declares nothing,
+/// still removes it, after which the namespace is usable again. This is
+/// the upgrade path `docs/backends/rabbitmq.md` describes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_removes_a_namespace_declared_with_other_arguments() {
+    if !broker_available().await {
+        return;
+    }
+    let ns = fresh_namespace();
+    let cfg = RabbitMqConfig {
+        partitions: 2,
+        ..config(&ns)
+    };
+    let conn = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    args.insert(
+        "x-delivery-limit".into(),
+        lapin::types::AMQPValue::LongLongInt(4),
+    );
+    ch.queue_declare(
+        format!("{ns}.in.0").as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .expect("declare an old-style partition queue");
+    let _ = conn.close(200, "done".into()).await;
+
+    match RabbitMqBackend::connect(cfg.clone()).await {
+        Err(BackendError::Refused(why)) => assert!(why.contains("inequivalent arg"), "{why}"),
+        other => panic!("connect must refuse the old queue, got {other:?}"),
+    }
+    RabbitMqBackend::purge(&cfg).await.expect("purge");
+    RabbitMqBackend::purge(&cfg)
+        .await
+        .expect("purge is idempotent");
+    let b = connect(cfg).await;
     b.delete_namespace().await.expect("delete namespace");
     b.shutdown().await.expect("shutdown");
 }
