@@ -392,26 +392,7 @@ impl RabbitMqBackend {
                     .create_channel()
                     .await
                     .map_err(|e| error::map_err("open channel", &e))?;
-                let mut queues: Vec<String> = (0..config.partitions)
-                    .map(|p| names.partition_queue(p))
-                    .collect();
-                queues.push(names.dead_letter_queue());
-                for q in queues {
-                    ch.queue_delete(ss(&q), QueueDeleteOptions::default())
-                        .await
-                        .map_err(|e| error::map_err("delete queue", &e))?;
-                }
-                for x in [
-                    names.incoming_exchange(),
-                    names.outgoing_exchange(),
-                    names.dead_letter_exchange(),
-                    names.members_exchange(),
-                ] {
-                    ch.exchange_delete(ss(&x), ExchangeDeleteOptions::default())
-                        .await
-                        .map_err(|e| error::map_err("delete exchange", &e))?;
-                }
-                Ok(())
+                delete_topology(&ch, &names, config.partitions).await
             }
             .await;
             let _ = conn.close(200, "purged".into()).await;
@@ -436,29 +417,37 @@ impl RabbitMqBackend {
                 .get(0)
                 .await
                 .map_err(|e| error::map_err("open channel", &e))?;
-            let mut queues: Vec<String> = (0..inner.config.partitions)
-                .map(|p| names.partition_queue(p))
-                .collect();
-            queues.push(names.dead_letter_queue());
-            for q in queues {
-                ch.queue_delete(ss(&q), QueueDeleteOptions::default())
-                    .await
-                    .map_err(|e| error::map_err("delete queue", &e))?;
-            }
-            for x in [
-                names.incoming_exchange(),
-                names.outgoing_exchange(),
-                names.dead_letter_exchange(),
-                names.members_exchange(),
-            ] {
-                ch.exchange_delete(ss(&x), ExchangeDeleteOptions::default())
-                    .await
-                    .map_err(|e| error::map_err("delete exchange", &e))?;
-            }
-            Ok(())
+            delete_topology(&ch, names, inner.config.partitions).await
         })
         .await
     }
+}
+
+/// Deletes a namespace's shared queues (with any events in them) and
+/// exchanges on `ch`.
+async fn delete_topology(
+    ch: &lapin::Channel,
+    names: &Names,
+    partitions: u32,
+) -> Result<(), BackendError> {
+    let mut queues: Vec<String> = (0..partitions).map(|p| names.partition_queue(p)).collect();
+    queues.push(names.dead_letter_queue());
+    for q in queues {
+        ch.queue_delete(ss(&q), QueueDeleteOptions::default())
+            .await
+            .map_err(|e| error::map_err("delete queue", &e))?;
+    }
+    for x in [
+        names.incoming_exchange(),
+        names.outgoing_exchange(),
+        names.dead_letter_exchange(),
+        names.members_exchange(),
+    ] {
+        ch.exchange_delete(ss(&x), ExchangeDeleteOptions::default())
+            .await
+            .map_err(|e| error::map_err("delete exchange", &e))?;
+    }
+    Ok(())
 }
 
 /// Watches the session and replaces it when either connection dies:
