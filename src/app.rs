@@ -406,3 +406,69 @@ pub async fn shutdown_signal() {
         () = term => {},
     }
 }
+
+/// A log filter that tracing cannot parse.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid log filter {filter:?}")]
+pub struct LogFilterError {
+    filter: String,
+    #[source]
+    source: tracing_subscriber::filter::ParseError,
+}
+
+/// Installs the process's logger (stderr) with [`log_filter`] of the
+/// configured filter and `RUST_LOG`; both binaries (`fanout`,
+/// `fanout-bench`) log the same way.
+pub fn init_logging(configured: &str) -> Result<(), LogFilterError> {
+    let filter = log_filter(configured, std::env::var("RUST_LOG").ok());
+    let env_filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .map_err(|source| LogFilterError { filter, source })?;
+    tracing_subscriber::fmt()
+        .with_env_filter(env_filter)
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(())
+}
+
+/// Library events that are expected in normal operation and logged once
+/// per message: lapin warns for every message the broker returns as
+/// unroutable, which on the outgoing side means only that the recipient is
+/// offline (counted as `fanout_unroutable_total` and
+/// `fanout_backend_unroutable_total`). Quieted to the given level unless the
+/// filter names the crate.
+const QUIET_TARGETS: [(&str, &str); 1] = [("lapin::returned_messages", "error")];
+
+/// The log filter: `RUST_LOG` when set (taken as it is, the operator's
+/// word), else the configured `log` with [`QUIET_TARGETS`] added.
+pub fn log_filter(configured: &str, rust_log: Option<String>) -> String {
+    if let Some(f) = rust_log.filter(|f| !f.trim().is_empty()) {
+        return f;
+    }
+    let mut filter = configured.to_owned();
+    for (target, level) in QUIET_TARGETS {
+        let krate = target.split("::").next().unwrap_or(target);
+        if !filter.contains(krate) {
+            filter.push_str(&format!(",{target}={level}"));
+        }
+    }
+    filter
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn expected_library_noise_is_quieted_unless_asked_for() {
+        assert_eq!(
+            log_filter("info", None),
+            "info,lapin::returned_messages=error"
+        );
+        assert_eq!(log_filter("info,lapin=debug", None), "info,lapin=debug");
+        assert_eq!(log_filter("info", Some("lapin=warn".into())), "lapin=warn");
+        assert_eq!(
+            log_filter("warn", Some(" ".into())),
+            "warn,lapin::returned_messages=error"
+        );
+    }
+}

@@ -47,7 +47,7 @@ pub fn is_non_config_env(name: &str) -> bool {
 pub const WORKER_DEFAULT_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 3100);
 
 /// Which broker carries events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// In-process; single node only. The default.

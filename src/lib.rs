@@ -16,20 +16,18 @@
 //!   health, readiness and metrics endpoint;
 //! - [`store`]: SQLite or PostgreSQL through sqlx;
 //! - [`metrics`]: Prometheus figures;
-//! - [`client`], [`load`]: a Socket.IO client and the load generator;
-//! - [`bench`]: the side-by-side benchmark (processes, workloads, report);
 //! - [`app`]: composition, and the one place that names concrete backends.
 //!
 //! The broker contract itself lives in the `fanout-backend` crate
-//! (`backends/contract`); each backend is a crate beside it.
+//! (`backends/contract`); each backend is a crate beside it. The tools
+//! (Socket.IO client, load generator, side-by-side benchmark, fault
+//! matrix) live in the `fanout-bench` crate (`bench/`), so the server
+//! carries none of their dependencies.
 
 pub mod app;
 pub mod auth;
-pub mod bench;
-pub mod client;
 pub mod config;
 pub mod gateway;
-pub mod load;
 pub mod metrics;
 pub mod protocol;
 pub mod readiness;

@@ -1,11 +1,12 @@
 //! The `fanout` binary: parses the command line, loads the configuration
 //! and hands over to `fanout::app`.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fanout::config::{BackendKind, Config};
+use fanout::config::Config;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -72,95 +73,29 @@ enum Command {
     /// from the intended send time) and prints the measurements as JSON.
     /// Tokens are signed with the configured secret. `fanout bench` runs
     /// whole workload files against every backend instead.
+    #[command(disable_help_flag = true)]
     Load {
-        /// Gateway base URLs, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:3000")]
-        url: Vec<String>,
-        /// Virtual users.
-        #[arg(long, default_value_t = 100)]
-        users: usize,
-        /// Messages per second, all users together.
-        #[arg(long, default_value_t = 500.0)]
-        rate: f64,
-        /// Seconds of sending, warm-up included.
-        #[arg(long, default_value_t = 10.0)]
-        duration: f64,
-        /// Leading seconds not measured.
-        #[arg(long, default_value_t = 2.0)]
-        warmup: f64,
-        /// Message size in bytes.
-        #[arg(long, default_value_t = 100)]
-        size: usize,
-        /// personal, group, offline or churn.
-        #[arg(long, default_value = "personal")]
-        pattern: String,
-        /// group: members per channel.
-        #[arg(long, default_value_t = 10)]
-        members: usize,
-        /// offline: share of recipients not connected.
-        #[arg(long, default_value_t = 0.5)]
-        offline_share: f64,
-        /// churn: connections opened per second.
-        #[arg(long, default_value_t = 20.0)]
-        connects_per_sec: f64,
+        /// Passed to `fanout-bench load`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<OsString>,
     },
     /// Runs the side-by-side benchmark: for each backend, real gateway and
     /// worker processes on loopback, every workload file, a raw-broker
     /// baseline; writes report.json, report.md and SVG charts. Exits
     /// non-zero if any run failed, lost, duplicated or misrouted a message.
+    #[command(disable_help_flag = true)]
     Bench {
-        /// Workload profile: `full`, or `ci` (the same workloads, short).
-        #[arg(long, default_value = "full")]
-        profile: String,
-        /// Backends, in run order.
-        #[arg(long, value_delimiter = ',', default_value = "memory,rabbitmq,redis")]
-        backends: Vec<String>,
-        /// Workload names (default: every file in --workloads-dir).
-        #[arg(long, value_delimiter = ',')]
-        workloads: Vec<String>,
-        /// Directory of workload TOML files.
-        #[arg(long, default_value = "benches/workloads")]
-        workloads_dir: PathBuf,
-        /// Report directory.
-        #[arg(long, default_value = "bench-report")]
-        out: PathBuf,
-        /// Gateway processes per broker backend.
-        #[arg(long, default_value_t = 3)]
-        gateways: usize,
-        /// Worker processes per broker backend.
-        #[arg(long, default_value_t = 2)]
-        workers: usize,
-        /// Server-level PostgreSQL URL; each backend gets a fresh database.
-        #[arg(
-            long,
-            env = "FANOUT_BENCH_POSTGRES_URL",
-            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-        )]
-        postgres_url: String,
-        /// A report.json to compare with: prints every in-run ratio that
-        /// moved by more than --threshold.
-        #[arg(long)]
-        baseline: Option<PathBuf>,
-        /// Relative change that counts as moved (0.5 = 50 %).
-        #[arg(long, default_value_t = 0.5)]
-        threshold: f64,
-        /// Skip the fault matrix (run by default in the full profile only;
-        /// CI runs it as a test, tests/faults.rs).
-        #[arg(long)]
-        no_faults: bool,
+        /// Passed to `fanout-bench bench`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<OsString>,
     },
     /// Compares two benchmark reports (report.json): prints every in-run
     /// ratio that moved by more than --threshold.
+    #[command(disable_help_flag = true)]
     BenchCompare {
-        /// The reference report.
-        #[arg(long)]
-        baseline: PathBuf,
-        /// The new report.
-        #[arg(long)]
-        report: PathBuf,
-        /// Relative change that counts as moved (0.5 = 50 %).
-        #[arg(long, default_value_t = 0.5)]
-        threshold: f64,
+        /// Passed to `fanout-bench bench-compare`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<OsString>,
     },
     /// Deletes everything the configured backend keeps under FANOUT_NAMESPACE
     /// (queues, exchanges, keys, streams, pending events). Stop the
@@ -183,48 +118,55 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let mut config = Config::load(cli.config.as_deref())?;
-    if matches!(cli.command, Command::Bench { .. }) && std::env::var_os("FANOUT_LOG").is_none() {
-        // The bench reports through its own progress lines; the raw
-        // baseline stops consumers mid-stream on purpose, which backends
-        // rightly log as warnings; dropping a run's database (`WITH
-        // (FORCE)`) takes seconds, which sqlx reports as a slow statement.
-        config.log = "warn,fanout_redis=error,fanout_rabbitmq=error,sqlx::query=error".to_owned();
+    if let Command::Load { .. } | Command::Bench { .. } | Command::BenchCompare { .. } = cli.command
+    {
+        return Err(exec_bench());
     }
-    let filter = log_filter(&config.log, std::env::var("RUST_LOG").ok());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&filter)
-                .with_context(|| format!("invalid log filter {filter:?}"))?,
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let config = Config::load(cli.config.as_deref())?;
+    fanout::app::init_logging(&config.log)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(run(cli.command, config))
 }
 
-/// Library events that are expected in normal operation and logged once
-/// per message: lapin warns for every message the broker returns as
-/// unroutable, which on the outgoing side means only that the recipient is
-/// offline (counted as `fanout_unroutable_total` and
-/// `fanout_backend_unroutable_total`). Quieted to the given level unless the
-/// filter names the crate.
-const QUIET_TARGETS: [(&str, &str); 1] = [("lapin::returned_messages", "error")];
+/// Runs `fanout-bench` (beside this binary) in this process's place with
+/// the same arguments, telling it which `fanout` its gateways and workers
+/// run. The tools live in their own binary so that the server carries none
+/// of their dependencies. Returns only on failure.
+fn exec_bench() -> anyhow::Error {
+    let fanout = match std::env::current_exe() {
+        Ok(path) => path,
+        Err(e) => return anyhow::Error::new(e).context("cannot find this binary's path"),
+    };
+    let bench = fanout.with_file_name(format!("fanout-bench{}", std::env::consts::EXE_SUFFIX));
+    if !bench.is_file() {
+        return anyhow::anyhow!(
+            "`fanout load`, `fanout bench` and `fanout bench-compare` run the fanout-bench binary, \
+             expected beside fanout at {}; build it with `cargo build --bin fanout-bench` \
+             (or `cargo build --workspace`)",
+            bench.display()
+        );
+    }
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| "fanout".into());
+    let mut cmd = std::process::Command::new(&bench);
+    cmd.arg("--fanout-bin").arg(&fanout).args(args);
+    let error = exec(cmd, arg0);
+    anyhow::Error::new(error).context(format!("cannot run {}", bench.display()))
+}
 
-/// The log filter: `RUST_LOG` when set (taken as it is, the operator's
-/// word), else the configured `log` with [`QUIET_TARGETS`] added.
-fn log_filter(configured: &str, rust_log: Option<String>) -> String {
-    if let Some(f) = rust_log.filter(|f| !f.trim().is_empty()) {
-        return f;
+#[cfg(unix)]
+fn exec(mut cmd: std::process::Command, arg0: OsString) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    // argv[0] stays `fanout`, so clap's usage lines read as before.
+    cmd.arg0(arg0).exec()
+}
+
+#[cfg(not(unix))]
+fn exec(mut cmd: std::process::Command, _arg0: OsString) -> std::io::Error {
+    match cmd.status() {
+        Ok(status) => std::process::exit(status.code().unwrap_or(1)),
+        Err(e) => e,
     }
-    let mut filter = configured.to_owned();
-    for (target, level) in QUIET_TARGETS {
-        let krate = target.split("::").next().unwrap_or(target);
-        if !filter.contains(krate) {
-            filter.push_str(&format!(",{target}={level}"));
-        }
-    }
-    filter
 }
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
@@ -250,112 +192,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let listener = bind(config.worker_listen()).await?;
             app::worker(config, listener, app::shutdown_signal()).await?
         }
-        Command::Load {
-            url,
-            users,
-            rate,
-            duration,
-            warmup,
-            size,
-            pattern,
-            members,
-            offline_share,
-            connects_per_sec,
-        } => {
-            use fanout::load::Pattern;
-            let pattern = match pattern.as_str() {
-                "personal" => Pattern::Personal,
-                "group" => Pattern::Group { members },
-                "offline" => Pattern::Offline { offline_share },
-                "churn" => Pattern::Churn {
-                    connects_per_sec,
-                    hold_ms: 1000,
-                },
-                other => anyhow::bail!(
-                    "unknown pattern {other:?}: use personal, group, offline or churn"
-                ),
-            };
-            let tokens = app::tokens(&config, true)?;
-            let spec = fanout::load::LoadSpec {
-                urls: url,
-                pattern,
-                users,
-                rate,
-                duration: std::time::Duration::from_secs_f64(duration),
-                warmup: std::time::Duration::from_secs_f64(warmup),
-                size,
-                drain: std::time::Duration::from_secs(10),
-                user_prefix: format!("load{}-", std::process::id()),
-                progress: Some("load".into()),
-            };
-            let report = fanout::load::run(&spec, &tokens).await?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
+        Command::Load { .. } | Command::Bench { .. } | Command::BenchCompare { .. } => {
+            unreachable!("main execs fanout-bench for these")
         }
-        Command::Bench {
-            profile,
-            backends,
-            workloads,
-            workloads_dir,
-            out,
-            gateways,
-            workers,
-            postgres_url,
-            baseline,
-            threshold,
-            no_faults,
-        } => {
-            let faults = profile == "full" && !no_faults;
-            let backends = backends
-                .iter()
-                .map(|b| match b.as_str() {
-                    "memory" => Ok(BackendKind::Memory),
-                    "rabbitmq" => Ok(BackendKind::Rabbitmq),
-                    "redis" => Ok(BackendKind::Redis),
-                    other => Err(anyhow::anyhow!(
-                        "unknown backend {other:?}: use memory, rabbitmq or redis"
-                    )),
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            anyhow::ensure!(
-                (1..=16).contains(&gateways) && workers <= 16,
-                "--gateways must be 1 to 16 and --workers at most 16"
-            );
-            let workloads =
-                fanout::bench::workload::load_dir(&workloads_dir, &workloads, &profile)?;
-            let opts = fanout::bench::BenchOptions {
-                binary: std::env::current_exe().context("cannot find this binary's path")?,
-                backends,
-                workloads,
-                profile,
-                out: out.clone(),
-                postgres_admin_url: postgres_url,
-                gateways,
-                workers: workers.max(1),
-                base: config,
-                faults,
-            };
-            let report = fanout::bench::run(&opts).await?;
-            eprintln!(
-                "[bench] report: {}, {}, {}",
-                out.join("report.md").display(),
-                out.join("report.json").display(),
-                out.join("charts").display()
-            );
-            if let Some(baseline) = baseline {
-                print_comparison(&read_report(&baseline)?, &report, threshold);
-            }
-            let problems = report.problems();
-            anyhow::ensure!(
-                problems.is_empty(),
-                "the benchmark measured a broken system:\n  {}",
-                problems.join("\n  ")
-            );
-        }
-        Command::BenchCompare {
-            baseline,
-            report,
-            threshold,
-        } => print_comparison(&read_report(&baseline)?, &read_report(&report)?, threshold),
         Command::PurgeNamespace { yes } => {
             anyhow::ensure!(
                 yes,
@@ -425,68 +264,8 @@ fn print_dead_letter(d: &fanout_backend::DeadLetter) {
     );
 }
 
-fn read_report(path: &std::path::Path) -> anyhow::Result<fanout::bench::report::Report> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read benchmark report {}", path.display()))?;
-    let report: fanout::bench::report::Report = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a fanout benchmark report", path.display()))?;
-    anyhow::ensure!(
-        report.schema == fanout::bench::report::SCHEMA,
-        "{} has schema {:?}; this binary reads {:?}",
-        path.display(),
-        report.schema,
-        fanout::bench::report::SCHEMA
-    );
-    Ok(report)
-}
-
-/// Prints the in-run ratios that moved; never fails, as a noisy machine
-/// moves them without any change in the code.
-fn print_comparison(
-    baseline: &fanout::bench::report::Report,
-    current: &fanout::bench::report::Report,
-    threshold: f64,
-) {
-    let moved = fanout::bench::report::compare(baseline, current, threshold);
-    println!(
-        "Compared with the baseline of {} ({} profile): {} figure(s) moved more than {:.0} %",
-        baseline.created,
-        baseline.profile,
-        moved.len(),
-        threshold * 100.0
-    );
-    for m in moved {
-        println!(
-            "  {}: {:.3} -> {:.3} ({:+.0} %)",
-            m.figure,
-            m.baseline,
-            m.current,
-            (m.current / m.baseline - 1.0) * 100.0
-        );
-    }
-}
-
 async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (set FANOUT_LISTEN to another address)"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::log_filter;
-
-    #[test]
-    fn expected_library_noise_is_quieted_unless_asked_for() {
-        assert_eq!(
-            log_filter("info", None),
-            "info,lapin::returned_messages=error"
-        );
-        assert_eq!(log_filter("info,lapin=debug", None), "info,lapin=debug");
-        assert_eq!(log_filter("info", Some("lapin=warn".into())), "lapin=warn");
-        assert_eq!(
-            log_filter("warn", Some(" ".into())),
-            "warn,lapin::returned_messages=error"
-        );
-    }
 }

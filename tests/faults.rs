@@ -11,8 +11,8 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use fanout::bench::faults::{run_fault, FaultKind, FaultResult, FaultSpec};
 use fanout::config::BackendKind;
+use fanout_bench::faults::{run_fault, FaultKind, FaultResult, FaultSpec};
 
 /// One matrix at a time in this process.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

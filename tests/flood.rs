@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, WAIT};
-use fanout::client::Client;
 use fanout::config::BackendKind;
+use fanout_bench::client::Client;
 use serde_json::json;
 
 const PAIRS: usize = 50;

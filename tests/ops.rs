@@ -21,9 +21,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use fanout::auth::Tokens;
-use fanout::bench::procs::{Fleet, FleetSpec, Role};
-use fanout::client::Client;
 use fanout::config::{is_non_config_env, BackendKind, Config};
+use fanout_bench::client::Client;
+use fanout_bench::procs::{Fleet, FleetSpec, Role};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
@@ -374,7 +374,7 @@ async fn fleet(
 
 async fn purge(kind: BackendKind, namespace: &str) {
     let mut cmd = fanout(&["purge-namespace", "--yes"]);
-    cmd.env("FANOUT_BACKEND", fanout::bench::procs::backend_name(kind))
+    cmd.env("FANOUT_BACKEND", fanout_bench::procs::backend_name(kind))
         .env("FANOUT_NAMESPACE", namespace);
     let _ = run(cmd).await;
 }

@@ -38,7 +38,7 @@ async fn count(url: &str, content: &str) -> i64 {
 }
 
 /// Contents of the next `n` events `c` receives.
-async fn contents(c: &fanout::client::Client, n: usize) -> Vec<String> {
+async fn contents(c: &fanout_bench::client::Client, n: usize) -> Vec<String> {
     let mut out = Vec::new();
     for _ in 0..n {
         let (name, data) = next(c).await;

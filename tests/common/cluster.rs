@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use fanout::app;
 use fanout::auth::Tokens;
-use fanout::client::Client;
 use fanout::config::{BackendKind, Config};
 use fanout::metrics::Metrics;
 use fanout::store::Store;
 use fanout_backend::DynBackend;
+use fanout_bench::client::Client;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;

@@ -12,7 +12,7 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::config::BackendKind;
+use fanout::config::BackendKind;
 
 /// Why a process could not be started or stopped.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fanout::auth::Tokens;
-use fanout::load::{LoadSpec, Pattern};
+use fanout_bench::load::{LoadSpec, Pattern};
 use serde_json::{json, Value};
 use socketioxide::extract::{AckSender, SocketRef, TryData};
 use socketioxide::SocketIo;
@@ -120,7 +120,7 @@ async fn harness_counts_every_dropped_and_doubled_delivery() {
         user_prefix: "acct".into(),
         progress: None,
     };
-    let report = fanout::load::run(&spec, &Tokens::new(SECRET.as_bytes()))
+    let report = fanout_bench::load::run(&spec, &Tokens::new(SECRET.as_bytes()))
         .await
         .expect("run");
     let (sends, dropped, doubled) = (

@@ -1,3 +1,9 @@
+//! fanout's tools, apart from the server so that it carries none of their
+//! dependencies: a Socket.IO [`client`], the load generator ([`load`],
+//! `fanout load`), the side-by-side benchmark (this module, `fanout
+//! bench`) and the fault matrix ([`faults`]). The `fanout-bench` binary
+//! runs them; `fanout load|bench|bench-compare` execs it.
+//!
 //! `fanout bench`: every selected backend, one after the other in one run,
 //! as real gateway and worker processes on loopback, driven by the same
 //! workload files, measured end to end, and written up as one report.
@@ -10,7 +16,9 @@
 //! before the next backend starts, so backends never share the machine.
 
 pub mod charts;
+pub mod client;
 pub mod faults;
+pub mod load;
 pub mod pg;
 pub mod procs;
 pub mod raw;
@@ -21,9 +29,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::auth::Tokens;
-use crate::config::{BackendKind, Config};
 use crate::load::{LoadReport, LoadSpec};
+use fanout::auth::Tokens;
+use fanout::config::{BackendKind, Config};
 use procs::{backend_name, Fleet, FleetSpec, Role};
 use raw::{RawResult, RawSpec};
 use report::{BackendResult, RampStep, Report, Resources, Usage, WorkloadReport};
@@ -125,6 +133,9 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         .map(|(workload, results)| WorkloadReport::new(workload, results))
         .collect();
     report::write(&report, &opts.out)?;
+    // Charts after the report: they read its figures, and the report never
+    // depends on them.
+    charts::draw_all(&report, &opts.out.join("charts"))?;
     Ok(report)
 }
 
@@ -261,7 +272,7 @@ async fn run_backend(
     let mut config = opts.base.clone();
     config.backend = kind;
     config.namespace = namespace.to_owned();
-    if let Err(e) = crate::app::purge_namespace(&config).await {
+    if let Err(e) = fanout::app::purge_namespace(&config).await {
         progress(&format!("{name}: cannot purge namespace {namespace}: {e}"));
     }
     db.drop_db().await;
@@ -296,7 +307,7 @@ async fn raw_baseline(
     let mut config = opts.base.clone();
     config.backend = kind;
     config.namespace = namespace.to_owned();
-    let backend = crate::app::connect_backend(&config)
+    let backend = fanout::app::connect_backend(&config)
         .await
         .map_err(|e| e.to_string())?;
     let spec = RawSpec {
@@ -315,7 +326,7 @@ async fn raw_baseline(
         .await
         .map_err(|e| e.to_string());
     let _ = backend.shutdown().await;
-    if let Err(e) = crate::app::purge_namespace(&config).await {
+    if let Err(e) = fanout::app::purge_namespace(&config).await {
         progress(&format!("cannot purge namespace {namespace}: {e}"));
     }
     result

@@ -203,7 +203,7 @@ impl Workload {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if !crate::bench::is_safe_name(&self.name) {
+        if !crate::is_safe_name(&self.name) {
             return Err("name must be 1 to 32 characters of [a-z0-9_-]".into());
         }
         if self.users == 0 || self.users > 100_000 {

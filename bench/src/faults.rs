@@ -31,9 +31,9 @@ pub use proxy::TcpProxy;
 
 use self::services::{RabbitStopped, RedisServer};
 use self::traffic::{StoredRow, Traffic};
-use crate::bench::pg::{PgError, TempDatabase};
-use crate::bench::procs::{backend_name, Fleet, FleetSpec, ProcError, Role};
-use crate::config::{BackendKind, Config};
+use crate::pg::{PgError, TempDatabase};
+use crate::procs::{backend_name, Fleet, FleetSpec, ProcError, Role};
+use fanout::config::{BackendKind, Config};
 
 /// The faults of the matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -524,7 +524,7 @@ async fn execute(
         .traffic
         .insert(Traffic::new(
             urls.clone(),
-            crate::auth::Tokens::new(secret.as_bytes()),
+            fanout::auth::Tokens::new(secret.as_bytes()),
             spec.users,
             spec.channels,
         ))
@@ -639,7 +639,7 @@ async fn execute(
     });
     let live = res.fleet.as_ref().map(Fleet::urls).unwrap_or_default();
     let (suppressed, routes_lost) = scrape_gateways(&live).await;
-    let dead_lettered = crate::app::dead_letters(&broker_config(spec, res), 10_000)
+    let dead_lettered = fanout::app::dead_letters(&broker_config(spec, res), 10_000)
         .await
         .map_err(|e| FaultError::Service(format!("reading the dead letters: {e}")))?
         .len() as u64;
@@ -829,7 +829,7 @@ async fn teardown(spec: &FaultSpec, res: &mut Resources) {
     let config = broker_config(spec, res);
     let purge = res.redis.is_some() || spec.backend == BackendKind::Rabbitmq;
     if purge {
-        if let Err(e) = crate::app::purge_namespace(&config).await {
+        if let Err(e) = fanout::app::purge_namespace(&config).await {
             tracing::warn!(namespace = %res.namespace, error = %e, "cannot purge the run's namespace");
         }
     }

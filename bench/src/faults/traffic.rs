@@ -16,8 +16,8 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Tokens;
 use crate::client::Client;
+use fanout::auth::Tokens;
 
 use super::FaultError;
 
@@ -441,7 +441,7 @@ impl Traffic {
                 }
             };
             lock(&self.sends)[idx].attempts += 1;
-            let failure = match client.emit_with_ack(crate::protocol::SEND_MESSAGE, &payload) {
+            let failure = match client.emit_with_ack(fanout::protocol::SEND_MESSAGE, &payload) {
                 Err(_) => "closed".to_owned(),
                 Ok(ack) => tokio::select! {
                     r = tokio::time::timeout(ACK_TIMEOUT, ack) => match r {

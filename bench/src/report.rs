@@ -1,7 +1,8 @@
 //! The report: `report.json` (schema [`SCHEMA`]; fields are only ever
 //! added), `report.md` (per workload the backends side by side, ratios
-//! between them and a plain reading), and SVG charts; plus the comparison
-//! of a report with a committed baseline.
+//! between them and a plain reading); plus the comparison of a report with
+//! a committed baseline. The SVG charts are drawn from a report by
+//! `charts.rs`, which reads this module, never the other way.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -9,9 +10,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::{BenchError, BenchOptions};
-use crate::bench::raw::RawResult;
-use crate::bench::workload::Workload;
 use crate::load::{LoadReport, Pattern};
+use crate::raw::RawResult;
+use crate::workload::Workload;
 
 /// The schema id; bump the number only for a change that breaks readers.
 pub const SCHEMA: &str = "fanout-bench/1";
@@ -229,7 +230,8 @@ impl Report {
     }
 }
 
-/// Writes `report.json`, `report.md` and `charts/*.svg` into `dir`.
+/// Writes `report.json` and `report.md` into `dir` (the run draws the
+/// charts after).
 pub fn write(report: &Report, dir: &Path) -> Result<(), BenchError> {
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -241,14 +243,6 @@ pub fn write(report: &Report, dir: &Path) -> Result<(), BenchError> {
         source: std::io::Error::other(e),
     })?;
     std::fs::write(&json_path, json).map_err(io(&json_path))?;
-    let charts = dir.join("charts");
-    std::fs::create_dir_all(&charts).map_err(io(&charts))?;
-    for w in &report.workloads {
-        super::charts::draw(w, &charts).map_err(|e| BenchError::Write {
-            path: charts.clone(),
-            source: std::io::Error::other(e),
-        })?;
-    }
     let md_path = dir.join("report.md");
     std::fs::write(&md_path, markdown(report)).map_err(io(&md_path))?;
     Ok(())

@@ -29,8 +29,8 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::auth::Tokens;
 use crate::client::{Client, ClientError};
+use fanout::auth::Tokens;
 
 /// Who sends to whom.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

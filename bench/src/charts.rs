@@ -5,7 +5,8 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use super::report::WorkloadReport;
+use crate::report::{Report, WorkloadReport};
+use crate::BenchError;
 
 /// A chart that could not be drawn.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,21 @@ const PALETTE: [RGBColor; 4] = [
 struct Line {
     name: String,
     points: Vec<(f64, f64)>,
+}
+
+/// Draws every workload's charts into `dir` (created if missing).
+pub fn draw_all(report: &Report, dir: &Path) -> Result<(), BenchError> {
+    std::fs::create_dir_all(dir).map_err(|source| BenchError::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
+    for w in &report.workloads {
+        draw(w, dir).map_err(|e| BenchError::Write {
+            path: dir.to_owned(),
+            source: std::io::Error::other(e),
+        })?;
+    }
+    Ok(())
 }
 
 /// Draws `{name}-latency-cdf.svg`, `{name}-throughput.svg` and
