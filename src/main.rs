@@ -116,7 +116,14 @@ enum Command {
     },
 }
 
+/// The subcommands `fanout-bench` runs.
+const BENCH_COMMANDS: [&str; 3] = ["load", "bench", "bench-compare"];
+
 fn main() -> anyhow::Result<()> {
+    if asks_help_for_bench(std::env::args_os().skip(1)) {
+        // Only fanout-bench knows these commands' options.
+        return Err(exec_bench());
+    }
     let cli = Cli::parse();
     if let Command::Load { .. } | Command::Bench { .. } | Command::BenchCompare { .. } = cli.command
     {
@@ -126,6 +133,24 @@ fn main() -> anyhow::Result<()> {
     fanout::app::init_logging(&config.log)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(run(cli.command, config))
+}
+
+/// Whether the arguments are `help load|bench|bench-compare` (after any
+/// `--config`).
+fn asks_help_for_bench(mut args: impl Iterator<Item = OsString>) -> bool {
+    let mut words = Vec::new();
+    while let Some(arg) = args.next() {
+        if arg == "--config" {
+            args.next();
+        } else if !arg.to_string_lossy().starts_with("--config=") {
+            words.push(arg);
+            if words.len() == 2 {
+                break;
+            }
+        }
+    }
+    matches!(&words[..], [help, command]
+        if help == "help" && BENCH_COMMANDS.iter().any(|c| command == c))
 }
 
 /// Runs `fanout-bench` (beside this binary) in this process's place with
@@ -268,4 +293,24 @@ async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListe
     tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (set FANOUT_LISTEN to another address)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::asks_help_for_bench;
+
+    fn asks(line: &str) -> bool {
+        asks_help_for_bench(line.split_whitespace().map(Into::into))
+    }
+
+    #[test]
+    fn help_for_a_bench_command_goes_to_fanout_bench() {
+        assert!(asks("help bench"));
+        assert!(asks("--config f.toml help load"));
+        assert!(asks("--config=f.toml help bench-compare"));
+        assert!(!asks("help serve"));
+        assert!(!asks("help"));
+        assert!(!asks("bench help"));
+        assert!(!asks("token help"));
+    }
 }
