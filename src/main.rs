@@ -1,5 +1,6 @@
 //! The `fanout` binary: parses the command line, loads the configuration
-//! and hands over to `fanout::app`.
+//! and hands over to `fanout::app`; `load`, `bench` and `bench-compare` it
+//! hands to the `fanout-bench` binary beside it (the `bench/` crate).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
