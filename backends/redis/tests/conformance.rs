@@ -1,10 +1,11 @@
 //! The Redis backend runs the whole conformance suite against a real Redis
 //! (`FANOUT_REDIS_URL`, default `redis://127.0.0.1:6379`). Every check uses
-//! fresh namespaces and deletes their keys when it shuts its backends down.
+//! fresh namespaces, whose keys the harness deletes once the check is over.
 
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use fanout_backend::conformance::{Harness, Settings};
@@ -22,11 +23,34 @@ impl Harness for Redis {
         })
         .await
         .expect("connect to Redis");
-        common::Purging::new(backend)
+        Arc::new(backend)
     }
 
     async fn available(&self) -> bool {
         common::available().await
+    }
+
+    async fn clean_up(&self, namespace: &str) {
+        common::purge(namespace).await;
+    }
+
+    /// Kills the namespace's subscriber connections (the only named ones,
+    /// `{namespace}:sub:{server}`) with `CLIENT KILL`, as a Redis restart
+    /// or a network fault would.
+    async fn sever(&self, namespace: &str) -> bool {
+        let prefix = format!("name={namespace}:sub:");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let killed = common::kill_clients(&prefix).await;
+            if killed > 0 {
+                return true;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no client named {prefix}* to kill"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
