@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fanout_backend::conformance::{Harness, Settings};
+use fanout_backend::conformance::{eventually, Harness, Settings};
 use fanout_backend::FanoutBackend;
 use fanout_rabbitmq::{QueueType, RabbitMqBackend, RabbitMqConfig};
 
@@ -73,21 +73,17 @@ impl Harness for RabbitMq {
             return false;
         }
         let prefix = format!("fanout {namespace} ");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let p = prefix.clone();
-            let closed = tokio::task::spawn_blocking(move || common::kill_connections_named(&p))
-                .await
-                .expect("rabbitmqctl task");
-            if closed > 0 {
-                return true;
+        eventually(Duration::from_secs(10), "a connection to close", || {
+            let prefix = prefix.clone();
+            async move {
+                tokio::task::spawn_blocking(move || common::kill_connections_named(&prefix))
+                    .await
+                    .expect("rabbitmqctl task")
+                    > 0
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no connection named {prefix}* to close"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        })
+        .await;
+        true
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fanout_backend::conformance::{Harness, Settings};
+use fanout_backend::conformance::{eventually, Harness, Settings};
 use fanout_backend::FanoutBackend;
 use fanout_redis::{RedisBackend, RedisConfig};
 
@@ -39,18 +39,16 @@ impl Harness for Redis {
     /// or a network fault would.
     async fn sever(&self, namespace: &str) -> bool {
         let prefix = format!("name={namespace}:sub:");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let killed = common::kill_clients(&prefix).await;
-            if killed > 0 {
-                return true;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no client named {prefix}* to kill"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually(
+            Duration::from_secs(5),
+            "a subscriber connection to kill",
+            || {
+                let prefix = prefix.clone();
+                async move { common::kill_clients(&prefix).await > 0 }
+            },
+        )
+        .await;
+        true
     }
 }
 
