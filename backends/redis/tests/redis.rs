@@ -965,8 +965,17 @@ async fn an_overflowing_server_stream_is_a_route_loss_and_counted() {
         .count()
         .await;
     assert_eq!(published as u64, SENT);
-    // The last pushes may still be in flight from Redis to us.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The last pushes may still be in flight from Redis to us: the buffer
+    // holds 65,536, so every push has arrived once the rest are counted.
+    fanout_backend::conformance::eventually(
+        Duration::from_secs(10),
+        "every push past the buffer counted as dropped",
+        || {
+            let dropped = b.stats().outgoing_dropped;
+            async move { dropped >= SENT - 65_536 }
+        },
+    )
+    .await;
     let dropped = b.stats().outgoing_dropped;
     assert!(
         dropped >= SENT - 65_536,
