@@ -354,19 +354,12 @@ pub async fn outgoing_order_per_key(h: &dyn Harness) {
     b.shutdown().await.expect("shutdown");
 }
 
-/// A live server id cannot be registered twice, routes need a registered
-/// server, and a re-registered id starts with no routes.
+/// Deregistering removes a server's routes, and a re-registered id starts
+/// with no routes. (What a second registration or a bind for an unknown
+/// server returns is [`error_variants_are_exact`].)
 pub async fn registration_rules(h: &dyn Harness) {
     let b = h.backend(&fresh_namespace(), SETTINGS).await;
     let s1 = b.register_server(&sid("s1")).await.expect("register");
-    assert!(
-        b.register_server(&sid("s1")).await.is_err(),
-        "second registration of a live id"
-    );
-    assert!(
-        b.bind(&sid("ghost"), &key("x")).await.is_err(),
-        "bind for an unregistered server"
-    );
     b.bind(&sid("s1"), &key("frank")).await.expect("bind");
     b.deregister_server(&sid("s1")).await.expect("deregister");
     b.deregister_server(&sid("s1"))
