@@ -82,7 +82,7 @@ async fn routes_follow_sessions(kind: BackendKind) {
         "the sender's session gets its copy"
     );
     tab1.close().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.wait_sessions(0, 1).await;
     assert!(routed(&c, &user).await, "the other tab keeps the route");
     tab2.close().await;
     wait_until_unroutable(&c, &user).await;

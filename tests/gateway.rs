@@ -38,7 +38,7 @@ async fn closing_one_tab_keeps_the_other_and_the_last_close_removes_the_route() 
     let tab2 = c.connect(0, "carol").await;
     let dave = c.connect(1, "dave").await;
     tab1.close().await;
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    c.wait_sessions(0, 1).await;
     let id = send_ok(&dave, json!({ "to": "carol", "content": "still there?" })).await;
     assert_eq!(next(&tab2).await.1["id"], json!(id));
     tab2.close().await;

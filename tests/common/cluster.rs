@@ -176,6 +176,38 @@ impl Cluster {
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
+    /// Live sessions on gateway `gw`, from its `fanout_sessions` metric.
+    pub async fn sessions(&self, gw: usize) -> u64 {
+        let text = reqwest::get(format!("{}/metrics", self.urls[gw]))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        text.lines()
+            .find_map(|l| l.strip_prefix("fanout_sessions "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+
+    /// Waits until gateway `gw` counts `n` live sessions (a closed
+    /// client's session is ended by the server a moment later), or panics
+    /// after [`WAIT`].
+    pub async fn wait_sessions(&self, gw: usize, n: u64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let now = self.sessions(gw).await;
+            if now == n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "gateway {gw} has {now} sessions, expected {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn stop(self) {
         for s in self.stops {
             let _ = s.send(());

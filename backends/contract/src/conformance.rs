@@ -5,19 +5,26 @@
 //! names the behaviour that broke.
 //!
 //! Every check asks the harness for backends in fresh random namespaces, so
-//! concurrent runs against one shared broker never see each other.
+//! concurrent runs against one shared broker never see each other. The
+//! macro runs each check through a [`Recorder`], which notes every
+//! namespace the check was handed and calls [`Harness::clean_up`] on each
+//! once the check is over, even when it panicked: nothing of a failed run
+//! stays on the shared broker.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 
 use crate::{
-    ConsumeOptions, FanoutBackend, IncomingEvent, OrderingKey, RouteKey, RouteOutcome, ServerEvent,
-    ServerId, ServerStream,
+    BackendError, ConsumeOptions, FanoutBackend, IncomingEvent, OrderingKey, RouteKey,
+    RouteOutcome, ServerEvent, ServerId, ServerStream,
 };
 
 /// Incoming-side settings the checks rely on.
@@ -43,12 +50,115 @@ pub trait Harness: Send + Sync {
     async fn available(&self) -> bool {
         true
     }
+
+    /// Deletes everything the backends of `namespace` made on the broker.
+    /// Called once per namespace after each check, passed or failed, when
+    /// its backends are shut down or dropped. The default does nothing (a
+    /// broker in the process goes with its values).
+    async fn clean_up(&self, _namespace: &str) {}
+
+    /// Cuts, from outside the backend (as a broker restart or a network
+    /// fault would), the broker connections of every backend of
+    /// `namespace`. Returns `false` where the harness cannot (the memory
+    /// backend has no connection); the check that needs it then says it
+    /// skipped.
+    async fn sever(&self, _namespace: &str) -> bool {
+        false
+    }
+}
+
+/// Runs one check: hands the harness's backends to it, remembers their
+/// namespaces, and cleans them all up when the check is over, even when it
+/// panicked (the panic is then raised again, so the test still fails).
+pub struct Recorder<'h> {
+    harness: &'h dyn Harness,
+    namespaces: Mutex<Vec<String>>,
+}
+
+impl std::fmt::Debug for Recorder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder")
+            .field("namespaces", &*lock(&self.namespaces))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'h> Recorder<'h> {
+    /// A recorder in front of `harness`.
+    pub fn new(harness: &'h dyn Harness) -> Self {
+        Self {
+            harness,
+            namespaces: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Awaits `check` (which uses this recorder as its harness), then
+    /// cleans up every namespace it was handed.
+    pub async fn run(&self, check: impl Future<Output = ()>) {
+        let outcome = AssertUnwindSafe(check).catch_unwind().await;
+        let namespaces = std::mem::take(&mut *lock(&self.namespaces));
+        for ns in namespaces {
+            self.harness.clean_up(&ns).await;
+        }
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// A poisoned lock only means another part of the check panicked; its
+/// list is still the one to clean up.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[async_trait]
+impl Harness for Recorder<'_> {
+    async fn backend(&self, namespace: &str, settings: Settings) -> Arc<dyn FanoutBackend> {
+        {
+            let mut seen = lock(&self.namespaces);
+            if !seen.iter().any(|n| n == namespace) {
+                seen.push(namespace.to_owned());
+            }
+        }
+        self.harness.backend(namespace, settings).await
+    }
+
+    async fn available(&self) -> bool {
+        self.harness.available().await
+    }
+
+    async fn clean_up(&self, namespace: &str) {
+        self.harness.clean_up(namespace).await;
+    }
+
+    async fn sever(&self, namespace: &str) -> bool {
+        self.harness.sever(namespace).await
+    }
 }
 
 /// How long a check waits for something that should arrive.
 const ARRIVE: Duration = Duration::from_secs(10);
 /// How long a check listens to be sure that nothing arrives.
 const QUIET: Duration = Duration::from_millis(300);
+/// How often [`eventually`] looks again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Polls `cond` until it holds; panics naming `what` after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
 
 /// Set by `.ci/run`: an unreachable service is then a failure, never a skip.
 pub const REQUIRE_SERVICES_ENV: &str = "FANOUT_TEST_REQUIRE_SERVICES";
@@ -244,19 +354,12 @@ pub async fn outgoing_order_per_key(h: &dyn Harness) {
     b.shutdown().await.expect("shutdown");
 }
 
-/// A live server id cannot be registered twice, routes need a registered
-/// server, and a re-registered id starts with no routes.
+/// Deregistering removes a server's routes, and a re-registered id starts
+/// with no routes. (What a second registration or a bind for an unknown
+/// server returns is [`error_variants_are_exact`].)
 pub async fn registration_rules(h: &dyn Harness) {
     let b = h.backend(&fresh_namespace(), SETTINGS).await;
     let s1 = b.register_server(&sid("s1")).await.expect("register");
-    assert!(
-        b.register_server(&sid("s1")).await.is_err(),
-        "second registration of a live id"
-    );
-    assert!(
-        b.bind(&sid("ghost"), &key("x")).await.is_err(),
-        "bind for an unregistered server"
-    );
     b.bind(&sid("s1"), &key("frank")).await.expect("bind");
     b.deregister_server(&sid("s1")).await.expect("deregister");
     b.deregister_server(&sid("s1"))
@@ -292,6 +395,7 @@ pub async fn incoming_order_per_key_with_two_consumers(h: &dyn Harness) {
     let b = h.backend(&fresh_namespace(), SETTINGS).await;
     let seen: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
     let by_consumer: Arc<Mutex<HashMap<usize, usize>>> = Arc::default();
+    let warmed: Arc<Mutex<std::collections::HashSet<usize>>> = Arc::default();
     let mut tasks = Vec::new();
     for c in 0..2usize {
         let mut stream = b
@@ -301,12 +405,17 @@ pub async fn incoming_order_per_key_with_two_consumers(h: &dyn Harness) {
             })
             .await
             .expect("consume");
-        let (seen, by_consumer) = (seen.clone(), by_consumer.clone());
+        let (seen, by_consumer, warmed) = (seen.clone(), by_consumer.clone(), warmed.clone());
         tasks.push(tokio::spawn(async move {
             while let Some(d) = stream.next().await {
                 let d = d.expect("delivery");
                 let body = String::from_utf8(d.event.payload.to_vec()).expect("utf8");
                 let (k, n) = body.split_once('#').expect("key#n");
+                if k.starts_with("warm") {
+                    warmed.lock().expect("lock").insert(c);
+                    d.ack().await.expect("ack");
+                    continue;
+                }
                 let n: u32 = n.parse().expect("number");
                 // Work of uneven length, so a consumer that does not own
                 // its partitions would visibly reorder them.
@@ -323,8 +432,31 @@ pub async fn incoming_order_per_key_with_two_consumers(h: &dyn Harness) {
             }
         }));
     }
-    // Let both consumers join before the load starts.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both consumers must have joined before the load starts: warm-up
+    // events on every partition until each consumer has processed one.
+    let mut round = 0u32;
+    eventually(ARRIVE * 3, "both consumers take work", || {
+        round += 1;
+        let (b, warmed) = (b.clone(), warmed.clone());
+        let round = round;
+        async move {
+            if warmed.lock().expect("lock").len() >= 2 {
+                return true;
+            }
+            for p in 0..SETTINGS.partitions {
+                let ok = OrderingKey::channel(&format!("warm{p}"));
+                b.publish_incoming(event(
+                    &format!("w{round}-{p}"),
+                    &ok,
+                    &format!("warm{p}#{round}"),
+                ))
+                .await
+                .expect("publish");
+            }
+            false
+        }
+    })
+    .await;
     let keys: Vec<String> = (0..12).map(|i| format!("k{i}")).collect();
     let per_key = 40u32;
     for n in 0..per_key {
@@ -675,6 +807,428 @@ pub async fn namespaces_are_isolated(h: &dyn Harness) {
     b.shutdown().await.expect("shutdown");
 }
 
+/// The error's variant name, for assertion messages (the payload of
+/// `BackendError` is not part of what the checks compare).
+fn variant<T>(r: &Result<T, BackendError>) -> String {
+    match r {
+        Ok(_) => "Ok".to_owned(),
+        Err(e) => format!("Err({e:?})"),
+    }
+}
+
+/// Each error case the contract documents returns exactly its variant:
+/// `Conflict` for a second registration of a live id, `NotRegistered` for
+/// routes of a server that never registered or has deregistered.
+pub async fn error_variants_are_exact(h: &dyn Harness) {
+    let b = h.backend(&fresh_namespace(), SETTINGS).await;
+    let _s1 = b.register_server(&sid("s1")).await.expect("register");
+    let again = b.register_server(&sid("s1")).await;
+    assert!(
+        matches!(again, Err(BackendError::Conflict { .. })),
+        "second registration of a live id: {}",
+        variant(&again)
+    );
+    let ghost = b.bind(&sid("ghost"), &key("x")).await;
+    assert!(
+        matches!(ghost, Err(BackendError::NotRegistered { .. })),
+        "bind for a server never registered: {}",
+        variant(&ghost)
+    );
+    b.deregister_server(&sid("s1")).await.expect("deregister");
+    let gone = b.bind(&sid("s1"), &key("x")).await;
+    assert!(
+        matches!(gone, Err(BackendError::NotRegistered { .. })),
+        "bind for a deregistered server: {}",
+        variant(&gone)
+    );
+    b.shutdown().await.expect("shutdown");
+}
+
+/// After `shutdown`, calls fail with `Closed` rather than hang or succeed,
+/// and `shutdown` stays idempotent. `bind` may answer `NotRegistered`
+/// instead: memory and RabbitMQ forget their servers on shutdown and look
+/// the server up first, Redis checks the closed flag first; both tell the
+/// caller the same thing (the route was not made). `dead_letters` is not
+/// checked: the memory backend still answers reads from its own state.
+pub async fn closed_after_shutdown(h: &dyn Harness) {
+    let b = h.backend(&fresh_namespace(), SETTINGS).await;
+    let _s1 = b.register_server(&sid("s1")).await.expect("register");
+    b.shutdown().await.expect("shutdown");
+    b.shutdown().await.expect("shutdown is idempotent");
+    let closed = |what: &str, r: Result<(), BackendError>| {
+        assert!(
+            matches!(r, Err(BackendError::Closed)),
+            "{what} after shutdown: {}",
+            variant(&r)
+        );
+    };
+    closed("health", b.health().await);
+    closed(
+        "publish_incoming",
+        b.publish_incoming(event("late", &OrderingKey::channel("c"), "x"))
+            .await,
+    );
+    closed(
+        "publish_outgoing",
+        b.publish_outgoing(&key("alice"), Bytes::from_static(b"x"))
+            .await
+            .map(|_| ()),
+    );
+    closed(
+        "register_server",
+        b.register_server(&sid("s2")).await.map(|_| ()),
+    );
+    closed(
+        "consume_incoming",
+        b.consume_incoming(ConsumeOptions::default())
+            .await
+            .map(|_| ()),
+    );
+    closed(
+        "resolve_dead_letters",
+        b.resolve_dead_letters(
+            &crate::DeadLetterSelection {
+                ids: None,
+                limit: 10,
+            },
+            crate::DeadLetterAction::Drop,
+        )
+        .await
+        .map(|_| ()),
+    );
+    let bind = b.bind(&sid("s1"), &key("alice")).await;
+    assert!(
+        matches!(
+            bind,
+            Err(BackendError::Closed | BackendError::NotRegistered { .. })
+        ),
+        "bind after shutdown: {}",
+        variant(&bind)
+    );
+}
+
+/// A consumer never holds more than `prefetch` unsettled deliveries; each
+/// settlement lets exactly one more in.
+pub async fn prefetch_bounds_unsettled_deliveries(h: &dyn Harness) {
+    let b = h.backend(&fresh_namespace(), SETTINGS).await;
+    let total = 6;
+    for i in 0..total {
+        let ok = OrderingKey::channel(&format!("p{i}"));
+        b.publish_incoming(event(&format!("e{i}"), &ok, "x"))
+            .await
+            .expect("publish");
+    }
+    let mut c = b
+        .consume_incoming(ConsumeOptions {
+            consumer_name: "bounded".into(),
+            prefetch: 2,
+        })
+        .await
+        .expect("consume");
+    let mut held = std::collections::VecDeque::new();
+    held.push_back(next_delivery(&mut c).await);
+    held.push_back(next_delivery(&mut c).await);
+    let mut delivered = held.len();
+    while let Some(oldest) = held.pop_front() {
+        if let Ok(Some(d)) = tokio::time::timeout(QUIET, c.next()).await {
+            panic!("more than 2 unsettled deliveries with prefetch 2: {d:?}");
+        }
+        oldest.ack().await.expect("ack");
+        if delivered < total {
+            held.push_back(next_delivery(&mut c).await);
+            delivered += 1;
+        }
+    }
+    assert_eq!(delivered, total, "every event delivered once");
+    b.shutdown().await.expect("shutdown");
+}
+
+/// Reading the dead letters removes nothing and redelivers nothing: the
+/// same read twice gives the same events, a smaller limit the oldest.
+pub async fn dead_letter_reads_remove_nothing(h: &dyn Harness) {
+    let b = h.backend(&fresh_namespace(), SETTINGS).await;
+    let ok = OrderingKey::channel("dl-read");
+    let ids = ["r1", "r2", "r3"];
+    for id in ids {
+        b.publish_incoming(event(id, &ok, id))
+            .await
+            .expect("publish");
+    }
+    let mut c = consume_one_at_a_time(b.as_ref()).await;
+    for id in ids {
+        let d = next_delivery(&mut c).await;
+        assert_eq!(d.event.id, id);
+        d.dead_letter("read me").await.expect("dead letter");
+    }
+    assert_eq!(wait_dead_letters(b.as_ref(), 3).await.len(), 3);
+    let first = dead_ids(b.as_ref()).await;
+    assert_eq!(first, ids, "oldest first");
+    assert_eq!(dead_ids(b.as_ref()).await, first, "a read removes nothing");
+    let two: Vec<String> = b
+        .dead_letters(2)
+        .await
+        .expect("dead letters")
+        .into_iter()
+        .map(|d| d.event.id)
+        .collect();
+    assert_eq!(two, ["r1", "r2"], "a limit takes the oldest");
+    assert_eq!(dead_ids(b.as_ref()).await, first, "still all there");
+    if let Ok(Some(d)) = tokio::time::timeout(QUIET, c.next()).await {
+        panic!("reading dead letters redelivered one: {d:?}");
+    }
+    b.shutdown().await.expect("shutdown");
+}
+
+/// Two backend values on one namespace (two processes): a server id live
+/// on one is a `Conflict` on the other; once the first deregisters, the
+/// second takes the id, with no routes.
+pub async fn registration_conflicts_across_backend_values(h: &dyn Harness) {
+    let ns = fresh_namespace();
+    let a = h.backend(&ns, SETTINGS).await;
+    let b = h.backend(&ns, SETTINGS).await;
+    let s = a.register_server(&sid("gw1")).await.expect("register on a");
+    a.bind(&sid("gw1"), &key("zoe")).await.expect("bind");
+    let taken = b.register_server(&sid("gw1")).await;
+    assert!(
+        matches!(taken, Err(BackendError::Conflict { .. })),
+        "the id is live on the other value: {}",
+        variant(&taken)
+    );
+    a.deregister_server(&sid("gw1")).await.expect("deregister");
+    drop(s);
+    let mut s = b.register_server(&sid("gw1")).await.expect("register on b");
+    let out = b
+        .publish_outgoing(&key("zoe"), Bytes::from_static(b"x"))
+        .await
+        .expect("publish");
+    if b.capabilities().reports_unroutable {
+        assert_eq!(
+            out,
+            RouteOutcome::Unroutable,
+            "the new registration has no routes"
+        );
+    }
+    assert_quiet(&mut s, "the new registration inherits no routes").await;
+    a.shutdown().await.expect("shutdown");
+    b.shutdown().await.expect("shutdown");
+}
+
+/// One consumer of [`rebalance_under_load`]: acks what it gets (in
+/// `acked`, per key) until told to stop, when it drops its stream and any
+/// delivery in hand unsettled, as a crash would.
+fn rebalance_consumer(
+    b: Arc<dyn FanoutBackend>,
+    c: usize,
+    acked: Arc<Mutex<HashMap<String, Vec<u32>>>>,
+    work: Arc<Mutex<HashMap<usize, usize>>>,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (kill_tx, mut kill_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let mut stream = b
+            .consume_incoming(ConsumeOptions {
+                consumer_name: format!("c{c}"),
+                prefetch: 8,
+            })
+            .await
+            .expect("consume");
+        loop {
+            let d = tokio::select! {
+                _ = &mut kill_rx => return,
+                d = stream.next() => d,
+            };
+            let d = match d {
+                Some(Ok(d)) => d,
+                Some(Err(_)) => continue,
+                None => return,
+            };
+            let body = String::from_utf8(d.event.payload.to_vec()).expect("utf8");
+            let (k, n) = body.split_once('#').expect("k#n");
+            let n: u32 = n.parse().expect("n");
+            // Uneven work, and the kill may land while a delivery is in
+            // hand: it is then dropped unsettled.
+            let pause = if n.is_multiple_of(5) { 4 } else { 0 };
+            tokio::select! {
+                _ = &mut kill_rx => return,
+                _ = tokio::time::sleep(Duration::from_millis(pause)) => {}
+            }
+            if d.ack().await.is_ok() {
+                lock(&acked).entry(k.to_owned()).or_default().push(n);
+                *lock(&work).entry(c).or_default() += 1;
+            }
+        }
+    });
+    (kill_tx, task)
+}
+
+/// Per-key order holds while events flow and consumers join and leave
+/// (one with unsettled deliveries in hand): every key's acked sequence is
+/// exactly what was published, none lost, none twice, and every consumer
+/// got work.
+pub async fn rebalance_under_load(h: &dyn Harness) {
+    let b = h.backend(&fresh_namespace(), SETTINGS).await;
+    let acked: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
+    let work: Arc<Mutex<HashMap<usize, usize>>> = Arc::default();
+    let keys: Vec<String> = (0..16).map(|i| format!("k{i}")).collect();
+    // The publisher runs until stopped, so each phase lasts as long as the
+    // machine needs, and says how many rounds (events per key) it made.
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let publisher = {
+        let (b, keys, stop, rounds) = (b.clone(), keys.clone(), stop.clone(), rounds.clone());
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Acquire) {
+                for k in &keys {
+                    let ok = OrderingKey::channel(k);
+                    b.publish_incoming(event(&format!("{k}-{n}"), &ok, &format!("{k}#{n}")))
+                        .await
+                        .expect("publish");
+                }
+                n += 1;
+                rounds.store(n, Ordering::Release);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            n
+        })
+    };
+    let worked = |c: usize| {
+        let work = work.clone();
+        move || {
+            let done = lock(&work).get(&c).copied().unwrap_or(0) > 0;
+            async move { done }
+        }
+    };
+    let (kill0, t0) = rebalance_consumer(b.clone(), 0, acked.clone(), work.clone());
+    let (kill1, t1) = rebalance_consumer(b.clone(), 1, acked.clone(), work.clone());
+    eventually(ARRIVE * 3, "consumer 0 gets work", worked(0)).await;
+    eventually(ARRIVE * 3, "consumer 1 gets work", worked(1)).await;
+    // A third joins: partitions are handed over to it under load.
+    let (kill2, t2) = rebalance_consumer(b.clone(), 2, acked.clone(), work.clone());
+    eventually(ARRIVE * 3, "the joining consumer gets work", worked(2)).await;
+    // Consumer 0 leaves mid-work: its partitions go to the others,
+    // unsettled events first.
+    let _ = kill0.send(());
+    t0.await.expect("c0");
+    let at_leave = rounds.load(Ordering::Acquire);
+    eventually(ARRIVE * 3, "more events after the leave", || {
+        let n = rounds.load(Ordering::Acquire);
+        async move { n >= at_leave + 5 }
+    })
+    .await;
+    stop.store(true, Ordering::Release);
+    let per_key = publisher.await.expect("publisher");
+    let total = keys.len() * per_key as usize;
+    eventually(ARRIVE * 6, "every event acked", || {
+        let got: usize = lock(&acked).values().map(Vec::len).sum();
+        async move { got >= total }
+    })
+    .await;
+    let expected: Vec<u32> = (0..per_key).collect();
+    for k in &keys {
+        assert_eq!(
+            lock(&acked).get(k),
+            Some(&expected),
+            "key {k}: acked out of order, twice or not at all"
+        );
+    }
+    let _ = kill1.send(());
+    let _ = kill2.send(());
+    let _ = t1.await;
+    let _ = t2.await;
+    b.shutdown().await.expect("shutdown");
+}
+
+/// The first delivery of a consumer stream, skipping the errors a stream
+/// may surface while its backend reconnects.
+async fn next_ok_delivery(
+    c: &mut futures::stream::BoxStream<
+        'static,
+        Result<crate::IncomingDelivery, crate::BackendError>,
+    >,
+    within: Duration,
+) -> crate::IncomingDelivery {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, c.next()).await {
+            Ok(Some(Ok(d))) => return d,
+            Ok(Some(Err(_))) => continue,
+            Ok(None) => panic!("the consumer stream ended"),
+            Err(_) => panic!("no delivery within {within:?}"),
+        }
+    }
+}
+
+/// Retries `call` while it fails (the backend reconnects meanwhile).
+async fn until_ok<T, F, Fut>(within: Duration, what: &str, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, BackendError>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match call().await {
+            Ok(v) => return v,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what} still fails after {within:?}: {e}"
+            ),
+        }
+        tokio::time::sleep(POLL * 5).await;
+    }
+}
+
+/// Connections cut from outside (a broker restart, a network fault) are
+/// recovered by the backend: the server stream says `RoutesLost`, routing
+/// works again once the server binds anew, and incoming events flow again
+/// on the consumer stream opened before the cut.
+pub async fn severed_connections_recover(h: &dyn Harness) {
+    let ns = fresh_namespace();
+    let b = h.backend(&ns, SETTINGS).await;
+    let mut s1 = b.register_server(&sid("s1")).await.expect("register");
+    b.bind(&sid("s1"), &key("alice")).await.expect("bind");
+    b.publish_outgoing(&key("alice"), Bytes::from_static(b"before"))
+        .await
+        .expect("publish");
+    assert_eq!(next_message(&mut s1).await.1, Bytes::from_static(b"before"));
+    let mut c = b
+        .consume_incoming(ConsumeOptions::default())
+        .await
+        .expect("consume");
+    if !h.sever(&ns).await {
+        eprintln!(
+            "\n*** SKIPPED: severed_connections_recover: the {} harness cannot sever connections ***\n",
+            b.capabilities().name
+        );
+        b.shutdown().await.expect("shutdown");
+        return;
+    }
+    match tokio::time::timeout(ARRIVE * 2, s1.next()).await {
+        Ok(Some(ServerEvent::RoutesLost)) => {}
+        Ok(Some(ServerEvent::Message(m))) => panic!("unexpected {m:?} before RoutesLost"),
+        Ok(None) => panic!("the server stream ended"),
+        Err(_) => panic!("no RoutesLost within {:?}", ARRIVE * 2),
+    }
+    let (server, alice) = (sid("s1"), key("alice"));
+    until_ok(ARRIVE * 2, "bind after the cut", || b.bind(&server, &alice)).await;
+    until_ok(ARRIVE * 2, "publish_outgoing after the cut", || {
+        b.publish_outgoing(&alice, Bytes::from_static(b"after"))
+    })
+    .await;
+    assert_eq!(next_message(&mut s1).await.1, Bytes::from_static(b"after"));
+    let ok = OrderingKey::channel("cut");
+    until_ok(ARRIVE * 2, "publish_incoming after the cut", || {
+        b.publish_incoming(event("after-cut", &ok, "x"))
+    })
+    .await;
+    let d = next_ok_delivery(&mut c, ARRIVE * 2).await;
+    assert_eq!(d.event.id, "after-cut");
+    d.ack().await.expect("ack");
+    b.shutdown().await.expect("shutdown");
+}
+
 /// Expands to one `#[tokio::test]` per conformance check, each calling the
 /// check with the given harness expression.
 #[macro_export]
@@ -694,6 +1248,13 @@ macro_rules! conformance_tests {
             crashed_consumers_never_dead_letter,
             dead_letters_are_replayed_or_dropped,
             namespaces_are_isolated,
+            error_variants_are_exact,
+            closed_after_shutdown,
+            prefetch_bounds_unsettled_deliveries,
+            dead_letter_reads_remove_nothing,
+            registration_conflicts_across_backend_values,
+            rebalance_under_load,
+            severed_connections_recover,
         );
     };
     (@each $harness:expr; $($check:ident),* $(,)?) => {
@@ -704,7 +1265,8 @@ macro_rules! conformance_tests {
                 if !$crate::conformance::Harness::available(&harness).await {
                     return;
                 }
-                $crate::conformance::$check(&harness).await;
+                let recorder = $crate::conformance::Recorder::new(&harness);
+                recorder.run($crate::conformance::$check(&recorder)).await;
             }
         )*
     };

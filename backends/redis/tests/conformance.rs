@@ -1,13 +1,14 @@
 //! The Redis backend runs the whole conformance suite against a real Redis
 //! (`FANOUT_REDIS_URL`, default `redis://127.0.0.1:6379`). Every check uses
-//! fresh namespaces and deletes their keys when it shuts its backends down.
+//! fresh namespaces, whose keys the harness deletes once the check is over.
 
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use fanout_backend::conformance::{Harness, Settings};
+use fanout_backend::conformance::{eventually, Harness, Settings};
 use fanout_backend::FanoutBackend;
 use fanout_redis::{RedisBackend, RedisConfig};
 
@@ -22,11 +23,32 @@ impl Harness for Redis {
         })
         .await
         .expect("connect to Redis");
-        common::Purging::new(backend)
+        Arc::new(backend)
     }
 
     async fn available(&self) -> bool {
         common::available().await
+    }
+
+    async fn clean_up(&self, namespace: &str) {
+        common::purge(namespace).await;
+    }
+
+    /// Kills the namespace's subscriber connections (the only named ones,
+    /// `{namespace}:sub:{server}`) with `CLIENT KILL`, as a Redis restart
+    /// or a network fault would.
+    async fn sever(&self, namespace: &str) -> bool {
+        let prefix = format!("name={namespace}:sub:");
+        eventually(
+            Duration::from_secs(5),
+            "a subscriber connection to kill",
+            || {
+                let prefix = prefix.clone();
+                async move { common::kill_clients(&prefix).await > 0 }
+            },
+        )
+        .await;
+        true
     }
 }
 

@@ -97,10 +97,21 @@ fn rabbitmqctl(args: &[&str]) -> String {
 /// is one of `names` (so concurrent test runs are not disturbed). Returns
 /// how many were closed.
 pub fn kill_connections(names: &[String]) -> usize {
+    kill_connections_where(|line| names.iter().any(|n| line.contains(&format!("\"{n}\""))))
+}
+
+/// Closes, on the broker, the connections whose `connection_name` starts
+/// with `prefix` (for example every connection of one namespace). Returns
+/// how many were closed.
+pub fn kill_connections_named(prefix: &str) -> usize {
+    kill_connections_where(|line| line.contains(&format!("\"{prefix}")))
+}
+
+fn kill_connections_where(matches: impl Fn(&str) -> bool) -> usize {
     let listing = rabbitmqctl(&["list_connections", "pid", "client_properties", "-q"]);
     let mut closed = 0;
     for line in listing.lines() {
-        if !names.iter().any(|n| line.contains(&format!("\"{n}\""))) {
+        if !matches(line) {
             continue;
         }
         let Some(pid) = line.split('\t').next().filter(|p| p.starts_with('<')) else {

@@ -1,20 +1,12 @@
 //! Shared by the Redis backend's test files: where Redis is, whether it is
-//! reachable, and cleanup of the namespaces the tests create.
+//! reachable, cleanup of the namespaces the tests create, and killing
+//! their connections.
 
 #![allow(dead_code)] // each test file uses a different part
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use bytes::Bytes;
-use fanout_backend::{
-    BackendError, Capabilities, ConsumeOptions, DeadLetter, FanoutBackend, IncomingDelivery,
-    IncomingEvent, RouteKey, RouteOutcome, ServerId, ServerStream,
-};
 use fanout_redis::{RedisBackend, RedisConfig};
-use futures::stream::BoxStream;
 
 /// The Redis the tests use: `FANOUT_REDIS_URL`, else the local one.
 pub fn url() -> String {
@@ -138,84 +130,32 @@ pub async fn raw() -> redis::aio::MultiplexedConnection {
         .expect("connect")
 }
 
-/// The backend as the conformance suite sees it, which deletes its
-/// namespace's keys when shut down (or dropped, if a check panicked).
-#[derive(Debug)]
-pub struct Purging {
-    pub backend: RedisBackend,
-    namespace: String,
-    purged: AtomicBool,
-}
-
-impl Purging {
-    pub fn new(backend: RedisBackend) -> Arc<Self> {
-        let namespace = backend.namespace().to_owned();
-        Arc::new(Self {
-            backend,
-            namespace,
-            purged: AtomicBool::new(false),
-        })
+/// Kills (`CLIENT KILL ID`) every client whose `CLIENT LIST` line has a
+/// field starting with `name_prefix` (for example `name=ns:sub:`); returns
+/// how many. By name, so concurrent runs on the shared Redis are spared.
+pub async fn kill_clients(name_prefix: &str) -> usize {
+    let mut raw = raw().await;
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut raw)
+        .await
+        .expect("CLIENT LIST");
+    let ids: Vec<String> = list
+        .lines()
+        .filter(|l| l.split_whitespace().any(|f| f.starts_with(name_prefix)))
+        .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_owned)
+        .collect();
+    let mut killed = 0;
+    for id in ids {
+        let n: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(&id)
+            .query_async(&mut raw)
+            .await
+            .expect("CLIENT KILL");
+        killed += usize::try_from(n).unwrap_or(0);
     }
-}
-
-impl Drop for Purging {
-    fn drop(&mut self) {
-        if !self.purged.load(Ordering::Acquire) {
-            purge_blocking(&self.namespace);
-        }
-    }
-}
-
-#[async_trait]
-impl FanoutBackend for Purging {
-    fn capabilities(&self) -> Capabilities {
-        self.backend.capabilities()
-    }
-    async fn health(&self) -> Result<(), BackendError> {
-        self.backend.health().await
-    }
-    async fn publish_incoming(&self, event: IncomingEvent) -> Result<(), BackendError> {
-        self.backend.publish_incoming(event).await
-    }
-    async fn consume_incoming(
-        &self,
-        options: ConsumeOptions,
-    ) -> Result<BoxStream<'static, Result<IncomingDelivery, BackendError>>, BackendError> {
-        self.backend.consume_incoming(options).await
-    }
-    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BackendError> {
-        self.backend.dead_letters(limit).await
-    }
-    async fn resolve_dead_letters(
-        &self,
-        selection: &fanout_backend::DeadLetterSelection,
-        action: fanout_backend::DeadLetterAction,
-    ) -> Result<Vec<DeadLetter>, BackendError> {
-        self.backend.resolve_dead_letters(selection, action).await
-    }
-    async fn register_server(&self, server: &ServerId) -> Result<ServerStream, BackendError> {
-        self.backend.register_server(server).await
-    }
-    async fn deregister_server(&self, server: &ServerId) -> Result<(), BackendError> {
-        self.backend.deregister_server(server).await
-    }
-    async fn bind(&self, server: &ServerId, key: &RouteKey) -> Result<(), BackendError> {
-        self.backend.bind(server, key).await
-    }
-    async fn unbind(&self, server: &ServerId, key: &RouteKey) -> Result<(), BackendError> {
-        self.backend.unbind(server, key).await
-    }
-    async fn publish_outgoing(
-        &self,
-        key: &RouteKey,
-        payload: Bytes,
-    ) -> Result<RouteOutcome, BackendError> {
-        self.backend.publish_outgoing(key, payload).await
-    }
-    async fn shutdown(&self) -> Result<(), BackendError> {
-        self.backend.shutdown().await?;
-        self.backend.purge_namespace().await?;
-        self.purged.store(true, Ordering::Release);
-        Ok(())
-    }
+    killed
 }
