@@ -47,9 +47,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use fanout_backend::{
-    partition_for, BackendError, Capabilities, ConsumeOptions, DeadLetter, DeadLetterAction,
-    DeadLetterSelection, FanoutBackend, IncomingDelivery, IncomingEvent, RouteKey, RouteOutcome,
-    ServerId, ServerStream,
+    BackendError, Capabilities, ConsumeOptions, DeadLetter, DeadLetterAction, DeadLetterSelection,
+    FanoutBackend, IncomingDelivery, IncomingEvent, RouteKey, RouteOutcome, ServerId, ServerStream,
 };
 use futures::stream::BoxStream;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -570,27 +569,7 @@ impl FanoutBackend for RedisBackend {
     }
 
     async fn publish_incoming(&self, event: IncomingEvent) -> Result<(), BackendError> {
-        self.inner.check_open()?;
-        let partition = partition_for(&event.ordering_key, self.inner.config.partitions);
-        let mut conn = self.inner.conn();
-        // No MAXLEN here: trimming at append time could drop entries nobody
-        // has consumed. The janitor trims, behind the consumer group.
-        let _: String = self
-            .inner
-            .run(
-                redis::cmd("XADD")
-                    .arg(self.inner.keys.stream(partition))
-                    .arg("*")
-                    .arg("id")
-                    .arg(&event.id)
-                    .arg("k")
-                    .arg(event.ordering_key.as_str())
-                    .arg("p")
-                    .arg(event.payload.as_ref())
-                    .query_async(&mut conn),
-            )
-            .await?;
-        Ok(())
+        incoming::publish(&self.inner, event).await
     }
 
     async fn consume_incoming(

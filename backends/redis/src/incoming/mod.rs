@@ -1,6 +1,20 @@
 //! The incoming side: `partitions` Redis Streams with one consumer group
 //! each, and partition ownership by leases.
 //!
+//! Files, split along the same lines as the RabbitMQ backend's `incoming`:
+//! - `mod.rs`: a consumer's state, its task's loop and its reads of new
+//!   entries (what `consume_incoming` starts);
+//! - [`publish`]: appending an event to its partition stream;
+//! - [`group`]: the consumer group: the streams' groups, membership and
+//!   leases (maintenance), take-over of a new partition's pending entries,
+//!   release and leaving;
+//! - [`settle`]: ack, reject and dead-letter of one delivery, and the
+//!   redelivery of what a consumer still holds (with its attempt count);
+//! - [`dead_letter`]: listing, replaying and dropping dead letters, and
+//!   dead-lettering malformed entries.
+//!
+
+//!
 //! Each `consume_incoming` stream is one consumer with a unique token (its
 //! consumer name in the groups and the value of its leases) and one
 //! background task that does all of its Redis I/O in sequence:
@@ -34,25 +48,29 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use fanout_backend::{
-    partition_for, BackendError, ConsumeOptions, DeadLetter, DeadLetterAction, DeadLetterSelection,
-    IncomingDelivery, IncomingEvent, OrderingKey, Settle,
-};
+use fanout_backend::{BackendError, ConsumeOptions, IncomingDelivery, IncomingEvent, OrderingKey};
 use futures::stream::{BoxStream, StreamExt};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Value};
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::keys::GROUP;
-use crate::{jitter_fraction, lock, with_timeout, Counters, Inner};
+use crate::{jitter_fraction, with_timeout, Inner};
+
+mod dead_letter;
+mod group;
+mod publish;
+mod settle;
+
+pub(crate) use dead_letter::{dead_letters, resolve_dead_letters};
+pub(crate) use group::ensure_groups;
+pub(crate) use publish::publish;
 
 /// Longest a read blocks in Redis; also the longest the consumer task takes
 /// to notice its stream was dropped or a rebalance is due while idle.
@@ -86,31 +104,6 @@ impl fmt::Display for EntryId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}-{}", self.ms, self.seq)
     }
-}
-
-/// Creates the consumer group of every partition's stream (and the stream),
-/// from id 0: events appended before the group existed are delivered too.
-pub(crate) async fn ensure_groups(inner: &Inner) -> Result<(), BackendError> {
-    for p in 0..inner.config.partitions {
-        let mut conn = inner.conn();
-        let created: Result<(), BackendError> = inner
-            .run(
-                redis::cmd("XGROUP")
-                    .arg("CREATE")
-                    .arg(inner.keys.stream(p))
-                    .arg(GROUP)
-                    .arg("0")
-                    .arg("MKSTREAM")
-                    .query_async(&mut conn),
-            )
-            .await;
-        match created {
-            Ok(()) => {}
-            Err(BackendError::Refused(m)) if m.contains("BUSYGROUP") => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Whether Redis answered that a stream or its consumer group is missing.
@@ -159,132 +152,6 @@ fn event_from(f: &HashMap<&str, &Value>) -> Option<IncomingEvent> {
         ordering_key: OrderingKey::from_raw(as_str(f.get("k")?)?),
         payload: Bytes::copy_from_slice(as_bytes(f.get("p")?)?),
     })
-}
-
-pub(crate) async fn dead_letters(
-    inner: &Inner,
-    limit: usize,
-) -> Result<Vec<DeadLetter>, BackendError> {
-    let all = DeadLetterSelection { ids: None, limit };
-    Ok(read_dead(inner, &all)
-        .await?
-        .into_iter()
-        .map(|(_, d)| d)
-        .collect())
-}
-
-/// Dead letters read per round trip while scanning for a selection.
-const DEAD_SCAN_PAGE: usize = 500;
-
-/// The dead letters `selection` picks, oldest first, with their entry ids
-/// in the dead-letter stream.
-async fn read_dead(
-    inner: &Inner,
-    selection: &DeadLetterSelection,
-) -> Result<Vec<(String, DeadLetter)>, BackendError> {
-    let mut out = Vec::new();
-    let mut start = "-".to_owned();
-    let mut conn = inner.conn();
-    while out.len() < selection.limit {
-        let page = if selection.ids.is_none() {
-            (selection.limit - out.len()).min(DEAD_SCAN_PAGE)
-        } else {
-            DEAD_SCAN_PAGE
-        };
-        let reply: Value = inner
-            .run(
-                redis::cmd("XRANGE")
-                    .arg(inner.keys.dead())
-                    .arg(&start)
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(page)
-                    .query_async(&mut conn),
-            )
-            .await?;
-        let Value::Array(entries) = reply else { break };
-        let n = entries.len();
-        for entry in &entries {
-            let Value::Array(parts) = entry else { continue };
-            let (Some(entry_id), Some(fv)) = (parts.first().and_then(as_str), parts.get(1)) else {
-                continue;
-            };
-            start = format!("({entry_id}");
-            let f = fields(fv);
-            let Some(event) = event_from(&f) else {
-                tracing::warn!(entry = entry_id, "skipped a malformed dead letter");
-                continue;
-            };
-            if out.len() >= selection.limit || !selection.matches(&event.id) {
-                continue;
-            }
-            let dead = DeadLetter {
-                event,
-                reason: f
-                    .get("reason")
-                    .and_then(|v| as_str(v))
-                    .unwrap_or_default()
-                    .to_owned(),
-                attempts: f
-                    .get("attempts")
-                    .and_then(|v| as_int(v))
-                    .and_then(|n| u32::try_from(n).ok())
-                    .unwrap_or(0),
-            };
-            out.push((entry_id.to_owned(), dead));
-        }
-        if n < page {
-            break;
-        }
-    }
-    Ok(out)
-}
-
-/// Replays (the REPLAY script: out of the dead letters and into the
-/// partition stream atomically) or drops (XDEL) the selected dead letters.
-/// A dead letter another call removed meanwhile is skipped.
-pub(crate) async fn resolve_dead_letters(
-    inner: &Inner,
-    selection: &DeadLetterSelection,
-    action: DeadLetterAction,
-) -> Result<Vec<DeadLetter>, BackendError> {
-    let mut done = Vec::new();
-    let mut conn = inner.conn();
-    for (entry_id, dead) in read_dead(inner, selection).await? {
-        let removed: i64 = match action {
-            DeadLetterAction::Replay => {
-                let partition = partition_for(&dead.event.ordering_key, inner.config.partitions);
-                inner
-                    .run(
-                        inner
-                            .scripts
-                            .replay
-                            .key(inner.keys.dead())
-                            .key(inner.keys.stream(partition))
-                            .arg(&entry_id)
-                            .arg(&dead.event.id)
-                            .arg(dead.event.ordering_key.as_str())
-                            .arg(dead.event.payload.as_ref())
-                            .invoke_async(&mut conn),
-                    )
-                    .await?
-            }
-            DeadLetterAction::Drop => {
-                inner
-                    .run(
-                        redis::cmd("XDEL")
-                            .arg(inner.keys.dead())
-                            .arg(&entry_id)
-                            .query_async(&mut conn),
-                    )
-                    .await?
-            }
-        };
-        if removed > 0 {
-            done.push(dead);
-        }
-    }
-    Ok(done)
 }
 
 /// Bookkeeping shared between a consumer task and its deliveries' settles.
@@ -486,61 +353,6 @@ impl Consumer {
             .is_some_and(|until| Instant::now() + horizon < until)
     }
 
-    /// Heartbeat, lease renewal and acquisition (the MAINTAIN script).
-    async fn maintain(&mut self) -> Result<(), BackendError> {
-        let started = Instant::now();
-        self.next_maintenance = started + MAINTENANCE;
-        let inner = self.inner.clone();
-        let mut inv = inner.scripts.maintain.key(inner.keys.consumers());
-        for p in 0..inner.config.partitions {
-            inv.key(inner.keys.lease(p));
-        }
-        inv.arg(&self.token)
-            .arg(inner.config.lease_ttl.as_millis() as u64);
-        let mut conn = inner.conn();
-        let statuses: Vec<i64> = inner.run(inv.invoke_async(&mut conn)).await?;
-        // The renewal happened after `started`, so the leases last at least
-        // until `started + lease_ttl`; stop reading well before.
-        let margin = inner.config.lease_ttl / 4 + READ_BLOCK;
-        self.lease_valid_until = Some(started + inner.config.lease_ttl.saturating_sub(margin));
-        for (p, status) in statuses.into_iter().enumerate() {
-            let p = p as u32;
-            match status {
-                1..=3 => {
-                    let releasing = status == 2;
-                    match self.held.get_mut(&p) {
-                        Some(part) => part.releasing = releasing,
-                        None => {
-                            self.held.insert(
-                                p,
-                                Part {
-                                    phase: Phase::Claiming {
-                                        start: "-".to_owned(),
-                                        retry_at: Instant::now(),
-                                    },
-                                    releasing,
-                                    ready: VecDeque::new(),
-                                },
-                            );
-                            lock(&self.shared.parts).entry(p).or_default();
-                            tracing::debug!(consumer = %self.token, partition = p, "partition acquired");
-                        }
-                    }
-                }
-                _ => {
-                    if self.held.remove(&p).is_some() {
-                        // Our lease expired and someone else may own it now:
-                        // whatever we buffered stays pending on us and is
-                        // taken over by the next owner.
-                        lock(&self.shared.parts).remove(&p);
-                        tracing::warn!(consumer = %self.token, partition = p, "partition lease lost");
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
     async fn step(&mut self) -> Result<Step, BackendError> {
         let mut progress = self.release_drained().await?;
         progress |= self.deliver().await?;
@@ -555,238 +367,6 @@ impl Consumer {
             return Ok(Step::Progress);
         }
         self.read(true).await
-    }
-
-    /// Releases partitions that are no longer desired and have nothing
-    /// unsettled or buffered.
-    async fn release_drained(&mut self) -> Result<bool, BackendError> {
-        let drained: Vec<u32> = {
-            let parts = lock(&self.shared.parts);
-            self.held
-                .iter()
-                .filter(|(p, part)| {
-                    part.releasing
-                        && part.ready.is_empty()
-                        && parts
-                            .get(p)
-                            .is_none_or(|s| s.inflight.is_empty() && s.redeliver.is_empty())
-                })
-                .map(|(p, _)| *p)
-                .collect()
-        };
-        for &p in &drained {
-            let inner = self.inner.clone();
-            let mut conn = inner.conn();
-            let _: i64 = inner
-                .run(
-                    inner
-                        .scripts
-                        .release
-                        .key(inner.keys.stream(p))
-                        .key(inner.keys.lease(p))
-                        .arg(GROUP)
-                        .arg(&self.token)
-                        .arg(inner.config.claim_idle.as_millis() as u64)
-                        .invoke_async(&mut conn),
-                )
-                .await?;
-            self.held.remove(&p);
-            lock(&self.shared.parts).remove(&p);
-            tracing::debug!(consumer = %self.token, partition = p, "partition released");
-        }
-        Ok(!drained.is_empty())
-    }
-
-    /// Yields buffered entries and redeliveries while permits last, the
-    /// lowest id of each partition first, partitions in turn.
-    async fn deliver(&mut self) -> Result<bool, BackendError> {
-        let mut progress = false;
-        loop {
-            // A closed stream would drop each delivery at once and queue it
-            // again, bumping its count each time: stop, the task is leaving.
-            if self.tx.is_closed()
-                || self.shared.permits.available_permits() == 0
-                || self.held.is_empty()
-            {
-                return Ok(progress);
-            }
-            let order: Vec<u32> = {
-                let (after, before): (Vec<u32>, Vec<u32>) =
-                    self.held.keys().partition(|&&p| p >= self.cursor);
-                after.into_iter().chain(before).collect()
-            };
-            let mut did = false;
-            for p in order {
-                let next_redeliver = lock(&self.shared.parts)
-                    .get(&p)
-                    .and_then(|s| s.redeliver.first().copied());
-                let Some(part) = self.held.get(&p) else {
-                    continue;
-                };
-                let next_ready = part.ready.front().map(|e| e.id);
-                match (next_redeliver, next_ready) {
-                    (Some(r), f) if f.is_none_or(|f| r < f) => {
-                        if let Some(s) = lock(&self.shared.parts).get_mut(&p) {
-                            s.redeliver.remove(&r);
-                        }
-                        if let Err(e) = self.redeliver(p, r).await {
-                            // Keep it for the next try.
-                            if let Some(s) = lock(&self.shared.parts).get_mut(&p) {
-                                s.redeliver.insert(r);
-                            }
-                            return Err(e);
-                        }
-                    }
-                    (_, Some(_)) => {
-                        let entry = self
-                            .held
-                            .get_mut(&p)
-                            .and_then(|part| part.ready.pop_front());
-                        if let Some(entry) = entry {
-                            self.send(p, entry);
-                        }
-                    }
-                    _ => continue,
-                }
-                self.cursor = p + 1;
-                did = true;
-                break;
-            }
-            if !did {
-                return Ok(progress);
-            }
-            progress = true;
-        }
-    }
-
-    /// Delivers again one entry this consumer holds (the REDELIVER script).
-    async fn redeliver(&mut self, p: u32, id: EntryId) -> Result<(), BackendError> {
-        let inner = self.inner.clone();
-        let mut conn = inner.conn();
-        let reply: Value = inner
-            .run(
-                inner
-                    .scripts
-                    .redeliver
-                    .key(inner.keys.stream(p))
-                    .arg(GROUP)
-                    .arg(&self.token)
-                    .arg(id.to_string())
-                    .invoke_async(&mut conn),
-            )
-            .await?;
-        let Value::Array(parts) = reply else {
-            return Ok(());
-        };
-        // `gone`: acked meanwhile, or now another consumer's.
-        if parts.first().and_then(as_str) == Some("ok") {
-            let f = parts.get(1).map(fields).unwrap_or_default();
-            let attempt = parts
-                .get(2)
-                .and_then(as_int)
-                .and_then(|n| u32::try_from(n).ok())
-                .unwrap_or(1);
-            match event_from(&f) {
-                Some(event) => self.send(p, Entry { id, event, attempt }),
-                None => self.malformed(p, id).await,
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes over pending entries of newly acquired partitions (the CLAIM
-    /// script), in order, as far as permits allow.
-    async fn claim(&mut self) -> Result<bool, BackendError> {
-        if !self.lease_valid(Duration::ZERO) {
-            return Ok(false);
-        }
-        let now = Instant::now();
-        let due: Vec<(u32, String)> = self
-            .held
-            .iter()
-            .filter_map(|(p, part)| match &part.phase {
-                Phase::Claiming { start, retry_at } if !part.releasing && *retry_at <= now => {
-                    Some((*p, start.clone()))
-                }
-                _ => None,
-            })
-            .collect();
-        let mut progress = false;
-        for (p, start) in due {
-            let permits = self.shared.permits.available_permits();
-            if permits == 0 || self.tx.is_closed() {
-                break;
-            }
-            let inner = self.inner.clone();
-            let mut conn = inner.conn();
-            let reply: Value = inner
-                .run(
-                    inner
-                        .scripts
-                        .claim
-                        .key(inner.keys.stream(p))
-                        .arg(GROUP)
-                        .arg(&self.token)
-                        .arg(inner.config.claim_idle.as_millis() as u64)
-                        .arg(permits.min(CLAIM_BATCH))
-                        .arg(&start)
-                        .invoke_async(&mut conn),
-                )
-                .await?;
-            let Value::Array(parts) = reply else {
-                continue;
-            };
-            let status = parts.first().and_then(as_str).unwrap_or("done").to_owned();
-            let last = parts.get(1).and_then(as_str).unwrap_or("").to_owned();
-            let mut claimed = Vec::new();
-            if let Some(Value::Array(entries)) = parts.get(2) {
-                for e in entries {
-                    let Value::Array(e) = e else { continue };
-                    let (Some(id), Some(f), attempt) = (
-                        e.first().and_then(as_str).and_then(EntryId::parse),
-                        e.get(1).map(fields),
-                        e.get(2)
-                            .and_then(as_int)
-                            .and_then(|n| u32::try_from(n).ok())
-                            .unwrap_or(2),
-                    ) else {
-                        continue;
-                    };
-                    match event_from(&f) {
-                        Some(event) => claimed.push(Entry { id, event, attempt }),
-                        None => self.malformed(p, id).await,
-                    }
-                }
-            }
-            if !claimed.is_empty() {
-                tracing::info!(consumer = %self.token, partition = p, claimed = claimed.len(), "took over pending entries");
-            }
-            for entry in claimed {
-                self.send(p, entry);
-            }
-            let next_start = if last.is_empty() {
-                start
-            } else {
-                format!("({last}")
-            };
-            let poll = (self.inner.config.claim_idle / 10)
-                .clamp(Duration::from_millis(50), Duration::from_secs(1));
-            if let Some(part) = self.held.get_mut(&p) {
-                part.phase = match status.as_str() {
-                    "more" => Phase::Claiming {
-                        start: next_start,
-                        retry_at: Instant::now(),
-                    },
-                    "wait" => Phase::Claiming {
-                        start: next_start,
-                        retry_at: Instant::now() + poll,
-                    },
-                    _ => Phase::Reading,
-                };
-            }
-            progress = true;
-        }
-        Ok(progress)
     }
 
     /// Reads new entries of every partition in the reading phase into their
@@ -889,262 +469,6 @@ impl Consumer {
         } else {
             Step::Idle
         })
-    }
-
-    /// After a failed read: entries pending on us that we do not know about
-    /// are queued for redelivery (their count goes up: Redis did deliver
-    /// them once).
-    async fn resync_pending(&mut self) -> Result<(), BackendError> {
-        let partitions: Vec<u32> = self.held.keys().copied().collect();
-        for p in partitions {
-            let inner = self.inner.clone();
-            let mut conn = inner.conn();
-            let pending: Value = inner
-                .run(
-                    redis::cmd("XPENDING")
-                        .arg(inner.keys.stream(p))
-                        .arg(GROUP)
-                        .arg("-")
-                        .arg("+")
-                        .arg(1000)
-                        .arg(&self.token)
-                        .query_async(&mut conn),
-                )
-                .await?;
-            let Value::Array(rows) = pending else {
-                continue;
-            };
-            let buffered: BTreeSet<EntryId> = self
-                .held
-                .get(&p)
-                .map(|part| part.ready.iter().map(|e| e.id).collect())
-                .unwrap_or_default();
-            let mut parts = lock(&self.shared.parts);
-            let Some(s) = parts.get_mut(&p) else { continue };
-            for row in &rows {
-                let Value::Array(row) = row else { continue };
-                let Some(id) = row.first().and_then(as_str).and_then(EntryId::parse) else {
-                    continue;
-                };
-                if !s.inflight.contains(&id) && !buffered.contains(&id) {
-                    s.redeliver.insert(id);
-                }
-            }
-        }
-        self.resync = false;
-        Ok(())
-    }
-
-    /// An entry this backend did not write (or a corrupted one): nothing a
-    /// worker can process, so it goes to the dead-letter stream at once.
-    async fn malformed(&self, p: u32, id: EntryId) {
-        tracing::warn!(partition = p, entry = %id, "malformed incoming entry; dead-lettering it");
-        let inner = &self.inner;
-        let mut conn = inner.conn();
-        let result: Result<String, BackendError> = inner
-            .run(
-                inner
-                    .scripts
-                    .settle
-                    .key(inner.keys.stream(p))
-                    .key(inner.keys.dead())
-                    .arg(GROUP)
-                    .arg(&self.token)
-                    .arg(id.to_string())
-                    .arg("dead")
-                    .arg("malformed entry")
-                    .arg(p)
-                    .invoke_async(&mut conn),
-            )
-            .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "could not dead-letter a malformed entry");
-        }
-    }
-
-    /// Yields one delivery; it holds a permit until settled.
-    fn send(&mut self, p: u32, entry: Entry) {
-        let permit = match self.shared.permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                // Callers check the permits first; if none is left, keep the
-                // entry for later rather than exceed the prefetch.
-                if let Some(part) = self.held.get_mut(&p) {
-                    part.ready.push_front(entry);
-                }
-                return;
-            }
-        };
-        if let Some(s) = lock(&self.shared.parts).get_mut(&p) {
-            s.inflight.insert(entry.id);
-        }
-        let settle = RedisSettle {
-            inner: self.inner.clone(),
-            shared: self.shared.clone(),
-            token: self.token.clone(),
-            partition: p,
-            id: entry.id,
-            settled: AtomicBool::new(false),
-            permit: Mutex::new(Some(permit)),
-        };
-        let delivery = IncomingDelivery::new(entry.event, p, entry.attempt, Box::new(settle));
-        // If the stream is gone, the delivery drops here and its settle
-        // queues it for redelivery; the task then leaves and hands over.
-        let _ = self.tx.send(Ok(delivery));
-    }
-
-    /// Leaves the group: hands over every pending entry and lease at once,
-    /// so the next owner does not wait for leases to expire.
-    async fn leave(&mut self) {
-        let inner = self.inner.clone();
-        let mut inv = inner.scripts.leave.key(inner.keys.consumers());
-        for p in 0..inner.config.partitions {
-            inv.key(inner.keys.stream(p)).key(inner.keys.lease(p));
-        }
-        inv.arg(GROUP)
-            .arg(&self.token)
-            .arg(inner.config.claim_idle.as_millis() as u64);
-        let mut conn = inner.conn();
-        let left: Result<i64, BackendError> = inner.run(inv.invoke_async(&mut conn)).await;
-        if let Err(e) = left {
-            tracing::warn!(consumer = %self.token, error = %e, "could not leave the group; leases expire after lease_ttl");
-        }
-        self.held.clear();
-    }
-}
-
-/// Settles one delivery. Every path ends in [`RedisSettle::finish`], which
-/// updates the task's bookkeeping, frees the permit and wakes the task.
-struct RedisSettle {
-    inner: Arc<Inner>,
-    shared: Arc<Shared>,
-    token: String,
-    partition: u32,
-    id: EntryId,
-    settled: AtomicBool,
-    permit: Mutex<Option<OwnedSemaphorePermit>>,
-}
-
-impl RedisSettle {
-    /// `requeue`: the entry is still ours in Redis and must be delivered
-    /// again (rejected, or the settle failed).
-    fn finish(&self, requeue: bool) {
-        if let Some(s) = lock(&self.shared.parts).get_mut(&self.partition) {
-            s.inflight.remove(&self.id);
-            if requeue {
-                s.redeliver.insert(self.id);
-            }
-        }
-        // Freed before the wake-up, so the woken task sees the permit.
-        drop(lock(&self.permit).take());
-        self.shared.wake.notify_one();
-    }
-
-    fn first_settle(&self) -> Result<(), BackendError> {
-        if self.settled.swap(true, Ordering::AcqRel) {
-            // IncomingDelivery consumes itself on settle, so this is only
-            // reachable through a second settle of the same Settle object.
-            return Err(BackendError::Invalid("delivery already settled".into()));
-        }
-        Ok(())
-    }
-
-    async fn run_settle(&self, mode: &str, reason: &str) -> Result<String, BackendError> {
-        let inner = &self.inner;
-        let mut conn = inner.conn();
-        inner
-            .run(
-                inner
-                    .scripts
-                    .settle
-                    .key(inner.keys.stream(self.partition))
-                    .key(inner.keys.dead())
-                    .arg(GROUP)
-                    .arg(&self.token)
-                    .arg(self.id.to_string())
-                    .arg(mode)
-                    .arg(reason)
-                    .arg(self.partition)
-                    .invoke_async(&mut conn),
-            )
-            .await
-    }
-}
-
-#[async_trait]
-impl Settle for RedisSettle {
-    async fn ack(&self) -> Result<(), BackendError> {
-        self.first_settle()?;
-        if let Err(e) = self.inner.check_open() {
-            self.finish(false);
-            return Err(e);
-        }
-        let mut conn = self.inner.conn();
-        let acked: Result<i64, BackendError> = self
-            .inner
-            .run(
-                redis::cmd("XACK")
-                    .arg(self.inner.keys.stream(self.partition))
-                    .arg(GROUP)
-                    .arg(self.id.to_string())
-                    .query_async(&mut conn),
-            )
-            .await;
-        // Removed from the in-flight set only after the XACK landed, so a
-        // partition is never released with an ack still on its way.
-        self.finish(acked.is_err());
-        acked.map(|_| ())
-    }
-
-    async fn reject(&self) -> Result<(), BackendError> {
-        self.first_settle()?;
-        if let Err(e) = self.inner.check_open() {
-            self.finish(false);
-            return Err(e);
-        }
-        match self.run_settle("reject", "").await {
-            Ok(outcome) => {
-                self.finish(outcome == "requeue");
-                Ok(())
-            }
-            Err(e) => {
-                self.finish(true);
-                Err(e)
-            }
-        }
-    }
-
-    async fn dead_letter(&self, reason: &str) -> Result<(), BackendError> {
-        self.first_settle()?;
-        if let Err(e) = self.inner.check_open() {
-            self.finish(false);
-            return Err(e);
-        }
-        match self.run_settle("dead", reason).await {
-            Ok(outcome) => {
-                if outcome == "dead" {
-                    Counters::bump(&self.inner.counters.dead_lettered, 1);
-                }
-                self.finish(false);
-                Ok(())
-            }
-            Err(e) => {
-                self.finish(true);
-                Err(e)
-            }
-        }
-    }
-}
-
-impl Drop for RedisSettle {
-    fn drop(&mut self) {
-        if !self.settled.load(Ordering::Acquire) {
-            // Neither acked, rejected nor dead-lettered: deliver it again
-            // (the task's redelivery bumps its count), and if the consumer
-            // stream is gone, the hand-over passes it to the next owner.
-            tracing::warn!(partition = self.partition, entry = %self.id, "delivery dropped unsettled; it will be delivered again");
-            self.finish(true);
-        }
     }
 }
 
