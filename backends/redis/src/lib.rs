@@ -17,7 +17,10 @@
 //!   run per period per namespace under a lock): removes the routes of servers whose liveness expired,
 //!   trims the incoming streams without touching unacked entries, forgets
 //!   group consumers that are gone;
-//! - `scripts`: the Lua scripts, each documented with its keys and replies.
+//! - `scripts`: the Lua scripts, each documented with its keys and replies
+//!   and called through a typed wrapper next to it;
+//! - `reply`: parsing of the nested replies (stream entries, XPENDING, the
+//!   CLAIM and REDELIVER scripts).
 //!
 //! Keys and channels (all under the namespace `ns`, see `keys.rs`):
 //!
@@ -60,6 +63,7 @@ mod incoming;
 mod janitor;
 mod keys;
 mod outgoing;
+mod reply;
 mod scripts;
 
 pub use janitor::JanitorReport;

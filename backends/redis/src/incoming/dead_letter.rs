@@ -6,10 +6,11 @@ use fanout_backend::{
 };
 use redis::Value;
 
-use crate::keys::GROUP;
+use crate::reply::{self, EntryId};
+use crate::scripts::SettleMode;
 use crate::Inner;
 
-use super::{as_int, as_str, event_from, fields, Consumer, EntryId};
+use super::Consumer;
 
 pub(crate) async fn dead_letters(
     inner: &Inner,
@@ -54,33 +55,15 @@ async fn read_dead(
             .await?;
         let Value::Array(entries) = reply else { break };
         let n = entries.len();
-        for entry in &entries {
-            let Value::Array(parts) = entry else { continue };
-            let (Some(entry_id), Some(fv)) = (parts.first().and_then(as_str), parts.get(1)) else {
-                continue;
-            };
+        for (entry_id, f) in entries.iter().filter_map(reply::range_entry) {
             start = format!("({entry_id}");
-            let f = fields(fv);
-            let Some(event) = event_from(&f) else {
+            let Some(dead) = f.dead_letter() else {
                 tracing::warn!(entry = entry_id, "skipped a malformed dead letter");
                 continue;
             };
-            if out.len() >= selection.limit || !selection.matches(&event.id) {
+            if out.len() >= selection.limit || !selection.matches(&dead.event.id) {
                 continue;
             }
-            let dead = DeadLetter {
-                event,
-                reason: f
-                    .get("reason")
-                    .and_then(|v| as_str(v))
-                    .unwrap_or_default()
-                    .to_owned(),
-                attempts: f
-                    .get("attempts")
-                    .and_then(|v| as_int(v))
-                    .and_then(|n| u32::try_from(n).ok())
-                    .unwrap_or(0),
-            };
             out.push((entry_id.to_owned(), dead));
         }
         if n < page {
@@ -104,19 +87,9 @@ pub(crate) async fn resolve_dead_letters(
         let removed: i64 = match action {
             DeadLetterAction::Replay => {
                 let partition = partition_for(&dead.event.ordering_key, inner.config.partitions);
-                inner
-                    .run(
-                        inner
-                            .scripts
-                            .replay
-                            .key(inner.keys.dead())
-                            .key(inner.keys.stream(partition))
-                            .arg(&entry_id)
-                            .arg(&dead.event.id)
-                            .arg(dead.event.ordering_key.as_str())
-                            .arg(dead.event.payload.as_ref())
-                            .invoke_async(&mut conn),
-                    )
+                let replay = &inner.scripts.replay;
+                replay
+                    .call(inner, &entry_id, partition, &dead.event)
                     .await?
             }
             DeadLetterAction::Drop => {
@@ -143,21 +116,16 @@ impl Consumer {
     pub(super) async fn malformed(&self, p: u32, id: EntryId) {
         tracing::warn!(partition = p, entry = %id, "malformed incoming entry; dead-lettering it");
         let inner = &self.inner;
-        let mut conn = inner.conn();
-        let result: Result<String, BackendError> = inner
-            .run(
-                inner
-                    .scripts
-                    .settle
-                    .key(inner.keys.stream(p))
-                    .key(inner.keys.dead())
-                    .arg(GROUP)
-                    .arg(&self.token)
-                    .arg(id.to_string())
-                    .arg("dead")
-                    .arg("malformed entry")
-                    .arg(p)
-                    .invoke_async(&mut conn),
+        let result = inner
+            .scripts
+            .settle
+            .call(
+                inner,
+                p,
+                &self.token,
+                id,
+                SettleMode::Dead,
+                "malformed entry",
             )
             .await;
         if let Err(e) = result {

@@ -6,16 +6,13 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use fanout_backend::BackendError;
-use redis::Value;
 use tokio::time::Instant;
 
 use crate::keys::GROUP;
+use crate::reply::{ClaimStatus, ReadEntry};
 use crate::{lock, Inner};
 
-use super::{
-    as_int, as_str, event_from, fields, Consumer, Entry, EntryId, Part, Phase, CLAIM_BATCH,
-    MAINTENANCE, READ_BLOCK,
-};
+use super::{Consumer, Entry, Part, Phase, CLAIM_BATCH, MAINTENANCE, READ_BLOCK};
 
 /// Creates the consumer group of every partition's stream (and the stream),
 /// from id 0: events appended before the group existed are delivered too.
@@ -48,14 +45,7 @@ impl Consumer {
         let started = Instant::now();
         self.next_maintenance = started + MAINTENANCE;
         let inner = self.inner.clone();
-        let mut inv = inner.scripts.maintain.key(inner.keys.consumers());
-        for p in 0..inner.config.partitions {
-            inv.key(inner.keys.lease(p));
-        }
-        inv.arg(&self.token)
-            .arg(inner.config.lease_ttl.as_millis() as u64);
-        let mut conn = inner.conn();
-        let statuses: Vec<i64> = inner.run(inv.invoke_async(&mut conn)).await?;
+        let statuses = inner.scripts.maintain.call(&inner, &self.token).await?;
         // The renewal happened after `started`, so the leases last at least
         // until `started + lease_ttl`; stop reading well before.
         let margin = inner.config.lease_ttl / 4 + READ_BLOCK;
@@ -116,21 +106,8 @@ impl Consumer {
                 .collect()
         };
         for &p in &drained {
-            let inner = self.inner.clone();
-            let mut conn = inner.conn();
-            let _: i64 = inner
-                .run(
-                    inner
-                        .scripts
-                        .release
-                        .key(inner.keys.stream(p))
-                        .key(inner.keys.lease(p))
-                        .arg(GROUP)
-                        .arg(&self.token)
-                        .arg(inner.config.claim_idle.as_millis() as u64)
-                        .invoke_async(&mut conn),
-                )
-                .await?;
+            let inner = &self.inner;
+            inner.scripts.release.call(inner, p, &self.token).await?;
             self.held.remove(&p);
             lock(&self.shared.parts).remove(&p);
             tracing::debug!(consumer = %self.token, partition = p, "partition released");
@@ -162,44 +139,20 @@ impl Consumer {
                 break;
             }
             let inner = self.inner.clone();
-            let mut conn = inner.conn();
-            let reply: Value = inner
-                .run(
-                    inner
-                        .scripts
-                        .claim
-                        .key(inner.keys.stream(p))
-                        .arg(GROUP)
-                        .arg(&self.token)
-                        .arg(inner.config.claim_idle.as_millis() as u64)
-                        .arg(permits.min(CLAIM_BATCH))
-                        .arg(&start)
-                        .invoke_async(&mut conn),
-                )
-                .await?;
-            let Value::Array(parts) = reply else {
+            let batch = permits.min(CLAIM_BATCH);
+            let Some(reply) = inner
+                .scripts
+                .claim
+                .call(&inner, p, &self.token, batch, &start)
+                .await?
+            else {
                 continue;
             };
-            let status = parts.first().and_then(as_str).unwrap_or("done").to_owned();
-            let last = parts.get(1).and_then(as_str).unwrap_or("").to_owned();
             let mut claimed = Vec::new();
-            if let Some(Value::Array(entries)) = parts.get(2) {
-                for e in entries {
-                    let Value::Array(e) = e else { continue };
-                    let (Some(id), Some(f), attempt) = (
-                        e.first().and_then(as_str).and_then(EntryId::parse),
-                        e.get(1).map(fields),
-                        e.get(2)
-                            .and_then(as_int)
-                            .and_then(|n| u32::try_from(n).ok())
-                            .unwrap_or(2),
-                    ) else {
-                        continue;
-                    };
-                    match event_from(&f) {
-                        Some(event) => claimed.push(Entry { id, event, attempt }),
-                        None => self.malformed(p, id).await,
-                    }
+            for (ReadEntry { id, event }, attempt) in reply.entries {
+                match event {
+                    Some(event) => claimed.push(Entry { id, event, attempt }),
+                    None => self.malformed(p, id).await,
                 }
             }
             if !claimed.is_empty() {
@@ -208,24 +161,24 @@ impl Consumer {
             for entry in claimed {
                 self.send(p, entry);
             }
-            let next_start = if last.is_empty() {
+            let next_start = if reply.last.is_empty() {
                 start
             } else {
-                format!("({last}")
+                format!("({}", reply.last)
             };
             let poll = (self.inner.config.claim_idle / 10)
                 .clamp(Duration::from_millis(50), Duration::from_secs(1));
             if let Some(part) = self.held.get_mut(&p) {
-                part.phase = match status.as_str() {
-                    "more" => Phase::Claiming {
+                part.phase = match reply.status {
+                    ClaimStatus::More => Phase::Claiming {
                         start: next_start,
                         retry_at: Instant::now(),
                     },
-                    "wait" => Phase::Claiming {
+                    ClaimStatus::Wait => Phase::Claiming {
                         start: next_start,
                         retry_at: Instant::now() + poll,
                     },
-                    _ => Phase::Reading,
+                    ClaimStatus::Done => Phase::Reading,
                 };
             }
             progress = true;
@@ -237,15 +190,7 @@ impl Consumer {
     /// so the next owner does not wait for leases to expire.
     pub(super) async fn leave(&mut self) {
         let inner = self.inner.clone();
-        let mut inv = inner.scripts.leave.key(inner.keys.consumers());
-        for p in 0..inner.config.partitions {
-            inv.key(inner.keys.stream(p)).key(inner.keys.lease(p));
-        }
-        inv.arg(GROUP)
-            .arg(&self.token)
-            .arg(inner.config.claim_idle.as_millis() as u64);
-        let mut conn = inner.conn();
-        let left: Result<i64, BackendError> = inner.run(inv.invoke_async(&mut conn)).await;
+        let left = inner.scripts.leave.call(&inner, &self.token).await;
         if let Err(e) = left {
             tracing::warn!(consumer = %self.token, error = %e, "could not leave the group; leases expire after lease_ttl");
         }

@@ -47,12 +47,10 @@
 //! and are taken over by the next owner: at-least-once, in order.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use fanout_backend::{BackendError, ConsumeOptions, IncomingDelivery, IncomingEvent, OrderingKey};
+use fanout_backend::{BackendError, ConsumeOptions, IncomingDelivery, IncomingEvent};
 use futures::stream::{BoxStream, StreamExt};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Value};
@@ -61,6 +59,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::keys::GROUP;
+use crate::reply::{self, EntryId, ReadEntry};
 use crate::{jitter_fraction, with_timeout, Inner};
 
 mod dead_letter;
@@ -83,75 +82,9 @@ const CLAIM_BATCH: usize = 100;
 const ERROR_BACKOFF_MIN: Duration = Duration::from_millis(50);
 const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-/// A stream entry id, `ms-seq`, ordered like Redis orders them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) struct EntryId {
-    ms: u64,
-    seq: u64,
-}
-
-impl EntryId {
-    pub(crate) fn parse(s: &str) -> Option<Self> {
-        let (ms, seq) = s.split_once('-')?;
-        Some(Self {
-            ms: ms.parse().ok()?,
-            seq: seq.parse().ok()?,
-        })
-    }
-}
-
-impl fmt::Display for EntryId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.ms, self.seq)
-    }
-}
-
 /// Whether Redis answered that a stream or its consumer group is missing.
 fn is_nogroup(e: &BackendError) -> bool {
     matches!(e, BackendError::Refused(m) if m.contains("NOGROUP"))
-}
-
-fn as_bytes(v: &Value) -> Option<&[u8]> {
-    match v {
-        Value::BulkString(b) => Some(b),
-        Value::SimpleString(s) => Some(s.as_bytes()),
-        _ => None,
-    }
-}
-
-fn as_str(v: &Value) -> Option<&str> {
-    as_bytes(v).and_then(|b| std::str::from_utf8(b).ok())
-}
-
-fn as_int(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int(i) => Some(*i),
-        other => as_str(other).and_then(|s| s.parse().ok()),
-    }
-}
-
-/// The fields of an entry (`[f1, v1, f2, v2, ...]`) as name → value.
-fn fields(v: &Value) -> HashMap<&str, &Value> {
-    let mut out = HashMap::new();
-    if let Value::Array(items) = v {
-        for pair in items.chunks(2) {
-            if let [k, v] = pair {
-                if let Some(k) = as_str(k) {
-                    out.insert(k, v);
-                }
-            }
-        }
-    }
-    out
-}
-
-/// An incoming event from an entry's fields; `None` if malformed.
-fn event_from(f: &HashMap<&str, &Value>) -> Option<IncomingEvent> {
-    Some(IncomingEvent {
-        id: as_str(f.get("id")?)?.to_owned(),
-        ordering_key: OrderingKey::from_raw(as_str(f.get("k")?)?),
-        payload: Bytes::copy_from_slice(as_bytes(f.get("p")?)?),
-    })
 }
 
 /// Bookkeeping shared between a consumer task and its deliveries' settles.
@@ -431,34 +364,21 @@ impl Consumer {
             .map(|&p| (self.inner.keys.stream(p), p))
             .collect();
         let mut got = 0usize;
-        if let Value::Array(streams) = reply {
-            for s in &streams {
-                let Value::Array(kv) = s else { continue };
-                let (Some(key), Some(Value::Array(entries))) =
-                    (kv.first().and_then(as_str), kv.get(1))
-                else {
-                    continue;
-                };
-                let Some(&p) = by_key.get(key) else { continue };
-                for e in entries {
-                    let Value::Array(e) = e else { continue };
-                    let Some(id) = e.first().and_then(as_str).and_then(EntryId::parse) else {
-                        continue;
-                    };
-                    let f = e.get(1).map(fields).unwrap_or_default();
-                    match event_from(&f) {
-                        Some(event) => {
-                            if let Some(part) = self.held.get_mut(&p) {
-                                part.ready.push_back(Entry {
-                                    id,
-                                    event,
-                                    attempt: 1,
-                                });
-                                got += 1;
-                            }
+        for (key, entries) in reply::read_group(&reply) {
+            let Some(&p) = by_key.get(key) else { continue };
+            for ReadEntry { id, event } in entries {
+                match event {
+                    Some(event) => {
+                        if let Some(part) = self.held.get_mut(&p) {
+                            part.ready.push_back(Entry {
+                                id,
+                                event,
+                                attempt: 1,
+                            });
+                            got += 1;
                         }
-                        None => self.malformed(p, id).await,
                     }
+                    None => self.malformed(p, id).await,
                 }
             }
         }
@@ -469,21 +389,5 @@ impl Consumer {
         } else {
             Step::Idle
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn entry_ids_order_like_redis() {
-        let a = EntryId::parse("1700000000000-2").expect("id");
-        let b = EntryId::parse("1700000000000-10").expect("id");
-        let c = EntryId::parse("1700000000001-0").expect("id");
-        assert!(a < b && b < c);
-        assert_eq!(b.to_string(), "1700000000000-10");
-        assert_eq!(EntryId::parse("x-1"), None);
-        assert_eq!(EntryId::parse("12"), None);
     }
 }

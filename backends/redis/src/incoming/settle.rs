@@ -12,9 +12,11 @@ use redis::Value;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::keys::GROUP;
+use crate::reply::{self, EntryId, Redelivered};
+use crate::scripts::{SettleMode, Settled};
 use crate::{lock, Counters, Inner};
 
-use super::{as_int, as_str, event_from, fields, Consumer, Entry, EntryId, Shared};
+use super::{Consumer, Entry, Shared};
 
 impl Consumer {
     /// Yields buffered entries and redeliveries while permits last, the
@@ -82,31 +84,14 @@ impl Consumer {
     /// Delivers again one entry this consumer holds (the REDELIVER script).
     async fn redeliver(&mut self, p: u32, id: EntryId) -> Result<(), BackendError> {
         let inner = self.inner.clone();
-        let mut conn = inner.conn();
-        let reply: Value = inner
-            .run(
-                inner
-                    .scripts
-                    .redeliver
-                    .key(inner.keys.stream(p))
-                    .arg(GROUP)
-                    .arg(&self.token)
-                    .arg(id.to_string())
-                    .invoke_async(&mut conn),
-            )
-            .await?;
-        let Value::Array(parts) = reply else {
-            return Ok(());
-        };
-        // `gone`: acked meanwhile, or now another consumer's.
-        if parts.first().and_then(as_str) == Some("ok") {
-            let f = parts.get(1).map(fields).unwrap_or_default();
-            let attempt = parts
-                .get(2)
-                .and_then(as_int)
-                .and_then(|n| u32::try_from(n).ok())
-                .unwrap_or(1);
-            match event_from(&f) {
+        // `Gone`: acked meanwhile, or now another consumer's.
+        if let Redelivered::Again { event, attempt } = inner
+            .scripts
+            .redeliver
+            .call(&inner, p, &self.token, id)
+            .await?
+        {
+            match event {
                 Some(event) => self.send(p, Entry { id, event, attempt }),
                 None => self.malformed(p, id).await,
             }
@@ -134,9 +119,6 @@ impl Consumer {
                         .query_async(&mut conn),
                 )
                 .await?;
-            let Value::Array(rows) = pending else {
-                continue;
-            };
             let buffered: BTreeSet<EntryId> = self
                 .held
                 .get(&p)
@@ -144,11 +126,7 @@ impl Consumer {
                 .unwrap_or_default();
             let mut parts = lock(&self.shared.parts);
             let Some(s) = parts.get_mut(&p) else { continue };
-            for row in &rows {
-                let Value::Array(row) = row else { continue };
-                let Some(id) = row.first().and_then(as_str).and_then(EntryId::parse) else {
-                    continue;
-                };
+            for id in reply::pending_ids(&pending) {
                 if !s.inflight.contains(&id) && !buffered.contains(&id) {
                     s.redeliver.insert(id);
                 }
@@ -226,24 +204,13 @@ impl RedisSettle {
         Ok(())
     }
 
-    async fn run_settle(&self, mode: &str, reason: &str) -> Result<String, BackendError> {
+    async fn run_settle(&self, mode: SettleMode, reason: &str) -> Result<Settled, BackendError> {
         let inner = &self.inner;
-        let mut conn = inner.conn();
+        let (p, token) = (self.partition, &self.token);
         inner
-            .run(
-                inner
-                    .scripts
-                    .settle
-                    .key(inner.keys.stream(self.partition))
-                    .key(inner.keys.dead())
-                    .arg(GROUP)
-                    .arg(&self.token)
-                    .arg(self.id.to_string())
-                    .arg(mode)
-                    .arg(reason)
-                    .arg(self.partition)
-                    .invoke_async(&mut conn),
-            )
+            .scripts
+            .settle
+            .call(inner, p, token, self.id, mode, reason)
             .await
     }
 }
@@ -279,9 +246,9 @@ impl Settle for RedisSettle {
             self.finish(false);
             return Err(e);
         }
-        match self.run_settle("reject", "").await {
+        match self.run_settle(SettleMode::Reject, "").await {
             Ok(outcome) => {
-                self.finish(outcome == "requeue");
+                self.finish(outcome == Settled::Requeue);
                 Ok(())
             }
             Err(e) => {
@@ -297,9 +264,9 @@ impl Settle for RedisSettle {
             self.finish(false);
             return Err(e);
         }
-        match self.run_settle("dead", reason).await {
+        match self.run_settle(SettleMode::Dead, reason).await {
             Ok(outcome) => {
-                if outcome == "dead" {
+                if outcome == Settled::Dead {
                     Counters::bump(&self.inner.counters.dead_lettered, 1);
                 }
                 self.finish(false);
