@@ -242,7 +242,7 @@ pub(crate) async fn register(
     {
         let mut servers = inner.servers();
         if servers.contains_key(server) {
-            return Err(BackendError::Conflict(server.to_string()));
+            return Err(BackendError::Conflict(server.to_string().into()));
         }
         // Reserved before any await, so two concurrent registrations of
         // one id cannot both pass the check.
@@ -274,9 +274,9 @@ pub(crate) async fn register(
         // id (subscribed to its channel) from a crashed one (not), and our
         // own subscription must not count. A live holder keeps the id.
         if alive(inner, server, &token, "claim").await? < 0 {
-            return Err(BackendError::Conflict(format!(
-                "{server} (another live process holds it)"
-            )));
+            return Err(BackendError::Conflict(
+                format!("{server} (another live process holds it)").into(),
+            ));
         }
         // Subscribed before we return, so a bind that follows is
         // effective at once.
@@ -292,9 +292,9 @@ pub(crate) async fn register(
                 .await?
                 .is_none()
             {
-                return Err(BackendError::Conflict(format!(
-                    "{server} (another process registered it at the same time)"
-                )));
+                return Err(BackendError::Conflict(
+                    format!("{server} (another process registered it at the same time)").into(),
+                ));
             }
             Ok(con)
         }
@@ -373,7 +373,7 @@ pub(crate) async fn bind(
         let servers = inner.servers();
         let s = servers
             .get(server)
-            .ok_or_else(|| BackendError::NotRegistered(server.to_string()))?;
+            .ok_or_else(|| BackendError::NotRegistered(server.to_string().into()))?;
         (s.token.clone(), s.routes_lost.clone())
     };
     let code = inner.scripts.bind.call(inner, server, key, &token).await?;
@@ -385,7 +385,7 @@ pub(crate) async fn bind(
             routes_lost.notify_one();
             Ok(())
         }
-        _ => Err(BackendError::Conflict(server.to_string())),
+        _ => Err(BackendError::Conflict(server.to_string().into())),
     }
 }
 
