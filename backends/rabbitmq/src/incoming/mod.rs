@@ -78,7 +78,7 @@ pub(crate) const DEAD_AFTER: Duration = Duration::from_millis(3500);
 /// everything and then hand most of it back.
 const DISCOVERY: Duration = Duration::from_millis(300);
 fn unavailable(what: &str) -> BackendError {
-    BackendError::Unavailable(what.to_owned().into())
+    BackendError::Unavailable(what.into())
 }
 
 /// What a member's partition consumers hand to its stream.
