@@ -154,7 +154,7 @@ impl Gateway {
         key: &RouteKey,
         env: &OutgoingEnvelope,
     ) -> Result<(), BackendError> {
-        let payload = serde_json::to_vec(env).map_err(|e| BackendError::Invalid(e.to_string()))?;
+        let payload = serde_json::to_vec(env).map_err(|e| BackendError::invalid("", e))?;
         self.backend
             .publish_outgoing(key, Bytes::from(payload))
             .await?;

@@ -14,7 +14,8 @@
 //! Parts:
 //! - [`FanoutBackend`]: the trait, with its contract written on each method;
 //! - [`types`]: the identifiers and messages that cross it;
-//! - [`BackendError`]: the one error type, which says whether a retry can help;
+//! - [`BackendError`]: the one error type, which says whether a retry can help
+//!   and keeps the broker client's error as its source ([`Detail`]);
 //! - [`Capabilities`]: what a backend guarantees;
 //! - `conformance` (feature `conformance`): the checks every backend's tests run.
 
@@ -24,7 +25,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 
+mod error;
 pub mod types;
+pub use error::{BackendError, Detail};
 pub use types::*;
 
 #[cfg(feature = "conformance")]
@@ -211,39 +214,6 @@ pub trait FanoutBackend: Send + Sync + std::fmt::Debug + 'static {
 
 /// The stream of deliveries for one registered server.
 pub type ServerStream = BoxStream<'static, ServerEvent>;
-
-/// Errors of every backend. Says whether a retry can help.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum BackendError {
-    /// The broker could not be reached or did not confirm in time. Worth
-    /// retrying; clients get `unavailable`.
-    #[error("broker unavailable: {0}")]
-    Unavailable(String),
-    /// The broker refused the operation for good (permissions, bad topology).
-    #[error("broker refused the operation: {0}")]
-    Refused(String),
-    /// The server id is already registered and live.
-    #[error("server {0} is already registered")]
-    Conflict(String),
-    /// The server id is not registered on this backend.
-    #[error("server {0} is not registered")]
-    NotRegistered(String),
-    /// An argument the backend cannot accept (for example an oversized
-    /// payload).
-    #[error("invalid argument: {0}")]
-    Invalid(String),
-    /// The backend was shut down.
-    #[error("backend is shut down")]
-    Closed,
-}
-
-impl BackendError {
-    /// Whether the same call may succeed later without any change.
-    pub fn is_temporary(&self) -> bool {
-        matches!(self, BackendError::Unavailable(_))
-    }
-}
 
 /// What a backend guarantees; reported by `/readyz` and the benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

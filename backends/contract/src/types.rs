@@ -37,7 +37,7 @@ macro_rules! id_type {
                     Err(BackendError::Invalid(format!(
                         concat!(stringify!($name), " must be 1 to 64 characters of [A-Za-z0-9_-], got {:?}"),
                         s
-                    )))
+                    ).into()))
                 }
             }
 
@@ -114,9 +114,9 @@ fn check_id(what: &str, id: &str) -> Result<(), BackendError> {
     if is_valid_id(id) {
         Ok(())
     } else {
-        Err(BackendError::Invalid(format!(
-            "{what} must be 1 to 64 characters of [A-Za-z0-9_-], got {id:?}"
-        )))
+        Err(BackendError::Invalid(
+            format!("{what} must be 1 to 64 characters of [A-Za-z0-9_-], got {id:?}").into(),
+        ))
     }
 }
 

@@ -360,10 +360,13 @@ impl FanoutBackend for MemoryBackend {
             return Err(BackendError::Closed);
         }
         if st.queued >= self.inner.config.max_queued {
-            return Err(BackendError::Unavailable(format!(
-                "incoming side is full ({} events waiting for workers)",
-                st.queued
-            )));
+            return Err(BackendError::Unavailable(
+                format!(
+                    "incoming side is full ({} events waiting for workers)",
+                    st.queued
+                )
+                .into(),
+            ));
         }
         let partition = partition_for(&event.ordering_key, st.partitions.len() as u32);
         let seq = st.next_seq;
@@ -487,7 +490,7 @@ impl FanoutBackend for MemoryBackend {
                 return Err(BackendError::Closed);
             }
             if st.servers.get(server).is_some_and(|s| !s.tx.is_closed()) {
-                return Err(BackendError::Conflict(server.to_string()));
+                return Err(BackendError::Conflict(server.to_string().into()));
             }
             remove_server(&mut st, server);
             let generation = st.next_seq;
@@ -523,7 +526,7 @@ impl FanoutBackend for MemoryBackend {
         let s = st
             .servers
             .get_mut(server)
-            .ok_or_else(|| BackendError::NotRegistered(server.to_string()))?;
+            .ok_or_else(|| BackendError::NotRegistered(server.to_string().into()))?;
         s.keys.insert(key.clone());
         st.routes
             .entry(key.clone())

@@ -11,29 +11,33 @@ use std::time::Duration;
 use fanout_backend::BackendError;
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 
-/// Maps a lapin error met while doing `what`.
+/// Maps a lapin error met while doing `what`; the error stays the
+/// [`BackendError`]'s source.
 pub(crate) fn map_err(what: &str, e: &lapin::Error) -> BackendError {
     use lapin::ErrorKind as K;
+    // lapin's errors are cheap to clone (shared inner parts); the clone is
+    // what the chain keeps.
+    let source = e.clone();
     match e.kind() {
         K::ProtocolError(amqp) => match amqp.kind() {
             AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
             | AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
             | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
             | AMQPErrorKind::Hard(AMQPHardError::INVALIDPATH) => {
-                BackendError::Refused(format!("{what}: {e}"))
+                BackendError::refused(what, source)
             }
             AMQPErrorKind::Soft(AMQPSoftError::CONTENTTOOLARGE) => {
-                BackendError::Invalid(format!("{what}: {e}"))
+                BackendError::invalid(what, source)
             }
             // NOT_FOUND (a queue or exchange that a reconnect re-declares),
             // RESOURCE_LOCKED (callers that mean Conflict check for it
             // first), CONNECTION_FORCED, INTERNAL_ERROR, ...: transient.
-            _ => BackendError::Unavailable(format!("{what}: {e}")),
+            _ => BackendError::unavailable(what, source),
         },
         K::AuthProviderError(_) | K::InvalidProtocolVersion(_) => {
-            BackendError::Refused(format!("{what}: {e}"))
+            BackendError::refused(what, source)
         }
-        _ => BackendError::Unavailable(format!("{what}: {e}")),
+        _ => BackendError::unavailable(what, source),
     }
 }
 
@@ -55,9 +59,9 @@ pub(crate) async fn bounded<T>(
     match tokio::time::timeout(limit, fut).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(map_err(what, &e)),
-        Err(_) => Err(BackendError::Unavailable(format!(
-            "{what}: no answer from the broker within {limit:?}"
-        ))),
+        Err(_) => Err(BackendError::Unavailable(
+            format!("{what}: no answer from the broker within {limit:?}").into(),
+        )),
     }
 }
 
@@ -69,8 +73,8 @@ pub(crate) async fn within<T>(
 ) -> Result<T, BackendError> {
     match tokio::time::timeout(limit, fut).await {
         Ok(r) => r,
-        Err(_) => Err(BackendError::Unavailable(format!(
-            "{what}: no answer from the broker within {limit:?}"
-        ))),
+        Err(_) => Err(BackendError::Unavailable(
+            format!("{what}: no answer from the broker within {limit:?}").into(),
+        )),
     }
 }

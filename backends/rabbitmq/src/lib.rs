@@ -145,16 +145,18 @@ impl RabbitMqConfig {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
         if !ns_ok {
-            return Err(BackendError::Invalid(format!(
-                "namespace must be 1 to 100 characters of [A-Za-z0-9_.-], got {:?}",
-                self.namespace
-            )));
+            return Err(BackendError::Invalid(
+                format!(
+                    "namespace must be 1 to 100 characters of [A-Za-z0-9_.-], got {:?}",
+                    self.namespace
+                )
+                .into(),
+            ));
         }
         if self.partitions == 0 || self.partitions > 10_000 {
-            return Err(BackendError::Invalid(format!(
-                "partitions must be 1 to 10000, got {}",
-                self.partitions
-            )));
+            return Err(BackendError::Invalid(
+                format!("partitions must be 1 to 10000, got {}", self.partitions).into(),
+            ));
         }
         if self.server_prefetch == 0 {
             return Err(BackendError::Invalid(
@@ -321,10 +323,13 @@ impl RabbitMqBackend {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return Err(error::map_err("connect to RabbitMQ", &e)),
                 Err(_) => {
-                    return Err(BackendError::Unavailable(format!(
-                        "connect to RabbitMQ: no answer within {:?}",
-                        inner.timeout()
-                    )))
+                    return Err(BackendError::Unavailable(
+                        format!(
+                            "connect to RabbitMQ: no answer within {:?}",
+                            inner.timeout()
+                        )
+                        .into(),
+                    ))
                 }
             };
         inner.session.send_replace(Some(Arc::new(first)));
@@ -630,9 +635,9 @@ impl FanoutBackend for RabbitMqBackend {
         // A gateway whose queue is gone receives nothing until it is
         // declared again: not ready meanwhile, however healthy the broker.
         if let Some(server) = outgoing::detached(inner) {
-            return Err(BackendError::Unavailable(format!(
-                "the queue of gateway {server} was lost; declaring it again"
-            )));
+            return Err(BackendError::Unavailable(
+                format!("the queue of gateway {server} was lost; declaring it again").into(),
+            ));
         }
         let limit = inner.timeout().min(Duration::from_secs(2));
         let exchange = inner.names.incoming_exchange();

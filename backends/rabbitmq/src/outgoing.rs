@@ -72,7 +72,7 @@ pub(crate) async fn register(
     // values the exclusive queue does (RESOURCE_LOCKED below).
     let stale = match lock(&inner.servers).get(server) {
         Some(e) if e.live.load(Ordering::Acquire) => {
-            return Err(BackendError::Conflict(server.to_string()))
+            return Err(BackendError::Conflict(server.to_string().into()))
         }
         Some(e) => Some(e.generation),
         None => None,
@@ -224,9 +224,9 @@ async fn attach(
     let queue = inner.names.server_queue(server.as_str());
     let conflict = |e: &lapin::Error, what: &str| {
         if is_resource_locked(e) {
-            BackendError::Conflict(format!(
-                "{server} (its queue is held by another connection)"
-            ))
+            BackendError::Conflict(
+                format!("{server} (its queue is held by another connection)").into(),
+            )
         } else {
             map_err(what, e)
         }
@@ -608,7 +608,7 @@ pub(crate) async fn bind(
             Some(e) if e.live.load(Ordering::Acquire) => {
                 e.keys.insert(rk.clone());
             }
-            _ => return Err(BackendError::NotRegistered(server.to_string())),
+            _ => return Err(BackendError::NotRegistered(server.to_string().into())),
         }
     }
     let session = inner.current()?;

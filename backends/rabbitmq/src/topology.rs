@@ -79,10 +79,13 @@ pub(crate) fn ss(s: &str) -> ShortString {
 /// trusted.
 pub(crate) fn routing_key(rk: &str) -> Result<ShortString, fanout_backend::BackendError> {
     ShortString::try_new(rk).map_err(|_| {
-        fanout_backend::BackendError::Invalid(format!(
-            "routing key longer than 255 bytes: {}...",
-            rk.chars().take(32).collect::<String>()
-        ))
+        fanout_backend::BackendError::Invalid(
+            format!(
+                "routing key longer than 255 bytes: {}...",
+                rk.chars().take(32).collect::<String>()
+            )
+            .into(),
+        )
     })
 }
 

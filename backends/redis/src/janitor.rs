@@ -29,7 +29,6 @@ use std::time::Duration;
 
 use fanout_backend::BackendError;
 
-use crate::keys::GROUP;
 use crate::outgoing::cleanup;
 use crate::{Counters, Inner};
 
@@ -122,35 +121,10 @@ pub(crate) async fn run_once(inner: &Inner) -> Result<JanitorReport, BackendErro
         report.routes_removed,
     );
 
-    let min_idle = (inner.config.lease_ttl * 2).as_millis() as u64;
+    let min_idle = inner.config.lease_ttl * 2;
     for p in 0..inner.config.partitions {
-        let stream = inner.keys.stream(p);
-        let mut conn = inner.conn();
-        let trimmed: u64 = inner
-            .run(
-                inner
-                    .scripts
-                    .trim
-                    .key(&stream)
-                    .arg(GROUP)
-                    .arg(inner.config.max_stream_len)
-                    .invoke_async(&mut conn),
-            )
-            .await?;
-        report.entries_trimmed += trimmed;
-        let removed: u64 = inner
-            .run(
-                inner
-                    .scripts
-                    .gc_consumers
-                    .key(&stream)
-                    .key(inner.keys.consumers())
-                    .arg(GROUP)
-                    .arg(min_idle)
-                    .invoke_async(&mut conn),
-            )
-            .await?;
-        report.consumers_removed += removed;
+        report.entries_trimmed += inner.scripts.trim.call(inner, p).await?;
+        report.consumers_removed += inner.scripts.gc_consumers.call(inner, p, min_idle).await?;
     }
     Ok(report)
 }

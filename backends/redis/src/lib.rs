@@ -17,7 +17,10 @@
 //!   run per period per namespace under a lock): removes the routes of servers whose liveness expired,
 //!   trims the incoming streams without touching unacked entries, forgets
 //!   group consumers that are gone;
-//! - `scripts`: the Lua scripts, each documented with its keys and replies.
+//! - `scripts`: the Lua scripts, each documented with its keys and replies
+//!   and called through a typed wrapper next to it;
+//! - `reply`: parsing of the nested replies (stream entries, XPENDING, the
+//!   CLAIM and REDELIVER scripts).
 //!
 //! Keys and channels (all under the namespace `ns`, see `keys.rs`):
 //!
@@ -47,9 +50,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use fanout_backend::{
-    partition_for, BackendError, Capabilities, ConsumeOptions, DeadLetter, DeadLetterAction,
-    DeadLetterSelection, FanoutBackend, IncomingDelivery, IncomingEvent, RouteKey, RouteOutcome,
-    ServerId, ServerStream,
+    BackendError, Capabilities, ConsumeOptions, DeadLetter, DeadLetterAction, DeadLetterSelection,
+    FanoutBackend, IncomingDelivery, IncomingEvent, RouteKey, RouteOutcome, ServerId, ServerStream,
 };
 use futures::stream::BoxStream;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -61,6 +63,7 @@ mod incoming;
 mod janitor;
 mod keys;
 mod outgoing;
+mod reply;
 mod scripts;
 
 pub use janitor::JanitorReport;
@@ -155,10 +158,13 @@ fn redact_url(url: &str) -> String {
 impl RedisConfig {
     fn validate(&self) -> Result<(), BackendError> {
         if !fanout_backend::is_valid_id(&self.namespace) {
-            return Err(BackendError::Invalid(format!(
-                "namespace must be 1 to 64 characters of [A-Za-z0-9_-], got {:?}",
-                self.namespace
-            )));
+            return Err(BackendError::Invalid(
+                format!(
+                    "namespace must be 1 to 64 characters of [A-Za-z0-9_-], got {:?}",
+                    self.namespace
+                )
+                .into(),
+            ));
         }
         if self.partitions == 0 {
             return Err(BackendError::Invalid(
@@ -177,9 +183,9 @@ impl RedisConfig {
             ("lease_ttl", self.lease_ttl),
         ] {
             if ttl < Duration::from_secs(1) {
-                return Err(BackendError::Invalid(format!(
-                    "{name} must be at least 1 s, got {ttl:?}"
-                )));
+                return Err(BackendError::Invalid(
+                    format!("{name} must be at least 1 s, got {ttl:?}").into(),
+                ));
             }
         }
         Ok(())
@@ -320,30 +326,31 @@ pub(crate) async fn with_timeout<T>(
     match tokio::time::timeout(limit, fut).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(map_error(e)),
-        Err(_) => Err(BackendError::Unavailable(format!(
-            "Redis did not answer within {limit:?}"
-        ))),
+        Err(_) => Err(BackendError::Unavailable(
+            format!("Redis did not answer within {limit:?}").into(),
+        )),
     }
 }
 
-/// Maps a redis-rs error: connection trouble and server states that pass
-/// (loading, OOM, failover) are `Unavailable`; permission and
-/// configuration errors, and server errors a retry cannot fix (a script
-/// error, a wrong type), are `Refused`.
+/// Maps a redis-rs error, which stays the [`BackendError`]'s source:
+/// connection trouble and server states that pass (loading, OOM, failover)
+/// are `Unavailable`; permission and configuration errors, and server
+/// errors a retry cannot fix (a script error, a wrong type), are `Refused`.
 pub(crate) fn map_error(e: RedisError) -> BackendError {
+    // The text is the error's own, as it always was: no context.
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
-        return BackendError::Unavailable(e.to_string());
+        return BackendError::unavailable("", e);
     }
     match e.code() {
         Some(
             "LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "READONLY" | "CLUSTERDOWN" | "OOM",
-        ) => BackendError::Unavailable(e.to_string()),
-        Some(_) => BackendError::Refused(e.to_string()),
+        ) => BackendError::unavailable("", e),
+        Some(_) => BackendError::refused("", e),
         None => match e.kind() {
             redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::InvalidClientConfig => {
-                BackendError::Refused(e.to_string())
+                BackendError::refused("", e)
             }
-            _ => BackendError::Unavailable(e.to_string()),
+            _ => BackendError::unavailable("", e),
         },
     }
 }
@@ -364,7 +371,7 @@ impl RedisBackend {
             .url
             .as_str()
             .into_connection_info()
-            .map_err(|e| BackendError::Invalid(format!("bad Redis URL: {e}")))?;
+            .map_err(|e| BackendError::invalid("bad Redis URL", e))?;
         let sub_info = info.clone().set_redis_settings(
             info.redis_settings()
                 .clone()
@@ -472,9 +479,9 @@ impl RedisBackend {
     /// to `url` and deletes every key under `{namespace}:`.
     pub async fn purge(url: &str, namespace: &str, timeout: Duration) -> Result<u64, BackendError> {
         if !fanout_backend::is_valid_id(namespace) {
-            return Err(BackendError::Invalid(format!(
-                "not a namespace: {namespace:?}"
-            )));
+            return Err(BackendError::Invalid(
+                format!("not a namespace: {namespace:?}").into(),
+            ));
         }
         let client = Client::open(url).map_err(map_error)?;
         let conn = with_timeout(timeout, client.get_multiplexed_async_connection()).await?;
@@ -570,27 +577,7 @@ impl FanoutBackend for RedisBackend {
     }
 
     async fn publish_incoming(&self, event: IncomingEvent) -> Result<(), BackendError> {
-        self.inner.check_open()?;
-        let partition = partition_for(&event.ordering_key, self.inner.config.partitions);
-        let mut conn = self.inner.conn();
-        // No MAXLEN here: trimming at append time could drop entries nobody
-        // has consumed. The janitor trims, behind the consumer group.
-        let _: String = self
-            .inner
-            .run(
-                redis::cmd("XADD")
-                    .arg(self.inner.keys.stream(partition))
-                    .arg("*")
-                    .arg("id")
-                    .arg(&event.id)
-                    .arg("k")
-                    .arg(event.ordering_key.as_str())
-                    .arg("p")
-                    .arg(event.payload.as_ref())
-                    .query_async(&mut conn),
-            )
-            .await?;
-        Ok(())
+        incoming::publish(&self.inner, event).await
     }
 
     async fn consume_incoming(

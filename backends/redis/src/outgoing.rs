@@ -193,22 +193,7 @@ async fn alive(
     token: &str,
     mode: &str,
 ) -> Result<i64, BackendError> {
-    let mut conn = inner.conn();
-    inner
-        .run(
-            inner
-                .scripts
-                .alive
-                .key(inner.keys.alive(server.as_str()))
-                .key(inner.keys.servers())
-                .arg(token)
-                .arg(inner.config.liveness_ttl.as_millis() as u64)
-                .arg(server.as_str())
-                .arg(mode)
-                .arg(inner.keys.out_channel(server))
-                .invoke_async(&mut conn),
-        )
-        .await
+    inner.scripts.alive.call(inner, server, token, mode).await
 }
 
 /// Removes a server's routes in batches. `mode` is the guard (see the
@@ -222,22 +207,8 @@ pub(crate) async fn cleanup(
 ) -> Result<Option<u64>, BackendError> {
     let mut removed = 0u64;
     loop {
-        let mut conn = inner.conn();
-        let (left, popped): (i64, u64) = inner
-            .run(
-                inner
-                    .scripts
-                    .cleanup
-                    .key(inner.keys.server_keys(server))
-                    .key(inner.keys.alive(server))
-                    .key(inner.keys.servers())
-                    .arg(mode)
-                    .arg(token)
-                    .arg(CLEANUP_BATCH)
-                    .arg(inner.keys.route_prefix())
-                    .arg(server)
-                    .invoke_async(&mut conn),
-            )
+        let (left, popped) = (inner.scripts.cleanup)
+            .call(inner, server, token, mode, CLEANUP_BATCH)
             .await?;
         removed += popped;
         if left < 0 {
@@ -271,7 +242,7 @@ pub(crate) async fn register(
     {
         let mut servers = inner.servers();
         if servers.contains_key(server) {
-            return Err(BackendError::Conflict(server.to_string()));
+            return Err(BackendError::Conflict(server.to_string().into()));
         }
         // Reserved before any await, so two concurrent registrations of
         // one id cannot both pass the check.
@@ -303,9 +274,9 @@ pub(crate) async fn register(
         // id (subscribed to its channel) from a crashed one (not), and our
         // own subscription must not count. A live holder keeps the id.
         if alive(inner, server, &token, "claim").await? < 0 {
-            return Err(BackendError::Conflict(format!(
-                "{server} (another live process holds it)"
-            )));
+            return Err(BackendError::Conflict(
+                format!("{server} (another live process holds it)").into(),
+            ));
         }
         // Subscribed before we return, so a bind that follows is
         // effective at once.
@@ -321,9 +292,9 @@ pub(crate) async fn register(
                 .await?
                 .is_none()
             {
-                return Err(BackendError::Conflict(format!(
-                    "{server} (another process registered it at the same time)"
-                )));
+                return Err(BackendError::Conflict(
+                    format!("{server} (another process registered it at the same time)").into(),
+                ));
             }
             Ok(con)
         }
@@ -402,26 +373,10 @@ pub(crate) async fn bind(
         let servers = inner.servers();
         let s = servers
             .get(server)
-            .ok_or_else(|| BackendError::NotRegistered(server.to_string()))?;
+            .ok_or_else(|| BackendError::NotRegistered(server.to_string().into()))?;
         (s.token.clone(), s.routes_lost.clone())
     };
-    let mut conn = inner.conn();
-    let code: i64 = inner
-        .run(
-            inner
-                .scripts
-                .bind
-                .key(inner.keys.route(key))
-                .key(inner.keys.server_keys(server.as_str()))
-                .key(inner.keys.alive(server.as_str()))
-                .key(inner.keys.servers())
-                .arg(server.as_str())
-                .arg(key.as_routing_key())
-                .arg(&token)
-                .arg(inner.config.liveness_ttl.as_millis() as u64)
-                .invoke_async(&mut conn),
-        )
-        .await?;
+    let code = inner.scripts.bind.call(inner, server, key, &token).await?;
     match code {
         1 => Ok(()),
         0 => {
@@ -430,7 +385,7 @@ pub(crate) async fn bind(
             routes_lost.notify_one();
             Ok(())
         }
-        _ => Err(BackendError::Conflict(server.to_string())),
+        _ => Err(BackendError::Conflict(server.to_string().into())),
     }
 }
 
@@ -465,18 +420,7 @@ pub(crate) async fn publish(
 ) -> Result<RouteOutcome, BackendError> {
     inner.check_open()?;
     let frame = encode_frame(key, payload);
-    let mut conn = inner.conn();
-    let (bound, received): (u64, u64) = inner
-        .run(
-            inner
-                .scripts
-                .publish
-                .key(inner.keys.route(key))
-                .arg(inner.keys.out_prefix())
-                .arg(frame)
-                .invoke_async(&mut conn),
-        )
-        .await?;
+    let (bound, received) = inner.scripts.publish.call(inner, key, &frame).await?;
     if bound > 0 && received < bound {
         // A bound server without a subscriber: crashed (stale route, until
         // the janitor runs) or reconnecting. Its copy is lost.

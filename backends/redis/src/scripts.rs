@@ -3,6 +3,12 @@
 //! with no interleaving (publish to every bound server, compare-and-renew a
 //! lease, "dead-letter only if this consumer still owns the entry").
 //!
+//! Next to each script is its typed wrapper: a `call` that builds the
+//! script's KEYS and ARGV from the backend's keys and settings, runs it
+//! bounded by `operation_timeout`, and returns its reply as a type (the
+//! nested replies parsed in [`crate::reply`]), so no caller spells KEYS and
+//! ARGV by hand.
+//!
 //! They are sent with EVALSHA (redis-rs' `Script` falls back to loading the
 //! source on `NOSCRIPT`, e.g. after a Redis restart), so the source crosses
 //! the network once per server, not per call.
@@ -13,7 +19,14 @@
 //! Redis (or a primary with replicas) and is the reason this backend does not
 //! support Redis Cluster; see `docs/backends/redis.md`.
 
-use redis::Script;
+use std::time::Duration;
+
+use fanout_backend::{BackendError, IncomingEvent, RouteKey, ServerId};
+use redis::{FromRedisValue, Script, ScriptInvocation, Value};
+
+use crate::keys::GROUP;
+use crate::reply::{self, Claimed, EntryId, Redelivered};
+use crate::Inner;
 
 /// Shared by the scripts that may move an incoming entry to the dead-letter
 /// stream: copies the entry's fields, adds why and how often it was
@@ -51,6 +64,30 @@ end
 return {#servers, received}
 "#;
 
+/// Calls [`PUBLISH`]: the frame to every server bound to `key`. Returns
+/// `(bound, received)`.
+#[derive(Debug)]
+pub(crate) struct Publish(Script);
+
+impl Publish {
+    pub(crate) async fn call(
+        &self,
+        inner: &Inner,
+        key: &RouteKey,
+        frame: &[u8],
+    ) -> Result<(u64, u64), BackendError> {
+        let keys = &inner.keys;
+        invoke(
+            inner,
+            self.0
+                .key(keys.route(key))
+                .arg(keys.out_prefix())
+                .arg(frame),
+        )
+        .await
+    }
+}
+
 /// Bind: add a route, but only for the current holder of the server id.
 ///
 /// KEYS[1] = route set, KEYS[2] = the server's key set, KEYS[3] = liveness
@@ -73,6 +110,36 @@ redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[2])
 return code
 "#;
+
+/// Calls [`BIND`] for the registration holding `token`. Returns 1, 0 or -1
+/// as the script says.
+#[derive(Debug)]
+pub(crate) struct Bind(Script);
+
+impl Bind {
+    pub(crate) async fn call(
+        &self,
+        inner: &Inner,
+        server: &ServerId,
+        key: &RouteKey,
+        token: &str,
+    ) -> Result<i64, BackendError> {
+        let keys = &inner.keys;
+        invoke(
+            inner,
+            self.0
+                .key(keys.route(key))
+                .key(keys.server_keys(server.as_str()))
+                .key(keys.alive(server.as_str()))
+                .key(keys.servers())
+                .arg(server.as_str())
+                .arg(key.as_routing_key())
+                .arg(token)
+                .arg(ms(inner.config.liveness_ttl)),
+        )
+        .await
+    }
+}
 
 /// Liveness: take the id (`claim`) or refresh / re-assert it (`refresh`).
 ///
@@ -108,6 +175,35 @@ end
 return -1
 "#;
 
+/// Calls [`ALIVE`] for `server` in `mode` (`claim` or `refresh`). Returns
+/// 1, 0 or -1 as the script says.
+#[derive(Debug)]
+pub(crate) struct Alive(Script);
+
+impl Alive {
+    pub(crate) async fn call(
+        &self,
+        inner: &Inner,
+        server: &ServerId,
+        token: &str,
+        mode: &str,
+    ) -> Result<i64, BackendError> {
+        let keys = &inner.keys;
+        invoke(
+            inner,
+            self.0
+                .key(keys.alive(server.as_str()))
+                .key(keys.servers())
+                .arg(token)
+                .arg(ms(inner.config.liveness_ttl))
+                .arg(server.as_str())
+                .arg(mode)
+                .arg(keys.out_channel(server)),
+        )
+        .await
+    }
+}
+
 /// Removes one batch of a server's routes. Batched so that a gateway with
 /// 100,000 users does not block Redis for the whole cleanup.
 ///
@@ -140,6 +236,37 @@ if left == 0 then
 end
 return {left, #keys}
 "#;
+
+/// Calls [`CLEANUP`] once: removes up to `batch` routes of `server` in
+/// `mode`. Returns `(keys left, keys removed)`.
+#[derive(Debug)]
+pub(crate) struct Cleanup(Script);
+
+impl Cleanup {
+    pub(crate) async fn call(
+        &self,
+        inner: &Inner,
+        server: &str,
+        token: &str,
+        mode: &str,
+        batch: usize,
+    ) -> Result<(i64, u64), BackendError> {
+        let keys = &inner.keys;
+        invoke(
+            inner,
+            self.0
+                .key(keys.server_keys(server))
+                .key(keys.alive(server))
+                .key(keys.servers())
+                .arg(mode)
+                .arg(token)
+                .arg(batch)
+                .arg(keys.route_prefix())
+                .arg(server),
+        )
+        .await
+    }
+}
 
 /// Consumer heartbeat, lease renewal and acquisition, in one round trip.
 ///
@@ -179,6 +306,22 @@ end
 return out
 "#;
 
+/// Calls [`MAINTAIN`] for the consumer `token` over every partition.
+/// Returns one status per partition, in order.
+#[derive(Debug)]
+pub(crate) struct Maintain(Script);
+
+impl Maintain {
+    pub(crate) async fn call(&self, inner: &Inner, token: &str) -> Result<Vec<i64>, BackendError> {
+        let mut call = self.0.key(inner.keys.consumers());
+        for p in 0..inner.config.partitions {
+            call.key(inner.keys.lease(p));
+        }
+        call.arg(token).arg(ms(inner.config.lease_ttl));
+        invoke(inner, &call).await
+    }
+}
+
 /// Shared by `RELEASE` and `LEAVE`: makes this consumer's pending entries
 /// of one stream claimable at once by the next owner (their idle time is set
 /// to `claim_idle` without touching the delivery count), so a graceful
@@ -213,6 +356,31 @@ redis.call('DEL', KEYS[2])
 return 1
 "#;
 
+/// Calls `RELEASE` for partition `p`. Returns 1 (released) or 0 (the lease
+/// was no longer ours).
+#[derive(Debug)]
+pub(crate) struct Release(Script);
+
+impl Release {
+    pub(crate) async fn call(
+        &self,
+        inner: &Inner,
+        p: u32,
+        token: &str,
+    ) -> Result<i64, BackendError> {
+        invoke(
+            inner,
+            self.0
+                .key(inner.keys.stream(p))
+                .key(inner.keys.lease(p))
+                .arg(GROUP)
+                .arg(token)
+                .arg(ms(inner.config.claim_idle)),
+        )
+        .await
+    }
+}
+
 /// A consumer leaves the group: out of the membership ZSET, every pending
 /// entry it holds handed over, every lease it holds deleted.
 ///
@@ -226,6 +394,21 @@ for i = 2, #KEYS, 2 do
 end
 return 1
 "#;
+
+/// Calls `LEAVE` for the consumer `token` over every partition.
+#[derive(Debug)]
+pub(crate) struct Leave(Script);
+
+impl Leave {
+    pub(crate) async fn call(&self, inner: &Inner, token: &str) -> Result<i64, BackendError> {
+        let mut call = self.0.key(inner.keys.consumers());
+        for p in 0..inner.config.partitions {
+            call.key(inner.keys.stream(p)).key(inner.keys.lease(p));
+        }
+        call.arg(GROUP).arg(token).arg(ms(inner.config.claim_idle));
+        invoke(inner, &call).await
+    }
+}
 
 /// Takes over the pending entries of a partition a consumer has just
 /// acquired, oldest first, starting after a cursor.
@@ -261,6 +444,35 @@ end
 return {status, last, out}
 "#;
 
+/// Calls [`CLAIM`] on partition `p` for the consumer `token`: at most
+/// `batch` entries after `start`. `None` if the reply is not the script's.
+#[derive(Debug)]
+pub(crate) struct Claim(Script);
+
+impl Claim {
+    pub(crate) async fn call(
+        &self,
+        inner: &Inner,
+        p: u32,
+        token: &str,
+        batch: usize,
+        start: &str,
+    ) -> Result<Option<Claimed>, BackendError> {
+        let raw: Value = invoke(
+            inner,
+            self.0
+                .key(inner.keys.stream(p))
+                .arg(GROUP)
+                .arg(token)
+                .arg(ms(inner.config.claim_idle))
+                .arg(batch)
+                .arg(start),
+        )
+        .await?;
+        Ok(reply::claimed(&raw))
+    }
+}
+
 /// Delivers again one entry this consumer holds (after `reject`, a dropped
 /// delivery or a failed settle): XCLAIM to itself, which increments the
 /// delivery count (informational: nothing is dead-lettered by it).
@@ -278,6 +490,32 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 return {'gone'}
 "#;
 
+/// Calls [`REDELIVER`] on partition `p` for entry `id` of the consumer
+/// `token`.
+#[derive(Debug)]
+pub(crate) struct Redeliver(Script);
+
+impl Redeliver {
+    pub(crate) async fn call(
+        &self,
+        inner: &Inner,
+        p: u32,
+        token: &str,
+        id: EntryId,
+    ) -> Result<Redelivered, BackendError> {
+        let raw: Value = invoke(
+            inner,
+            self.0
+                .key(inner.keys.stream(p))
+                .arg(GROUP)
+                .arg(token)
+                .arg(id.to_string()),
+        )
+        .await?;
+        Ok(reply::redelivered(&raw))
+    }
+}
+
 /// `reject` and `dead_letter` of one delivery, only if this consumer still
 /// holds the entry (if another consumer took it over, it is theirs now).
 ///
@@ -292,6 +530,65 @@ dead_letter(KEYS[1], KEYS[2], ARGV[1], ARGV[3], ARGV[5], pe[1][4], ARGV[6])
 return 'dead'
 "#;
 
+/// What `SETTLE` does with the entry (ARGV[4]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SettleMode {
+    /// `reject`: leave it pending on this consumer, to be delivered again.
+    Reject,
+    /// `dead`: move it to the dead-letter stream.
+    Dead,
+}
+
+/// What `SETTLE` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// `requeue`: still ours; deliver it again.
+    Requeue,
+    /// `dead`: dead-lettered.
+    Dead,
+    /// `gone` (or any other answer): no longer ours.
+    Gone,
+}
+
+/// Calls `SETTLE` on partition `p` for entry `id` of the consumer `token`.
+#[derive(Debug)]
+pub(crate) struct Settle(Script);
+
+impl Settle {
+    pub(crate) async fn call(
+        &self,
+        inner: &Inner,
+        p: u32,
+        token: &str,
+        id: EntryId,
+        mode: SettleMode,
+        reason: &str,
+    ) -> Result<Settled, BackendError> {
+        let mode = match mode {
+            SettleMode::Reject => "reject",
+            SettleMode::Dead => "dead",
+        };
+        let outcome: String = invoke(
+            inner,
+            self.0
+                .key(inner.keys.stream(p))
+                .key(inner.keys.dead())
+                .arg(GROUP)
+                .arg(token)
+                .arg(id.to_string())
+                .arg(mode)
+                .arg(reason)
+                .arg(p),
+        )
+        .await?;
+        Ok(match outcome.as_str() {
+            "requeue" => Settled::Requeue,
+            "dead" => Settled::Dead,
+            _ => Settled::Gone,
+        })
+    }
+}
+
 /// Replays one dead letter: removes it from the dead-letter stream and
 /// appends its event to its partition stream, both or neither, so two
 /// operators replaying at once never replay one dead letter twice.
@@ -304,6 +601,33 @@ if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('XADD', KEYS[2], '*', 'id', ARGV[2], 'k', ARGV[3], 'p', ARGV[4])
 return 1
 "#;
+
+/// Calls [`REPLAY`]: the dead letter at `entry_id` back to partition `p`.
+/// Returns 1 (replayed) or 0 (gone already).
+#[derive(Debug)]
+pub(crate) struct Replay(Script);
+
+impl Replay {
+    pub(crate) async fn call(
+        &self,
+        inner: &Inner,
+        entry_id: &str,
+        p: u32,
+        event: &IncomingEvent,
+    ) -> Result<i64, BackendError> {
+        invoke(
+            inner,
+            self.0
+                .key(inner.keys.dead())
+                .key(inner.keys.stream(p))
+                .arg(entry_id)
+                .arg(&event.id)
+                .arg(event.ordering_key.as_str())
+                .arg(event.payload.as_ref()),
+        )
+        .await
+    }
+}
 
 /// Trims one incoming stream without ever removing an unacked entry.
 ///
@@ -335,6 +659,23 @@ if pend[1] > 0 then floor = pend[2] end
 return redis.call('XTRIM', KEYS[1], 'MINID', floor)
 "#;
 
+/// Calls [`TRIM`] on partition `p`'s stream. Returns the entries removed.
+#[derive(Debug)]
+pub(crate) struct Trim(Script);
+
+impl Trim {
+    pub(crate) async fn call(&self, inner: &Inner, p: u32) -> Result<u64, BackendError> {
+        invoke(
+            inner,
+            self.0
+                .key(inner.keys.stream(p))
+                .arg(GROUP)
+                .arg(inner.config.max_stream_len),
+        )
+        .await
+    }
+}
+
 /// Removes consumers of a stream's group that are gone: not members of the
 /// consumers ZSET, nothing pending, idle for a while. Checked and deleted
 /// in one script so a consumer cannot receive entries between the check and
@@ -362,40 +703,79 @@ end
 return removed
 "#;
 
+/// Calls [`GC_CONSUMERS`] on partition `p`'s stream. Returns the consumers
+/// removed.
+#[derive(Debug)]
+pub(crate) struct GcConsumers(Script);
+
+impl GcConsumers {
+    pub(crate) async fn call(
+        &self,
+        inner: &Inner,
+        p: u32,
+        min_idle: Duration,
+    ) -> Result<u64, BackendError> {
+        invoke(
+            inner,
+            self.0
+                .key(inner.keys.stream(p))
+                .key(inner.keys.consumers())
+                .arg(GROUP)
+                .arg(ms(min_idle)),
+        )
+        .await
+    }
+}
+
+/// Runs one script call on the command connection, bounded by
+/// `operation_timeout` like every call.
+async fn invoke<T: FromRedisValue>(
+    inner: &Inner,
+    call: &ScriptInvocation<'_>,
+) -> Result<T, BackendError> {
+    let mut conn = inner.conn();
+    inner.run(call.invoke_async(&mut conn)).await
+}
+
+/// A duration as the milliseconds the scripts take.
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
 /// Every script, hashed once per backend.
 #[derive(Debug)]
 pub(crate) struct Scripts {
-    pub publish: Script,
-    pub bind: Script,
-    pub alive: Script,
-    pub cleanup: Script,
-    pub maintain: Script,
-    pub release: Script,
-    pub leave: Script,
-    pub claim: Script,
-    pub redeliver: Script,
-    pub settle: Script,
-    pub replay: Script,
-    pub trim: Script,
-    pub gc_consumers: Script,
+    pub publish: Publish,
+    pub bind: Bind,
+    pub alive: Alive,
+    pub cleanup: Cleanup,
+    pub maintain: Maintain,
+    pub release: Release,
+    pub leave: Leave,
+    pub claim: Claim,
+    pub redeliver: Redeliver,
+    pub settle: Settle,
+    pub replay: Replay,
+    pub trim: Trim,
+    pub gc_consumers: GcConsumers,
 }
 
 impl Scripts {
     pub(crate) fn new() -> Self {
         Self {
-            publish: Script::new(PUBLISH),
-            bind: Script::new(BIND),
-            alive: Script::new(ALIVE),
-            cleanup: Script::new(CLEANUP),
-            maintain: Script::new(MAINTAIN),
-            release: Script::new(&format!("{HANDOVER_FN}{RELEASE_BODY}")),
-            leave: Script::new(&format!("{HANDOVER_FN}{LEAVE_BODY}")),
-            claim: Script::new(CLAIM),
-            redeliver: Script::new(REDELIVER),
-            settle: Script::new(&format!("{DEAD_LETTER_FN}{SETTLE_BODY}")),
-            replay: Script::new(REPLAY),
-            trim: Script::new(TRIM),
-            gc_consumers: Script::new(GC_CONSUMERS),
+            publish: Publish(Script::new(PUBLISH)),
+            bind: Bind(Script::new(BIND)),
+            alive: Alive(Script::new(ALIVE)),
+            cleanup: Cleanup(Script::new(CLEANUP)),
+            maintain: Maintain(Script::new(MAINTAIN)),
+            release: Release(Script::new(&format!("{HANDOVER_FN}{RELEASE_BODY}"))),
+            leave: Leave(Script::new(&format!("{HANDOVER_FN}{LEAVE_BODY}"))),
+            claim: Claim(Script::new(CLAIM)),
+            redeliver: Redeliver(Script::new(REDELIVER)),
+            settle: Settle(Script::new(&format!("{DEAD_LETTER_FN}{SETTLE_BODY}"))),
+            replay: Replay(Script::new(REPLAY)),
+            trim: Trim(Script::new(TRIM)),
+            gc_consumers: GcConsumers(Script::new(GC_CONSUMERS)),
         }
     }
 }

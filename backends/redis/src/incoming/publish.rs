@@ -1,0 +1,29 @@
+//! Appending an incoming event to its partition stream: the reply to XADD
+//! is Redis' acknowledgement that the event is stored.
+
+use fanout_backend::{partition_for, BackendError, IncomingEvent};
+
+use crate::Inner;
+
+pub(crate) async fn publish(inner: &Inner, event: IncomingEvent) -> Result<(), BackendError> {
+    inner.check_open()?;
+    let partition = partition_for(&event.ordering_key, inner.config.partitions);
+    let mut conn = inner.conn();
+    // No MAXLEN here: trimming at append time could drop entries nobody
+    // has consumed. The janitor trims, behind the consumer group.
+    let _: String = inner
+        .run(
+            redis::cmd("XADD")
+                .arg(inner.keys.stream(partition))
+                .arg("*")
+                .arg("id")
+                .arg(&event.id)
+                .arg("k")
+                .arg(event.ordering_key.as_str())
+                .arg("p")
+                .arg(event.payload.as_ref())
+                .query_async(&mut conn),
+        )
+        .await?;
+    Ok(())
+}
