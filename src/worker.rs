@@ -41,9 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkerConfig;
 use crate::metrics::Metrics;
-use crate::protocol::{
-    is_valid_client_msg_id, IncomingEnvelope, Message, OutgoingEnvelope, Target,
-};
+use crate::protocol::{self, IncomingEnvelope, Message, OutgoingEnvelope};
 use crate::store::{Outcome, Store, StoreError};
 
 /// Largest content a worker accepts, whatever the gateways' limit: a
@@ -134,7 +132,9 @@ enum Held {
     Stopped,
 }
 
-/// Why an event can never be processed.
+/// Why an event can never be processed. The envelope's own fields (the
+/// version, and the id and sender the gateway set) are checked here; what
+/// the client gave is checked by the gateway's own rules, once more.
 fn poison_reason(env: &IncomingEnvelope) -> Option<&'static str> {
     let m = &env.message;
     if env.v != 1 {
@@ -146,23 +146,9 @@ fn poison_reason(env: &IncomingEnvelope) -> Option<&'static str> {
     if !is_valid_id(&m.sender_id) {
         return Some("invalid sender id");
     }
-    let target_ok = match &m.target {
-        Target::User(u) => is_valid_id(u),
-        Target::Channel(c) => is_valid_id(c),
-    };
-    if !target_ok {
-        return Some("invalid target id");
-    }
-    if m.content.is_empty() || m.content.len() > MAX_CONTENT_BYTES || m.content.contains('\0') {
-        return Some("invalid content");
-    }
-    if m.client_msg_id
-        .as_deref()
-        .is_some_and(|c| !is_valid_client_msg_id(c))
-    {
-        return Some("invalid clientMsgId");
-    }
-    None
+    protocol::validate(&protocol::Unchecked::from_message(m), MAX_CONTENT_BYTES)
+        .err()
+        .map(protocol::Invalid::dead_letter_reason)
 }
 
 impl Consumer {
