@@ -804,75 +804,86 @@ mod tests {
         (s, Box::new((svc, io, pipes)))
     }
 
-    /// A registry on a registered memory backend, with the routes and
-    /// metrics the test looks at.
-    async fn registry() -> (Arc<Sessions>, Arc<Routes>, Arc<Metrics>, ServerStream) {
+    /// A registry on a memory backend holding one session of alice, as
+    /// her handshake leaves it: pending, her key bound, counted.
+    struct OneSession {
+        sessions: Arc<Sessions>,
+        routes: Arc<Routes>,
+        metrics: Arc<Metrics>,
+        socket: SocketRef,
+        _open: (ServerStream, Box<dyn std::any::Any + Send>),
+    }
+
+    async fn one_session() -> OneSession {
         let backend: DynBackend = Arc::new(fanout_memory::MemoryBackend::default());
         let server = ServerId::new("gw").expect("valid");
         let stream = backend.register_server(&server).await.expect("register");
         let metrics = Arc::new(Metrics::new());
         let routes = Arc::new(Routes::new(backend, server, metrics.bound_keys.clone()));
         let sessions = Arc::new(Sessions::new(8, 8, 8, routes.clone(), metrics.clone()));
-        (sessions, routes, metrics, stream)
-    }
-
-    /// What the handshake does for a session of `user` with no channels.
-    async fn handshake(sessions: &Sessions, routes: &Routes, metrics: &Metrics, s: &SocketRef) {
-        sessions.add_pending(s.clone(), "alice", &[]).expect("room");
+        let (socket, pipes) = dummy_socket().await;
+        sessions
+            .add_pending(socket.clone(), "alice", &[])
+            .expect("room");
         routes
             .acquire(&RouteKey::user("alice").expect("valid"))
             .await
             .expect("bind");
         metrics.sessions.inc();
+        OneSession {
+            sessions,
+            routes,
+            metrics,
+            socket,
+            _open: (stream, pipes),
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_sweeper_ends_a_session_left_pending_at_its_first_round_after_30_s() {
-        let (sessions, routes, metrics, _stream) = registry().await;
-        let (s, _pipes) = dummy_socket().await;
-        handshake(&sessions, &routes, &metrics, &s).await;
+        let t = one_session().await;
         let started = Instant::now();
-        let sweeper = Sessions::spawn_sweeper(&sessions, |s| s);
-        assert_eq!(metrics.bound_keys.get(), 1);
+        let sweeper = Sessions::spawn_sweeper(&t.sessions, |s| s);
+        assert_eq!(t.metrics.bound_keys.get(), 1);
         // Rounds at 0, 5, ..., 30 s find it not older than 30 s; 35 s does.
         tokio::time::sleep_until(started + Duration::from_millis(34_999)).await;
-        assert_eq!(sessions.len(), 1, "still pending within its 30 s");
+        assert_eq!(t.sessions.len(), 1, "still pending within its 30 s");
         tokio::time::sleep_until(started + Duration::from_millis(35_001)).await;
-        assert!(sessions.is_empty(), "ended at the 35 s round");
-        assert_eq!(routes.bound(), 0, "its key went back");
-        assert_eq!(metrics.bound_keys.get(), 0, "and the gauge says so");
-        assert_eq!(metrics.sessions.get(), 0);
+        assert!(t.sessions.is_empty(), "ended at the 35 s round");
+        assert_eq!(t.routes.bound(), 0, "its key went back");
+        assert_eq!(t.metrics.bound_keys.get(), 0, "and the gauge says so");
+        assert_eq!(t.metrics.sessions.get(), 0);
         sweeper.abort();
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_sweeper_leaves_a_live_session_alone_and_ends_it_one_round_after_it_closed() {
-        let (sessions, routes, metrics, _stream) = registry().await;
-        let (s, _pipes) = dummy_socket().await;
-        handshake(&sessions, &routes, &metrics, &s).await;
-        sessions.activate(s.id);
-        let sweeper = Sessions::spawn_sweeper(&sessions, |s| s);
+        let t = one_session().await;
+        t.sessions.activate(t.socket.id);
+        let sweeper = Sessions::spawn_sweeper(&t.sessions, |s| s);
         tokio::time::sleep(Duration::from_secs(60)).await;
-        assert_eq!(sessions.len(), 1, "a connected live session is never swept");
+        assert_eq!(
+            t.sessions.len(),
+            1,
+            "a connected live session is never swept"
+        );
         // Closed without its end being signalled to the registry.
-        s.clone().disconnect().expect("disconnect");
+        t.socket.clone().disconnect().expect("disconnect");
         tokio::time::sleep(SWEEP_EVERY + Duration::from_millis(1)).await;
-        assert!(sessions.is_empty(), "ended within one round");
-        assert_eq!(metrics.bound_keys.get(), 0);
+        assert!(t.sessions.is_empty(), "ended within one round");
+        assert_eq!(t.metrics.bound_keys.get(), 0);
         sweeper.abort();
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_session_ended_during_shutdown_keeps_its_keys_for_the_bulk_deregistration() {
-        let (sessions, routes, metrics, _stream) = registry().await;
-        let (s, _pipes) = dummy_socket().await;
-        handshake(&sessions, &routes, &metrics, &s).await;
-        sessions.begin_shutdown();
-        sessions.end(s.id).await;
-        sessions.end(s.id).await;
-        assert!(sessions.is_empty());
-        assert_eq!(metrics.sessions.get(), 0, "ended once, counted once");
-        assert_eq!(routes.bound(), 1);
+        let t = one_session().await;
+        t.sessions.begin_shutdown();
+        t.sessions.end(t.socket.id).await;
+        t.sessions.end(t.socket.id).await;
+        assert!(t.sessions.is_empty());
+        assert_eq!(t.metrics.sessions.get(), 0, "ended once, counted once");
+        assert_eq!(t.routes.bound(), 1);
     }
 
     #[test]
