@@ -298,7 +298,7 @@ pub async fn run_gateway(
     socket::attach(&io, gw.clone());
     let app = http::router(gw.clone(), layer);
     let deliveries = delivery::spawn(gw.clone(), stream);
-    let sweeper = delivery::spawn_sweeper(&gw);
+    let sweeper = gw.spawn_sweeper();
 
     let addr: SocketAddr = listener.local_addr()?;
     // Scripts and tests read this line to learn the port when 0 was asked.

@@ -85,71 +85,241 @@ pub fn is_valid_client_msg_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
-fn invalid(message: impl Into<String>) -> ProtocolError {
-    ProtocolError::new(ErrorCode::InvalidPayload, message)
+/// Which target field a bad id was in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdField {
+    /// `to`: a user.
+    To,
+    /// `channelId`: a channel.
+    ChannelId,
+}
+
+impl std::fmt::Display for IdField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IdField::To => "to",
+            IdField::ChannelId => "channelId",
+        })
+    }
+}
+
+/// Why a send is invalid: the rules of `docs/protocol.md`'s table, which
+/// the gateway applies to what a client sends and the worker applies again
+/// to what it takes off the incoming side. Each reason has the code and
+/// text a client reads ([`ProtocolError`]) and the reason a worker
+/// dead-letters with ([`Invalid::dead_letter_reason`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    /// The payload is not a JSON object.
+    #[error("payload must be an object with `to` or `channelId`, and `content`")]
+    NotAnObject,
+    /// A target id that is not 1 to 64 of `[A-Za-z0-9_-]`, or not a string.
+    #[error("`{0}` must be 1 to 64 characters of [A-Za-z0-9_-]")]
+    BadId(IdField),
+    /// Both `to` and `channelId`.
+    #[error("give exactly one of `to` and `channelId`, not both")]
+    BothTargets,
+    /// Neither `to` nor `channelId`.
+    #[error("give exactly one of `to` and `channelId`")]
+    NoTarget,
+    /// `content` of another type than string.
+    #[error("`content` must be a string")]
+    ContentNotAString,
+    /// No `content`.
+    #[error("`content` is required")]
+    NoContent,
+    /// Empty `content`.
+    #[error("`content` must not be empty")]
+    EmptyContent,
+    /// `content` longer than the limit, in bytes of UTF-8.
+    #[error("`content` is {len} bytes of UTF-8; the limit is {max}")]
+    TooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// `content` with U+0000 (PostgreSQL cannot store it in text).
+    #[error("`content` must not contain U+0000")]
+    NulInContent,
+    /// A `clientMsgId` that is not 1 to 64 of `[A-Za-z0-9_.:-]`.
+    #[error("`clientMsgId` must be 1 to 64 characters of [A-Za-z0-9_.:-]")]
+    BadClientMsgId,
+}
+
+impl Invalid {
+    /// The error code a client's ack carries.
+    pub fn code(self) -> ErrorCode {
+        match self {
+            Invalid::TooLarge { .. } => ErrorCode::TooLarge,
+            _ => ErrorCode::InvalidPayload,
+        }
+    }
+
+    /// The reason a worker dead-letters an event with. Coarser than the
+    /// client's text (an operator needs the rule, not the field), and a
+    /// fixed set: the reasons that only raw JSON can break never reach a
+    /// worker, whose events were decoded into a [`Message`] first.
+    pub fn dead_letter_reason(self) -> &'static str {
+        match self {
+            Invalid::NotAnObject => "undecodable event",
+            Invalid::BadId(_) | Invalid::BothTargets | Invalid::NoTarget => "invalid target id",
+            Invalid::ContentNotAString
+            | Invalid::NoContent
+            | Invalid::EmptyContent
+            | Invalid::TooLarge { .. }
+            | Invalid::NulInContent => "invalid content",
+            Invalid::BadClientMsgId => "invalid clientMsgId",
+        }
+    }
+}
+
+impl From<Invalid> for ProtocolError {
+    fn from(i: Invalid) -> Self {
+        ProtocolError::new(i.code(), i.to_string())
+    }
+}
+
+/// One field of a send as it arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field<'a> {
+    /// Absent, or `null`.
+    Absent,
+    /// A string.
+    Str(&'a str),
+    /// A value of another type.
+    Other,
+}
+
+impl<'a> Field<'a> {
+    fn of_json(v: Option<&'a Value>) -> Self {
+        match v {
+            None | Some(Value::Null) => Field::Absent,
+            Some(Value::String(s)) => Field::Str(s),
+            Some(_) => Field::Other,
+        }
+    }
+
+    fn of_str(s: Option<&'a str>) -> Self {
+        s.map_or(Field::Absent, Field::Str)
+    }
+}
+
+/// The client-given fields of a send, before [`validate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unchecked<'a> {
+    /// `to`.
+    pub to: Field<'a>,
+    /// `channelId`.
+    pub channel_id: Field<'a>,
+    /// `content`.
+    pub content: Field<'a>,
+    /// `clientMsgId`.
+    pub client_msg_id: Field<'a>,
+}
+
+impl<'a> Unchecked<'a> {
+    /// The fields of a `sendMessage` payload. Unknown fields are ignored.
+    pub fn from_json(value: &'a Value) -> Result<Self, Invalid> {
+        let obj = value.as_object().ok_or(Invalid::NotAnObject)?;
+        Ok(Self {
+            to: Field::of_json(obj.get("to")),
+            channel_id: Field::of_json(obj.get("channelId")),
+            content: Field::of_json(obj.get("content")),
+            client_msg_id: Field::of_json(obj.get("clientMsgId")),
+        })
+    }
+
+    /// The client-given fields of a message (as a worker decoded it).
+    pub fn from_message(m: &'a Message) -> Self {
+        let (to, channel_id) = match &m.target {
+            Target::User(u) => (Field::Str(u.as_str()), Field::Absent),
+            Target::Channel(c) => (Field::Absent, Field::Str(c.as_str())),
+        };
+        Self {
+            to,
+            channel_id,
+            content: Field::Str(&m.content),
+            client_msg_id: Field::of_str(m.client_msg_id.as_deref()),
+        }
+    }
+}
+
+/// A send [`validate`] accepted, borrowed from its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Valid<'a> {
+    /// Whether the target is a user (`to`) or a channel (`channelId`).
+    pub target: IdField,
+    /// The target's id.
+    pub target_id: &'a str,
+    /// 1 to `max_content_bytes` bytes of UTF-8 without NUL.
+    pub content: &'a str,
+    /// The sender's idempotency key, if given.
+    pub client_msg_id: Option<&'a str>,
+}
+
+/// Applies `docs/protocol.md`'s table to a send, row by row: the first
+/// rule broken is the one reported (the gateway and the worker must agree
+/// on that, since both answer with it).
+pub fn validate<'a>(send: &Unchecked<'a>, max_content_bytes: usize) -> Result<Valid<'a>, Invalid> {
+    let id = |field: Field<'a>, which: IdField| match field {
+        Field::Absent => Ok(None),
+        Field::Str(s) if is_valid_id(s) => Ok(Some(s)),
+        _ => Err(Invalid::BadId(which)),
+    };
+    let (target, target_id) = match (
+        id(send.to, IdField::To)?,
+        id(send.channel_id, IdField::ChannelId)?,
+    ) {
+        (Some(u), None) => (IdField::To, u),
+        (None, Some(c)) => (IdField::ChannelId, c),
+        (Some(_), Some(_)) => return Err(Invalid::BothTargets),
+        (None, None) => return Err(Invalid::NoTarget),
+    };
+    let content = match send.content {
+        Field::Str(s) => s,
+        Field::Other => return Err(Invalid::ContentNotAString),
+        Field::Absent => return Err(Invalid::NoContent),
+    };
+    if content.is_empty() {
+        return Err(Invalid::EmptyContent);
+    }
+    if content.len() > max_content_bytes {
+        return Err(Invalid::TooLarge {
+            len: content.len(),
+            max: max_content_bytes,
+        });
+    }
+    // PostgreSQL cannot store U+0000 in text; refusing it here keeps a
+    // message the gateway acked from becoming a poison event.
+    if content.contains('\0') {
+        return Err(Invalid::NulInContent);
+    }
+    let client_msg_id = match send.client_msg_id {
+        Field::Absent => None,
+        Field::Str(s) if is_valid_client_msg_id(s) => Some(s),
+        _ => return Err(Invalid::BadClientMsgId),
+    };
+    Ok(Valid {
+        target,
+        target_id,
+        content,
+        client_msg_id,
+    })
 }
 
 /// Decodes and validates a `sendMessage` payload. Unknown fields are
 /// ignored; `null` counts as absent.
 pub fn parse_send(value: &Value, max_content_bytes: usize) -> Result<SendRequest, ProtocolError> {
-    let obj = value.as_object().ok_or_else(|| {
-        invalid("payload must be an object with `to` or `channelId`, and `content`")
-    })?;
-    let field = |name: &str| obj.get(name).filter(|v| !v.is_null());
-    let id_field = |name: &str| -> Result<Option<String>, ProtocolError> {
-        match field(name) {
-            None => Ok(None),
-            Some(Value::String(s)) if is_valid_id(s) => Ok(Some(s.clone())),
-            Some(_) => Err(invalid(format!(
-                "`{name}` must be 1 to 64 characters of [A-Za-z0-9_-]"
-            ))),
-        }
-    };
-    let target = match (id_field("to")?, id_field("channelId")?) {
-        (Some(u), None) => Target::User(u),
-        (None, Some(c)) => Target::Channel(c),
-        (Some(_), Some(_)) => {
-            return Err(invalid(
-                "give exactly one of `to` and `channelId`, not both",
-            ))
-        }
-        (None, None) => return Err(invalid("give exactly one of `to` and `channelId`")),
-    };
-    let content = match field("content") {
-        Some(Value::String(s)) => s,
-        Some(_) => return Err(invalid("`content` must be a string")),
-        None => return Err(invalid("`content` is required")),
-    };
-    if content.is_empty() {
-        return Err(invalid("`content` must not be empty"));
-    }
-    if content.len() > max_content_bytes {
-        return Err(ProtocolError::new(
-            ErrorCode::TooLarge,
-            format!(
-                "`content` is {} bytes of UTF-8; the limit is {max_content_bytes}",
-                content.len()
-            ),
-        ));
-    }
-    // PostgreSQL cannot store U+0000 in text; refusing it here keeps a
-    // message the gateway acked from becoming a poison event.
-    if content.contains('\0') {
-        return Err(invalid("`content` must not contain U+0000"));
-    }
-    let client_msg_id = match field("clientMsgId") {
-        None => None,
-        Some(Value::String(s)) if is_valid_client_msg_id(s) => Some(s.clone()),
-        Some(_) => {
-            return Err(invalid(
-                "`clientMsgId` must be 1 to 64 characters of [A-Za-z0-9_.:-]",
-            ))
-        }
-    };
+    let v = validate(&Unchecked::from_json(value)?, max_content_bytes)?;
+    let id = v.target_id.to_owned();
     Ok(SendRequest {
-        target,
-        content: content.clone(),
-        client_msg_id,
+        target: match v.target {
+            IdField::To => Target::User(id),
+            IdField::ChannelId => Target::Channel(id),
+        },
+        content: v.content.to_owned(),
+        client_msg_id: v.client_msg_id.map(str::to_owned),
     })
 }
 
@@ -323,6 +493,32 @@ mod tests {
         )
         .is_ok());
         assert_eq!(code(json!({"to": "a", "content": "ééééé!"})), TooLarge);
+    }
+
+    #[test]
+    fn the_worker_reads_a_decoded_message_by_the_same_rules() {
+        let mut m = Message {
+            id: "i".into(),
+            sender_id: "a".into(),
+            target: Target::Channel("c".into()),
+            content: "hi".into(),
+            client_msg_id: Some("x".into()),
+            created_at: 0,
+        };
+        let check = |m: &Message| validate(&Unchecked::from_message(m), 10).map(|_| ());
+        assert_eq!(check(&m), Ok(()));
+        m.content = "x".repeat(11);
+        let e = check(&m).expect_err("too large");
+        assert_eq!(e, Invalid::TooLarge { len: 11, max: 10 });
+        assert_eq!(
+            (e.code(), e.dead_letter_reason()),
+            (ErrorCode::TooLarge, "invalid content")
+        );
+        m.content = "hi".into();
+        m.target = Target::User("a b".into());
+        let e = check(&m).expect_err("bad target");
+        assert_eq!(e, Invalid::BadId(IdField::To));
+        assert_eq!(e.dead_letter_reason(), "invalid target id");
     }
 
     #[test]

@@ -41,14 +41,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkerConfig;
 use crate::metrics::Metrics;
-use crate::protocol::{
-    is_valid_client_msg_id, IncomingEnvelope, Message, OutgoingEnvelope, Target,
-};
+use crate::protocol::{self, IncomingEnvelope, Message, OutgoingEnvelope};
 use crate::store::{Outcome, Store, StoreError};
 
 /// Largest content a worker accepts, whatever the gateways' limit: a
 /// backstop against an event no gateway should have published.
 const MAX_CONTENT_BYTES: usize = crate::config::MAX_CONTENT_BYTES_CEILING;
+/// The first retry's wait; each next one doubles, up to [`BACKOFF_MAX`].
 const BACKOFF_START: Duration = Duration::from_millis(50);
 /// A consumer retrying a store or a publish holds its batch and takes no
 /// other: the cap is how long it may stay idle after the database or the
@@ -134,7 +133,9 @@ enum Held {
     Stopped,
 }
 
-/// Why an event can never be processed.
+/// Why an event can never be processed. The envelope's own fields (the
+/// version, and the id and sender the gateway set) are checked here; what
+/// the client gave is checked by the gateway's own rules, once more.
 fn poison_reason(env: &IncomingEnvelope) -> Option<&'static str> {
     let m = &env.message;
     if env.v != 1 {
@@ -146,23 +147,9 @@ fn poison_reason(env: &IncomingEnvelope) -> Option<&'static str> {
     if !is_valid_id(&m.sender_id) {
         return Some("invalid sender id");
     }
-    let target_ok = match &m.target {
-        Target::User(u) => is_valid_id(u),
-        Target::Channel(c) => is_valid_id(c),
-    };
-    if !target_ok {
-        return Some("invalid target id");
-    }
-    if m.content.is_empty() || m.content.len() > MAX_CONTENT_BYTES || m.content.contains('\0') {
-        return Some("invalid content");
-    }
-    if m.client_msg_id
-        .as_deref()
-        .is_some_and(|c| !is_valid_client_msg_id(c))
-    {
-        return Some("invalid clientMsgId");
-    }
-    None
+    protocol::validate(&protocol::Unchecked::from_message(m), MAX_CONTENT_BYTES)
+        .err()
+        .map(protocol::Invalid::dead_letter_reason)
 }
 
 impl Consumer {
@@ -213,7 +200,7 @@ impl Consumer {
     async fn process_one_by_one(&self, batch: Vec<(IncomingDelivery, Message)>) {
         for (d, m) in batch {
             let mut refusals = 0u32;
-            let mut backoff = BACKOFF_START;
+            let mut attempt = 0u32;
             let stored = loop {
                 match self.store_held(std::slice::from_ref(&m)).await {
                     Held::Stored(stored) => break Ok(stored),
@@ -223,7 +210,7 @@ impl Consumer {
                             // The database refuses a made-up message too:
                             // its trouble, not this message's.
                             self.metrics.worker_retries.inc();
-                            tracing::warn!(error = %e, probe = %probe, retry_in = ?backoff, "database refuses every message; retrying");
+                            tracing::warn!(error = %e, probe = %probe, retry_in = ?backoff(attempt), "database refuses every message; retrying");
                         }
                         Ok(()) => {
                             refusals += 1;
@@ -237,7 +224,7 @@ impl Consumer {
                         }
                     },
                 }
-                if !self.pause(&mut backoff).await {
+                if !pause(&self.stop, &mut attempt).await {
                     return;
                 }
             };
@@ -291,15 +278,15 @@ impl Consumer {
     /// A database outage, a read-only or full database therefore holds the
     /// batch unacked, in its place, rather than losing or dead-lettering it.
     async fn store_held(&self, messages: &[Message]) -> Held {
-        let mut backoff = BACKOFF_START;
+        let mut attempt = 0u32;
         loop {
             match self.store.insert_messages(messages).await {
                 Ok(stored) => return Held::Stored(stored),
                 Err(e) if e.blames_data() => return Held::BlamesData(e),
                 Err(e) => {
                     self.metrics.worker_retries.inc();
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot store; holding the batch and retrying");
-                    if !self.pause(&mut backoff).await {
+                    tracing::warn!(error = %e, retry_in = ?backoff(attempt), "cannot store; holding the batch and retrying");
+                    if !pause(&self.stop, &mut attempt).await {
                         return Held::Stopped;
                     }
                 }
@@ -344,7 +331,7 @@ impl Consumer {
     }
 
     async fn publish_one(&self, key: &RouteKey, payload: bytes::Bytes) -> bool {
-        let mut backoff = BACKOFF_START;
+        let mut attempt = 0u32;
         loop {
             match self.backend.publish_outgoing(key, payload.clone()).await {
                 Ok(RouteOutcome::Unroutable) => {
@@ -361,22 +348,76 @@ impl Consumer {
                 }
                 Err(e) => {
                     self.metrics.worker_retries.inc();
-                    tracing::warn!(key = %key, error = %e, retry_in = ?backoff, "outgoing publish failed; retrying");
-                    if !self.pause(&mut backoff).await {
+                    tracing::warn!(key = %key, error = %e, retry_in = ?backoff(attempt), "outgoing publish failed; retrying");
+                    if !pause(&self.stop, &mut attempt).await {
                         return false;
                     }
                 }
             }
         }
     }
+}
 
-    /// Sleeps `backoff` (then doubles it); `false` if the worker stopped.
-    async fn pause(&self, backoff: &mut Duration) -> bool {
-        let wait = *backoff;
-        *backoff = (*backoff * 2).min(BACKOFF_MAX);
-        tokio::select! {
-            _ = self.stop.cancelled() => false,
-            _ = tokio::time::sleep(wait) => true,
+/// The wait before retry `attempt` (0 is the first): [`BACKOFF_START`],
+/// doubling each time, capped at [`BACKOFF_MAX`].
+fn backoff(attempt: u32) -> Duration {
+    let factor = 1u32.checked_shl(attempt).unwrap_or(u32::MAX);
+    BACKOFF_START.saturating_mul(factor).min(BACKOFF_MAX)
+}
+
+/// Waits [`backoff`] of `attempt` and counts it; `false` if `stop` came
+/// first (the worker is stopping).
+async fn pause(stop: &CancellationToken, attempt: &mut u32) -> bool {
+    let wait = backoff(*attempt);
+    *attempt = attempt.saturating_add(1);
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(wait) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    #[test]
+    fn backoff_doubles_from_50_ms_to_a_1_s_cap() {
+        let waits: Vec<u128> = (0..8).map(|a| backoff(a).as_millis()).collect();
+        assert_eq!(waits, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
+        assert_eq!(
+            backoff(40),
+            BACKOFF_MAX,
+            "no overflow however long it lasts"
+        );
+        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pauses_wait_the_backoff_sequence_exactly() {
+        let stop = CancellationToken::new();
+        let mut attempt = 0;
+        let started = Instant::now();
+        let mut at = Vec::new();
+        for _ in 0..7 {
+            assert!(pause(&stop, &mut attempt).await);
+            at.push(started.elapsed().as_millis());
         }
+        assert_eq!(at, [50, 150, 350, 750, 1550, 2550, 3550]);
+        assert_eq!(attempt, 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_ends_a_pause_at_once() {
+        let stop = CancellationToken::new();
+        let mut attempt = 10;
+        let started = Instant::now();
+        let cancel = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            cancel.cancel();
+        });
+        assert!(!pause(&stop, &mut attempt).await, "stopped, not waited out");
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
     }
 }

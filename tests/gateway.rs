@@ -386,3 +386,168 @@ async fn a_join_swallowed_by_a_route_loss_is_applied_after_it() {
     );
     c.stop().await;
 }
+
+/// Golden: every refusal of an invalid send, exactly as the client reads
+/// it in its ack (code and text), including which rule wins when a send
+/// breaks several (the first in `docs/protocol.md`'s table).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_sends_are_refused_with_their_exact_code_and_message() {
+    let c = Cluster::start(1, 1).await;
+    let alice = c.connect(0, "alice").await;
+    let max = c.config.limits.max_content_bytes;
+    let too_long = "x".repeat(max + 1);
+    let not_object = "payload must be an object with `to` or `channelId`, and `content`";
+    let bad_to = "`to` must be 1 to 64 characters of [A-Za-z0-9_-]";
+    let bad_channel = "`channelId` must be 1 to 64 characters of [A-Za-z0-9_-]";
+    let both = "give exactly one of `to` and `channelId`, not both";
+    let neither = "give exactly one of `to` and `channelId`";
+    let required = "`content` is required";
+    let not_string = "`content` must be a string";
+    let empty = "`content` must not be empty";
+    let too_large = format!(
+        "`content` is {} bytes of UTF-8; the limit is {max}",
+        max + 1
+    );
+    let nul = "`content` must not contain U+0000";
+    let bad_cid = "`clientMsgId` must be 1 to 64 characters of [A-Za-z0-9_.:-]";
+    let cases: Vec<(serde_json::Value, &str, String)> = vec![
+        (json!("hi"), "invalid_payload", not_object.into()),
+        (json!(null), "invalid_payload", not_object.into()),
+        (json!([1, 2]), "invalid_payload", not_object.into()),
+        (
+            json!({"to": "a:b", "content": "hi"}),
+            "invalid_payload",
+            bad_to.into(),
+        ),
+        (
+            json!({"to": 5, "content": "hi"}),
+            "invalid_payload",
+            bad_to.into(),
+        ),
+        (
+            json!({"to": "", "content": "hi"}),
+            "invalid_payload",
+            bad_to.into(),
+        ),
+        (
+            json!({"to": "x".repeat(65), "content": "hi"}),
+            "invalid_payload",
+            bad_to.into(),
+        ),
+        (
+            json!({"channelId": "c d", "content": "hi"}),
+            "invalid_payload",
+            bad_channel.into(),
+        ),
+        (
+            json!({"to": "a:b", "channelId": "c", "content": "hi"}),
+            "invalid_payload",
+            bad_to.into(),
+        ),
+        (
+            json!({"to": "bob", "channelId": "c:d", "content": "hi"}),
+            "invalid_payload",
+            bad_channel.into(),
+        ),
+        (
+            json!({"to": "bob", "channelId": "c", "content": "hi"}),
+            "invalid_payload",
+            both.into(),
+        ),
+        (json!({"content": "hi"}), "invalid_payload", neither.into()),
+        (
+            json!({"to": null, "channelId": null, "content": "hi"}),
+            "invalid_payload",
+            neither.into(),
+        ),
+        (json!({"content": 3}), "invalid_payload", neither.into()),
+        (json!({"to": "bob"}), "invalid_payload", required.into()),
+        (
+            json!({"to": "bob", "content": null}),
+            "invalid_payload",
+            required.into(),
+        ),
+        (
+            json!({"to": "bob", "content": 3}),
+            "invalid_payload",
+            not_string.into(),
+        ),
+        (
+            json!({"to": "bob", "content": ["hi"]}),
+            "invalid_payload",
+            not_string.into(),
+        ),
+        (
+            json!({"to": "bob", "content": ""}),
+            "invalid_payload",
+            empty.into(),
+        ),
+        (
+            json!({"to": "bob", "content": "", "clientMsgId": "a b"}),
+            "invalid_payload",
+            empty.into(),
+        ),
+        (
+            json!({"to": "bob", "content": too_long}),
+            "too_large",
+            too_large.clone(),
+        ),
+        (
+            json!({"to": "bob", "content": format!("{too_long}\u{0}")}),
+            "too_large",
+            format!(
+                "`content` is {} bytes of UTF-8; the limit is {max}",
+                max + 2
+            ),
+        ),
+        (
+            json!({"to": "bob", "content": "a\u{0}b"}),
+            "invalid_payload",
+            nul.into(),
+        ),
+        (
+            json!({"to": "bob", "content": "a\u{0}b", "clientMsgId": "a b"}),
+            "invalid_payload",
+            nul.into(),
+        ),
+        (
+            json!({"to": "bob", "content": "hi", "clientMsgId": "a b"}),
+            "invalid_payload",
+            bad_cid.into(),
+        ),
+        (
+            json!({"to": "bob", "content": "hi", "clientMsgId": ""}),
+            "invalid_payload",
+            bad_cid.into(),
+        ),
+        (
+            json!({"to": "bob", "content": "hi", "clientMsgId": 7}),
+            "invalid_payload",
+            bad_cid.into(),
+        ),
+        (
+            json!({"to": "bob", "content": "hi", "clientMsgId": "x".repeat(65)}),
+            "invalid_payload",
+            bad_cid.into(),
+        ),
+        (
+            json!({"channelId": "nowhere", "content": "hi"}),
+            "not_member",
+            "you are not a member of channel nowhere".into(),
+        ),
+    ];
+    for (payload, code, message) in cases {
+        let ack = alice
+            .call("sendMessage", &payload, WAIT)
+            .await
+            .expect("ack");
+        assert_eq!(
+            ack,
+            json!({ "ok": false, "error": { "code": code, "message": message } }),
+            "{payload}"
+        );
+    }
+    quiet(&alice, "a refused send delivers nothing").await;
+    alice.close().await;
+    c.stop().await;
+}

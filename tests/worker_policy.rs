@@ -171,3 +171,138 @@ async fn rabbitmq_refused_message_is_dead_lettered_alone_then_replayed() {
 async fn redis_refused_message_is_dead_lettered_alone_then_replayed() {
     refused_message_is_dead_lettered_alone_then_replayed(BackendKind::Redis).await;
 }
+
+/// Golden: each kind of poison event is dead-lettered at once with its
+/// exact reason, and when an event breaks several rules the first one in
+/// the worker's order names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_events_are_dead_lettered_at_once_with_their_exact_reasons() {
+    use fanout::protocol::{IncomingEnvelope, Message, Target};
+    use fanout_backend::{IncomingEvent, OrderingKey};
+
+    let c = Cluster::start(0, 1).await;
+    let good = Message {
+        id: uuid::Uuid::now_v7().to_string(),
+        sender_id: "alice".into(),
+        target: Target::User("bob".into()),
+        content: "hi".into(),
+        client_msg_id: Some("c-1".into()),
+        created_at: 1_700_000_000_000,
+    };
+    let envelope = |v: u32, f: &dyn Fn(&mut Message)| {
+        let mut message = good.clone();
+        f(&mut message);
+        serde_json::to_vec(&IncomingEnvelope { v, message }).expect("encode")
+    };
+    let undecodable = |bytes: &[u8]| {
+        let e = serde_json::from_slice::<IncomingEnvelope>(bytes).expect_err("undecodable");
+        format!("undecodable event: {e}")
+    };
+    let too_long = "x".repeat(fanout::config::MAX_CONTENT_BYTES_CEILING + 1);
+    let cases: Vec<(Vec<u8>, String)> = vec![
+        (b"not json".to_vec(), undecodable(b"not json")),
+        (br#"{"v":1}"#.to_vec(), undecodable(br#"{"v":1}"#)),
+        (envelope(2, &|_| {}), "unknown envelope version".into()),
+        (
+            envelope(2, &|m| m.id = "nope".into()),
+            "unknown envelope version".into(),
+        ),
+        (
+            envelope(1, &|m| m.id = "nope".into()),
+            "message id is not a UUID".into(),
+        ),
+        (
+            envelope(1, &|m| {
+                m.id = "nope".into();
+                m.sender_id = "a:b".into();
+            }),
+            "message id is not a UUID".into(),
+        ),
+        (
+            envelope(1, &|m| m.sender_id = "a:b".into()),
+            "invalid sender id".into(),
+        ),
+        (
+            envelope(1, &|m| {
+                m.sender_id = String::new();
+                m.target = Target::User(String::new());
+            }),
+            "invalid sender id".into(),
+        ),
+        (
+            envelope(1, &|m| m.target = Target::User(String::new())),
+            "invalid target id".into(),
+        ),
+        (
+            envelope(1, &|m| m.target = Target::Channel("x".repeat(65))),
+            "invalid target id".into(),
+        ),
+        (
+            envelope(1, &|m| {
+                m.target = Target::Channel("c d".into());
+                m.content = String::new();
+            }),
+            "invalid target id".into(),
+        ),
+        (
+            envelope(1, &|m| m.content = String::new()),
+            "invalid content".into(),
+        ),
+        (
+            envelope(1, &|m| m.content = too_long.clone()),
+            "invalid content".into(),
+        ),
+        (
+            envelope(1, &|m| m.content = "a\u{0}b".into()),
+            "invalid content".into(),
+        ),
+        (
+            envelope(1, &|m| {
+                m.content = String::new();
+                m.client_msg_id = Some("a b".into());
+            }),
+            "invalid content".into(),
+        ),
+        (
+            envelope(1, &|m| m.client_msg_id = Some("a b".into())),
+            "invalid clientMsgId".into(),
+        ),
+        (
+            envelope(1, &|m| m.client_msg_id = Some(String::new())),
+            "invalid clientMsgId".into(),
+        ),
+    ];
+    let mut want = std::collections::HashMap::new();
+    for (payload, reason) in cases {
+        let id = uuid::Uuid::now_v7().to_string();
+        c.backend
+            .publish_incoming(IncomingEvent {
+                id: id.clone(),
+                ordering_key: OrderingKey::direct("alice", "bob"),
+                payload: payload.into(),
+            })
+            .await
+            .expect("publish");
+        want.insert(id, reason);
+    }
+    let deadline = tokio::time::Instant::now() + common::cluster::WAIT;
+    let dead = loop {
+        let dead = c.backend.dead_letters(100).await.expect("dead letters");
+        if dead.len() >= want.len() {
+            break dead;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {} poison events dead-lettered",
+            dead.len(),
+            want.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(dead.len(), want.len(), "{dead:?}");
+    for d in &dead {
+        assert_eq!(Some(&d.reason), want.get(&d.event.id), "{}", d.event.id);
+    }
+    assert_eq!(c.worker_metrics.dead_lettered.get(), want.len() as u64);
+    c.stop().await;
+}

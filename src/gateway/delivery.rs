@@ -14,7 +14,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use fanout_backend::{OrderingKey, OutgoingMessage, RouteKey, ServerEvent, ServerStream};
 use futures::StreamExt;
@@ -29,8 +28,6 @@ use crate::protocol::{now_ms, Message, OutgoingEnvelope};
 const CATCH_UP_LIMIT: u32 = 1000;
 /// Catch-up queries in flight after a route loss.
 const CATCH_UP_CONCURRENCY: usize = 8;
-/// How often sessions whose end was never signalled are looked for.
-const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// Channels whose joins are bound and caught up at once.
 const JOIN_CONCURRENCY: usize = 4;
 
@@ -67,25 +64,6 @@ impl JoinQueue {
 /// Runs the delivery loop until the stream ends.
 pub fn spawn(gw: Arc<Gateway>, stream: ServerStream) -> tokio::task::JoinHandle<()> {
     tokio::spawn(run(gw, stream))
-}
-
-/// Ends sessions whose end socketioxide never signalled (see
-/// [`super::Sessions::stale`]) and forgets the rate buckets of idle users,
-/// until the gateway is dropped.
-pub fn spawn_sweeper(gw: &Arc<Gateway>) -> tokio::task::JoinHandle<()> {
-    let weak = Arc::downgrade(gw);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(SWEEP_EVERY);
-        loop {
-            tick.tick().await;
-            let Some(gw) = weak.upgrade() else { return };
-            gw.trim_limiters();
-            for s in gw.sessions.stale(Duration::from_secs(30)) {
-                tracing::info!(sid = %s.id, "ending a session whose disconnect was not signalled");
-                super::socket::end_session(&gw, &s).await;
-            }
-        }
-    })
 }
 
 async fn run(gw: Arc<Gateway>, mut stream: ServerStream) {
@@ -169,12 +147,7 @@ fn handle(
     };
     match env {
         OutgoingEnvelope::Message { message } => {
-            let e = emit_of(&message);
-            let (count, failed) = match &m.key {
-                RouteKey::User(u) => gw.sessions.emit_to_user(u, &e),
-                RouteKey::Channel(c) => gw.sessions.emit_to_channel(c, &e),
-            };
-            gw.account(count, failed);
+            gw.sessions.emit(&m.key, &emit_of(&message));
             Some(message.created_at)
         }
         OutgoingEnvelope::Join {
@@ -201,7 +174,6 @@ fn handle(
                 // no longer receives the channel, so a late unbind only
                 // lets a few messages arrive that nobody is shown.
                 let gw_routes = gw.routes.clone();
-                let metrics = gw.metrics.clone();
                 tokio::spawn(async move {
                     let key = RouteKey::Channel(channel_id.clone());
                     for _ in &sids {
@@ -209,7 +181,6 @@ fn handle(
                             tracing::warn!(channel = %channel_id, error = %e, "cannot unbind a left channel");
                         }
                     }
-                    metrics.bound_keys.set(gw_routes.bound() as i64);
                 });
             }
             None
@@ -253,7 +224,6 @@ async fn complete_joins(gw: &Gateway, joins: &JoinQueue, channel: &str) {
             }
         }
     }
-    gw.metrics.bound_keys.set(gw.routes.bound() as i64);
     // Bound now: everything published from here on arrives live. What was
     // published before the bind is in the store (workers store before they
     // publish), so read it back; the sessions' duplicate windows drop what
@@ -270,8 +240,7 @@ async fn complete_joins(gw: &Gateway, joins: &JoinQueue, channel: &str) {
             Vec::new()
         }
     };
-    let (count, close, gone) = gw.sessions.finish_join(channel, &tickets, &catch_up);
-    gw.account(count, close);
+    let gone = gw.sessions.finish_join(channel, &tickets, &catch_up);
     // Sessions that left or ended while catching up: their references
     // were never handed to them, so they go back here.
     for t in gone {
@@ -281,7 +250,6 @@ async fn complete_joins(gw: &Gateway, joins: &JoinQueue, channel: &str) {
             }
         }
     }
-    gw.metrics.bound_keys.set(gw.routes.bound() as i64);
 }
 
 /// Applies to the local sessions the memberships the store holds now, as
@@ -382,13 +350,7 @@ async fn catch_up_after_loss(gw: &Gateway, from: i64) {
             }
         };
         for message in &messages {
-            let e = emit_of(message);
-            let (count, failed) = match &key {
-                RouteKey::User(u) => gw.sessions.emit_to_user(u, &e),
-                RouteKey::Channel(c) => gw.sessions.emit_to_channel(c, &e),
-            };
-            shown += count.emitted;
-            gw.account(count, failed);
+            shown += gw.sessions.emit(&key, &emit_of(message)).emitted;
         }
     }
     gw.metrics.loss_catch_up_emitted.inc_by(shown);

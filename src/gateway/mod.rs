@@ -5,8 +5,9 @@
 //! - [`socket`]: the Socket.IO namespace: handshake, `sendMessage`, disconnect;
 //! - [`delivery`]: the loop over this server's outgoing stream;
 //! - [`http`]: the REST API, health, readiness and metrics;
-//! - [`sessions`]: the local sessions and their duplicate windows;
-//! - [`routes`]: reference-counted bindings on the backend.
+//! - [`sessions`]: the local sessions and their duplicate windows; the one
+//!   way events reach them ([`Sessions::emit`]), and the sweeper;
+//! - [`routes`]: reference-counted bindings on the backend, and their gauge.
 //!
 //! Nothing here names a concrete backend: the gateway holds a
 //! [`DynBackend`] chosen at the edge (`app.rs`).
@@ -19,15 +20,11 @@ pub mod socket;
 
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fanout_backend::{BackendError, DynBackend, RouteKey, ServerId};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use socketioxide::extract::SocketRef;
-use socketioxide::SocketError;
 
 use crate::auth::Tokens;
 use crate::config::Config;
@@ -40,12 +37,6 @@ pub use sessions::Sessions;
 
 /// Rate limiter keyed by user id.
 pub type UserLimiter = DefaultKeyedRateLimiter<Arc<str>>;
-
-/// How often a slow client's disconnect is retried while its buffer is full.
-const CLOSE_RETRY_EVERY: Duration = Duration::from_millis(50);
-/// How long it is retried. Engine.IO's heartbeat closes a client that reads
-/// nothing at all at its next ping (every 25 s), so this need not be longer.
-const CLOSE_RETRY_FOR: Duration = Duration::from_secs(60);
 
 /// Channel creations written and announced at once per gateway. One: two
 /// at once measured worse for chat than one (they contend with the
@@ -88,9 +79,6 @@ pub struct Gateway {
     pub(crate) readiness: crate::readiness::Readiness,
     /// Acks already given, by `(sender, clientMsgId)`: `(id, createdAt)`.
     retries: Mutex<RetryCache>,
-    /// Set when shutdown starts: sessions that end then leave their keys to
-    /// the bulk `deregister_server`.
-    shutting_down: AtomicBool,
     /// Why this gateway can no longer deliver (its registration on the
     /// backend ended: the server id was taken by another process), for
     /// `/readyz`. Never cleared: a restart is the way back.
@@ -107,13 +95,20 @@ impl Gateway {
         config: Config,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        let routes = Arc::new(Routes::new(
+            backend.clone(),
+            server_id.clone(),
+            metrics.bound_keys.clone(),
+        ));
         Arc::new(Self {
-            routes: Arc::new(Routes::new(backend.clone(), server_id.clone())),
             sessions: Sessions::new(
                 config.gateway.dedup_window,
                 config.limits.send_buffer,
                 config.limits.max_connections_per_user,
+                routes.clone(),
+                metrics.clone(),
             ),
+            routes,
             user_sends: Arc::new(RateLimiter::keyed(quota(
                 config.limits.user_rate(),
                 config.limits.user_burst(),
@@ -137,7 +132,6 @@ impl Gateway {
                 metrics.clone(),
             ),
             retries: Mutex::new(RetryCache::new(config.gateway.retry_cache)),
-            shutting_down: AtomicBool::new(false),
             unready: Mutex::new(None),
             server_id,
             backend,
@@ -161,35 +155,6 @@ impl Gateway {
         Ok(())
     }
 
-    /// Counts what an emit came to and disconnects the sessions it found
-    /// closed or cut off as slow clients.
-    pub(crate) fn account(&self, count: sessions::EmitCount, close: Vec<SocketRef>) {
-        self.metrics.deliveries.inc_by(count.emitted);
-        self.metrics.duplicates_dropped.inc_by(count.duplicates);
-        self.metrics.slow_client_drops.inc_by(count.dropped);
-        self.metrics.slow_client_disconnects.inc_by(count.cut_off);
-        if count.cut_off > 0 {
-            tracing::warn!(
-                sessions = count.cut_off,
-                "slow clients: send buffer full; disconnecting them"
-            );
-        }
-        for s in close {
-            disconnect(s);
-        }
-    }
-
-    /// Cuts a session off as a slow client because `what` did not fit in
-    /// its send buffer.
-    pub(crate) fn cut_off(&self, sid: socketioxide::socket::Sid, what: &str) {
-        self.metrics.slow_client_drops.inc();
-        if let Some(s) = self.sessions.cut_off(sid) {
-            self.metrics.slow_client_disconnects.inc();
-            tracing::warn!(%sid, "slow client: no room for {what}; disconnecting it");
-            disconnect(s);
-        }
-    }
-
     /// Forgets the rate-limiter state of users whose buckets are full again
     /// (indistinguishable from a user never seen), so memory follows the
     /// active users rather than every user ever seen.
@@ -204,13 +169,23 @@ impl Gateway {
         self.user_handshakes.shrink_to_fit();
     }
 
+    /// Ends the sessions whose end socketioxide never signalled (see
+    /// [`Sessions::spawn_sweeper`]) and forgets the rate buckets of idle
+    /// users, until the gateway is dropped.
+    pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        Sessions::spawn_sweeper(self, |gw| {
+            gw.trim_limiters();
+            &gw.sessions
+        })
+    }
+
     /// Marks the start of shutdown.
     pub fn begin_shutdown(&self) {
-        self.shutting_down.store(true, Ordering::SeqCst);
+        self.sessions.begin_shutdown();
     }
 
     fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::SeqCst)
+        self.sessions.is_shutting_down()
     }
 
     /// Takes this gateway out of readiness for good, saying why.
@@ -247,32 +222,6 @@ impl Gateway {
 pub(crate) fn quota(per_second: u32, burst: u32) -> Quota {
     Quota::per_second(NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN))
         .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN))
-}
-
-/// Disconnects a session. socketioxide 0.18 refuses to disconnect a socket
-/// whose buffer is full (the disconnect packet needs a slot, and nothing
-/// else closes it from outside), so this retries until a slot frees; a
-/// client that reads nothing at all is closed by Engine.IO's heartbeat
-/// instead, whose ping then finds the buffer full.
-fn disconnect(s: SocketRef) {
-    if !matches!(
-        s.clone().disconnect(),
-        Err(SocketError::InternalChannelFull)
-    ) {
-        return;
-    }
-    tokio::spawn(async move {
-        let deadline = Instant::now() + CLOSE_RETRY_FOR;
-        while s.connected() && Instant::now() < deadline {
-            tokio::time::sleep(CLOSE_RETRY_EVERY).await;
-            if !matches!(
-                s.clone().disconnect(),
-                Err(SocketError::InternalChannelFull)
-            ) {
-                return;
-            }
-        }
-    });
 }
 
 /// A map that forgets its oldest entries beyond a capacity. Hand-written:

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use fanout_backend::{BackendError, DynBackend, RouteKey, ServerId};
 use futures::StreamExt;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// Binds in flight at once when re-binding everything.
 const REBIND_CONCURRENCY: usize = 64;
@@ -22,15 +23,21 @@ pub struct Routes {
     backend: DynBackend,
     server: ServerId,
     slots: Mutex<HashMap<RouteKey, Slot>>,
+    /// How many keys are bound (`bound_keys`): moved by the one call that
+    /// binds or unbinds a key, under that key's lock, so it never needs a
+    /// caller to refresh it.
+    bound: Gauge,
 }
 
 impl Routes {
-    /// An empty table for `server`.
-    pub fn new(backend: DynBackend, server: ServerId) -> Self {
+    /// An empty table for `server`, counting its bound keys in `bound`, a
+    /// fresh gauge it then owns (nothing else sets it).
+    pub fn new(backend: DynBackend, server: ServerId, bound: Gauge) -> Self {
         Self {
             backend,
             server,
             slots: Mutex::new(HashMap::new()),
+            bound,
         }
     }
 
@@ -47,6 +54,7 @@ impl Routes {
         let bound = *count == 0;
         if bound {
             self.backend.bind(&self.server, key).await?;
+            self.bound.inc();
         }
         *count += 1;
         Ok(bound)
@@ -64,6 +72,9 @@ impl Routes {
         if *count > 0 {
             return Ok(false);
         }
+        // No session holds it any more, whether the unbind below succeeds
+        // or not (a failed one leaves the route until deregistration).
+        self.bound.dec();
         let result = self.backend.unbind(&self.server, key).await;
         // Forget the slot unless someone else already holds a clone of it
         // (they will bind it again under the same lock); this keeps the
@@ -115,14 +126,7 @@ impl Routes {
 
     /// How many keys are bound now.
     pub fn bound(&self) -> usize {
-        let slots: Vec<Slot> = {
-            let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            slots.values().cloned().collect()
-        };
-        slots
-            .iter()
-            .filter(|s| s.try_lock().map(|c| *c > 0).unwrap_or(true))
-            .count()
+        usize::try_from(self.bound.get()).unwrap_or(0)
     }
 }
 
@@ -137,11 +141,14 @@ mod tests {
         let backend: DynBackend = Arc::new(fanout_memory::MemoryBackend::default());
         let server = ServerId::new("gw").expect("valid");
         let _stream = backend.register_server(&server).await.expect("register");
-        let routes = Routes::new(backend.clone(), server);
+        let gauge = Gauge::default();
+        let routes = Routes::new(backend.clone(), server, gauge.clone());
         let key = RouteKey::user("alice").expect("valid");
         assert!(routes.acquire(&key).await.expect("bind"));
         assert!(!routes.acquire(&key).await.expect("second tab"));
+        assert_eq!(gauge.get(), 1, "the gauge follows the bound keys");
         assert!(!routes.release(&key).await.expect("first tab closes"));
+        assert_eq!(routes.bound(), 1);
         let out = backend
             .publish_outgoing(&key, Bytes::from_static(b"x"))
             .await
@@ -151,6 +158,7 @@ mod tests {
             "still bound for the other tab"
         );
         assert!(routes.release(&key).await.expect("last tab closes"));
+        assert_eq!(gauge.get(), 0);
         let out = backend
             .publish_outgoing(&key, Bytes::from_static(b"x"))
             .await

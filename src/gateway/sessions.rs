@@ -1,20 +1,44 @@
 //! The gateway's local view: which sessions it holds, whose they are, which
-//! channels they receive, and the ids each one was recently shown.
+//! channels they receive, and the ids each one was recently shown; and the
+//! one way out to them: [`Sessions::emit`] writes an event to the local
+//! sockets a route key reaches, counts what that came to, and disconnects
+//! the slow clients it found. A session ends through [`Sessions::end`],
+//! which gives its keys back to [`Routes`]; the sweeper
+//! ([`Sessions::spawn_sweeper`]) ends the sessions whose end was never
+//! signalled.
 //!
 //! Slow clients: a session whose Engine.IO buffer is full
-//! (`limits.send_buffer`) is cut off: nothing more is written to it and the
-//! caller disconnects it. Dropping only the event that did not fit would
-//! leave a silent gap in the middle of its stream; cutting it off leaves a
-//! gap-free prefix, and the disconnect tells the client to reconnect and
-//! read the rest from history.
+//! (`limits.send_buffer`) is cut off: nothing more is written to it and it
+//! is disconnected. Dropping only the event that did not fit would leave a
+//! silent gap in the middle of its stream; cutting it off leaves a gap-free
+//! prefix, and the disconnect tells the client to reconnect and read the
+//! rest from history.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use fanout_backend::RouteKey;
 use serde_json::Value;
 use socketioxide::extract::SocketRef;
 use socketioxide::socket::Sid;
 use socketioxide::{SendError, SocketError};
+use tokio::time::Instant;
+
+use super::Routes;
+use crate::metrics::Metrics;
+
+/// How often sessions whose end was never signalled are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// How long a session may stay pending (handshake done, `connect` not
+/// sent) before the sweeper ends it.
+const PENDING_FOR: Duration = Duration::from_secs(30);
+/// How often a slow client's disconnect is retried while its buffer is full.
+const CLOSE_RETRY_EVERY: Duration = Duration::from_millis(50);
+/// How long it is retried. Engine.IO's heartbeat closes a client that reads
+/// nothing at all at its next ping (every 25 s), so this need not be longer.
+const CLOSE_RETRY_FOR: Duration = Duration::from_secs(60);
 
 /// The last `capacity` message ids shown to one session, so that a message
 /// delivered twice (at-least-once redelivery, a retry, a catch-up racing a
@@ -95,7 +119,9 @@ struct Session {
     catching_up: HashMap<String, (u64, Vec<Emit>)>,
     recent: RecentIds,
     outbox: Outbox,
-    added: std::time::Instant,
+    /// Tokio's clock, so that the sweeper's timing can be tested on a
+    /// paused one.
+    added: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -126,6 +152,13 @@ pub struct Sessions {
     window: usize,
     pending_cap: usize,
     max_per_user: usize,
+    /// Where an ended session's keys go back.
+    routes: Arc<Routes>,
+    /// Where emits and slow clients are counted.
+    metrics: Arc<Metrics>,
+    /// Set when shutdown starts: sessions that end then leave their keys to
+    /// the bulk `deregister_server`.
+    shutting_down: AtomicBool,
 }
 
 /// A handshake refused because the user already has
@@ -178,14 +211,35 @@ fn write(socket: &SocketRef, e: &Emit) -> Written {
 impl Sessions {
     /// An empty registry whose sessions remember `window` ids each, hold
     /// at most `pending_cap` events before they are live, and of which one
-    /// user may have at most `max_per_user`.
-    pub fn new(window: usize, pending_cap: usize, max_per_user: usize) -> Self {
+    /// user may have at most `max_per_user`; ended sessions give their keys
+    /// back to `routes`, and emits are counted in `metrics`.
+    pub fn new(
+        window: usize,
+        pending_cap: usize,
+        max_per_user: usize,
+        routes: Arc<Routes>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
             window,
             pending_cap,
             max_per_user,
+            routes,
+            metrics,
+            shutting_down: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the start of shutdown: sessions ending from now on keep their
+    /// keys (the gateway's deregistration removes them all at once).
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether shutdown has started.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
     }
 
     /// Whether `user` may open one more session (a hint for refusing early;
@@ -226,15 +280,20 @@ impl Sessions {
                 catching_up: HashMap::new(),
                 recent: RecentIds::new(self.window),
                 outbox: Outbox::Pending(Vec::new()),
-                added: std::time::Instant::now(),
+                added: Instant::now(),
             },
         );
         Ok(())
     }
 
-    /// Marks a session live and emits what was routed to it meanwhile.
-    /// Returns the socket to disconnect if it turned out a slow client.
-    pub fn activate(&self, sid: Sid) -> (EmitCount, Option<SocketRef>) {
+    /// Marks a session live and emits what was routed to it meanwhile,
+    /// disconnecting it if it turned out a slow client.
+    pub fn activate(&self, sid: Sid) {
+        let (count, close) = self.activate_locked(sid);
+        self.account(count, close.into_iter().collect());
+    }
+
+    fn activate_locked(&self, sid: Sid) -> (EmitCount, Option<SocketRef>) {
         let mut g = self.lock();
         let mut count = EmitCount::default();
         let Some(s) = g.sessions.get_mut(&sid) else {
@@ -256,9 +315,20 @@ impl Sessions {
         (count, close)
     }
 
-    /// Cuts a session off as a slow client (its ack did not fit in its
-    /// buffer); returns its socket to disconnect if it was not cut off yet.
-    pub fn cut_off(&self, sid: Sid) -> Option<SocketRef> {
+    /// Cuts a session off as a slow client because `what` (an ack) did
+    /// not fit in its send buffer, and disconnects it.
+    pub fn cut_off(&self, sid: Sid, what: &str) {
+        self.metrics.slow_client_drops.inc();
+        if let Some(s) = self.cut_off_locked(sid) {
+            self.metrics.slow_client_disconnects.inc();
+            tracing::warn!(%sid, "slow client: no room for {what}; disconnecting it");
+            disconnect(s);
+        }
+    }
+
+    /// Marks a session cut off; its socket to disconnect if it was not
+    /// cut off yet.
+    fn cut_off_locked(&self, sid: Sid) -> Option<SocketRef> {
         let mut g = self.lock();
         let s = g.sessions.get_mut(&sid)?;
         if matches!(s.outbox, Outbox::CutOff) {
@@ -268,7 +338,30 @@ impl Sessions {
         Some(s.socket.clone())
     }
 
-    /// Removes a session; returns its user and channels if it was there.
+    /// Ends a session: forgets it and gives its keys back to the routes
+    /// (unless shutdown has started). Idempotent: the disconnect handler
+    /// and the sweeper may both end one session.
+    pub async fn end(&self, sid: Sid) {
+        let Some((user, channels)) = self.remove(sid) else {
+            return;
+        };
+        self.metrics.sessions.dec();
+        if self.is_shutting_down() {
+            // deregister_server removes every route in bulk.
+            return;
+        }
+        let mut keys = vec![RouteKey::User(user.clone())];
+        keys.extend(channels.into_iter().map(RouteKey::Channel));
+        for k in keys {
+            if let Err(e) = self.routes.release(&k).await {
+                tracing::warn!(%user, key = %k, error = %e, "cannot unbind; the route stays until the gateway deregisters");
+            }
+        }
+    }
+
+    /// Removes a session without giving its keys back (the handshake that
+    /// failed to bind them gives back what it took); returns its user and
+    /// the channels it holds a reference to, if it was there.
     pub fn remove(&self, sid: Sid) -> Option<(String, Vec<String>)> {
         let mut g = self.lock();
         let s = g.sessions.remove(&sid)?;
@@ -338,10 +431,22 @@ impl Sessions {
 
     /// Ends the catch-up of joins: each session still waiting on its
     /// ticket is shown `catch_up` (from its own start on), then the live
-    /// messages that waited, in that order, under one lock. Returns what
-    /// that came to, the sockets to disconnect, and the tickets whose
-    /// session left or ended meanwhile (their key references go back).
+    /// messages that waited, in that order, under one lock; counted, and
+    /// slow clients disconnected, as [`Sessions::emit`] does. Returns the
+    /// tickets whose session left or ended meanwhile (their key references
+    /// go back).
     pub fn finish_join(
+        &self,
+        channel: &str,
+        tickets: &[JoinTicket],
+        catch_up: &[Emit],
+    ) -> Vec<JoinTicket> {
+        let (count, close, gone) = self.finish_join_locked(channel, tickets, catch_up);
+        self.account(count, close);
+        gone
+    }
+
+    fn finish_join_locked(
         &self,
         channel: &str,
         tickets: &[JoinTicket],
@@ -440,8 +545,41 @@ impl Sessions {
         )
     }
 
+    /// Emits `e` to the local sessions `key` reaches, counts what that
+    /// came to, and disconnects the sessions it found closed or cut off as
+    /// slow clients. Returns the count (a catch-up reports how many it
+    /// showed).
+    pub fn emit(&self, key: &RouteKey, e: &Emit) -> EmitCount {
+        // The lock is released before disconnecting: a disconnect may run
+        // the session's end, which takes it again.
+        let (count, close) = match key {
+            RouteKey::User(u) => self.emit_to_user(u, e),
+            RouteKey::Channel(c) => self.emit_to_channel(c, e),
+        };
+        self.account(count, close);
+        count
+    }
+
+    /// Counts what an emit came to and disconnects the sessions it found
+    /// closed or cut off as slow clients.
+    fn account(&self, count: EmitCount, close: Vec<SocketRef>) {
+        self.metrics.deliveries.inc_by(count.emitted);
+        self.metrics.duplicates_dropped.inc_by(count.duplicates);
+        self.metrics.slow_client_drops.inc_by(count.dropped);
+        self.metrics.slow_client_disconnects.inc_by(count.cut_off);
+        if count.cut_off > 0 {
+            tracing::warn!(
+                sessions = count.cut_off,
+                "slow clients: send buffer full; disconnecting them"
+            );
+        }
+        for s in close {
+            disconnect(s);
+        }
+    }
+
     /// Emits to every session of `user`.
-    pub fn emit_to_user(&self, user: &str, e: &Emit) -> (EmitCount, Vec<SocketRef>) {
+    fn emit_to_user(&self, user: &str, e: &Emit) -> (EmitCount, Vec<SocketRef>) {
         let mut g = self.lock();
         let sids = user_sids(&g, user);
         emit_to(&mut g, &sids, e, self.pending_cap)
@@ -450,7 +588,7 @@ impl Sessions {
     /// Emits to every session that receives `channel`, except sessions
     /// that joined it after the message was created; sessions still
     /// catching up on it keep it for [`Sessions::finish_join`].
-    pub fn emit_to_channel(&self, channel: &str, e: &Emit) -> (EmitCount, Vec<SocketRef>) {
+    fn emit_to_channel(&self, channel: &str, e: &Emit) -> (EmitCount, Vec<SocketRef>) {
         let mut g = self.lock();
         let sids: Vec<Sid> = match g.by_channel.get(channel) {
             None => Vec::new(),
@@ -501,8 +639,8 @@ impl Sessions {
 
     /// Sessions whose end was never signalled: still pending long after
     /// their handshake (the connect packet could not be sent), or no longer
-    /// connected though live. The caller ends them.
-    pub fn stale(&self, pending_for: std::time::Duration) -> Vec<SocketRef> {
+    /// connected though live.
+    fn stale(&self, pending_for: Duration) -> Vec<Sid> {
         let g = self.lock();
         g.sessions
             .values()
@@ -510,8 +648,34 @@ impl Sessions {
                 Outbox::Pending(_) => s.added.elapsed() > pending_for,
                 Outbox::Live | Outbox::CutOff => !s.socket.connected(),
             })
-            .map(|s| s.socket.clone())
+            .map(|s| s.socket.id)
             .collect()
+    }
+
+    /// Ends the sessions whose end socketioxide never signalled.
+    async fn sweep(&self) {
+        for sid in self.stale(PENDING_FOR) {
+            tracing::info!(%sid, "ending a session whose disconnect was not signalled");
+            self.end(sid).await;
+        }
+    }
+
+    /// Every [`SWEEP_EVERY`], until `owner` is dropped: runs `round` on it
+    /// (the gateway forgets idle users' rate buckets there), then ends the
+    /// sessions `round` returns whose end was never signalled.
+    pub fn spawn_sweeper<T: Send + Sync + 'static>(
+        owner: &Arc<T>,
+        round: fn(&T) -> &Sessions,
+    ) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(owner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            loop {
+                tick.tick().await;
+                let Some(owner) = weak.upgrade() else { return };
+                round(&owner).sweep().await;
+            }
+        })
     }
 
     /// How many sessions are held.
@@ -563,6 +727,32 @@ fn emit_to(
     (count, close)
 }
 
+/// Disconnects a session. socketioxide 0.18 refuses to disconnect a socket
+/// whose buffer is full (the disconnect packet needs a slot, and nothing
+/// else closes it from outside), so this retries until a slot frees; a
+/// client that reads nothing at all is closed by Engine.IO's heartbeat
+/// instead, whose ping then finds the buffer full.
+fn disconnect(s: SocketRef) {
+    if !matches!(
+        s.clone().disconnect(),
+        Err(SocketError::InternalChannelFull)
+    ) {
+        return;
+    }
+    tokio::spawn(async move {
+        let deadline = Instant::now() + CLOSE_RETRY_FOR;
+        while s.connected() && Instant::now() < deadline {
+            tokio::time::sleep(CLOSE_RETRY_EVERY).await;
+            if !matches!(
+                s.clone().disconnect(),
+                Err(SocketError::InternalChannelFull)
+            ) {
+                return;
+            }
+        }
+    });
+}
+
 /// Writes one event to one session, or queues it while the session is
 /// pending, cutting the session off when its buffer or queue is full.
 fn deliver(s: &mut Session, e: &Emit, pending_cap: usize) -> EmitCount {
@@ -594,6 +784,107 @@ fn deliver(s: &mut Session, e: &Emit, pending_cap: usize) -> EmitCount {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fanout_backend::{DynBackend, ServerId, ServerStream};
+    use socketioxide::SocketIo;
+
+    /// A connected socket without a server or a client: socketioxide's
+    /// hidden `__test_harness` feature (a dev-dependency feature only).
+    /// The second value keeps its pipes open; drop it with the socket.
+    async fn dummy_socket() -> (SocketRef, Box<dyn std::any::Any + Send>) {
+        let (svc, io) = SocketIo::new_svc();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        io.ns("/", move |s: SocketRef| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(s);
+            }
+        });
+        let pipes = io.new_dummy_sock("/", ()).await;
+        let s = rx.recv().await.expect("the dummy socket connects");
+        (s, Box::new((svc, io, pipes)))
+    }
+
+    /// A registry on a memory backend holding one session of alice, as
+    /// her handshake leaves it: pending, her key bound, counted.
+    struct OneSession {
+        sessions: Arc<Sessions>,
+        routes: Arc<Routes>,
+        metrics: Arc<Metrics>,
+        socket: SocketRef,
+        _open: (ServerStream, Box<dyn std::any::Any + Send>),
+    }
+
+    async fn one_session() -> OneSession {
+        let backend: DynBackend = Arc::new(fanout_memory::MemoryBackend::default());
+        let server = ServerId::new("gw").expect("valid");
+        let stream = backend.register_server(&server).await.expect("register");
+        let metrics = Arc::new(Metrics::new());
+        let routes = Arc::new(Routes::new(backend, server, metrics.bound_keys.clone()));
+        let sessions = Arc::new(Sessions::new(8, 8, 8, routes.clone(), metrics.clone()));
+        let (socket, pipes) = dummy_socket().await;
+        sessions
+            .add_pending(socket.clone(), "alice", &[])
+            .expect("room");
+        routes
+            .acquire(&RouteKey::user("alice").expect("valid"))
+            .await
+            .expect("bind");
+        metrics.sessions.inc();
+        OneSession {
+            sessions,
+            routes,
+            metrics,
+            socket,
+            _open: (stream, pipes),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_ends_a_session_left_pending_at_its_first_round_after_30_s() {
+        let t = one_session().await;
+        let started = Instant::now();
+        let sweeper = Sessions::spawn_sweeper(&t.sessions, |s| s);
+        assert_eq!(t.metrics.bound_keys.get(), 1);
+        // Rounds at 0, 5, ..., 30 s find it not older than 30 s; 35 s does.
+        tokio::time::sleep_until(started + Duration::from_millis(34_999)).await;
+        assert_eq!(t.sessions.len(), 1, "still pending within its 30 s");
+        tokio::time::sleep_until(started + Duration::from_millis(35_001)).await;
+        assert!(t.sessions.is_empty(), "ended at the 35 s round");
+        assert_eq!(t.routes.bound(), 0, "its key went back");
+        assert_eq!(t.metrics.bound_keys.get(), 0, "and the gauge says so");
+        assert_eq!(t.metrics.sessions.get(), 0);
+        sweeper.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_leaves_a_live_session_alone_and_ends_it_one_round_after_it_closed() {
+        let t = one_session().await;
+        t.sessions.activate(t.socket.id);
+        let sweeper = Sessions::spawn_sweeper(&t.sessions, |s| s);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(
+            t.sessions.len(),
+            1,
+            "a connected live session is never swept"
+        );
+        // Closed without its end being signalled to the registry.
+        t.socket.clone().disconnect().expect("disconnect");
+        tokio::time::sleep(SWEEP_EVERY + Duration::from_millis(1)).await;
+        assert!(t.sessions.is_empty(), "ended within one round");
+        assert_eq!(t.metrics.bound_keys.get(), 0);
+        sweeper.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_ended_during_shutdown_keeps_its_keys_for_the_bulk_deregistration() {
+        let t = one_session().await;
+        t.sessions.begin_shutdown();
+        t.sessions.end(t.socket.id).await;
+        t.sessions.end(t.socket.id).await;
+        assert!(t.sessions.is_empty());
+        assert_eq!(t.metrics.sessions.get(), 0, "ended once, counted once");
+        assert_eq!(t.routes.bound(), 1);
+    }
 
     #[test]
     fn window_drops_repeats_and_forgets_old_ids() {

@@ -142,8 +142,7 @@ pub fn attach(io: &SocketIo, gw: Arc<Gateway>) {
             let gw = gw.clone();
             async move {
                 tracing::debug!(sid = %s.id, "connected");
-                let (count, close) = gw.sessions.activate(s.id);
-                gw.account(count, close.into_iter().collect());
+                gw.sessions.activate(s.id);
             }
         }
     };
@@ -228,7 +227,6 @@ async fn handshake(
         }
         return Err(HandshakeError::Unavailable);
     }
-    gw.metrics.bound_keys.set(gw.routes.bound() as i64);
     tracing::debug!(%user, "handshake: routes bound");
 
     let limits = &gw.config.limits;
@@ -272,31 +270,11 @@ async fn handshake(
     let gw_disconnect = gw.clone();
     s.on_disconnect(move |s: SocketRef| {
         let gw = gw_disconnect.clone();
-        async move { end_session(&gw, &s).await }
+        async move { gw.sessions.end(s.id).await }
     });
     gw.metrics.sessions.inc();
     tracing::debug!("handshake: done");
     Ok(())
-}
-
-/// Forgets a session and gives back its keys. Idempotent.
-pub(crate) async fn end_session(gw: &Gateway, s: &SocketRef) {
-    let Some((user, channels)) = gw.sessions.remove(s.id) else {
-        return;
-    };
-    gw.metrics.sessions.dec();
-    if gw.is_shutting_down() {
-        // deregister_server removes every route in bulk.
-        return;
-    }
-    let mut keys = vec![RouteKey::User(user.clone())];
-    keys.extend(channels.into_iter().map(RouteKey::Channel));
-    for k in keys {
-        if let Err(e) = gw.routes.release(&k).await {
-            tracing::warn!(%user, key = %k, error = %e, "cannot unbind; the route stays until the gateway deregisters");
-        }
-    }
-    gw.metrics.bound_keys.set(gw.routes.bound() as i64);
 }
 
 /// Counts a refused send, and the limit that refused it if one did.
@@ -318,7 +296,7 @@ fn count_refusal(gw: &Gateway, code: ErrorCode, scope: Option<&'static str>) {
 /// waiting on it).
 fn send_ack(gw: &Gateway, sid: Sid, ack: AckSender, reply: &Value) {
     if let Err(SendError::Socket(SocketError::InternalChannelFull)) = ack.send(reply) {
-        gw.cut_off(sid, "an ack");
+        gw.sessions.cut_off(sid, "an ack");
     }
 }
 
