@@ -14,16 +14,16 @@ use fanout_backend::{
 use futures::stream::{self, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{FieldTable, ShortString};
 use lapin::{Acker, BasicProperties, Confirmation, Consumer};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::error::{bounded, is_resource_locked, map_err, within};
 use crate::session::{hint_of, next_id, Session};
-use crate::topology::{routing_key, ss};
+use crate::topology::{declare_private_queue, routing_key, ss};
 use crate::{lock, Inner};
 
 /// Items buffered between a gateway queue's consumer and its stream. The
@@ -248,19 +248,11 @@ async fn attach(
             .create_channel()
             .await
             .map_err(|e| map_err("open channel", &e))?;
-        // Exclusive: deleted with the connection, so a gateway that dies
-        // without deregistering leaves no queue and no bindings behind.
-        ch.queue_declare(
-            ss(&queue),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| conflict(&e, "declare gateway queue"))?;
+        // Deleted with the connection, so a gateway that dies without
+        // deregistering leaves no queue and no bindings behind.
+        declare_private_queue(&ch, &queue)
+            .await
+            .map_err(|e| conflict(&e, "declare gateway queue"))?;
         ch.basic_qos(inner.config.server_prefetch, BasicQosOptions::default())
             .await
             .map_err(|e| map_err("set gateway prefetch", &e))?;
@@ -611,28 +603,10 @@ pub(crate) async fn bind(
             _ => return Err(BackendError::NotRegistered(server.to_string().into())),
         }
     }
-    let session = inner.current()?;
-    let queue = inner.names.server_queue(server.as_str());
-    let exchange = inner.names.outgoing_exchange();
     // queue.bind-ok means the binding is in place: a publish that starts
     // after this returns is routed by it. Binding twice is a no-op on the
     // broker, which makes bind idempotent.
-    let r = bounded(inner.timeout(), "bind", async {
-        let ch = session.binders.get(hint_of(&[&queue, &rk])).await?;
-        ch.queue_bind(
-            ss(&queue),
-            ss(&exchange),
-            rk_ss,
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-    })
-    .await;
-    if r.is_err() {
-        inner.hint_lost();
-    }
-    r
+    set_binding(inner, server, &rk, rk_ss, true).await
 }
 
 pub(crate) async fn unbind(
@@ -653,14 +627,39 @@ pub(crate) async fn unbind(
             _ => return Ok(()),
         }
     }
+    // Unbinding a binding that does not exist is unbind-ok in RabbitMQ.
+    set_binding(inner, server, &rk, rk_ss, false).await
+}
+
+/// queue.bind (`bound`) or queue.unbind of `server`'s queue under `rk`, on
+/// the binder channel that the queue and key hash to. A failure hints that
+/// the session is lost.
+async fn set_binding(
+    inner: &Arc<Inner>,
+    server: &ServerId,
+    rk: &str,
+    rk_ss: ShortString,
+    bound: bool,
+) -> Result<(), BackendError> {
     let session = inner.current()?;
     let queue = inner.names.server_queue(server.as_str());
     let exchange = inner.names.outgoing_exchange();
-    // Unbinding a binding that does not exist is unbind-ok in RabbitMQ.
-    let r = bounded(inner.timeout(), "unbind", async {
-        let ch = session.binders.get(hint_of(&[&queue, &rk])).await?;
-        ch.queue_unbind(ss(&queue), ss(&exchange), rk_ss, FieldTable::default())
+    let what = if bound { "bind" } else { "unbind" };
+    let r = bounded(inner.timeout(), what, async {
+        let ch = session.binders.get(hint_of(&[&queue, rk])).await?;
+        if bound {
+            ch.queue_bind(
+                ss(&queue),
+                ss(&exchange),
+                rk_ss,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await
+        } else {
+            ch.queue_unbind(ss(&queue), ss(&exchange), rk_ss, FieldTable::default())
+                .await
+        }
     })
     .await;
     if r.is_err() {
