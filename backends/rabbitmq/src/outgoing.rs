@@ -16,7 +16,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueBindOptions,
     QueueDeleteOptions,
 };
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::FieldTable;
 use lapin::{Acker, BasicProperties, Confirmation, Consumer};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -592,21 +592,10 @@ pub(crate) async fn bind(
     server: &ServerId,
     key: &RouteKey,
 ) -> Result<(), BackendError> {
-    let rk = key.as_routing_key();
-    let rk_ss = routing_key(&rk)?;
-    {
-        let mut servers = lock(&inner.servers);
-        match servers.get_mut(server) {
-            Some(e) if e.live.load(Ordering::Acquire) => {
-                e.keys.insert(rk.clone());
-            }
-            _ => return Err(BackendError::NotRegistered(server.to_string().into())),
-        }
-    }
     // queue.bind-ok means the binding is in place: a publish that starts
     // after this returns is routed by it. Binding twice is a no-op on the
     // broker, which makes bind idempotent.
-    set_binding(inner, server, &rk, rk_ss, true).await
+    set_binding(inner, server, key, true).await
 }
 
 pub(crate) async fn unbind(
@@ -614,39 +603,44 @@ pub(crate) async fn unbind(
     server: &ServerId,
     key: &RouteKey,
 ) -> Result<(), BackendError> {
+    // Unbinding a binding that does not exist is unbind-ok in RabbitMQ.
+    set_binding(inner, server, key, false).await
+}
+
+/// Records `key` as bound (`bound`) or not in `server`'s entry, then sends
+/// queue.bind or queue.unbind of the server's queue under it, on the binder
+/// channel that the queue and key hash to. A failure hints that the session
+/// is lost.
+async fn set_binding(
+    inner: &Arc<Inner>,
+    server: &ServerId,
+    key: &RouteKey,
+    bound: bool,
+) -> Result<(), BackendError> {
     let rk = key.as_routing_key();
     let rk_ss = routing_key(&rk)?;
     {
         let mut servers = lock(&inner.servers);
         match servers.get_mut(server) {
             Some(e) if e.live.load(Ordering::Acquire) => {
-                e.keys.remove(&rk);
+                if bound {
+                    e.keys.insert(rk.clone());
+                } else {
+                    e.keys.remove(&rk);
+                }
             }
+            _ if bound => return Err(BackendError::NotRegistered(server.to_string().into())),
             // Not registered (or being cleaned up): there is no queue to
             // route to, so nothing is bound.
             _ => return Ok(()),
         }
     }
-    // Unbinding a binding that does not exist is unbind-ok in RabbitMQ.
-    set_binding(inner, server, &rk, rk_ss, false).await
-}
-
-/// queue.bind (`bound`) or queue.unbind of `server`'s queue under `rk`, on
-/// the binder channel that the queue and key hash to. A failure hints that
-/// the session is lost.
-async fn set_binding(
-    inner: &Arc<Inner>,
-    server: &ServerId,
-    rk: &str,
-    rk_ss: ShortString,
-    bound: bool,
-) -> Result<(), BackendError> {
     let session = inner.current()?;
     let queue = inner.names.server_queue(server.as_str());
     let exchange = inner.names.outgoing_exchange();
     let what = if bound { "bind" } else { "unbind" };
     let r = bounded(inner.timeout(), what, async {
-        let ch = session.binders.get(hint_of(&[&queue, rk])).await?;
+        let ch = session.binders.get(hint_of(&[&queue, &rk])).await?;
         if bound {
             ch.queue_bind(
                 ss(&queue),
