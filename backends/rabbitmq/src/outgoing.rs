@@ -14,7 +14,7 @@ use fanout_backend::{
 use futures::stream::{self, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Acker, BasicProperties, Confirmation, Consumer};
@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{bounded, is_resource_locked, map_err, within};
 use crate::session::{hint_of, next_id, Session};
-use crate::topology::{routing_key, ss};
+use crate::topology::{declare_private_queue, routing_key, ss};
 use crate::{lock, Inner};
 
 /// Items buffered between a gateway queue's consumer and its stream. The
@@ -248,19 +248,11 @@ async fn attach(
             .create_channel()
             .await
             .map_err(|e| map_err("open channel", &e))?;
-        // Exclusive: deleted with the connection, so a gateway that dies
-        // without deregistering leaves no queue and no bindings behind.
-        ch.queue_declare(
-            ss(&queue),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| conflict(&e, "declare gateway queue"))?;
+        // Deleted with the connection, so a gateway that dies without
+        // deregistering leaves no queue and no bindings behind.
+        declare_private_queue(&ch, &queue)
+            .await
+            .map_err(|e| conflict(&e, "declare gateway queue"))?;
         ch.basic_qos(inner.config.server_prefetch, BasicQosOptions::default())
             .await
             .map_err(|e| map_err("set gateway prefetch", &e))?;
@@ -600,39 +592,10 @@ pub(crate) async fn bind(
     server: &ServerId,
     key: &RouteKey,
 ) -> Result<(), BackendError> {
-    let rk = key.as_routing_key();
-    let rk_ss = routing_key(&rk)?;
-    {
-        let mut servers = lock(&inner.servers);
-        match servers.get_mut(server) {
-            Some(e) if e.live.load(Ordering::Acquire) => {
-                e.keys.insert(rk.clone());
-            }
-            _ => return Err(BackendError::NotRegistered(server.to_string().into())),
-        }
-    }
-    let session = inner.current()?;
-    let queue = inner.names.server_queue(server.as_str());
-    let exchange = inner.names.outgoing_exchange();
     // queue.bind-ok means the binding is in place: a publish that starts
     // after this returns is routed by it. Binding twice is a no-op on the
     // broker, which makes bind idempotent.
-    let r = bounded(inner.timeout(), "bind", async {
-        let ch = session.binders.get(hint_of(&[&queue, &rk])).await?;
-        ch.queue_bind(
-            ss(&queue),
-            ss(&exchange),
-            rk_ss,
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-    })
-    .await;
-    if r.is_err() {
-        inner.hint_lost();
-    }
-    r
+    set_binding(inner, server, key, true).await
 }
 
 pub(crate) async fn unbind(
@@ -640,14 +603,33 @@ pub(crate) async fn unbind(
     server: &ServerId,
     key: &RouteKey,
 ) -> Result<(), BackendError> {
+    // Unbinding a binding that does not exist is unbind-ok in RabbitMQ.
+    set_binding(inner, server, key, false).await
+}
+
+/// Records `key` as bound (`bound`) or not in `server`'s entry, then sends
+/// queue.bind or queue.unbind of the server's queue under it, on the binder
+/// channel that the queue and key hash to. A failure hints that the session
+/// is lost.
+async fn set_binding(
+    inner: &Arc<Inner>,
+    server: &ServerId,
+    key: &RouteKey,
+    bound: bool,
+) -> Result<(), BackendError> {
     let rk = key.as_routing_key();
     let rk_ss = routing_key(&rk)?;
     {
         let mut servers = lock(&inner.servers);
         match servers.get_mut(server) {
             Some(e) if e.live.load(Ordering::Acquire) => {
-                e.keys.remove(&rk);
+                if bound {
+                    e.keys.insert(rk.clone());
+                } else {
+                    e.keys.remove(&rk);
+                }
             }
+            _ if bound => return Err(BackendError::NotRegistered(server.to_string().into())),
             // Not registered (or being cleaned up): there is no queue to
             // route to, so nothing is bound.
             _ => return Ok(()),
@@ -656,11 +638,22 @@ pub(crate) async fn unbind(
     let session = inner.current()?;
     let queue = inner.names.server_queue(server.as_str());
     let exchange = inner.names.outgoing_exchange();
-    // Unbinding a binding that does not exist is unbind-ok in RabbitMQ.
-    let r = bounded(inner.timeout(), "unbind", async {
+    let what = if bound { "bind" } else { "unbind" };
+    let r = bounded(inner.timeout(), what, async {
         let ch = session.binders.get(hint_of(&[&queue, &rk])).await?;
-        ch.queue_unbind(ss(&queue), ss(&exchange), rk_ss, FieldTable::default())
+        if bound {
+            ch.queue_bind(
+                ss(&queue),
+                ss(&exchange),
+                rk_ss,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await
+        } else {
+            ch.queue_unbind(ss(&queue), ss(&exchange), rk_ss, FieldTable::default())
+                .await
+        }
     })
     .await;
     if r.is_err() {

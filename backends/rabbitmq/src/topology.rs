@@ -4,7 +4,7 @@
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, ExchangeKind, Queue};
 
 use crate::{QueueType, RabbitMqConfig};
 
@@ -72,6 +72,22 @@ pub(crate) fn partition_key(p: u32) -> String {
 /// namespace (100) + a fixed suffix + an id (64) bytes).
 pub(crate) fn ss(s: &str) -> ShortString {
     ShortString::from(s)
+}
+
+/// Declares a queue private to one owner (a gateway, a group member):
+/// exclusive and auto-delete, so it goes with the owner's connection or
+/// channel and an owner that dies leaves no queue and no bindings behind.
+pub(crate) async fn declare_private_queue(ch: &Channel, queue: &str) -> lapin::Result<Queue> {
+    ch.queue_declare(
+        ss(queue),
+        QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
 }
 
 /// A routing key from a [`fanout_backend::RouteKey`]. Its variants are

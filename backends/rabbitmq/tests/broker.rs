@@ -103,15 +103,7 @@ async fn a_deleted_gateway_queue_comes_back_with_routes_lost() {
     let mut stream = b.register_server(&sid("gw1")).await.expect("register");
     let k = RouteKey::user("eve").expect("key");
     b.bind(&sid("gw1"), &k).await.expect("bind");
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["delete_queue", &format!("{ns}.gw.gw1")])
-        .output()
-        .expect("rabbitmqctl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rabbitmqctl(&["delete_queue", &format!("{ns}.gw.gw1")]);
     match tokio::time::timeout(Duration::from_secs(15), stream.next()).await {
         Ok(Some(fanout_backend::ServerEvent::RoutesLost)) => {}
         other => panic!("expected RoutesLost, got {other:?}"),

@@ -17,7 +17,7 @@ use fanout_backend::{
     BackendError, ConsumeOptions, FanoutBackend, IncomingDelivery, IncomingEvent, OrderingKey,
     RouteKey, RouteOutcome, ServerEvent, ServerId, ServerStream,
 };
-use fanout_rabbitmq::RabbitMqBackend;
+use fanout_rabbitmq::{RabbitMqBackend, RabbitMqConfig};
 use futures::StreamExt;
 
 fn sid(s: &str) -> ServerId {
@@ -73,6 +73,45 @@ async fn next_message(stream: &mut ServerStream) -> Bytes {
         Ok(None) => panic!("server stream ended"),
         Err(_) => panic!("no message in time"),
     }
+}
+
+/// A backend connected through a new [`Proxy`] (settings `tweak`ed from
+/// [`config`]), with gateway `gw1` registered and bound to `user`; `None`
+/// when the broker is unreachable.
+async fn gateway_via_proxy(
+    user: &str,
+    tweak: impl FnOnce(RabbitMqConfig) -> RabbitMqConfig,
+) -> Option<(Proxy, RabbitMqBackend, ServerStream)> {
+    if !broker_available().await {
+        return None;
+    }
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let ns = fresh_namespace();
+    let a = connect(tweak(RabbitMqConfig {
+        url: proxy.url(),
+        ..config(&ns)
+    }))
+    .await;
+    let stream = a.register_server(&sid("gw1")).await.expect("register");
+    a.bind(&sid("gw1"), &key(user)).await.expect("bind");
+    Some((proxy, a, stream))
+}
+
+/// After a loss: `gw1` binds `user` again and receives `payload` published
+/// to it; then the namespace goes.
+async fn rebind_and_receive(
+    a: RabbitMqBackend,
+    mut stream: ServerStream,
+    user: &str,
+    payload: &'static [u8],
+) {
+    a.bind(&sid("gw1"), &key(user)).await.expect("bind again");
+    a.publish_outgoing(&key(user), Bytes::from_static(payload))
+        .await
+        .expect("publish");
+    assert_eq!(next_message(&mut stream).await, Bytes::from_static(payload));
+    a.delete_namespace().await.expect("delete namespace");
+    a.shutdown().await.expect("shutdown");
 }
 
 /// What the consumer saw.
@@ -320,7 +359,7 @@ async fn network_outage_under_traffic() {
     let proxy = Arc::new(Proxy::start("127.0.0.1:5672").await);
     let ns = fresh_namespace();
     let a = Arc::new(
-        connect(fanout_rabbitmq::RabbitMqConfig {
+        connect(RabbitMqConfig {
             url: proxy.url(),
             ..config(&ns)
         })
@@ -343,19 +382,10 @@ async fn network_outage_under_traffic() {
 /// after the network comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_fail_fast_while_disconnected() {
-    if !broker_available().await {
+    let Some((proxy, a, mut stream)) = gateway_via_proxy("bob", |c| c).await else {
         return;
-    }
-    let proxy = Proxy::start("127.0.0.1:5672").await;
-    let ns = fresh_namespace();
-    let a = connect(fanout_rabbitmq::RabbitMqConfig {
-        url: proxy.url(),
-        ..config(&ns)
-    })
-    .await;
+    };
     let s1 = sid("gw1");
-    let mut stream = a.register_server(&s1).await.expect("register");
-    a.bind(&s1, &key("bob")).await.expect("bind");
     a.health().await.expect("healthy");
 
     proxy.cut();
@@ -390,13 +420,7 @@ async fn calls_fail_fast_while_disconnected() {
     proxy.restore();
     wait_routes_lost(&mut stream, Duration::from_secs(30)).await;
     a.health().await.expect("healthy again");
-    a.bind(&s1, &key("bob")).await.expect("bind again");
-    a.publish_outgoing(&key("bob"), Bytes::from_static(b"back"))
-        .await
-        .expect("publish");
-    assert_eq!(next_message(&mut stream).await, Bytes::from_static(b"back"));
-    a.delete_namespace().await.expect("delete namespace");
-    a.shutdown().await.expect("shutdown");
+    rebind_and_receive(a, stream, "bob", b"back").await;
 }
 
 /// A network that silently stops carrying packets (no reset): the
@@ -404,20 +428,14 @@ async fn calls_fail_fast_while_disconnected() {
 /// session up and reconnects once packets flow again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_network_failure_is_detected() {
-    if !broker_available().await {
-        return;
-    }
-    let proxy = Proxy::start("127.0.0.1:5672").await;
-    let ns = fresh_namespace();
-    let a = connect(fanout_rabbitmq::RabbitMqConfig {
-        url: proxy.url(),
+    let Some((proxy, a, mut stream)) = gateway_via_proxy("dan", |c| RabbitMqConfig {
         operation_timeout: Duration::from_secs(1),
-        ..config(&ns)
+        ..c
     })
-    .await;
-    let s1 = sid("gw1");
-    let mut stream = a.register_server(&s1).await.expect("register");
-    a.bind(&s1, &key("dan")).await.expect("bind");
+    .await
+    else {
+        return;
+    };
     let reconnects = a.reconnect_count();
 
     proxy.freeze();
@@ -441,14 +459,5 @@ async fn silent_network_failure_is_detected() {
     proxy.thaw();
     wait_routes_lost(&mut stream, Duration::from_secs(30)).await;
     assert!(a.reconnect_count() > reconnects);
-    a.bind(&s1, &key("dan")).await.expect("bind again");
-    a.publish_outgoing(&key("dan"), Bytes::from_static(b"again"))
-        .await
-        .expect("publish");
-    assert_eq!(
-        next_message(&mut stream).await,
-        Bytes::from_static(b"again")
-    );
-    a.delete_namespace().await.expect("delete namespace");
-    a.shutdown().await.expect("shutdown");
+    rebind_and_receive(a, stream, "dan", b"again").await;
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use fanout_backend::{FanoutBackend, IncomingEvent, OrderingKey, RouteKey, ServerId};
-use fanout_rabbitmq::RabbitMqBackend;
+use fanout_rabbitmq::{RabbitMqBackend, RabbitMqConfig};
 use futures::StreamExt;
 
 fn sid(s: &str) -> ServerId {
@@ -35,6 +35,21 @@ async fn bind_all(b: &Arc<RabbitMqBackend>, server: &str, keys: &[RouteKey], in_
         .await;
 }
 
+/// A backend to measure, with settings `tweak`ed from [`config`]: its
+/// queues outlive a long run. `None` when the broker is unreachable.
+async fn measured(
+    tweak: impl FnOnce(RabbitMqConfig) -> RabbitMqConfig,
+) -> Option<Arc<RabbitMqBackend>> {
+    let (_, b) = fresh(|c| {
+        tweak(RabbitMqConfig {
+            queue_expiry: Some(Duration::from_secs(300)),
+            ..c
+        })
+    })
+    .await?;
+    Some(Arc::new(b))
+}
+
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -42,17 +57,9 @@ fn rate(n: usize, d: Duration) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement; run with --ignored --nocapture"]
 async fn bindings_per_second() {
-    if !broker_available().await {
+    let Some(b) = measured(|c| c).await else {
         return;
-    }
-    let ns = fresh_namespace();
-    let b = Arc::new(
-        connect(fanout_rabbitmq::RabbitMqConfig {
-            queue_expiry: Some(Duration::from_secs(300)),
-            ..config(&ns)
-        })
-        .await,
-    );
+    };
     let _first = b.register_server(&sid("gw1")).await.expect("register");
     let keys: Vec<RouteKey> = (0..10_000)
         .map(|i| RouteKey::user(&format!("user{i}")).expect("key"))
@@ -94,18 +101,14 @@ async fn bindings_per_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement; run with --ignored --nocapture"]
 async fn publishes_per_second() {
-    if !broker_available().await {
+    let Some(b) = measured(|c| RabbitMqConfig {
+        partitions: 16,
+        ..c
+    })
+    .await
+    else {
         return;
-    }
-    let ns = fresh_namespace();
-    let b = Arc::new(
-        connect(fanout_rabbitmq::RabbitMqConfig {
-            partitions: 16,
-            queue_expiry: Some(Duration::from_secs(300)),
-            ..config(&ns)
-        })
-        .await,
-    );
+    };
     let n = 5000usize;
     let ev = |i: usize| IncomingEvent {
         id: format!("e{i}"),

@@ -28,6 +28,43 @@ use crate::keys::GROUP;
 use crate::reply::{self, Claimed, EntryId, Redelivered};
 use crate::Inner;
 
+/// Declares a script's typed wrapper: a struct holding the hashed script
+/// and a `call` that runs the invocation `$call` builds (from `$script` and
+/// the arguments) through [`invoke`]. With `=> $parse`, the raw reply is
+/// handed to `$parse` and `call` returns what it makes of it.
+macro_rules! wrapper {
+    (
+        $(#[$doc:meta])*
+        $name:ident |$script:ident, $inner:ident $(, $arg:ident: $ty:ty)*| -> $ret:ty
+        { $call:expr }
+    ) => {
+        wrapper! {
+            $(#[$doc])*
+            $name |$script, $inner $(, $arg: $ty)*| -> $ret { $call } => std::convert::identity
+        }
+    };
+    (
+        $(#[$doc:meta])*
+        $name:ident |$script:ident, $inner:ident $(, $arg:ident: $ty:ty)*| -> $ret:ty
+        { $call:expr } => $parse:expr
+    ) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub(crate) struct $name(Script);
+
+        impl $name {
+            pub(crate) async fn call(
+                &self,
+                $inner: &Inner,
+                $($arg: $ty),*
+            ) -> Result<$ret, BackendError> {
+                let $script = &self.0;
+                Ok(($parse)(invoke($inner, $call).await?))
+            }
+        }
+    };
+}
+
 /// Shared by the scripts that may move an incoming entry to the dead-letter
 /// stream: copies the entry's fields, adds why and how often it was
 /// delivered, and acks it so it is never delivered again. The dead-letter
@@ -64,27 +101,14 @@ end
 return {#servers, received}
 "#;
 
-/// Calls [`PUBLISH`]: the frame to every server bound to `key`. Returns
-/// `(bound, received)`.
-#[derive(Debug)]
-pub(crate) struct Publish(Script);
-
-impl Publish {
-    pub(crate) async fn call(
-        &self,
-        inner: &Inner,
-        key: &RouteKey,
-        frame: &[u8],
-    ) -> Result<(u64, u64), BackendError> {
-        let keys = &inner.keys;
-        invoke(
-            inner,
-            self.0
-                .key(keys.route(key))
-                .arg(keys.out_prefix())
-                .arg(frame),
-        )
-        .await
+wrapper! {
+    /// Calls [`PUBLISH`]: the frame to every server bound to `key`. Returns
+    /// `(bound, received)`.
+    Publish |script, inner, key: &RouteKey, frame: &[u8]| -> (u64, u64) {
+        script
+            .key(inner.keys.route(key))
+            .arg(inner.keys.out_prefix())
+            .arg(frame)
     }
 }
 
@@ -111,33 +135,19 @@ redis.call('SADD', KEYS[2], ARGV[2])
 return code
 "#;
 
-/// Calls [`BIND`] for the registration holding `token`. Returns 1, 0 or -1
-/// as the script says.
-#[derive(Debug)]
-pub(crate) struct Bind(Script);
-
-impl Bind {
-    pub(crate) async fn call(
-        &self,
-        inner: &Inner,
-        server: &ServerId,
-        key: &RouteKey,
-        token: &str,
-    ) -> Result<i64, BackendError> {
-        let keys = &inner.keys;
-        invoke(
-            inner,
-            self.0
-                .key(keys.route(key))
-                .key(keys.server_keys(server.as_str()))
-                .key(keys.alive(server.as_str()))
-                .key(keys.servers())
-                .arg(server.as_str())
-                .arg(key.as_routing_key())
-                .arg(token)
-                .arg(ms(inner.config.liveness_ttl)),
-        )
-        .await
+wrapper! {
+    /// Calls [`BIND`] for the registration holding `token`. Returns 1, 0 or
+    /// -1 as the script says.
+    Bind |script, inner, server: &ServerId, key: &RouteKey, token: &str| -> i64 {
+        script
+            .key(inner.keys.route(key))
+            .key(inner.keys.server_keys(server.as_str()))
+            .key(inner.keys.alive(server.as_str()))
+            .key(inner.keys.servers())
+            .arg(server.as_str())
+            .arg(key.as_routing_key())
+            .arg(token)
+            .arg(ms(inner.config.liveness_ttl))
     }
 }
 
@@ -175,32 +185,18 @@ end
 return -1
 "#;
 
-/// Calls [`ALIVE`] for `server` in `mode` (`claim` or `refresh`). Returns
-/// 1, 0 or -1 as the script says.
-#[derive(Debug)]
-pub(crate) struct Alive(Script);
-
-impl Alive {
-    pub(crate) async fn call(
-        &self,
-        inner: &Inner,
-        server: &ServerId,
-        token: &str,
-        mode: &str,
-    ) -> Result<i64, BackendError> {
-        let keys = &inner.keys;
-        invoke(
-            inner,
-            self.0
-                .key(keys.alive(server.as_str()))
-                .key(keys.servers())
-                .arg(token)
-                .arg(ms(inner.config.liveness_ttl))
-                .arg(server.as_str())
-                .arg(mode)
-                .arg(keys.out_channel(server)),
-        )
-        .await
+wrapper! {
+    /// Calls [`ALIVE`] for `server` in `mode` (`claim` or `refresh`).
+    /// Returns 1, 0 or -1 as the script says.
+    Alive |script, inner, server: &ServerId, token: &str, mode: &str| -> i64 {
+        script
+            .key(inner.keys.alive(server.as_str()))
+            .key(inner.keys.servers())
+            .arg(token)
+            .arg(ms(inner.config.liveness_ttl))
+            .arg(server.as_str())
+            .arg(mode)
+            .arg(inner.keys.out_channel(server))
     }
 }
 
@@ -237,34 +233,19 @@ end
 return {left, #keys}
 "#;
 
-/// Calls [`CLEANUP`] once: removes up to `batch` routes of `server` in
-/// `mode`. Returns `(keys left, keys removed)`.
-#[derive(Debug)]
-pub(crate) struct Cleanup(Script);
-
-impl Cleanup {
-    pub(crate) async fn call(
-        &self,
-        inner: &Inner,
-        server: &str,
-        token: &str,
-        mode: &str,
-        batch: usize,
-    ) -> Result<(i64, u64), BackendError> {
-        let keys = &inner.keys;
-        invoke(
-            inner,
-            self.0
-                .key(keys.server_keys(server))
-                .key(keys.alive(server))
-                .key(keys.servers())
-                .arg(mode)
-                .arg(token)
-                .arg(batch)
-                .arg(keys.route_prefix())
-                .arg(server),
-        )
-        .await
+wrapper! {
+    /// Calls [`CLEANUP`] once: removes up to `batch` routes of `server` in
+    /// `mode`. Returns `(keys left, keys removed)`.
+    Cleanup |script, inner, server: &str, token: &str, mode: &str, batch: usize| -> (i64, u64) {
+        script
+            .key(inner.keys.server_keys(server))
+            .key(inner.keys.alive(server))
+            .key(inner.keys.servers())
+            .arg(mode)
+            .arg(token)
+            .arg(batch)
+            .arg(inner.keys.route_prefix())
+            .arg(server)
     }
 }
 
@@ -306,19 +287,18 @@ end
 return out
 "#;
 
-/// Calls [`MAINTAIN`] for the consumer `token` over every partition.
-/// Returns one status per partition, in order.
-#[derive(Debug)]
-pub(crate) struct Maintain(Script);
-
-impl Maintain {
-    pub(crate) async fn call(&self, inner: &Inner, token: &str) -> Result<Vec<i64>, BackendError> {
-        let mut call = self.0.key(inner.keys.consumers());
-        for p in 0..inner.config.partitions {
-            call.key(inner.keys.lease(p));
+wrapper! {
+    /// Calls [`MAINTAIN`] for the consumer `token` over every partition.
+    /// Returns one status per partition, in order.
+    Maintain |script, inner, token: &str| -> Vec<i64> {
+        &{
+            let mut call = script.key(inner.keys.consumers());
+            for p in 0..inner.config.partitions {
+                call.key(inner.keys.lease(p));
+            }
+            call.arg(token).arg(ms(inner.config.lease_ttl));
+            call
         }
-        call.arg(token).arg(ms(inner.config.lease_ttl));
-        invoke(inner, &call).await
     }
 }
 
@@ -356,28 +336,16 @@ redis.call('DEL', KEYS[2])
 return 1
 "#;
 
-/// Calls `RELEASE` for partition `p`. Returns 1 (released) or 0 (the lease
-/// was no longer ours).
-#[derive(Debug)]
-pub(crate) struct Release(Script);
-
-impl Release {
-    pub(crate) async fn call(
-        &self,
-        inner: &Inner,
-        p: u32,
-        token: &str,
-    ) -> Result<i64, BackendError> {
-        invoke(
-            inner,
-            self.0
-                .key(inner.keys.stream(p))
-                .key(inner.keys.lease(p))
-                .arg(GROUP)
-                .arg(token)
-                .arg(ms(inner.config.claim_idle)),
-        )
-        .await
+wrapper! {
+    /// Calls `RELEASE` for partition `p`. Returns 1 (released) or 0 (the
+    /// lease was no longer ours).
+    Release |script, inner, p: u32, token: &str| -> i64 {
+        script
+            .key(inner.keys.stream(p))
+            .key(inner.keys.lease(p))
+            .arg(GROUP)
+            .arg(token)
+            .arg(ms(inner.config.claim_idle))
     }
 }
 
@@ -395,18 +363,17 @@ end
 return 1
 "#;
 
-/// Calls `LEAVE` for the consumer `token` over every partition.
-#[derive(Debug)]
-pub(crate) struct Leave(Script);
-
-impl Leave {
-    pub(crate) async fn call(&self, inner: &Inner, token: &str) -> Result<i64, BackendError> {
-        let mut call = self.0.key(inner.keys.consumers());
-        for p in 0..inner.config.partitions {
-            call.key(inner.keys.stream(p)).key(inner.keys.lease(p));
+wrapper! {
+    /// Calls `LEAVE` for the consumer `token` over every partition.
+    Leave |script, inner, token: &str| -> i64 {
+        &{
+            let mut call = script.key(inner.keys.consumers());
+            for p in 0..inner.config.partitions {
+                call.key(inner.keys.stream(p)).key(inner.keys.lease(p));
+            }
+            call.arg(GROUP).arg(token).arg(ms(inner.config.claim_idle));
+            call
         }
-        call.arg(GROUP).arg(token).arg(ms(inner.config.claim_idle));
-        invoke(inner, &call).await
     }
 }
 
@@ -444,33 +411,19 @@ end
 return {status, last, out}
 "#;
 
-/// Calls [`CLAIM`] on partition `p` for the consumer `token`: at most
-/// `batch` entries after `start`. `None` if the reply is not the script's.
-#[derive(Debug)]
-pub(crate) struct Claim(Script);
-
-impl Claim {
-    pub(crate) async fn call(
-        &self,
-        inner: &Inner,
-        p: u32,
-        token: &str,
-        batch: usize,
-        start: &str,
-    ) -> Result<Option<Claimed>, BackendError> {
-        let raw: Value = invoke(
-            inner,
-            self.0
-                .key(inner.keys.stream(p))
-                .arg(GROUP)
-                .arg(token)
-                .arg(ms(inner.config.claim_idle))
-                .arg(batch)
-                .arg(start),
-        )
-        .await?;
-        Ok(reply::claimed(&raw))
-    }
+wrapper! {
+    /// Calls [`CLAIM`] on partition `p` for the consumer `token`: at most
+    /// `batch` entries after `start`. `None` if the reply is not the
+    /// script's.
+    Claim |script, inner, p: u32, token: &str, batch: usize, start: &str| -> Option<Claimed> {
+        script
+            .key(inner.keys.stream(p))
+            .arg(GROUP)
+            .arg(token)
+            .arg(ms(inner.config.claim_idle))
+            .arg(batch)
+            .arg(start)
+    } => |raw: Value| reply::claimed(&raw)
 }
 
 /// Delivers again one entry this consumer holds (after `reject`, a dropped
@@ -490,30 +443,16 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 return {'gone'}
 "#;
 
-/// Calls [`REDELIVER`] on partition `p` for entry `id` of the consumer
-/// `token`.
-#[derive(Debug)]
-pub(crate) struct Redeliver(Script);
-
-impl Redeliver {
-    pub(crate) async fn call(
-        &self,
-        inner: &Inner,
-        p: u32,
-        token: &str,
-        id: EntryId,
-    ) -> Result<Redelivered, BackendError> {
-        let raw: Value = invoke(
-            inner,
-            self.0
-                .key(inner.keys.stream(p))
-                .arg(GROUP)
-                .arg(token)
-                .arg(id.to_string()),
-        )
-        .await?;
-        Ok(reply::redelivered(&raw))
-    }
+wrapper! {
+    /// Calls [`REDELIVER`] on partition `p` for entry `id` of the consumer
+    /// `token`.
+    Redeliver |script, inner, p: u32, token: &str, id: EntryId| -> Redelivered {
+        script
+            .key(inner.keys.stream(p))
+            .arg(GROUP)
+            .arg(token)
+            .arg(id.to_string())
+    } => |raw: Value| reply::redelivered(&raw)
 }
 
 /// `reject` and `dead_letter` of one delivery, only if this consumer still
@@ -550,43 +489,41 @@ pub(crate) enum Settled {
     Gone,
 }
 
-/// Calls `SETTLE` on partition `p` for entry `id` of the consumer `token`.
-#[derive(Debug)]
-pub(crate) struct Settle(Script);
-
-impl Settle {
-    pub(crate) async fn call(
-        &self,
-        inner: &Inner,
-        p: u32,
-        token: &str,
-        id: EntryId,
-        mode: SettleMode,
-        reason: &str,
-    ) -> Result<Settled, BackendError> {
-        let mode = match mode {
+impl SettleMode {
+    fn as_arg(self) -> &'static str {
+        match self {
             SettleMode::Reject => "reject",
             SettleMode::Dead => "dead",
-        };
-        let outcome: String = invoke(
-            inner,
-            self.0
-                .key(inner.keys.stream(p))
-                .key(inner.keys.dead())
-                .arg(GROUP)
-                .arg(token)
-                .arg(id.to_string())
-                .arg(mode)
-                .arg(reason)
-                .arg(p),
-        )
-        .await?;
-        Ok(match outcome.as_str() {
+        }
+    }
+}
+
+impl Settled {
+    fn from_reply(outcome: String) -> Self {
+        match outcome.as_str() {
             "requeue" => Settled::Requeue,
             "dead" => Settled::Dead,
             _ => Settled::Gone,
-        })
+        }
     }
+}
+
+wrapper! {
+    /// Calls `SETTLE` on partition `p` for entry `id` of the consumer
+    /// `token`.
+    Settle |
+        script, inner, p: u32, token: &str, id: EntryId, mode: SettleMode, reason: &str
+    | -> Settled {
+        script
+            .key(inner.keys.stream(p))
+            .key(inner.keys.dead())
+            .arg(GROUP)
+            .arg(token)
+            .arg(id.to_string())
+            .arg(mode.as_arg())
+            .arg(reason)
+            .arg(p)
+    } => Settled::from_reply
 }
 
 /// Replays one dead letter: removes it from the dead-letter stream and
@@ -602,30 +539,17 @@ redis.call('XADD', KEYS[2], '*', 'id', ARGV[2], 'k', ARGV[3], 'p', ARGV[4])
 return 1
 "#;
 
-/// Calls [`REPLAY`]: the dead letter at `entry_id` back to partition `p`.
-/// Returns 1 (replayed) or 0 (gone already).
-#[derive(Debug)]
-pub(crate) struct Replay(Script);
-
-impl Replay {
-    pub(crate) async fn call(
-        &self,
-        inner: &Inner,
-        entry_id: &str,
-        p: u32,
-        event: &IncomingEvent,
-    ) -> Result<i64, BackendError> {
-        invoke(
-            inner,
-            self.0
-                .key(inner.keys.dead())
-                .key(inner.keys.stream(p))
-                .arg(entry_id)
-                .arg(&event.id)
-                .arg(event.ordering_key.as_str())
-                .arg(event.payload.as_ref()),
-        )
-        .await
+wrapper! {
+    /// Calls [`REPLAY`]: the dead letter at `entry_id` back to partition
+    /// `p`. Returns 1 (replayed) or 0 (gone already).
+    Replay |script, inner, entry_id: &str, p: u32, event: &IncomingEvent| -> i64 {
+        script
+            .key(inner.keys.dead())
+            .key(inner.keys.stream(p))
+            .arg(entry_id)
+            .arg(&event.id)
+            .arg(event.ordering_key.as_str())
+            .arg(event.payload.as_ref())
     }
 }
 
@@ -659,20 +583,14 @@ if pend[1] > 0 then floor = pend[2] end
 return redis.call('XTRIM', KEYS[1], 'MINID', floor)
 "#;
 
-/// Calls [`TRIM`] on partition `p`'s stream. Returns the entries removed.
-#[derive(Debug)]
-pub(crate) struct Trim(Script);
-
-impl Trim {
-    pub(crate) async fn call(&self, inner: &Inner, p: u32) -> Result<u64, BackendError> {
-        invoke(
-            inner,
-            self.0
-                .key(inner.keys.stream(p))
-                .arg(GROUP)
-                .arg(inner.config.max_stream_len),
-        )
-        .await
+wrapper! {
+    /// Calls [`TRIM`] on partition `p`'s stream. Returns the entries
+    /// removed.
+    Trim |script, inner, p: u32| -> u64 {
+        script
+            .key(inner.keys.stream(p))
+            .arg(GROUP)
+            .arg(inner.config.max_stream_len)
     }
 }
 
@@ -703,27 +621,15 @@ end
 return removed
 "#;
 
-/// Calls [`GC_CONSUMERS`] on partition `p`'s stream. Returns the consumers
-/// removed.
-#[derive(Debug)]
-pub(crate) struct GcConsumers(Script);
-
-impl GcConsumers {
-    pub(crate) async fn call(
-        &self,
-        inner: &Inner,
-        p: u32,
-        min_idle: Duration,
-    ) -> Result<u64, BackendError> {
-        invoke(
-            inner,
-            self.0
-                .key(inner.keys.stream(p))
-                .key(inner.keys.consumers())
-                .arg(GROUP)
-                .arg(ms(min_idle)),
-        )
-        .await
+wrapper! {
+    /// Calls [`GC_CONSUMERS`] on partition `p`'s stream. Returns the
+    /// consumers removed.
+    GcConsumers |script, inner, p: u32, min_idle: Duration| -> u64 {
+        script
+            .key(inner.keys.stream(p))
+            .key(inner.keys.consumers())
+            .arg(GROUP)
+            .arg(ms(min_idle))
     }
 }
 

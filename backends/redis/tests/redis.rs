@@ -43,12 +43,12 @@ fn event(id: &str, key: &str, body: &str) -> IncomingEvent {
 }
 
 /// Config used by a parent test and its child process alike.
-fn crash_config(ns: &str) -> RedisConfig {
+fn crash_config(base: RedisConfig) -> RedisConfig {
     RedisConfig {
         partitions: 4,
         lease_ttl: Duration::from_secs(2),
         claim_idle: Duration::from_secs(1),
-        ..common::config(ns)
+        ..base
     }
 }
 
@@ -114,6 +114,16 @@ async fn spawn_child(
     (child, BufReader::new(stdout).lines())
 }
 
+/// A consumer stream named `name` taking `prefetch` deliveries at a time.
+async fn consumer(b: &RedisBackend, name: &str, prefetch: u16) -> Incoming {
+    b.consume_incoming(ConsumeOptions {
+        consumer_name: name.into(),
+        prefetch,
+    })
+    .await
+    .expect("consume")
+}
+
 /// Lines the child prints before `READY`.
 async fn until_ready(
     lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
@@ -151,16 +161,10 @@ async fn child_worker() {
         // `--ignored` without the parent's variables: no role to play.
         return;
     };
-    let b = RedisBackend::connect(crash_config(&ns))
+    let b = RedisBackend::connect(crash_config(common::config(&ns)))
         .await
         .expect("connect");
-    let mut c = b
-        .consume_incoming(ConsumeOptions {
-            consumer_name: "doomed".into(),
-            prefetch: 8,
-        })
-        .await
-        .expect("consume");
+    let mut c = consumer(&b, "doomed", 8).await;
     let mut held = Vec::new();
     while held.len() < 8 {
         let d = next_delivery(&mut c, Duration::from_secs(10)).await;
@@ -208,14 +212,10 @@ async fn child_gateway() {
 /// and nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashed_worker_pending_entries_are_taken_over() {
-    if !common::available().await {
+    let Some((cleanup, b)) = common::fresh(crash_config).await else {
         return;
-    }
-    let ns = common::namespace();
-    let _cleanup = common::Cleanup(ns.clone());
-    let b = RedisBackend::connect(crash_config(&ns))
-        .await
-        .expect("connect");
+    };
+    let ns = &cleanup.0;
     let keys = ["k0", "k1", "k2", "k3", "k4", "k5"];
     let per_key = 10;
     for n in 0..per_key {
@@ -225,7 +225,7 @@ async fn crashed_worker_pending_entries_are_taken_over() {
                 .expect("publish");
         }
     }
-    let (mut child, mut lines) = spawn_child("child_worker", "worker", &ns).await;
+    let (mut child, mut lines) = spawn_child("child_worker", "worker", ns).await;
     let got = until_ready(&mut lines).await;
     let held: HashSet<String> = got
         .iter()
@@ -234,17 +234,10 @@ async fn crashed_worker_pending_entries_are_taken_over() {
         .map(str::to_owned)
         .collect();
     assert_eq!(held.len(), 8, "child held {got:?}");
-    child.start_kill().expect("SIGKILL the worker");
-    let _ = child.wait().await;
+    sigkill(&mut child).await;
     let killed = Instant::now();
 
-    let mut c = b
-        .consume_incoming(ConsumeOptions {
-            consumer_name: "survivor".into(),
-            prefetch: 16,
-        })
-        .await
-        .expect("consume");
+    let mut c = consumer(&b, "survivor", 16).await;
     let mut order: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     let mut attempts: HashMap<String, u32> = HashMap::new();
     let mut first_after = None;
@@ -284,30 +277,53 @@ async fn crashed_worker_pending_entries_are_taken_over() {
     b.shutdown().await.expect("shutdown");
 }
 
+/// Runs `child_gateway` until it holds its 201 routes as `gw-dead`, and
+/// returns it still running.
+async fn gateway_child(b: &RedisBackend, ns: &str) -> tokio::process::Child {
+    let (child, mut lines) = spawn_child("child_gateway", "gateway", ns).await;
+    until_ready(&mut lines).await;
+    assert_eq!(b.route_key_count().await.expect("count"), 201);
+    child
+}
+
+/// Kills a child with SIGKILL (no chance to clean up) and reaps it.
+async fn sigkill(child: &mut tokio::process::Child) {
+    child.start_kill().expect("SIGKILL the child");
+    let _ = child.wait().await;
+}
+
+/// The route and server keys of a namespace that exist now.
+async fn route_keys(ns: &str) -> Vec<String> {
+    common::keys_of(ns)
+        .await
+        .into_iter()
+        .filter(|k| k.contains(":server:") || k.contains(":route:"))
+        .collect()
+}
+
 /// A gateway killed with SIGKILL leaves routes; the janitor (of any other
 /// backend value in the namespace) removes them once its liveness key
 /// expires. Measures the window with the default `liveness_ttl` (10 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashed_gateway_routes_are_removed_within_the_bound() {
-    if !common::available().await {
+    let mut ttl = Duration::ZERO;
+    let Some((cleanup, b)) = common::fresh(|config| {
+        ttl = config.liveness_ttl;
+        config
+    })
+    .await
+    else {
         return;
-    }
-    let ns = common::namespace();
-    let _cleanup = common::Cleanup(ns.clone());
-    let config = common::config(&ns);
-    let ttl = config.liveness_ttl;
-    let b = RedisBackend::connect(config).await.expect("connect");
-    let (mut child, mut lines) = spawn_child("child_gateway", "gateway", &ns).await;
-    until_ready(&mut lines).await;
-    assert_eq!(b.route_key_count().await.expect("count"), 201);
+    };
+    let ns = &cleanup.0;
+    let mut child = gateway_child(&b, ns).await;
     assert!(matches!(
         b.publish_outgoing(&user("u1"), Bytes::from_static(b"x"))
             .await
             .expect("publish"),
         RouteOutcome::Routed { servers: Some(1) }
     ));
-    child.start_kill().expect("SIGKILL the gateway");
-    let _ = child.wait().await;
+    sigkill(&mut child).await;
     let killed = Instant::now();
 
     // The stale route no longer reaches anyone, and publish says so.
@@ -346,11 +362,7 @@ async fn crashed_gateway_routes_are_removed_within_the_bound() {
     println!(
         "gateway SIGKILL -> stale routes gone after {window:?} (liveness_ttl {ttl:?}, bound {documented:?})"
     );
-    let leftovers: Vec<String> = common::keys_of(&ns)
-        .await
-        .into_iter()
-        .filter(|k| k.contains(":server:") || k.contains(":route:"))
-        .collect();
+    let leftovers = route_keys(ns).await;
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
     let mut raw = common::raw().await;
     let servers: Vec<String> = redis::cmd("SMEMBERS")
@@ -367,19 +379,12 @@ async fn crashed_gateway_routes_are_removed_within_the_bound() {
 /// routes, at once, without waiting for the janitor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_gateway_does_not_inherit_routes() {
-    if !common::available().await {
+    let Some((cleanup, b)) = common::fresh(|c| c).await else {
         return;
-    }
-    let ns = common::namespace();
-    let _cleanup = common::Cleanup(ns.clone());
-    let b = RedisBackend::connect(common::config(&ns))
-        .await
-        .expect("connect");
-    let (mut child, mut lines) = spawn_child("child_gateway", "gateway", &ns).await;
-    until_ready(&mut lines).await;
-    assert_eq!(b.route_key_count().await.expect("count"), 201);
-    child.start_kill().expect("SIGKILL");
-    let _ = child.wait().await;
+    };
+    let ns = &cleanup.0;
+    let mut child = gateway_child(&b, ns).await;
+    sigkill(&mut child).await;
     let mut again = b
         .register_server(&sid("gw-dead"))
         .await
@@ -399,11 +404,7 @@ async fn restarted_gateway_does_not_inherit_routes() {
     );
     b.shutdown().await.expect("shutdown");
     assert_eq!(
-        common::keys_of(&ns)
-            .await
-            .iter()
-            .filter(|k| k.contains(":route:") || k.contains(":server:"))
-            .count(),
+        route_keys(ns).await.len(),
         0,
         "shutdown removes every route"
     );
@@ -429,14 +430,10 @@ async fn subscriber_client_id(ns: &str, server: &str) -> Option<String> {
 /// gateway binds again, routing resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_subscriber_yields_routes_lost_and_routing_resumes() {
-    if !common::available().await {
+    let Some((cleanup, b)) = common::fresh(|c| c).await else {
         return;
-    }
-    let ns = common::namespace();
-    let _cleanup = common::Cleanup(ns.clone());
-    let b = RedisBackend::connect(common::config(&ns))
-        .await
-        .expect("connect");
+    };
+    let ns = &cleanup.0;
     let mut s1 = b.register_server(&sid("s1")).await.expect("register");
     b.bind(&sid("s1"), &user("alice")).await.expect("bind");
     b.publish_outgoing(&user("alice"), Bytes::from_static(b"before"))
@@ -447,7 +444,7 @@ async fn killed_subscriber_yields_routes_lost_and_routing_resumes() {
         Bytes::from_static(b"before")
     );
 
-    let id = subscriber_client_id(&ns, "s1")
+    let id = subscriber_client_id(ns, "s1")
         .await
         .expect("the subscriber connection is named");
     let mut raw = common::raw().await;
@@ -471,7 +468,7 @@ async fn killed_subscriber_yields_routes_lost_and_routing_resumes() {
     assert_eq!(stats.subscriber_reconnects, 1);
     assert!(stats.routes_lost >= 1);
     assert_ne!(
-        subscriber_client_id(&ns, "s1").await,
+        subscriber_client_id(ns, "s1").await,
         Some(id),
         "a new connection"
     );
@@ -493,30 +490,22 @@ async fn killed_subscriber_yields_routes_lost_and_routing_resumes() {
 /// pending and settle normally.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trimming_never_removes_unacked_entries() {
-    if !common::available().await {
-        return;
-    }
-    let ns = common::namespace();
-    let _cleanup = common::Cleanup(ns.clone());
-    let b = RedisBackend::connect(RedisConfig {
+    let Some((cleanup, b)) = common::fresh(|c| RedisConfig {
         partitions: 1,
         max_stream_len: 10,
-        ..common::config(&ns)
+        ..c
     })
     .await
-    .expect("connect");
+    else {
+        return;
+    };
+    let ns = &cleanup.0;
     for i in 0..30 {
         b.publish_incoming(event(&format!("e{i}"), "t", &i.to_string()))
             .await
             .expect("publish");
     }
-    let mut c = b
-        .consume_incoming(ConsumeOptions {
-            consumer_name: "trim".into(),
-            prefetch: 30,
-        })
-        .await
-        .expect("consume");
+    let mut c = consumer(&b, "trim", 30).await;
     let mut held = Vec::new();
     for i in 0..30 {
         let d = next_delivery(&mut c, Duration::from_secs(10)).await;
@@ -579,28 +568,14 @@ async fn lease_owners(ns: &str, partitions: u32) -> HashMap<String, usize> {
 /// when one leaves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_are_spread_and_rebalanced() {
-    if !common::available().await {
-        return;
-    }
-    let ns = common::namespace();
-    let _cleanup = common::Cleanup(ns.clone());
     let partitions = 12;
-    let b = RedisBackend::connect(RedisConfig {
-        partitions,
-        ..common::config(&ns)
-    })
-    .await
-    .expect("connect");
+    let Some((cleanup, b)) = common::fresh(|c| RedisConfig { partitions, ..c }).await else {
+        return;
+    };
+    let ns = &cleanup.0;
     let mut streams = Vec::new();
     for i in 0..3 {
-        streams.push(
-            b.consume_incoming(ConsumeOptions {
-                consumer_name: format!("c{i}"),
-                prefetch: 4,
-            })
-            .await
-            .expect("consume"),
-        );
+        streams.push(consumer(&b, &format!("c{i}"), 4).await);
     }
     let wait_for = |want: Vec<usize>| {
         let ns = ns.clone();
@@ -820,16 +795,11 @@ async fn redis_restart_fails_fast_then_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
 async fn binds_per_second() {
-    if !common::available().await {
+    let Some((cleanup, b)) = common::fresh(|c| c).await else {
         return;
-    }
-    let ns = common::namespace();
-    let _cleanup = common::Cleanup(ns.clone());
-    let b = std::sync::Arc::new(
-        RedisBackend::connect(common::config(&ns))
-            .await
-            .expect("connect"),
-    );
+    };
+    let ns = &cleanup.0;
+    let b = std::sync::Arc::new(b);
     let server = sid("bench");
     let mut stream = b.register_server(&server).await.expect("register");
     let n = 20_000usize;

@@ -8,17 +8,17 @@ use fanout_backend::{
     BackendError, DeadLetter, DeadLetterAction, DeadLetterSelection, IncomingEvent, OrderingKey,
 };
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Confirmation};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::{AMQPValue, LongString, ShortString};
+use lapin::Confirmation;
 
 use crate::error::{bounded, within};
-use crate::topology::{ss, H_ATTEMPTS, H_ORDERING_KEY, H_PARTITION, H_REASON};
+use crate::topology::{ss, H_ATTEMPTS, H_PARTITION, H_REASON};
 use crate::Inner;
 
 use super::publish::publish;
 use super::settle::settled;
-use super::{header_str, header_u64, unavailable};
+use super::{event_properties, header_str, header_u64, publish_confirmed, read_event, unavailable};
 
 pub(super) async fn publish_dead_letter(
     inner: &Arc<Inner>,
@@ -29,40 +29,25 @@ pub(super) async fn publish_dead_letter(
 ) -> Result<(), BackendError> {
     let session = inner.current()?;
     let message_id = ShortString::try_new(event.id.clone()).unwrap_or_else(|_| ss(""));
-    let mut headers = FieldTable::default();
-    headers.insert(
-        ss(H_ORDERING_KEY),
-        AMQPValue::LongString(LongString::from(event.ordering_key.as_str())),
+    let props = event_properties(
+        event,
+        message_id,
+        [
+            (H_REASON, AMQPValue::LongString(LongString::from(reason))),
+            (H_ATTEMPTS, AMQPValue::LongLongInt(i64::from(attempts))),
+            (H_PARTITION, AMQPValue::LongLongInt(i64::from(partition))),
+        ],
     );
-    headers.insert(
-        ss(H_REASON),
-        AMQPValue::LongString(LongString::from(reason)),
-    );
-    headers.insert(ss(H_ATTEMPTS), AMQPValue::LongLongInt(i64::from(attempts)));
-    headers.insert(
-        ss(H_PARTITION),
-        AMQPValue::LongLongInt(i64::from(partition)),
-    );
-    let props = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_message_id(message_id)
-        .with_headers(headers);
     let exchange = inner.names.dead_letter_exchange();
-    let confirmation = bounded(inner.timeout(), "publish dead letter", async {
-        let ch = session.incoming_pub.get(u64::from(partition)).await?;
-        ch.basic_publish(
-            ss(&exchange),
-            ss(crate::topology::DEAD_KEY),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            &event.payload,
-            props,
-        )
-        .await?
-        .await
-    })
+    let confirmation = publish_confirmed(
+        inner,
+        &session,
+        "publish dead letter",
+        partition,
+        (&exchange, crate::topology::DEAD_KEY),
+        &event.payload,
+        props,
+    )
     .await?;
     match confirmation {
         Confirmation::Ack(None) => Ok(()),
@@ -167,14 +152,7 @@ async fn scan_dead_letters(
 }
 
 fn parse_dead_letter(d: &Delivery) -> DeadLetter {
-    let headers = d.properties.headers().clone().unwrap_or_default();
-    let id = d
-        .properties
-        .message_id()
-        .as_ref()
-        .map(|s| s.to_string())
-        .unwrap_or_default();
-    let ordering_key = header_str(&headers, H_ORDERING_KEY).unwrap_or_default();
+    let (headers, id, ordering_key) = read_event(d);
     // Our own dead letters say why; the broker's (quorum delivery limit,
     // after workers crashed on the event) carry x-first-death-reason.
     let (reason, attempts) = match header_str(&headers, H_REASON) {

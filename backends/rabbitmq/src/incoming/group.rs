@@ -8,10 +8,7 @@ use std::time::{Duration, Instant};
 
 use fanout_backend::BackendError;
 use futures::stream::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueBindOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Consumer};
 use tokio::sync::{mpsc, watch};
@@ -19,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::bounded;
 use crate::session::{next_id, Session};
-use crate::topology::{ss, MEMBERS_KEY};
+use crate::topology::{declare_private_queue, ss, MEMBERS_KEY};
 use crate::{lock, Inner};
 
 use super::{unavailable, Item, MemberShared, SlotState, DEAD_AFTER, DISCOVERY, HEARTBEAT, TICK};
@@ -215,18 +212,9 @@ impl Member {
         let exchange = inner.names.members_exchange();
         let (ch, consumer) = bounded(inner.timeout(), "join the consumer group", async {
             let ch = session.consume.create_channel().await?;
-            // Exclusive and auto-delete: gone with the member's channel or
-            // connection, so nothing of a dead member stays behind.
-            ch.queue_declare(
-                ss(&queue),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+            // Gone with the member's channel or connection, so nothing of a
+            // dead member stays behind.
+            declare_private_queue(&ch, &queue).await?;
             ch.queue_bind(
                 ss(&queue),
                 ss(&exchange),

@@ -48,12 +48,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use fanout_backend::{BackendError, ConsumeOptions, IncomingDelivery};
+use fanout_backend::{BackendError, ConsumeOptions, IncomingDelivery, IncomingEvent};
 use futures::stream::{self, BoxStream, StreamExt};
 use lapin::message::Delivery;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Confirmation};
 use tokio::sync::{mpsc, watch, Notify};
 
+use crate::error::bounded;
+use crate::session::Session;
+use crate::topology::{ss, H_ORDERING_KEY};
 use crate::{lock, Inner};
 
 mod dead_letter;
@@ -235,6 +240,74 @@ async fn next_delivery(
             }
         }
     }
+}
+
+/// The properties an incoming event is published with, on its partition
+/// queue and as a dead letter alike ([`read_event`] reads them back):
+/// persistent, its id as message id, its ordering key in a header, plus
+/// `extra` headers.
+fn event_properties(
+    event: &IncomingEvent,
+    message_id: ShortString,
+    extra: impl IntoIterator<Item = (&'static str, AMQPValue)>,
+) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ss(H_ORDERING_KEY),
+        AMQPValue::LongString(LongString::from(event.ordering_key.as_str())),
+    );
+    for (k, v) in extra {
+        headers.insert(ss(k), v);
+    }
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(message_id)
+        .with_headers(headers)
+}
+
+/// What [`event_properties`] wrote, from a delivered message: its headers,
+/// the event id and the ordering key.
+fn read_event(d: &Delivery) -> (FieldTable, String, String) {
+    let headers = d.properties.headers().clone().unwrap_or_default();
+    let id = d
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    let ordering_key = header_str(&headers, H_ORDERING_KEY).unwrap_or_default();
+    (headers, id, ordering_key)
+}
+
+/// Publishes `payload` to `to` (exchange, routing key), mandatory (an
+/// unroutable message comes back in the confirm), on the incoming publisher
+/// channel of `partition`, and waits for the broker's confirm, all within
+/// the operation timeout.
+async fn publish_confirmed(
+    inner: &Inner,
+    session: &Session,
+    what: &str,
+    partition: u32,
+    (exchange, routing_key): (&str, &str),
+    payload: &[u8],
+    props: BasicProperties,
+) -> Result<Confirmation, BackendError> {
+    bounded(inner.timeout(), what, async {
+        let ch = session.incoming_pub.get(u64::from(partition)).await?;
+        ch.basic_publish(
+            ss(exchange),
+            ss(routing_key),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            payload,
+            props,
+        )
+        .await?
+        .await
+    })
+    .await
 }
 
 fn header_str(headers: &FieldTable, key: &str) -> Option<String> {

@@ -2,6 +2,7 @@
 //! dead-letter, each on the channel the delivery came from, and the attempt
 //! count a delivery carries.
 
+use std::future::Future;
 use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
@@ -12,11 +13,10 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::Acker;
 
 use crate::error::bounded;
-use crate::topology::H_ORDERING_KEY;
 use crate::{lock, Inner, QueueType};
 
 use super::dead_letter::publish_dead_letter;
-use super::{header_str, header_u64, unavailable, MemberShared};
+use super::{header_u64, read_event, unavailable, MemberShared};
 
 pub(super) fn to_delivery(
     inner: &Arc<Inner>,
@@ -25,14 +25,7 @@ pub(super) fn to_delivery(
     slot: u64,
     delivery: Delivery,
 ) -> IncomingDelivery {
-    let headers = delivery.properties.headers().clone().unwrap_or_default();
-    let id = delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .map(|s| s.to_string())
-        .unwrap_or_default();
-    let ordering_key = header_str(&headers, H_ORDERING_KEY).unwrap_or_default();
+    let (headers, id, ordering_key) = read_event(&delivery);
     let floor = if delivery.redelivered { 2 } else { 1 };
     let attempt = match inner.config.queue_type {
         // The broker's own counter: every earlier return (reject, lost
@@ -99,32 +92,42 @@ impl RabbitSettle {
         // the event in both places (it is delivered again and dead-lettered
         // a second time) rather than in neither.
         match publish_dead_letter(inner, &self.event, reason, self.attempt, self.partition).await {
-            Ok(()) => {
-                let r = bounded(
-                    inner.timeout(),
+            Ok(()) => settled(
+                self.send(
+                    inner,
                     "ack dead-lettered event",
                     self.acker.ack(BasicAckOptions::default()),
                 )
-                .await;
-                self.finish();
-                settled(r)
-            }
+                .await,
+            ),
             Err(e) => {
                 // Give it back so that it is not stuck unsettled; it comes
                 // back and will be dead-lettered then.
-                let _ = bounded(
-                    inner.timeout(),
-                    "requeue",
-                    self.acker.nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    }),
-                )
-                .await;
-                self.finish();
+                let _ = self.send(inner, "requeue", self.requeue()).await;
                 Err(e)
             }
         }
+    }
+
+    /// Sends an ack or nack within the operation timeout; whatever the
+    /// answer, the delivery is no longer the application's.
+    async fn send(
+        &self,
+        inner: &Inner,
+        what: &str,
+        op: impl Future<Output = lapin::Result<bool>>,
+    ) -> Result<bool, BackendError> {
+        let r = bounded(inner.timeout(), what, op).await;
+        self.finish();
+        r
+    }
+
+    /// A nack that puts the delivery back on its queue.
+    fn requeue(&self) -> impl Future<Output = lapin::Result<bool>> + '_ {
+        self.acker.nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        })
     }
 }
 
@@ -144,31 +147,17 @@ pub(super) fn settled(r: Result<bool, BackendError>) -> Result<(), BackendError>
 impl Settle for RabbitSettle {
     async fn ack(&self) -> Result<(), BackendError> {
         let inner = self.inner()?;
-        let r = bounded(
-            inner.timeout(),
-            "ack",
-            self.acker.ack(BasicAckOptions::default()),
+        settled(
+            self.send(&inner, "ack", self.acker.ack(BasicAckOptions::default()))
+                .await,
         )
-        .await;
-        self.finish();
-        settled(r)
     }
 
     async fn reject(&self) -> Result<(), BackendError> {
         let inner = self.inner()?;
         // Requeued at the head of its partition (both queue types put a
         // requeued message back in front of later ones).
-        let r = bounded(
-            inner.timeout(),
-            "reject",
-            self.acker.nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            }),
-        )
-        .await;
-        self.finish();
-        settled(r)
+        settled(self.send(&inner, "reject", self.requeue()).await)
     }
 
     async fn dead_letter(&self, reason: &str) -> Result<(), BackendError> {

@@ -42,6 +42,20 @@ pub async fn connect(config: RabbitMqConfig) -> RabbitMqBackend {
         .expect("connect to RabbitMQ")
 }
 
+/// A backend on a namespace no other run uses, with settings `tweak`ed from
+/// [`config`], and that namespace; `None` when the broker is unreachable
+/// (the test is skipped).
+pub async fn fresh(
+    tweak: impl FnOnce(RabbitMqConfig) -> RabbitMqConfig,
+) -> Option<(String, RabbitMqBackend)> {
+    if !broker_available().await {
+        return None;
+    }
+    let ns = fresh_namespace();
+    let b = connect(tweak(config(&ns))).await;
+    Some((ns, b))
+}
+
 /// Whether the broker is reachable (skips loudly or fails under CI).
 pub async fn broker_available() -> bool {
     let probe = RabbitMqConfig {
@@ -80,7 +94,8 @@ pub fn rabbitmqctl_available() -> bool {
     }
 }
 
-fn rabbitmqctl(args: &[&str]) -> String {
+/// Runs `rabbitmqctl` with `args`, which must succeed; its stdout.
+pub fn rabbitmqctl(args: &[&str]) -> String {
     let out = Command::new("rabbitmqctl")
         .args(args)
         .output()

@@ -58,6 +58,18 @@ pub async fn purge(namespace: &str) {
     }
 }
 
+/// One step of a SCAN over a namespace's keys (SCAN, not KEYS: the Redis
+/// is shared).
+fn scan(namespace: &str, cursor: u64) -> redis::Cmd {
+    let mut cmd = redis::cmd("SCAN");
+    cmd.arg(cursor)
+        .arg("MATCH")
+        .arg(format!("{namespace}:*"))
+        .arg("COUNT")
+        .arg(1000);
+    cmd
+}
+
 /// Deletes every key of a namespace without a runtime (from `Drop`).
 pub fn purge_blocking(namespace: &str) {
     let run = || -> redis::RedisResult<()> {
@@ -65,13 +77,7 @@ pub fn purge_blocking(namespace: &str) {
         let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{namespace}:*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query(&mut conn)?;
+            let (next, keys): (u64, Vec<String>) = scan(namespace, cursor).query(&mut conn)?;
             if !keys.is_empty() {
                 redis::cmd("UNLINK").arg(keys).query::<()>(&mut conn)?;
             }
@@ -98,18 +104,30 @@ impl Drop for Cleanup {
     }
 }
 
-/// Keys of a namespace that exist now (by SCAN: the Redis is shared).
+/// A backend on a namespace no other run uses, configured by `tweak` from
+/// [`config`], and the guard that deletes the namespace's keys; `None` when
+/// Redis is unreachable (the test is skipped). Bind it as `(cleanup, b)`:
+/// the later binding drops first, so the keys go after the backend.
+pub async fn fresh(
+    tweak: impl FnOnce(RedisConfig) -> RedisConfig,
+) -> Option<(Cleanup, RedisBackend)> {
+    if !available().await {
+        return None;
+    }
+    let cleanup = Cleanup(namespace());
+    let b = RedisBackend::connect(tweak(config(&cleanup.0)))
+        .await
+        .expect("connect");
+    Some((cleanup, b))
+}
+
+/// Keys of a namespace that exist now.
 pub async fn keys_of(namespace: &str) -> Vec<String> {
     let mut conn = raw().await;
     let mut out = Vec::new();
     let mut cursor: u64 = 0;
     loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{namespace}:*"))
-            .arg("COUNT")
-            .arg(1000)
+        let (next, keys): (u64, Vec<String>) = scan(namespace, cursor)
             .query_async(&mut conn)
             .await
             .expect("SCAN");
