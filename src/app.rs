@@ -136,14 +136,7 @@ pub async fn serve(
         shutdown,
     )
     .await;
-    stop.cancel();
-    match worker.await {
-        Ok(Err(e)) => tracing::error!(error = %e, "worker failed"),
-        Err(e) => tracing::error!(error = %e, "worker task failed"),
-        Ok(Ok(())) => {}
-    }
-    let _ = backend.shutdown().await;
-    store.close().await;
+    wind_down(&stop, worker, &WORKER_LOG, &backend, &store).await;
     result
 }
 
@@ -180,9 +173,64 @@ pub async fn gateway(
         shutdown,
     )
     .await;
+    close(&backend, &store).await;
+    result
+}
+
+/// How the failure of a task a process runs beside its main part is
+/// logged: at `level`, as `failed` for the task's own error and as
+/// `task_failed` for a panic or abort.
+struct SideTaskLog {
+    level: tracing::Level,
+    failed: &'static str,
+    task_failed: &'static str,
+}
+
+/// The worker `serve` runs beside its gateway: without it nothing is
+/// stored, hence an error.
+const WORKER_LOG: SideTaskLog = SideTaskLog {
+    level: tracing::Level::ERROR,
+    failed: "worker failed",
+    task_failed: "worker task failed",
+};
+
+/// The probe and metrics endpoint of a worker process.
+const WORKER_HTTP_LOG: SideTaskLog = SideTaskLog {
+    level: tracing::Level::WARN,
+    failed: "worker HTTP endpoint failed",
+    task_failed: "worker HTTP task failed",
+};
+
+/// The end of a process with a side task: stops and awaits the task, logs
+/// how it failed (not returned: the result of the main part is the one to
+/// report), and closes the broker and database connections.
+async fn wind_down<E: std::fmt::Display>(
+    stop: &CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), E>>,
+    log: &SideTaskLog,
+    backend: &DynBackend,
+    store: &Store,
+) {
+    stop.cancel();
+    let failure = match task.await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some((log.failed, e.to_string())),
+        Err(e) => Some((log.task_failed, e.to_string())),
+    };
+    if let Some((what, error)) = failure {
+        if log.level == tracing::Level::ERROR {
+            tracing::error!(error = %error, "{what}");
+        } else {
+            tracing::warn!(error = %error, "{what}");
+        }
+    }
+    close(backend, store).await;
+}
+
+/// Closes the broker and database connections of a process that is done.
+async fn close(backend: &DynBackend, store: &Store) {
     let _ = backend.shutdown().await;
     store.close().await;
-    result
 }
 
 /// `fanout worker`: a worker process until `shutdown` resolves, serving
@@ -234,14 +282,7 @@ pub async fn worker(
             run.await
         }
     };
-    stop.cancel();
-    match http.await {
-        Ok(Err(e)) => tracing::warn!(error = %e, "worker HTTP endpoint failed"),
-        Err(e) => tracing::warn!(error = %e, "worker HTTP task failed"),
-        Ok(Ok(())) => {}
-    }
-    let _ = backend.shutdown().await;
-    store.close().await;
+    wind_down(&stop, http, &WORKER_HTTP_LOG, &backend, &store).await;
     Ok(result?)
 }
 

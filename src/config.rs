@@ -461,6 +461,23 @@ pub enum ConfigError {
     Value(String),
 }
 
+/// The `--config` option both binaries (`fanout`, `fanout-bench`) take;
+/// `#[command(flatten)]` it into a clap parser.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// TOML configuration file (default: ./fanout.toml if present).
+    /// FANOUT_* environment variables override it.
+    #[arg(long, global = true, env = "FANOUT_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    /// The configuration these arguments name (see [`Config::load`]).
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        Config::load(self.config.as_deref())
+    }
+}
+
 impl Config {
     /// Reads defaults, then `file` (if given, it must exist; otherwise
     /// `fanout.toml` if present), then the environment.

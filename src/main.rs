@@ -3,11 +3,10 @@
 //! hands to the `fanout-bench` binary beside it (the `bench/` crate).
 
 use std::ffi::OsString;
-use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fanout::config::Config;
+use fanout::config::{Config, ConfigArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -16,10 +15,8 @@ use fanout::config::Config;
     about = "Socket.IO chat fan-out across gateways through a pluggable broker"
 )]
 struct Cli {
-    /// TOML configuration file (default: ./fanout.toml if present).
-    /// FANOUT_* environment variables override it.
-    #[arg(long, global = true, env = "FANOUT_CONFIG")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -130,7 +127,7 @@ fn main() -> anyhow::Result<()> {
     {
         return Err(exec_bench());
     }
-    let config = Config::load(cli.config.as_deref())?;
+    let config = cli.config.load()?;
     fanout::app::init_logging(&config.log)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(run(cli.command, config))

@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{next, quiet, send_ok, spawn_gateway, Cluster, SECRET, WAIT};
+use common::cluster::{
+    api_call, metric, next, quiet, send_ok, spawn_gateway, Cluster, SECRET, WAIT,
+};
 use fanout::app;
 use fanout::auth::Tokens;
 use fanout::config::{BackendKind, Config};
@@ -167,22 +169,6 @@ impl Node {
     }
 }
 
-/// One sample of `/metrics` (a full name with labels, as printed), 0 when
-/// absent.
-async fn metric(url: &str, sample: &str) -> f64 {
-    let text = reqwest::get(format!("{url}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .filter_map(|l| l.strip_prefix(sample))
-        .filter_map(|rest| rest.strip_prefix(' '))
-        .find_map(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Waits until `sample` satisfies `ok`, up to `WAIT`.
 async fn wait_metric(url: &str, sample: &str, ok: impl Fn(f64) -> bool) -> f64 {
     let deadline = Instant::now() + WAIT;
@@ -200,16 +186,12 @@ fn error_code(ack: &Value) -> &str {
 }
 
 async fn create_channel(c: &Cluster, owner: &str, id: &str, members: &[&str]) {
-    let (status, body) = c
-        .api(
-            0,
-            owner,
-            Method::POST,
-            "/api/channels",
-            Some(json!({ "id": id, "name": id, "members": members })),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
+    c.create_channel(
+        0,
+        owner,
+        json!({ "id": id, "name": id, "members": members }),
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------------
@@ -231,54 +213,22 @@ async fn channel_history_needs_membership_and_conversations_are_the_callers_own(
     next(&alice).await;
     next(&alice).await;
 
-    let (status, body) = c
-        .api(
-            0,
-            "mallory",
-            Method::GET,
-            "/api/channels/secret/messages",
-            None,
-        )
-        .await;
+    let (status, body) = c.get(0, "mallory", "/api/channels/secret/messages").await;
     assert_eq!((status, error_code(&body)), (403, "forbidden"), "{body}");
     assert!(body.get("messages").is_none(), "no history leaks: {body}");
-    let (status, body) = c
-        .api(0, "bob", Method::GET, "/api/channels/secret/messages", None)
-        .await;
+    let (status, body) = c.get(0, "bob", "/api/channels/secret/messages").await;
     assert_eq!(status, 200);
     assert_eq!(body["messages"].as_array().map(Vec::len), Some(1));
 
     // Mallory asking for "bob"'s conversation gets mallory↔bob, which is
     // empty, never alice↔bob.
-    let (status, body) = c
-        .api(
-            0,
-            "mallory",
-            Method::GET,
-            "/api/conversations/bob/messages",
-            None,
-        )
-        .await;
+    let (status, body) = c.get(0, "mallory", "/api/conversations/bob/messages").await;
     assert_eq!((status, &body["messages"]), (200, &json!([])));
     let (status, body) = c
-        .api(
-            0,
-            "mallory",
-            Method::GET,
-            "/api/conversations/alice/messages",
-            None,
-        )
+        .get(0, "mallory", "/api/conversations/alice/messages")
         .await;
     assert_eq!((status, &body["messages"]), (200, &json!([])));
-    let (_, body) = c
-        .api(
-            0,
-            "bob",
-            Method::GET,
-            "/api/conversations/alice/messages",
-            None,
-        )
-        .await;
+    let (_, body) = c.get(0, "bob", "/api/conversations/alice/messages").await;
     assert_eq!(body["messages"][0]["content"], json!("for bob"));
     c.stop().await;
 }
@@ -387,15 +337,7 @@ async fn the_token_user_is_the_sender_whatever_the_payload_says() {
     }
     quiet(&victim, "the personal message went to bob only").await;
     // Stored as alice's, too: victim has no conversation with bob.
-    let (_, body) = c
-        .api(
-            0,
-            "victim",
-            Method::GET,
-            "/api/conversations/bob/messages",
-            None,
-        )
-        .await;
+    let (_, body) = c.get(0, "victim", "/api/conversations/bob/messages").await;
     assert_eq!(body["messages"], json!([]));
 
     // Extra claims in the handshake cannot bind a session as someone else.
@@ -788,15 +730,7 @@ impl Node {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut req = reqwest::Client::new()
-            .request(method, format!("{}{path}", self.url))
-            .bearer_auth(self.token(user));
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("http");
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        api_call(&self.url, &self.token(user), method, path, body).await
     }
 }
 

@@ -97,12 +97,7 @@ async fn routes_follow_sessions(kind: BackendKind) {
     c.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_routes_follow_sessions() {
-    routes_follow_sessions(BackendKind::Rabbitmq).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_routes_follow_sessions() {
-    routes_follow_sessions(BackendKind::Redis).await;
-}
+common::backend_tests!(routes_follow_sessions {
+    rabbitmq_routes_follow_sessions: Rabbitmq,
+    redis_routes_follow_sessions: Redis,
+});

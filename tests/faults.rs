@@ -133,12 +133,7 @@ async fn matrix(backend: BackendKind) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fault_matrix_rabbitmq() {
-    matrix(BackendKind::Rabbitmq).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fault_matrix_redis() {
-    matrix(BackendKind::Redis).await;
-}
+common::backend_tests!(matrix {
+    fault_matrix_rabbitmq: Rabbitmq,
+    fault_matrix_redis: Redis,
+});

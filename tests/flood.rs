@@ -313,17 +313,8 @@ async fn flood_keeps_chat_latency(kind: BackendKind) {
 /// The runs measure latency: one at a time.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flood_of_channel_creations_memory() {
-    flood_keeps_chat_latency(BackendKind::Memory).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flood_of_channel_creations_rabbitmq() {
-    flood_keeps_chat_latency(BackendKind::Rabbitmq).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flood_of_channel_creations_redis() {
-    flood_keeps_chat_latency(BackendKind::Redis).await;
-}
+common::backend_tests!(flood_keeps_chat_latency {
+    flood_of_channel_creations_memory: Memory,
+    flood_of_channel_creations_rabbitmq: Rabbitmq,
+    flood_of_channel_creations_redis: Redis,
+});

@@ -70,16 +70,12 @@ async fn two_hundred_pipelined_messages_arrive_in_order_with_two_workers() {
     let c = Cluster::start(3, 2).await;
     let erin = c.connect(0, "erin").await;
     let frank = c.connect(1, "frank").await;
-    let (status, _) = c
-        .api(
-            2,
-            "erin",
-            Method::POST,
-            "/api/channels",
-            Some(json!({ "id": "ordered", "name": "O", "members": ["frank"] })),
-        )
-        .await;
-    assert_eq!(status, 201);
+    c.create_channel(
+        2,
+        "erin",
+        json!({ "id": "ordered", "name": "O", "members": ["frank"] }),
+    )
+    .await;
     // Not awaiting acks between sends: the gateway must keep emission order.
     let mut acks = Vec::new();
     for i in 0..200 {
@@ -127,16 +123,8 @@ async fn two_hundred_pipelined_messages_arrive_in_order_with_two_workers() {
 async fn a_member_added_on_another_gateway_gets_every_message_after_the_204() {
     let c = Cluster::start(3, 2).await;
     let owner = c.connect(0, "owner").await;
-    let (status, _) = c
-        .api(
-            0,
-            "owner",
-            Method::POST,
-            "/api/channels",
-            Some(json!({ "id": "live", "name": "Live" })),
-        )
+    c.create_channel(0, "owner", json!({ "id": "live", "name": "Live" }))
         .await;
-    assert_eq!(status, 201);
     // Repeated, to give the bind/publish race many chances to show.
     for round in 0..10 {
         let user = format!("joiner{round}");
@@ -174,16 +162,12 @@ async fn a_removed_member_gets_nothing_sent_after_the_204() {
     let c = Cluster::start(2, 2).await;
     let owner = c.connect(0, "boss").await;
     let gone = c.connect(1, "leaver").await;
-    let (status, _) = c
-        .api(
-            0,
-            "boss",
-            Method::POST,
-            "/api/channels",
-            Some(json!({ "id": "club", "name": "Club", "members": ["leaver"] })),
-        )
-        .await;
-    assert_eq!(status, 201);
+    c.create_channel(
+        0,
+        "boss",
+        json!({ "id": "club", "name": "Club", "members": ["leaver"] }),
+    )
+    .await;
     let before = send_ok(&owner, json!({ "channelId": "club", "content": "before" })).await;
     assert_eq!(next(&gone).await.1["id"], json!(before));
     let (status, _) = c
@@ -205,15 +189,7 @@ async fn a_removed_member_gets_nothing_sent_after_the_204() {
         ("MESSAGE_RECEIVE", &json!(sentinel)),
         "the removed member got {data}"
     );
-    let (status, _) = c
-        .api(
-            1,
-            "leaver",
-            Method::GET,
-            "/api/channels/club/messages",
-            None,
-        )
-        .await;
+    let (status, _) = c.get(1, "leaver", "/api/channels/club/messages").await;
     assert_eq!(status, 403);
     let no = owner
         .call(
@@ -329,16 +305,8 @@ async fn a_join_swallowed_by_a_route_loss_is_applied_after_it() {
     };
     let owner = c.connect(0, "owner").await;
     let alice = c.connect(0, "alice").await;
-    let (status, _) = c
-        .api(
-            0,
-            "owner",
-            Method::POST,
-            "/api/channels",
-            Some(json!({ "id": "late", "name": "Late" })),
-        )
+    c.create_channel(0, "owner", json!({ "id": "late", "name": "Late" }))
         .await;
-    assert_eq!(status, 201);
     c.store
         .add_member("late", "alice", fanout::protocol::now_ms())
         .await

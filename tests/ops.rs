@@ -562,15 +562,10 @@ fn kill_redis_subscribers(ns: &str) -> usize {
     killed
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_worker_metrics_and_duplicate_server_id() {
-    worker_metrics_and_duplicate_id(BackendKind::Redis).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_worker_metrics_and_duplicate_server_id() {
-    worker_metrics_and_duplicate_id(BackendKind::Rabbitmq).await;
-}
+common::backend_tests!(worker_metrics_and_duplicate_id {
+    redis_worker_metrics_and_duplicate_server_id: Redis,
+    rabbitmq_worker_metrics_and_duplicate_server_id: Rabbitmq,
+});
 
 /// Runs `rabbitmqctl ARGS`; panics on failure.
 fn rabbitmqctl(args: &[&str]) {

@@ -157,20 +157,11 @@ async fn refused_message_is_dead_lettered_alone_then_replayed(kind: BackendKind)
     db.drop_db().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_refused_message_is_dead_lettered_alone_then_replayed() {
-    refused_message_is_dead_lettered_alone_then_replayed(BackendKind::Memory).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_refused_message_is_dead_lettered_alone_then_replayed() {
-    refused_message_is_dead_lettered_alone_then_replayed(BackendKind::Rabbitmq).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_refused_message_is_dead_lettered_alone_then_replayed() {
-    refused_message_is_dead_lettered_alone_then_replayed(BackendKind::Redis).await;
-}
+common::backend_tests!(refused_message_is_dead_lettered_alone_then_replayed {
+    memory_refused_message_is_dead_lettered_alone_then_replayed: Memory,
+    rabbitmq_refused_message_is_dead_lettered_alone_then_replayed: Rabbitmq,
+    redis_refused_message_is_dead_lettered_alone_then_replayed: Redis,
+});
 
 /// Golden: each kind of poison event is dead-lettered at once with its
 /// exact reason, and when an event breaks several rules the first one in

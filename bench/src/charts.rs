@@ -127,6 +127,12 @@ fn plot(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60);
+    // The log-x chart is the latency CDF: its curves rise to the upper right.
+    let legend = if log_x {
+        SeriesLabelPosition::LowerRight
+    } else {
+        SeriesLabelPosition::UpperRight
+    };
     if log_x {
         let x_min = if x_min.is_finite() {
             (x_min * 0.9).max(0.01)
@@ -136,27 +142,14 @@ fn plot(
         let chart = builder
             .build_cartesian_2d((x_min..x_max.max(x_min * 2.0)).log_scale(), 0.0..100.0)
             .map_err(|e| err(&e))?;
-        draw_lines(
-            chart,
-            x_desc,
-            y_desc,
-            lines,
-            SeriesLabelPosition::LowerRight,
-        )
-        .map_err(|e| err(&e))?;
+        draw_lines(chart, x_desc, y_desc, lines, legend)
     } else {
         let chart = builder
             .build_cartesian_2d(0.0..x_max, 0.0..y_max)
             .map_err(|e| err(&e))?;
-        draw_lines(
-            chart,
-            x_desc,
-            y_desc,
-            lines,
-            SeriesLabelPosition::UpperRight,
-        )
-        .map_err(|e| err(&e))?;
+        draw_lines(chart, x_desc, y_desc, lines, legend)
     }
+    .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }

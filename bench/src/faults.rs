@@ -331,44 +331,29 @@ impl FaultResult {
     /// gateway reads back from the store after re-binding). Empty when all
     /// hold.
     pub fn violations(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        if self.acked_not_stored > 0 {
-            v.push(format!("{} acked but not stored", self.acked_not_stored));
-        }
-        if self.duplicates > 0 {
-            v.push(format!("{} duplicates shown to a session", self.duplicates));
-        }
-        if self.unknown_deliveries > 0 {
-            v.push(format!(
-                "{} deliveries of unstored messages or under a wrong id",
-                self.unknown_deliveries
-            ));
-        }
-        if self.never_acked > 0 {
-            v.push(format!("{} sends never acked", self.never_acked));
-        }
-        if self.recovery_ms.is_none() {
-            v.push("did not recover before the run ended".into());
-        }
-        if self.not_delivered_online > 0 {
-            v.push(format!(
-                "{} deliveries lost to online sessions",
-                self.not_delivered_online
-            ));
-        }
-        if self.delivered == 0 {
-            v.push("nothing was delivered at all".into());
-        }
-        if self.dead_lettered > 0 {
-            v.push(format!("{} valid events dead-lettered", self.dead_lettered));
-        }
-        if self.reordered > 0 {
-            v.push(format!(
-                "{} messages shown out of their sender's order",
-                self.reordered
-            ));
-        }
-        v
+        let nonzero = |n: u64, what: &str| (n > 0).then(|| format!("{n} {what}"));
+        [
+            nonzero(self.acked_not_stored, "acked but not stored"),
+            nonzero(self.duplicates, "duplicates shown to a session"),
+            nonzero(
+                self.unknown_deliveries,
+                "deliveries of unstored messages or under a wrong id",
+            ),
+            nonzero(self.never_acked, "sends never acked"),
+            self.recovery_ms
+                .is_none()
+                .then(|| "did not recover before the run ended".into()),
+            nonzero(
+                self.not_delivered_online,
+                "deliveries lost to online sessions",
+            ),
+            (self.delivered == 0).then(|| "nothing was delivered at all".into()),
+            nonzero(self.dead_lettered, "valid events dead-lettered"),
+            nonzero(self.reordered, "messages shown out of their sender's order"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     }
 
     /// The header of [`FaultResult::table_row`]'s table (Markdown).

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use fanout::config::{BackendKind, Config};
+use fanout::config::{BackendKind, Config, ConfigArgs};
 use fanout_bench::report::{self, Report};
 
 #[derive(Debug, Parser)]
@@ -17,10 +17,8 @@ use fanout_bench::report::{self, Report};
     about = "fanout's load generator and side-by-side benchmark"
 )]
 struct Cli {
-    /// TOML configuration file (default: ./fanout.toml if present).
-    /// FANOUT_* environment variables override it.
-    #[arg(long, global = true, env = "FANOUT_CONFIG")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArgs,
     /// The `fanout` binary the benchmark's gateways and workers run; `fanout`
     /// passes itself (default: the `fanout` beside this binary).
     #[arg(long, hide = true)]
@@ -143,7 +141,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let mut config = Config::load(cli.config.as_deref())?;
+    let mut config = cli.config.load()?;
     if matches!(cli.command, Command::Bench { .. }) && std::env::var_os("FANOUT_LOG").is_none() {
         // The bench reports through its own progress lines; the raw
         // baseline stops consumers mid-stream on purpose, which backends

@@ -391,123 +391,86 @@ fn workload_section(md: &mut String, w: &WorkloadReport) {
     }
     md.push('\n');
 
-    type Get = fn(&BackendResult) -> Option<f64>;
     let rows: Vec<(&str, Get, Kind)> = vec![
-        (
-            "acked msg/s",
-            |r| r.run.as_ref().map(|x| x.acked_per_sec),
-            Kind::Figure,
-        ),
+        ("acked msg/s", Get::Run(|x| x.acked_per_sec), Kind::Figure),
         (
             "deliveries/s",
-            |r| r.run.as_ref().map(|x| x.delivered_per_sec),
+            Get::Run(|x| x.delivered_per_sec),
             Kind::Figure,
         ),
-        (
-            "e2e p50 ms",
-            |r| r.run.as_ref().map(|x| x.e2e_ms.p50),
-            Kind::Figure,
-        ),
-        (
-            "e2e p90 ms",
-            |r| r.run.as_ref().map(|x| x.e2e_ms.p90),
-            Kind::Figure,
-        ),
-        (
-            "e2e p99 ms",
-            |r| r.run.as_ref().map(|x| x.e2e_ms.p99),
-            Kind::Figure,
-        ),
-        (
-            "e2e p99.9 ms",
-            |r| r.run.as_ref().map(|x| x.e2e_ms.p999),
-            Kind::Figure,
-        ),
-        (
-            "e2e max ms",
-            |r| r.run.as_ref().map(|x| x.e2e_ms.max),
-            Kind::Figure,
-        ),
-        (
-            "ack p50 ms",
-            |r| r.run.as_ref().map(|x| x.ack_ms.p50),
-            Kind::Figure,
-        ),
-        (
-            "ack p99 ms",
-            |r| r.run.as_ref().map(|x| x.ack_ms.p99),
-            Kind::Figure,
-        ),
-        (
-            "lost",
-            |r| r.run.as_ref().map(|x| x.lost as f64),
-            Kind::Count,
-        ),
-        (
-            "duplicated",
-            |r| r.run.as_ref().map(|x| x.duplicated as f64),
-            Kind::Count,
-        ),
-        (
-            "reordered",
-            |r| r.run.as_ref().map(|x| x.reordered as f64),
-            Kind::Count,
-        ),
+        ("e2e p50 ms", Get::Run(|x| x.e2e_ms.p50), Kind::Figure),
+        ("e2e p90 ms", Get::Run(|x| x.e2e_ms.p90), Kind::Figure),
+        ("e2e p99 ms", Get::Run(|x| x.e2e_ms.p99), Kind::Figure),
+        ("e2e p99.9 ms", Get::Run(|x| x.e2e_ms.p999), Kind::Figure),
+        ("e2e max ms", Get::Run(|x| x.e2e_ms.max), Kind::Figure),
+        ("ack p50 ms", Get::Run(|x| x.ack_ms.p50), Kind::Figure),
+        ("ack p99 ms", Get::Run(|x| x.ack_ms.p99), Kind::Figure),
+        ("lost", Get::Run(|x| x.lost as f64), Kind::Count),
+        ("duplicated", Get::Run(|x| x.duplicated as f64), Kind::Count),
+        ("reordered", Get::Run(|x| x.reordered as f64), Kind::Count),
         (
             "send errors",
-            |r| r.run.as_ref().map(|x| x.send_errors as f64),
+            Get::Run(|x| x.send_errors as f64),
             Kind::Count,
         ),
         (
             "set-up connects/s",
-            |r| r.run.as_ref().map(|x| x.connects_per_sec),
+            Get::Run(|x| x.connects_per_sec),
             Kind::Figure,
         ),
-        ("sustained msg/s (ramp)", |r| r.sustained_rate, Kind::Figure),
+        (
+            "sustained msg/s (ramp)",
+            Get::Other(|r| r.sustained_rate),
+            Kind::Figure,
+        ),
         (
             "raw broker msg/s",
-            |r| r.raw.as_ref().map(|x| x.msgs_per_sec),
+            Get::Other(|r| r.raw.as_ref().map(|x| x.msgs_per_sec)),
             Kind::Figure,
         ),
-        ("end-to-end ÷ raw broker", |r| r.e2e_vs_raw, Kind::Share),
+        (
+            "end-to-end ÷ raw broker",
+            Get::Other(|r| r.e2e_vs_raw),
+            Kind::Share,
+        ),
         (
             "CPU % gateways",
-            |r| usage(r, |x| x.gateways.as_ref()).map(|u| u.cpu_percent),
+            Get::Usage(|x| x.gateways.as_ref(), |u| u.cpu_percent),
             Kind::Figure,
         ),
         (
             "CPU % workers",
-            |r| usage(r, |x| x.workers.as_ref()).map(|u| u.cpu_percent),
+            Get::Usage(|x| x.workers.as_ref(), |u| u.cpu_percent),
             Kind::Figure,
         ),
         (
             "CPU % broker",
-            |r| usage(r, |x| x.broker.as_ref()).map(|u| u.cpu_percent),
+            Get::Usage(|x| x.broker.as_ref(), |u| u.cpu_percent),
             Kind::Figure,
         ),
         (
             "CPU % PostgreSQL",
-            |r| usage(r, |x| x.database.as_ref()).map(|u| u.cpu_percent),
+            Get::Usage(|x| x.database.as_ref(), |u| u.cpu_percent),
             Kind::Figure,
         ),
         (
             "CPU % load generator",
-            |r| usage(r, |x| x.load_generator.as_ref()).map(|u| u.cpu_percent),
+            Get::Usage(|x| x.load_generator.as_ref(), |u| u.cpu_percent),
             Kind::Figure,
         ),
         (
             "RSS MiB gateways",
-            |r| usage(r, |x| x.gateways.as_ref()).map(|u| u.rss_mb),
+            Get::Usage(|x| x.gateways.as_ref(), |u| u.rss_mb),
             Kind::Figure,
         ),
         (
             "RSS MiB workers",
-            |r| usage(r, |x| x.workers.as_ref()).map(|u| u.rss_mb),
+            Get::Usage(|x| x.workers.as_ref(), |u| u.rss_mb),
             Kind::Figure,
         ),
         (
             "RSS MiB broker",
-            |r| usage(r, |x| x.broker.as_ref()).map(|u| u.rss_mb),
+            Get::Usage(|x| x.broker.as_ref(), |u| u.rss_mb),
             Kind::Figure,
         ),
     ];
@@ -516,32 +479,32 @@ fn workload_section(md: &mut String, w: &WorkloadReport) {
     if churn {
         rows.push((
             "churn connects done",
-            |r| r.run.as_ref().map(|x| x.churned as f64),
+            Get::Run(|x| x.churned as f64),
             Kind::Count,
         ));
         rows.push((
             "churn connect p50 ms",
-            |r| r.run.as_ref().map(|x| x.connect_ms.p50),
+            Get::Run(|x| x.connect_ms.p50),
             Kind::Figure,
         ));
         rows.push((
             "churn connect p99 ms",
-            |r| r.run.as_ref().map(|x| x.connect_ms.p99),
+            Get::Run(|x| x.connect_ms.p99),
             Kind::Figure,
         ));
         rows.push((
             "churn connect errors",
-            |r| r.run.as_ref().map(|x| x.connect_errors as f64),
+            Get::Run(|x| x.connect_errors as f64),
             Kind::Count,
         ));
     }
     for (label, get, kind) in rows {
-        if w.results.iter().all(|r| get(r).is_none()) {
+        if w.results.iter().all(|r| get.of(r).is_none()) {
             continue;
         }
         let _ = write!(md, "| {label} |");
         for r in &w.results {
-            let cell = match (kind, get(r)) {
+            let cell = match (kind, get.of(r)) {
                 (_, None) => "–".to_owned(),
                 (Kind::Count, Some(v)) => format!("{v:.0}"),
                 (Kind::Share, Some(v)) => format!("{:.1} %", v * 100.0),
@@ -550,7 +513,10 @@ fn workload_section(md: &mut String, w: &WorkloadReport) {
             let _ = write!(md, " {cell} |");
         }
         for i in &others {
-            let cell = match (get(&w.results[*i]), w.results.get(refi).and_then(get)) {
+            let cell = match (
+                get.of(&w.results[*i]),
+                w.results.get(refi).and_then(|r| get.of(r)),
+            ) {
                 (Some(a), Some(b)) if kind == Kind::Figure && b > 0.0 => format!("{:.2}×", a / b),
                 _ => String::new(),
             };
@@ -602,6 +568,27 @@ fn workload_section(md: &mut String, w: &WorkloadReport) {
         md,
         "![latency CDF](charts/{n}-latency-cdf.svg)\n![deliveries per second](charts/{n}-throughput.svg)\n![p99 per second](charts/{n}-p99.svg)\n"
     );
+}
+
+/// Where a row of the comparison table takes its figure from.
+#[derive(Clone, Copy)]
+enum Get {
+    /// A figure of the load run.
+    Run(fn(&LoadReport) -> f64),
+    /// One part's resource usage, and which figure of it.
+    Usage(fn(&Resources) -> Option<&Usage>, fn(&Usage) -> f64),
+    /// Anything else of the result.
+    Other(fn(&BackendResult) -> Option<f64>),
+}
+
+impl Get {
+    fn of(self, r: &BackendResult) -> Option<f64> {
+        match self {
+            Get::Run(figure) => r.run.as_ref().map(figure),
+            Get::Usage(part, figure) => usage(r, part).map(|u| figure(&u)),
+            Get::Other(figure) => figure(r),
+        }
+    }
 }
 
 fn usage(r: &BackendResult, pick: fn(&Resources) -> Option<&Usage>) -> Option<Usage> {

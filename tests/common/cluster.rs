@@ -164,30 +164,32 @@ impl Cluster {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut req = reqwest::Client::new()
-            .request(method, format!("{}{}", self.urls[gw], path))
-            .bearer_auth(self.token(user));
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("http");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+        api_call(&self.urls[gw], &self.token(user), method, path, body).await
     }
 
     /// Live sessions on gateway `gw`, from its `fanout_sessions` metric.
     pub async fn sessions(&self, gw: usize) -> u64 {
-        let text = reqwest::get(format!("{}/metrics", self.urls[gw]))
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics body");
-        text.lines()
-            .find_map(|l| l.strip_prefix("fanout_sessions "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map_or(0, |v| v as u64)
+        metric(&self.urls[gw], "fanout_sessions").await as u64
+    }
+
+    /// An authenticated `GET` on gateway `gw`.
+    pub async fn get(&self, gw: usize, user: &str, path: &str) -> (u16, Value) {
+        self.api(gw, user, reqwest::Method::GET, path, None).await
+    }
+
+    /// Creates a channel (`body`, as `POST /api/channels` takes it) as
+    /// `owner` through gateway `gw`; panics unless it is created.
+    pub async fn create_channel(&self, gw: usize, owner: &str, body: Value) {
+        let (status, resp) = self
+            .api(
+                gw,
+                owner,
+                reqwest::Method::POST,
+                "/api/channels",
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, 201, "{resp}");
     }
 
     /// Waits until gateway `gw` counts `n` live sessions (a closed
@@ -225,6 +227,43 @@ impl Cluster {
 
 /// Runs a gateway on `listener` in this process until the returned sender
 /// fires (or is dropped).
+/// A REST call on the gateway at `url` with a bearer `token`: the status
+/// and the JSON body (`Null` when it is not JSON).
+pub async fn api_call(
+    url: &str,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .request(method, format!("{url}{path}"))
+        .bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("http");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// One sample of `/metrics` (a full name with labels, as printed), 0 when
+/// absent.
+pub async fn metric(url: &str, sample: &str) -> f64 {
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(sample))
+        .filter_map(|rest| rest.strip_prefix(' '))
+        .find_map(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 pub fn spawn_gateway(
     config: Config,
     listener: tokio::net::TcpListener,

@@ -8,22 +8,26 @@ pub mod cluster;
 
 use sqlx::{Connection, PgConnection};
 
-/// Set by `.ci/run`: an unreachable service is then a failure, never a skip.
-pub const REQUIRE_ENV: &str = "FANOUT_TEST_REQUIRE_SERVICES";
+/// The same rule as every backend's tests: skip loudly, or fail under CI
+/// (`FANOUT_TEST_REQUIRE_SERVICES=1`).
+pub use fanout_backend::conformance::skip_or_fail;
 
-/// Whether this run must have every service.
-pub fn services_required() -> bool {
-    std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1" || v == "true")
+/// One `#[tokio::test]` per listed backend, each named as given and
+/// running `$check(BackendKind::<kind>)`: a suite over several backends
+/// keeps one test per backend, so a failure names the broker.
+#[allow(unused_macros)]
+macro_rules! backend_tests {
+    ($check:ident { $($name:ident: $kind:ident),+ $(,)? }) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $check(fanout::config::BackendKind::$kind).await;
+            }
+        )+
+    };
 }
-
-/// Skips the calling test with a loud line, or panics when services are
-/// required.
-pub fn skip_or_fail(service: &str, why: &str) {
-    if services_required() {
-        panic!("{service} is required ({REQUIRE_ENV}=1) but unreachable: {why}");
-    }
-    eprintln!("\n*** SKIPPED: {service} unreachable ({why}); set {REQUIRE_ENV}=1 to make this a failure ***\n");
-}
+#[allow(unused_imports)]
+pub(crate) use backend_tests;
 
 /// The server-level PostgreSQL URL tests create their databases from.
 pub fn postgres_admin_url() -> String {

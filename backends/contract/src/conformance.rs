@@ -23,8 +23,8 @@ use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 
 use crate::{
-    BackendError, ConsumeOptions, FanoutBackend, IncomingEvent, OrderingKey, RouteKey,
-    RouteOutcome, ServerEvent, ServerId, ServerStream,
+    BackendError, ConsumeOptions, FanoutBackend, IncomingDelivery, IncomingEvent, OrderingKey,
+    RouteKey, RouteOutcome, ServerEvent, ServerId, ServerStream,
 };
 
 /// Incoming-side settings the checks rely on.
@@ -207,6 +207,58 @@ async fn assert_quiet(stream: &mut ServerStream, what: &str) {
     }
 }
 
+/// A consumer stream of the incoming side.
+type Incoming = futures::stream::BoxStream<'static, Result<IncomingDelivery, BackendError>>;
+
+/// Registers `server` and binds it to `k`.
+async fn register_bound(b: &dyn FanoutBackend, server: &str, k: &str) -> ServerStream {
+    let stream = b.register_server(&sid(server)).await.expect("register");
+    b.bind(&sid(server), &key(k)).await.expect("bind");
+    stream
+}
+
+async fn publish(b: &dyn FanoutBackend, k: &str, body: &'static [u8]) -> RouteOutcome {
+    b.publish_outgoing(&key(k), Bytes::from_static(body))
+        .await
+        .expect("publish")
+}
+
+async fn publish_in(b: &dyn FanoutBackend, id: &str, ordering: &OrderingKey, body: &str) {
+    b.publish_incoming(event(id, ordering, body))
+        .await
+        .expect("publish");
+}
+
+/// A named consumer holding at most `prefetch` unsettled deliveries.
+async fn consume_as(b: &dyn FanoutBackend, name: impl Into<String>, prefetch: u16) -> Incoming {
+    b.consume_incoming(ConsumeOptions {
+        consumer_name: name.into(),
+        prefetch,
+    })
+    .await
+    .expect("consume")
+}
+
+/// Where the backend can tell an unroutable message, `out` must say so.
+fn assert_unroutable_if_reported(b: &dyn FanoutBackend, out: &RouteOutcome, what: &str) {
+    if b.capabilities().reports_unroutable {
+        assert_eq!(*out, RouteOutcome::Unroutable, "{what}");
+    }
+}
+
+async fn consume(b: &dyn FanoutBackend) -> Incoming {
+    b.consume_incoming(ConsumeOptions::default())
+        .await
+        .expect("consume")
+}
+
+/// Listens for [`QUIET`] and panics with `what` if a delivery arrives.
+async fn assert_no_delivery(c: &mut Incoming, what: &str) {
+    if let Ok(Some(d)) = tokio::time::timeout(QUIET, c.next()).await {
+        panic!("{what}: {d:?}");
+    }
+}
+
 fn event(id: &str, ordering: &OrderingKey, body: &str) -> IncomingEvent {
     IncomingEvent {
         id: id.to_owned(),
@@ -225,10 +277,7 @@ pub async fn routes_to_exactly_the_bound_servers(h: &dyn Harness) {
         .await
         .expect("bind");
 
-    let out = b
-        .publish_outgoing(&key("alice"), Bytes::from_static(b"for alice"))
-        .await
-        .expect("publish");
+    let out = publish(b.as_ref(), "alice", b"for alice").await;
     assert!(
         matches!(out, RouteOutcome::Routed { .. } | RouteOutcome::Unknown),
         "got {out:?}"
@@ -239,9 +288,7 @@ pub async fn routes_to_exactly_the_bound_servers(h: &dyn Harness) {
     );
     assert_quiet(&mut s2, "s2 is not bound to alice").await;
 
-    b.publish_outgoing(&key("channel:general"), Bytes::from_static(b"hi all"))
-        .await
-        .expect("publish");
+    publish(b.as_ref(), "channel:general", b"hi all").await;
     assert_eq!(
         next_message(&mut s2).await,
         (key("channel:general"), Bytes::from_static(b"hi all"))
@@ -253,19 +300,14 @@ pub async fn routes_to_exactly_the_bound_servers(h: &dyn Harness) {
 /// After `unbind` returns, publishes to that key no longer reach the server.
 pub async fn unbind_stops_delivery(h: &dyn Harness) {
     let b = h.backend(&fresh_namespace(), SETTINGS).await;
-    let mut s1 = b.register_server(&sid("s1")).await.expect("register");
-    b.bind(&sid("s1"), &key("bob")).await.expect("bind");
-    b.publish_outgoing(&key("bob"), Bytes::from_static(b"1"))
-        .await
-        .expect("publish");
+    let mut s1 = register_bound(b.as_ref(), "s1", "bob").await;
+    publish(b.as_ref(), "bob", b"1").await;
     assert_eq!(next_message(&mut s1).await.1, Bytes::from_static(b"1"));
     b.unbind(&sid("s1"), &key("bob")).await.expect("unbind");
     b.unbind(&sid("s1"), &key("bob"))
         .await
         .expect("unbind is idempotent");
-    b.publish_outgoing(&key("bob"), Bytes::from_static(b"2"))
-        .await
-        .expect("publish");
+    publish(b.as_ref(), "bob", b"2").await;
     assert_quiet(&mut s1, "after unbind").await;
     b.shutdown().await.expect("shutdown");
 }
@@ -274,18 +316,13 @@ pub async fn unbind_stops_delivery(h: &dyn Harness) {
 /// removes the route.
 pub async fn bind_is_idempotent(h: &dyn Harness) {
     let b = h.backend(&fresh_namespace(), SETTINGS).await;
-    let mut s1 = b.register_server(&sid("s1")).await.expect("register");
-    b.bind(&sid("s1"), &key("carol")).await.expect("bind");
+    let mut s1 = register_bound(b.as_ref(), "s1", "carol").await;
     b.bind(&sid("s1"), &key("carol")).await.expect("bind again");
-    b.publish_outgoing(&key("carol"), Bytes::from_static(b"once"))
-        .await
-        .expect("publish");
+    publish(b.as_ref(), "carol", b"once").await;
     assert_eq!(next_message(&mut s1).await.1, Bytes::from_static(b"once"));
     assert_quiet(&mut s1, "a double bind must not double deliveries").await;
     b.unbind(&sid("s1"), &key("carol")).await.expect("unbind");
-    b.publish_outgoing(&key("carol"), Bytes::from_static(b"gone"))
-        .await
-        .expect("publish");
+    publish(b.as_ref(), "carol", b"gone").await;
     assert_quiet(&mut s1, "one unbind undoes any number of binds").await;
     b.shutdown().await.expect("shutdown");
 }
@@ -298,10 +335,7 @@ pub async fn two_servers_on_one_key_both_receive(h: &dyn Harness) {
     for s in ["s1", "s2"] {
         b.bind(&sid(s), &key("channel:c1")).await.expect("bind");
     }
-    let out = b
-        .publish_outgoing(&key("channel:c1"), Bytes::from_static(b"x"))
-        .await
-        .expect("publish");
+    let out = publish(b.as_ref(), "channel:c1", b"x").await;
     if let RouteOutcome::Routed { servers: Some(n) } = out {
         assert_eq!(n, 2);
     }
@@ -316,12 +350,8 @@ pub async fn two_servers_on_one_key_both_receive(h: &dyn Harness) {
 /// the backend can tell.
 pub async fn unbound_key_is_dropped_and_reported(h: &dyn Harness) {
     let b = h.backend(&fresh_namespace(), SETTINGS).await;
-    let mut s1 = b.register_server(&sid("s1")).await.expect("register");
-    b.bind(&sid("s1"), &key("dave")).await.expect("bind");
-    let out = b
-        .publish_outgoing(&key("nobody"), Bytes::from_static(b"x"))
-        .await
-        .expect("publish");
+    let mut s1 = register_bound(b.as_ref(), "s1", "dave").await;
+    let out = publish(b.as_ref(), "nobody", b"x").await;
     if b.capabilities().reports_unroutable {
         assert_eq!(out, RouteOutcome::Unroutable);
     } else {
@@ -337,8 +367,7 @@ pub async fn unbound_key_is_dropped_and_reported(h: &dyn Harness) {
 /// Messages from one publisher to one key arrive in publish order.
 pub async fn outgoing_order_per_key(h: &dyn Harness) {
     let b = h.backend(&fresh_namespace(), SETTINGS).await;
-    let mut s1 = b.register_server(&sid("s1")).await.expect("register");
-    b.bind(&sid("s1"), &key("erin")).await.expect("bind");
+    let mut s1 = register_bound(b.as_ref(), "s1", "erin").await;
     for i in 0..200u32 {
         b.publish_outgoing(&key("erin"), Bytes::from(i.to_string()))
             .await
@@ -359,28 +388,16 @@ pub async fn outgoing_order_per_key(h: &dyn Harness) {
 /// server returns is [`error_variants_are_exact`].)
 pub async fn registration_rules(h: &dyn Harness) {
     let b = h.backend(&fresh_namespace(), SETTINGS).await;
-    let s1 = b.register_server(&sid("s1")).await.expect("register");
-    b.bind(&sid("s1"), &key("frank")).await.expect("bind");
+    let s1 = register_bound(b.as_ref(), "s1", "frank").await;
     b.deregister_server(&sid("s1")).await.expect("deregister");
     b.deregister_server(&sid("s1"))
         .await
         .expect("deregister is idempotent");
     drop(s1);
-    let out = b
-        .publish_outgoing(&key("frank"), Bytes::from_static(b"x"))
-        .await
-        .expect("publish");
-    if b.capabilities().reports_unroutable {
-        assert_eq!(
-            out,
-            RouteOutcome::Unroutable,
-            "deregistering removes the routes"
-        );
-    }
+    let out = publish(b.as_ref(), "frank", b"x").await;
+    assert_unroutable_if_reported(b.as_ref(), &out, "deregistering removes the routes");
     let mut again = b.register_server(&sid("s1")).await.expect("re-register");
-    b.publish_outgoing(&key("frank"), Bytes::from_static(b"y"))
-        .await
-        .expect("publish");
+    publish(b.as_ref(), "frank", b"y").await;
     assert_quiet(
         &mut again,
         "a re-registered server must not inherit old routes",
@@ -398,13 +415,7 @@ pub async fn incoming_order_per_key_with_two_consumers(h: &dyn Harness) {
     let warmed: Arc<Mutex<std::collections::HashSet<usize>>> = Arc::default();
     let mut tasks = Vec::new();
     for c in 0..2usize {
-        let mut stream = b
-            .consume_incoming(ConsumeOptions {
-                consumer_name: format!("c{c}"),
-                prefetch: 8,
-            })
-            .await
-            .expect("consume");
+        let mut stream = consume_as(b.as_ref(), format!("c{c}"), 8).await;
         let (seen, by_consumer, warmed) = (seen.clone(), by_consumer.clone(), warmed.clone());
         tasks.push(tokio::spawn(async move {
             while let Some(d) = stream.next().await {
@@ -445,13 +456,13 @@ pub async fn incoming_order_per_key_with_two_consumers(h: &dyn Harness) {
             }
             for p in 0..SETTINGS.partitions {
                 let ok = OrderingKey::channel(&format!("warm{p}"));
-                b.publish_incoming(event(
+                publish_in(
+                    b.as_ref(),
                     &format!("w{round}-{p}"),
                     &ok,
                     &format!("warm{p}#{round}"),
-                ))
-                .await
-                .expect("publish");
+                )
+                .await;
             }
             false
         }
@@ -462,9 +473,7 @@ pub async fn incoming_order_per_key_with_two_consumers(h: &dyn Harness) {
     for n in 0..per_key {
         for k in &keys {
             let ok = OrderingKey::channel(k);
-            b.publish_incoming(event(&format!("{k}-{n}"), &ok, &format!("{k}#{n}")))
-                .await
-                .expect("publish");
+            publish_in(b.as_ref(), &format!("{k}-{n}"), &ok, &format!("{k}#{n}")).await;
         }
     }
     let total = keys.len() * per_key as usize;
@@ -504,36 +513,18 @@ pub async fn incoming_order_per_key_with_two_consumers(h: &dyn Harness) {
 pub async fn incoming_unacked_is_redelivered(h: &dyn Harness) {
     let b = h.backend(&fresh_namespace(), SETTINGS).await;
     let ok = OrderingKey::direct("a", "b");
-    b.publish_incoming(event("m1", &ok, "first"))
-        .await
-        .expect("publish");
-    b.publish_incoming(event("m2", &ok, "second"))
-        .await
-        .expect("publish");
+    publish_in(b.as_ref(), "m1", &ok, "first").await;
+    publish_in(b.as_ref(), "m2", &ok, "second").await;
     {
-        let mut c1 = b
-            .consume_incoming(ConsumeOptions::default())
-            .await
-            .expect("consume");
-        let d = tokio::time::timeout(ARRIVE, c1.next())
-            .await
-            .expect("delivery in time")
-            .expect("open")
-            .expect("ok");
+        let mut c1 = consume(b.as_ref()).await;
+        let d = next_delivery(&mut c1).await;
         assert_eq!(d.event.id, "m1");
         assert_eq!(d.attempt, 1);
         // Neither acked nor rejected: the consumer crashes.
         drop(d);
     }
-    let mut c2 = b
-        .consume_incoming(ConsumeOptions::default())
-        .await
-        .expect("consume");
-    let d = tokio::time::timeout(ARRIVE, c2.next())
-        .await
-        .expect("redelivery in time")
-        .expect("open")
-        .expect("ok");
+    let mut c2 = consume(b.as_ref()).await;
+    let d = next_delivery(&mut c2).await;
     assert_eq!(d.event.id, "m1", "the unsettled event comes back first");
     assert!(
         d.attempt >= 2,
@@ -541,11 +532,7 @@ pub async fn incoming_unacked_is_redelivered(h: &dyn Harness) {
         d.attempt
     );
     d.ack().await.expect("ack");
-    let d = tokio::time::timeout(ARRIVE, c2.next())
-        .await
-        .expect("next in time")
-        .expect("open")
-        .expect("ok");
+    let d = next_delivery(&mut c2).await;
     assert_eq!(d.event.id, "m2");
     d.ack().await.expect("ack");
     b.shutdown().await.expect("shutdown");
@@ -567,9 +554,7 @@ pub async fn rejected_events_come_back_until_dead_lettered(h: &dyn Harness) {
         ("bad", "poison"),
         ("good", "fine"),
     ] {
-        b.publish_incoming(event(id, &ok, body))
-            .await
-            .expect("publish");
+        publish_in(b.as_ref(), id, &ok, body).await;
     }
     let mut c = consume_one_at_a_time(b.as_ref()).await;
     for attempt in 1..=REJECTIONS {
@@ -607,9 +592,7 @@ pub async fn rejected_events_come_back_until_dead_lettered(h: &dyn Harness) {
 
 /// A consumer with prefetch 1: nothing is checked out beside the delivery
 /// in hand.
-async fn consume_one_at_a_time(
-    b: &dyn FanoutBackend,
-) -> futures::stream::BoxStream<'static, Result<crate::IncomingDelivery, crate::BackendError>> {
+async fn consume_one_at_a_time(b: &dyn FanoutBackend) -> Incoming {
     b.consume_incoming(ConsumeOptions {
         prefetch: 1,
         ..ConsumeOptions::default()
@@ -618,12 +601,7 @@ async fn consume_one_at_a_time(
     .expect("consume")
 }
 
-async fn next_delivery(
-    c: &mut futures::stream::BoxStream<
-        'static,
-        Result<crate::IncomingDelivery, crate::BackendError>,
-    >,
-) -> crate::IncomingDelivery {
+async fn next_delivery(c: &mut Incoming) -> IncomingDelivery {
     tokio::time::timeout(ARRIVE, c.next())
         .await
         .expect("delivery in time")
@@ -659,24 +637,16 @@ async fn wait_dead_letters(b: &dyn FanoutBackend, n: usize) -> Vec<crate::DeadLe
 pub async fn crashed_consumers_never_dead_letter(h: &dyn Harness) {
     let b = h.backend(&fresh_namespace(), SETTINGS).await;
     let ok = OrderingKey::channel("restarts");
-    b.publish_incoming(event("held", &ok, "first"))
-        .await
-        .expect("publish");
-    b.publish_incoming(event("next", &ok, "second"))
-        .await
-        .expect("publish");
-    let one = || ConsumeOptions {
-        consumer_name: "restarting".into(),
-        prefetch: 1,
-    };
+    publish_in(b.as_ref(), "held", &ok, "first").await;
+    publish_in(b.as_ref(), "next", &ok, "second").await;
     for restart in 1..=6 {
-        let mut c = b.consume_incoming(one()).await.expect("consume");
+        let mut c = consume_as(b.as_ref(), "restarting", 1).await;
         let d = next_delivery(&mut c).await;
         assert_eq!(d.event.id, "held", "after {} restarts", restart - 1);
         drop(d);
         drop(c);
     }
-    let mut c = b.consume_incoming(one()).await.expect("consume");
+    let mut c = consume_as(b.as_ref(), "restarting", 1).await;
     let d = next_delivery(&mut c).await;
     assert_eq!(d.event.id, "held", "still delivered after 6 restarts");
     d.ack().await.expect("ack");
@@ -695,17 +665,11 @@ pub async fn dead_letters_are_replayed_or_dropped(h: &dyn Harness) {
     let ok = OrderingKey::channel("dl");
     let ids = ["d1", "d2", "d3", "d4"];
     for id in ids {
-        b.publish_incoming(event(id, &ok, &format!("body {id}")))
-            .await
-            .expect("publish");
+        publish_in(b.as_ref(), id, &ok, &format!("body {id}")).await;
     }
     let mut c = consume_one_at_a_time(b.as_ref()).await;
     for id in ids {
-        let d = tokio::time::timeout(ARRIVE, c.next())
-            .await
-            .expect("delivery")
-            .expect("open")
-            .expect("ok");
+        let d = next_delivery(&mut c).await;
         assert_eq!(d.event.id, id);
         d.dead_letter(&format!("reason {id}"))
             .await
@@ -724,11 +688,7 @@ pub async fn dead_letters_are_replayed_or_dropped(h: &dyn Harness) {
     let replayed: Vec<&str> = replayed.iter().map(|d| d.event.id.as_str()).collect();
     assert_eq!(replayed, ["d2", "d3"], "selected by id, oldest first");
     for id in ["d2", "d3"] {
-        let d = tokio::time::timeout(ARRIVE, c.next())
-            .await
-            .expect("replayed event in time")
-            .expect("open")
-            .expect("ok");
+        let d = next_delivery(&mut c).await;
         assert_eq!(d.event.id, id, "replayed in order");
         assert_eq!(d.event.ordering_key, ok);
         assert_eq!(d.event.payload, Bytes::from(format!("body {id}")));
@@ -757,9 +717,7 @@ pub async fn dead_letters_are_replayed_or_dropped(h: &dyn Harness) {
     assert!(none.is_empty());
     let left = dead_ids(b.as_ref()).await;
     assert_eq!(left, ["d4"]);
-    if let Ok(Some(d)) = tokio::time::timeout(QUIET, c.next()).await {
-        panic!("a dropped dead letter came back: {d:?}");
-    }
+    assert_no_delivery(&mut c, "a dropped dead letter came back").await;
     b.shutdown().await.expect("shutdown");
 }
 
@@ -776,31 +734,15 @@ pub async fn namespaces_are_isolated(h: &dyn Harness) {
         .expect("the same id registers in b");
     a.bind(&sid("s1"), &key("gina")).await.expect("bind");
     b.bind(&sid("s1"), &key("gina")).await.expect("bind");
-    a.publish_outgoing(&key("gina"), Bytes::from_static(b"from a"))
-        .await
-        .expect("publish");
+    publish(a.as_ref(), "gina", b"from a").await;
     assert_eq!(next_message(&mut sa).await.1, Bytes::from_static(b"from a"));
     assert_quiet(&mut sb, "b must not see a's outgoing messages").await;
 
-    let mut cb = b
-        .consume_incoming(ConsumeOptions::default())
-        .await
-        .expect("consume b");
-    a.publish_incoming(event("x", &OrderingKey::channel("c"), "a only"))
-        .await
-        .expect("publish");
-    if let Ok(Some(d)) = tokio::time::timeout(QUIET, cb.next()).await {
-        panic!("b consumed a's incoming event {d:?}");
-    }
-    let mut ca = a
-        .consume_incoming(ConsumeOptions::default())
-        .await
-        .expect("consume a");
-    let d = tokio::time::timeout(ARRIVE, ca.next())
-        .await
-        .expect("delivery")
-        .expect("open")
-        .expect("ok");
+    let mut cb = consume(b.as_ref()).await;
+    publish_in(a.as_ref(), "x", &OrderingKey::channel("c"), "a only").await;
+    assert_no_delivery(&mut cb, "b consumed a's incoming event").await;
+    let mut ca = consume(a.as_ref()).await;
+    let d = next_delivery(&mut ca).await;
     assert_eq!(d.event.id, "x");
     d.ack().await.expect("ack");
     a.shutdown().await.expect("shutdown");
@@ -914,25 +856,15 @@ pub async fn prefetch_bounds_unsettled_deliveries(h: &dyn Harness) {
     let total = 6;
     for i in 0..total {
         let ok = OrderingKey::channel(&format!("p{i}"));
-        b.publish_incoming(event(&format!("e{i}"), &ok, "x"))
-            .await
-            .expect("publish");
+        publish_in(b.as_ref(), &format!("e{i}"), &ok, "x").await;
     }
-    let mut c = b
-        .consume_incoming(ConsumeOptions {
-            consumer_name: "bounded".into(),
-            prefetch: 2,
-        })
-        .await
-        .expect("consume");
+    let mut c = consume_as(b.as_ref(), "bounded", 2).await;
     let mut held = std::collections::VecDeque::new();
     held.push_back(next_delivery(&mut c).await);
     held.push_back(next_delivery(&mut c).await);
     let mut delivered = held.len();
     while let Some(oldest) = held.pop_front() {
-        if let Ok(Some(d)) = tokio::time::timeout(QUIET, c.next()).await {
-            panic!("more than 2 unsettled deliveries with prefetch 2: {d:?}");
-        }
+        assert_no_delivery(&mut c, "more than 2 unsettled deliveries with prefetch 2").await;
         oldest.ack().await.expect("ack");
         if delivered < total {
             held.push_back(next_delivery(&mut c).await);
@@ -950,9 +882,7 @@ pub async fn dead_letter_reads_remove_nothing(h: &dyn Harness) {
     let ok = OrderingKey::channel("dl-read");
     let ids = ["r1", "r2", "r3"];
     for id in ids {
-        b.publish_incoming(event(id, &ok, id))
-            .await
-            .expect("publish");
+        publish_in(b.as_ref(), id, &ok, id).await;
     }
     let mut c = consume_one_at_a_time(b.as_ref()).await;
     for id in ids {
@@ -973,9 +903,7 @@ pub async fn dead_letter_reads_remove_nothing(h: &dyn Harness) {
         .collect();
     assert_eq!(two, ["r1", "r2"], "a limit takes the oldest");
     assert_eq!(dead_ids(b.as_ref()).await, first, "still all there");
-    if let Ok(Some(d)) = tokio::time::timeout(QUIET, c.next()).await {
-        panic!("reading dead letters redelivered one: {d:?}");
-    }
+    assert_no_delivery(&mut c, "reading dead letters redelivered one").await;
     b.shutdown().await.expect("shutdown");
 }
 
@@ -986,8 +914,7 @@ pub async fn registration_conflicts_across_backend_values(h: &dyn Harness) {
     let ns = fresh_namespace();
     let a = h.backend(&ns, SETTINGS).await;
     let b = h.backend(&ns, SETTINGS).await;
-    let s = a.register_server(&sid("gw1")).await.expect("register on a");
-    a.bind(&sid("gw1"), &key("zoe")).await.expect("bind");
+    let s = register_bound(a.as_ref(), "gw1", "zoe").await;
     let taken = b.register_server(&sid("gw1")).await;
     assert!(
         matches!(taken, Err(BackendError::Conflict { .. })),
@@ -997,17 +924,8 @@ pub async fn registration_conflicts_across_backend_values(h: &dyn Harness) {
     a.deregister_server(&sid("gw1")).await.expect("deregister");
     drop(s);
     let mut s = b.register_server(&sid("gw1")).await.expect("register on b");
-    let out = b
-        .publish_outgoing(&key("zoe"), Bytes::from_static(b"x"))
-        .await
-        .expect("publish");
-    if b.capabilities().reports_unroutable {
-        assert_eq!(
-            out,
-            RouteOutcome::Unroutable,
-            "the new registration has no routes"
-        );
-    }
+    let out = publish(b.as_ref(), "zoe", b"x").await;
+    assert_unroutable_if_reported(b.as_ref(), &out, "the new registration has no routes");
     assert_quiet(&mut s, "the new registration inherits no routes").await;
     a.shutdown().await.expect("shutdown");
     b.shutdown().await.expect("shutdown");
@@ -1027,13 +945,7 @@ fn rebalance_consumer(
 ) {
     let (kill_tx, mut kill_rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        let mut stream = b
-            .consume_incoming(ConsumeOptions {
-                consumer_name: format!("c{c}"),
-                prefetch: 8,
-            })
-            .await
-            .expect("consume");
+        let mut stream = consume_as(b.as_ref(), format!("c{c}"), 8).await;
         loop {
             let d = tokio::select! {
                 _ = &mut kill_rx => return,
@@ -1083,9 +995,7 @@ pub async fn rebalance_under_load(h: &dyn Harness) {
             while !stop.load(Ordering::Acquire) {
                 for k in &keys {
                     let ok = OrderingKey::channel(k);
-                    b.publish_incoming(event(&format!("{k}-{n}"), &ok, &format!("{k}#{n}")))
-                        .await
-                        .expect("publish");
+                    publish_in(b.as_ref(), &format!("{k}-{n}"), &ok, &format!("{k}#{n}")).await;
                 }
                 n += 1;
                 rounds.store(n, Ordering::Release);
@@ -1143,13 +1053,7 @@ pub async fn rebalance_under_load(h: &dyn Harness) {
 
 /// The first delivery of a consumer stream, skipping the errors a stream
 /// may surface while its backend reconnects.
-async fn next_ok_delivery(
-    c: &mut futures::stream::BoxStream<
-        'static,
-        Result<crate::IncomingDelivery, crate::BackendError>,
-    >,
-    within: Duration,
-) -> crate::IncomingDelivery {
+async fn next_ok_delivery(c: &mut Incoming, within: Duration) -> IncomingDelivery {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         match tokio::time::timeout_at(deadline, c.next()).await {
@@ -1187,16 +1091,10 @@ where
 pub async fn severed_connections_recover(h: &dyn Harness) {
     let ns = fresh_namespace();
     let b = h.backend(&ns, SETTINGS).await;
-    let mut s1 = b.register_server(&sid("s1")).await.expect("register");
-    b.bind(&sid("s1"), &key("alice")).await.expect("bind");
-    b.publish_outgoing(&key("alice"), Bytes::from_static(b"before"))
-        .await
-        .expect("publish");
+    let mut s1 = register_bound(b.as_ref(), "s1", "alice").await;
+    publish(b.as_ref(), "alice", b"before").await;
     assert_eq!(next_message(&mut s1).await.1, Bytes::from_static(b"before"));
-    let mut c = b
-        .consume_incoming(ConsumeOptions::default())
-        .await
-        .expect("consume");
+    let mut c = consume(b.as_ref()).await;
     if !h.sever(&ns).await {
         eprintln!(
             "\n*** SKIPPED: severed_connections_recover: the {} harness cannot sever connections ***\n",
