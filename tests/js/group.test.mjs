@@ -7,7 +7,7 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startServer, uid, collect, send, assertOkAck, assertErrAck, groupEvent, history,
+  startServer, uid, users, collect, send, assertOkAck, assertErrAck, groupEvent, history,
   createChannel, assertHttpError, closeAndSettle, QUIET_MS, sleep,
 } from './harness.mjs';
 
@@ -17,9 +17,7 @@ describe('channels and group messages', () => {
   after(async () => { await server?.stop(); });
 
   it('creates a channel: 201 {id}; 409 with a JSON error on a duplicate id', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const id = uid('chan');
+    const [alice, bob, id] = users('alice', 'bob', 'chan');
     assert.equal(await createChannel(server, server.token(alice), { id, name: 'Général ✓', members: [bob] }), id);
     const dup = await server.api('POST', '/api/channels', { token: server.token(bob), body: { id, name: 'again', members: [] } });
     assertHttpError(dup, 409, 'duplicate channel id');
@@ -49,17 +47,9 @@ describe('channels and group messages', () => {
   });
 
   it('delivers GROUP_MESSAGE_RECEIVE to every session of every member, the sender\'s included, exactly shaped', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const carol = uid('carol');
-    const outsider = uid('out');
+    const [alice, bob, carol, outsider] = users('alice', 'bob', 'carol', 'out');
     // Connected before the channel exists: they must start receiving at once.
-    const a1 = await server.session(alice);
-    const a2 = await server.session(alice);
-    const b1 = await server.session(bob);
-    const b2 = await server.session(bob);
-    const c1 = await server.session(carol);
-    const o1 = await server.session(outsider);
+    const [a1, a2, b1, b2, c1, o1] = await server.sessions(alice, alice, bob, bob, carol, outsider);
     const sessions = [a1, a2, b1, b2, c1];
     const ev = sessions.map((s) => collect(s, 'GROUP_MESSAGE_RECEIVE'));
     const personal = [...sessions, o1].map((s) => collect(s, 'MESSAGE_RECEIVE'));
@@ -99,23 +89,17 @@ describe('channels and group messages', () => {
   });
 
   it('members connecting after creation receive the channel too', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
+    const [alice, bob] = users('alice', 'bob');
     const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob] });
-    const a = await server.session(alice);
-    const b = await server.session(bob);
+    const [a, b] = await server.sessions(alice, bob);
     const eb = collect(b, 'GROUP_MESSAGE_RECEIVE');
     const ack = assertOkAck(await send(a, { channelId: ch, content: 'later' }));
     assert.deepEqual(await eb.waitFor(1), [groupEvent(ack, ch, alice, 'later')]);
   });
 
   it('refuses a non-member\'s send with not_member; nothing delivered or stored', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const eve = uid('eve');
-    const a = await server.session(alice);
-    const b = await server.session(bob);
-    const e = await server.session(eve);
+    const [alice, bob, eve] = users('alice', 'bob', 'eve');
+    const [a, b, e] = await server.sessions(alice, bob, eve);
     const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob] });
     const ea = collect(a, 'GROUP_MESSAGE_RECEIVE');
     const ebv = collect(b, 'GROUP_MESSAGE_RECEIVE');
@@ -147,10 +131,8 @@ describe('channels and group messages', () => {
   });
 
   it('a group event reaches a client only after the message is stored', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const a = await server.session(alice);
-    const b = await server.session(bob);
+    const [alice, bob] = users('alice', 'bob');
+    const [a, b] = await server.sessions(alice, bob);
     const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob] });
     const checks = [];
     b.on('GROUP_MESSAGE_RECEIVE', (e) => {
@@ -177,13 +159,8 @@ describe('channels and group messages', () => {
   });
 
   it('multi-tab in a channel: closing tabs never stops delivery to the remaining sessions of any member', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const carol = uid('carol');
-    const a = await server.session(alice);
-    const b1 = await server.session(bob);
-    const b2 = await server.session(bob);
-    const c = await server.session(carol);
+    const [alice, bob, carol] = users('alice', 'bob', 'carol');
+    const [a, b1, b2, c] = await server.sessions(alice, bob, bob, carol);
     const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob, carol] });
     const gb1 = collect(b1, 'GROUP_MESSAGE_RECEIVE');
     const gb2 = collect(b2, 'GROUP_MESSAGE_RECEIVE');

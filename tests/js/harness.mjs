@@ -38,6 +38,11 @@ export function uid(prefix = 'u') {
   return `${prefix}-${randomBytes(6).toString('hex')}`;
 }
 
+/** Fresh user ids, one per prefix: `const [alice, bob] = users('alice', 'bob')`. */
+export function users(...prefixes) {
+  return prefixes.map((p) => uid(p));
+}
+
 /** A JWT signed HS256 with `secret` (or with `header`'s alg left as given). */
 export function signJwt(claims, secret, header = { alg: 'HS256', typ: 'JWT' }) {
   const h = Buffer.from(JSON.stringify(header)).toString('base64url');
@@ -218,6 +223,15 @@ export async function startServer(options = {}) {
     /** A connected session for a user (token signed in JS). */
     session(user, opts = {}) {
       return server.connect(server.token(user), opts);
+    },
+    /**
+     * One connected session per user given (a user named twice gets two
+     * tabs), opened one after another so the order of tabs is the test's.
+     */
+    async sessions(...userIds) {
+      const out = [];
+      for (const u of userIds) out.push(await server.session(u));
+      return out;
     },
     /** fetch on the next gateway's API (opts.gateway picks one). */
     api(method, path, opts = {}) {

@@ -5,7 +5,7 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startServer, uid, collect, send, assertOkAck, personalEvent, groupEvent, history,
+  startServer, uid, users, collect, send, assertOkAck, personalEvent, groupEvent, history,
   createChannel, QUIET_MS, sleep,
 } from './harness.mjs';
 
@@ -15,11 +15,8 @@ describe('idempotent retries', () => {
   after(async () => { await server?.stop(); });
 
   it('same clientMsgId twice: same id and createdAt in both acks, one delivery, one stored message', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const a = await server.session(alice);
-    const b1 = await server.session(bob);
-    const b2 = await server.session(bob);
+    const [alice, bob] = users('alice', 'bob');
+    const [a, b1, b2] = await server.sessions(alice, bob, bob);
     const ea = collect(a, 'MESSAGE_RECEIVE');
     const eb1 = collect(b1, 'MESSAGE_RECEIVE');
     const eb2 = collect(b2, 'MESSAGE_RECEIVE');
@@ -41,10 +38,8 @@ describe('idempotent retries', () => {
   });
 
   it('a retry emitted before the first ack arrived still yields one message', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const a = await server.session(alice);
-    const b = await server.session(bob);
+    const [alice, bob] = users('alice', 'bob');
+    const [a, b] = await server.sessions(alice, bob);
     const eb = collect(b, 'MESSAGE_RECEIVE');
     const [x, y, z] = await Promise.all([
       send(a, { to: bob, content: 'dup', clientMsgId: 'fast' }),
@@ -63,12 +58,8 @@ describe('idempotent retries', () => {
   });
 
   it('same clientMsgId with a different target (user, channel) or content still yields the first message\'s id', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const carol = uid('carol');
-    const a = await server.session(alice);
-    const b = await server.session(bob);
-    const c = await server.session(carol);
+    const [alice, bob, carol] = users('alice', 'bob', 'carol');
+    const [a, b, c] = await server.sessions(alice, bob, carol);
     const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob, carol] });
     const eb = collect(b, 'MESSAGE_RECEIVE');
     const ec = collect(c, 'MESSAGE_RECEIVE');
@@ -110,8 +101,7 @@ describe('idempotent retries', () => {
   });
 
   it('the scope is the sender: a retry from another session of the same user is a retry too', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
+    const [alice, bob] = users('alice', 'bob');
     // Two tabs on one gateway: it remembers the ack it gave the first.
     const a1 = await server.session(alice, { gateway: 0 });
     const a2 = await server.session(alice, { gateway: 0 });
@@ -134,12 +124,8 @@ describe('idempotent retries', () => {
   });
 
   it('different senders using the same clientMsgId get different messages', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const carol = uid('carol');
-    const a = await server.session(alice);
-    const b = await server.session(bob);
-    const c = await server.session(carol);
+    const [alice, bob, carol] = users('alice', 'bob', 'carol');
+    const [a, b, c] = await server.sessions(alice, bob, carol);
     const ec = collect(c, 'MESSAGE_RECEIVE');
     const x = assertOkAck(await send(a, { to: carol, content: 'from alice', clientMsgId: 'same' }));
     const y = assertOkAck(await send(b, { to: carol, content: 'from bob', clientMsgId: 'same' }));
@@ -156,10 +142,8 @@ describe('idempotent retries', () => {
   it('a retry whose new target is a channel the sender is not in is still a retry of the first send', async () => {
     // "one scope per sender ... a second send with an id the sender already
     // used is a retry of the first, whatever its target".
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const a = await server.session(alice);
-    const b = await server.session(bob);
+    const [alice, bob] = users('alice', 'bob');
+    const [a, b] = await server.sessions(alice, bob);
     const eb = collect(b, 'MESSAGE_RECEIVE');
     const other = await createChannel(server, server.token(bob), { id: uid('chan'), members: [] });
     const first = assertOkAck(await send(a, { to: bob, content: 'x', clientMsgId: 'nm-retry' }));
@@ -178,8 +162,7 @@ describe('idempotent retries across a gateway restart', () => {
     // Alice sends with a clientMsgId and bob gets it; the gateway restarts
     // (the retry cache is gone, the store is not); both reconnect and alice
     // retries, then sends a sentinel.
-    const alice = uid('alice');
-    const bob = uid('bob');
+    const [alice, bob] = users('alice', 'bob');
     let a = await server.session(alice);
     let b = await server.session(bob);
     let eb = collect(b, 'MESSAGE_RECEIVE');

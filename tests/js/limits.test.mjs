@@ -6,7 +6,7 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startServer, uid, collect, send, assertOkAck, assertErrAck, personalEvent, history,
+  startServer, uid, users, collect, send, assertOkAck, assertErrAck, personalEvent, history,
   QUIET_MS, sleep,
 } from './harness.mjs';
 
@@ -25,10 +25,8 @@ describe('configured limits', () => {
   after(async () => { await server?.stop(); });
 
   it('max_content_bytes=10: 10 bytes of UTF-8 pass, 11 are too_large', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const a = await server.session(alice);
-    const b = await server.session(bob);
+    const [alice, bob] = users('alice', 'bob');
+    const [a, b] = await server.sessions(alice, bob);
     const eb = collect(b, 'MESSAGE_RECEIVE');
     assertErrAck(await send(a, { to: bob, content: 'éééééx' }), 'too_large', '11 bytes in 6 characters');
     assertErrAck(await send(a, { to: bob, content: 'x'.repeat(11) }), 'too_large', '11 ASCII bytes');
@@ -53,10 +51,8 @@ describe('configured limits', () => {
   });
 
   it('rate_limited: sends beyond the burst are refused, not stored, not delivered; later sends pass again', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const a = await server.session(alice);
-    const b = await server.session(bob);
+    const [alice, bob] = users('alice', 'bob');
+    const [a, b] = await server.sessions(alice, bob);
     const eb = collect(b, 'MESSAGE_RECEIVE');
     const pending = [];
     for (let i = 0; i < 20; i++) pending.push(send(a, { to: bob, content: `r${i}`, clientMsgId: `rl-${i}` }));

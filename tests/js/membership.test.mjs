@@ -6,7 +6,7 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startServer, uid, collect, send, assertOkAck, assertErrAck, groupEvent, history,
+  startServer, uid, users, collect, send, assertOkAck, assertErrAck, groupEvent, history,
   createChannel, assertHttpError, QUIET_MS, sleep,
 } from './harness.mjs';
 
@@ -23,10 +23,8 @@ describe('membership changes', () => {
   const removeMember = (token, ch, userId) => server.api('DELETE', `/api/channels/${ch}/members/${userId}`, { token });
 
   it('an added member\'s live sessions receive messages sent right after the 204, without reconnecting', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const a = await server.session(alice);
-    const b1 = await server.session(bob);
+    const [alice, bob] = users('alice', 'bob');
+    const [a, b1] = await server.sessions(alice, bob);
     const b2 = await server.session(bob, { transports: ['polling'] });
     const ch = await createChannel(server, server.token(alice), { id: uid('chan') });
     const ga = collect(a, 'GROUP_MESSAGE_RECEIVE');
@@ -60,41 +58,52 @@ describe('membership changes', () => {
     assert.deepEqual(gb1.items, [e, e2, groupEvent(ack3, ch, alice, 'once')]);
   });
 
+  /** How many sends Carol makes after a membership change's 204. */
+  const AFTER_CHANGE = 40;
+
+  /**
+   * Carol sends into `ch`, paced by `pace(i)`, while `change` (a REST call
+   * that must answer 204) runs 30 ms in; she stops AFTER_CHANGE sends after
+   * its answer. Every send is acked. Returns the acks and the index of the
+   * first send emitted after the 204 (more than 0: some went before).
+   */
+  async function sendAcross(c, ch, change, pace) {
+    const acks = [];
+    let changedAt = -1;
+    const changing = (async () => {
+      await sleep(30);
+      const r = await change();
+      assert.equal(r.status, 204);
+      changedAt = acks.length; // every send emitted from here on is after the 204
+    })();
+    for (let i = 0; (changedAt < 0 || i < changedAt + AFTER_CHANGE) && i < 5000; i++) {
+      acks.push(send(c, { channelId: ch, content: `c${i}` }, 15_000));
+      const paused = pace(i);
+      if (paused) await paused;
+    }
+    await changing;
+    const done = await Promise.all(acks);
+    done.forEach((x, i) => assertOkAck(x, `ack ${i}`));
+    assert.ok(changedAt > 0, 'some sends happened before the 204');
+    return { done, changedAt };
+  }
+
   /**
    * Carol sends steadily into a channel while alice adds bob; carol goes on
-   * for AFTER more sends once the 204 is in. Returns carol's acks (in
+   * for AFTER_CHANGE more sends once the 204 is in. Returns carol's acks (in
    * emission order), the index of the first send emitted after the 204,
    * and the events bob's session received.
    */
   async function addDuringTraffic() {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const carol = uid('carol');
-    const a = await server.session(alice);
-    const b = await server.session(bob);
-    const c = await server.session(carol);
+    const [alice, bob, carol] = users('alice', 'bob', 'carol');
+    const [a, b, c] = await server.sessions(alice, bob, carol);
     const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [carol] });
     const ga = collect(a, 'GROUP_MESSAGE_RECEIVE');
     const gb = collect(b, 'GROUP_MESSAGE_RECEIVE');
-    const acks = [];
-    let addedAt = -1;
-    const adding = (async () => {
-      await sleep(30);
-      const r = await addMember(server.token(alice), ch, bob);
-      assert.equal(r.status, 204);
-      addedAt = acks.length; // every send emitted from here on is after the 204
-    })();
-    const AFTER = 40;
     // A few sends per millisecond keep the worker busy with a backlog that
     // straddles the membership's start.
-    for (let i = 0; (addedAt < 0 || i < addedAt + AFTER) && i < 5000; i++) {
-      acks.push(send(c, { channelId: ch, content: `c${i}` }, 15_000));
-      if (i % 4 === 3) await sleep(1);
-    }
-    await adding;
-    const done = await Promise.all(acks);
-    done.forEach((x, i) => assertOkAck(x, `ack ${i}`));
-    assert.ok(addedAt > 0, 'some sends happened before the 204');
+    const { done, changedAt: addedAt } = await sendAcross(
+      c, ch, () => addMember(server.token(alice), ch, bob), (i) => (i % 4 === 3 ? sleep(1) : undefined));
     await ga.waitFor(done.length, 15_000);
     await gb.waitUntil((x) => x.id === done.at(-1).id, 15_000).catch(() => {});
     await sleep(QUIET_MS);
@@ -128,13 +137,8 @@ describe('membership changes', () => {
   });
 
   it('a removed member\'s sessions receive nothing sent after the 204', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const carol = uid('carol');
-    const a = await server.session(alice);
-    const b1 = await server.session(bob);
-    const b2 = await server.session(bob);
-    const c = await server.session(carol);
+    const [alice, bob, carol] = users('alice', 'bob', 'carol');
+    const [a, b1, b2, c] = await server.sessions(alice, bob, bob, carol);
     const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob, carol] });
     const ga = collect(a, 'GROUP_MESSAGE_RECEIVE');
     const gb1 = collect(b1, 'GROUP_MESSAGE_RECEIVE');
@@ -174,33 +178,14 @@ describe('membership changes', () => {
   });
 
   it('nothing sent after the remove\'s 204 reaches the removed member while another member keeps sending', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const carol = uid('carol');
-    const a = await server.session(alice);
-    const b = await server.session(bob);
-    const c = await server.session(carol);
+    const [alice, bob, carol] = users('alice', 'bob', 'carol');
+    const [a, b, c] = await server.sessions(alice, bob, carol);
     const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob, carol] });
     const ga = collect(a, 'GROUP_MESSAGE_RECEIVE');
     const gb = collect(b, 'GROUP_MESSAGE_RECEIVE');
-    const acks = [];
-    let removedAt = -1;
-    const removing = (async () => {
-      await sleep(30);
-      const r = await removeMember(server.token(alice), ch, bob);
-      assert.equal(r.status, 204);
-      removedAt = acks.length; // every send emitted from here on is after the 204
-    })();
-    const AFTER = 40;
-    for (let i = 0; (removedAt < 0 || i < removedAt + AFTER) && i < 5000; i++) {
-      acks.push(send(c, { channelId: ch, content: `c${i}` }, 15_000));
-      await sleep(1);
-    }
-    await removing;
-    const done = await Promise.all(acks);
-    done.forEach((x, i) => assertOkAck(x, `ack ${i}`));
-    assert.ok(removedAt > 0, 'some sends happened before the 204');
-    assert.equal(done.length - removedAt, AFTER);
+    const { done, changedAt: removedAt } = await sendAcross(
+      c, ch, () => removeMember(server.token(alice), ch, bob), () => sleep(1));
+    assert.equal(done.length - removedAt, AFTER_CHANGE);
     await ga.waitFor(done.length, 15_000);
     // Bob got the messages before the removal on the same path (sentinel).
     assert.ok(gb.items.length > 0, 'bob received messages before the removal');
@@ -211,10 +196,8 @@ describe('membership changes', () => {
   });
 
   it('removed, then added again: the live session receives the channel again', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const a = await server.session(alice);
-    const b = await server.session(bob);
+    const [alice, bob] = users('alice', 'bob');
+    const [a, b] = await server.sessions(alice, bob);
     const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob] });
     const ga = collect(a, 'GROUP_MESSAGE_RECEIVE');
     const gb = collect(b, 'GROUP_MESSAGE_RECEIVE');
@@ -272,8 +255,7 @@ describe('membership changes', () => {
   });
 
   it('member routes answer 404 for an unknown channel, 400 for invalid ids, 401 without a token', async () => {
-    const alice = uid('alice');
-    const nochan = uid('nochan');
+    const [alice, nochan] = users('alice', 'nochan');
     assertHttpError(await addMember(server.token(alice), nochan, uid()), 404, 'add to unknown channel');
     assertHttpError(await removeMember(server.token(alice), nochan, alice), 404, 'remove from unknown channel');
     assertHttpError(await server.api('GET', `/api/channels/${nochan}/messages`, { token: server.token(alice) }), 404, 'history of unknown channel');

@@ -5,7 +5,7 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startServer, uid, collect, send, assertOkAck, personalEvent, history, assertHttpError,
+  startServer, uid, users, collect, send, assertOkAck, personalEvent, history, assertHttpError,
   metric, closeAndSettle, signJwt, nowSecs,
 } from './harness.mjs';
 
@@ -68,8 +68,7 @@ describe('fanout token', () => {
   it('mints a token that connects (configured secret)', async () => {
     const server = await startServer();
     try {
-      const alice = uid('alice');
-      const bob = uid('bob');
+      const [alice, bob] = users('alice', 'bob');
       const token = await server.cliToken(alice);
       assert.match(token, /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/, 'one line: a JWT');
       const a = await server.connect(token);

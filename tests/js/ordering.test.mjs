@@ -6,7 +6,7 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startServer, uid, collect, send, assertOkAck, personalEvent, groupEvent, history,
+  startServer, uid, users, collect, send, assertOkAck, personalEvent, groupEvent, history,
   createChannel, QUIET_MS, sleep,
 } from './harness.mjs';
 
@@ -29,6 +29,26 @@ describe('ordering', () => {
     return Promise.all(pending);
   }
 
+  /**
+   * Two senders fire their payloads at once; every collector must then hold
+   * each message once, in one order shared by all, each sender's messages in
+   * the order sent.
+   */
+  async function twoSendersOneOrder(ev, [sa, userA, pa], [sb, userB, pb]) {
+    const [acksA, acksB] = await Promise.all([fire(sa, pa), fire(sb, pb)]);
+    [...acksA, ...acksB].forEach((ack, i) => assertOkAck(ack, `ack ${i}`));
+    const total = pa.length + pb.length;
+    for (const c of ev) await c.waitFor(total, 15_000);
+    await sleep(QUIET_MS);
+    const reference = ev[0].items.map((x) => x.id);
+    for (const [i, c] of ev.entries()) {
+      assert.equal(c.items.length, total, `session ${i}: each message once`);
+      assert.deepEqual(c.items.map((x) => x.id), reference, `session ${i}: the same order as every other session`);
+      assert.deepEqual(c.items.filter((x) => x.senderId === userA).map((x) => x.content), pa.map((p) => p.content));
+      assert.deepEqual(c.items.filter((x) => x.senderId === userB).map((x) => x.content), pb.map((p) => p.content));
+    }
+  }
+
   async function allHistory(token, path) {
     const out = [];
     let before;
@@ -41,11 +61,8 @@ describe('ordering', () => {
   }
 
   it(`${N} personal messages fired without awaiting acks arrive in emission order`, async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const a1 = await server.session(alice);
-    const a2 = await server.session(alice);
-    const b1 = await server.session(bob);
+    const [alice, bob] = users('alice', 'bob');
+    const [a1, a2, b1] = await server.sessions(alice, alice, bob);
     const b2 = await server.session(bob, { transports: ['polling'] });
     const ev = [a1, a2, b1, b2].map((s) => collect(s, 'MESSAGE_RECEIVE'));
     const payloads = Array.from({ length: N }, (_, i) => (i % 3 === 0
@@ -67,12 +84,8 @@ describe('ordering', () => {
   });
 
   it(`${N} group messages fired without awaiting acks arrive in order at every member session`, async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const carol = uid('carol');
-    const a1 = await server.session(alice);
-    const a2 = await server.session(alice);
-    const b1 = await server.session(bob);
+    const [alice, bob, carol] = users('alice', 'bob', 'carol');
+    const [a1, a2, b1] = await server.sessions(alice, alice, bob);
     const c1 = await server.session(carol, { transports: ['polling'] });
     const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob, carol] });
     const ev = [a1, a2, b1, c1].map((s) => collect(s, 'GROUP_MESSAGE_RECEIVE'));
@@ -91,52 +104,23 @@ describe('ordering', () => {
   });
 
   it('several senders into one channel: every session sees one same order, each sender\'s messages in emission order', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const carol = uid('carol');
-    const a = await server.session(alice);
-    const b = await server.session(bob);
-    const c1 = await server.session(carol);
-    const c2 = await server.session(carol);
+    const [alice, bob, carol] = users('alice', 'bob', 'carol');
+    const [a, b, c1, c2] = await server.sessions(alice, bob, carol, carol);
     const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob, carol] });
     const ev = [a, b, c1, c2].map((s) => collect(s, 'GROUP_MESSAGE_RECEIVE'));
     const M = 100;
     const pa = Array.from({ length: M }, (_, i) => ({ channelId: ch, content: `a${i}` }));
     const pb = Array.from({ length: M }, (_, i) => ({ channelId: ch, content: `b${i}` }));
-    const [acksA, acksB] = await Promise.all([fire(a, pa), fire(b, pb)]);
-    [...acksA, ...acksB].forEach((ack, i) => assertOkAck(ack, `ack ${i}`));
-    for (const c of ev) await c.waitFor(2 * M, 15_000);
-    await sleep(QUIET_MS);
-    const reference = ev[0].items.map((x) => x.id);
-    for (const [i, c] of ev.entries()) {
-      assert.equal(c.items.length, 2 * M, `session ${i}: each message once`);
-      assert.deepEqual(c.items.map((x) => x.id), reference, `session ${i}: the same order as every other session`);
-      assert.deepEqual(c.items.filter((x) => x.senderId === alice).map((x) => x.content), pa.map((p) => p.content));
-      assert.deepEqual(c.items.filter((x) => x.senderId === bob).map((x) => x.content), pb.map((p) => p.content));
-    }
+    await twoSendersOneOrder(ev, [a, alice, pa], [b, bob, pb]);
   });
 
   it('personal messages in both directions: both parties\' sessions see one same order', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const a1 = await server.session(alice);
-    const a2 = await server.session(alice);
-    const b1 = await server.session(bob);
-    const b2 = await server.session(bob);
+    const [alice, bob] = users('alice', 'bob');
+    const [a1, a2, b1, b2] = await server.sessions(alice, alice, bob, bob);
     const ev = [a1, a2, b1, b2].map((s) => collect(s, 'MESSAGE_RECEIVE'));
     const M = 100;
     const pa = Array.from({ length: M }, (_, i) => ({ to: bob, content: `a${i}` }));
     const pb = Array.from({ length: M }, (_, i) => ({ to: alice, content: `b${i}` }));
-    const [acksA, acksB] = await Promise.all([fire(a1, pa), fire(b2, pb)]);
-    [...acksA, ...acksB].forEach((ack, i) => assertOkAck(ack, `ack ${i}`));
-    for (const c of ev) await c.waitFor(2 * M, 15_000);
-    await sleep(QUIET_MS);
-    const reference = ev[0].items.map((x) => x.id);
-    for (const [i, c] of ev.entries()) {
-      assert.equal(c.items.length, 2 * M, `session ${i}: each message once`);
-      assert.deepEqual(c.items.map((x) => x.id), reference, `session ${i}: the same order as every other session`);
-      assert.deepEqual(c.items.filter((x) => x.senderId === alice).map((x) => x.content), pa.map((p) => p.content));
-      assert.deepEqual(c.items.filter((x) => x.senderId === bob).map((x) => x.content), pb.map((p) => p.content));
-    }
+    await twoSendersOneOrder(ev, [a1, alice, pa], [b2, bob, pb]);
   });
 });

@@ -6,7 +6,7 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startServer, uid, collect, send, assertOkAck, personalEvent, history, closeAndSettle,
+  startServer, uid, users, collect, send, assertOkAck, personalEvent, history, closeAndSettle,
   QUIET_MS, sleep, UUID_V7,
 } from './harness.mjs';
 
@@ -16,14 +16,8 @@ describe('personal messages', () => {
   after(async () => { await server?.stop(); });
 
   it('delivers to every session of the receiver and of the sender, once each, with the exact shape', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const carol = uid('carol');
-    const a1 = await server.session(alice);
-    const a2 = await server.session(alice);
-    const b1 = await server.session(bob);
-    const b2 = await server.session(bob);
-    const c1 = await server.session(carol);
+    const [alice, bob, carol] = users('alice', 'bob', 'carol');
+    const [a1, a2, b1, b2, c1] = await server.sessions(alice, alice, bob, bob, carol);
     const ev = [a1, a2, b1, b2, c1].map((s) => collect(s, 'MESSAGE_RECEIVE'));
     const groupEv = [a1, a2, b1, b2, c1].map((s) => collect(s, 'GROUP_MESSAGE_RECEIVE'));
 
@@ -53,9 +47,7 @@ describe('personal messages', () => {
 
   it('delivers a message to oneself once to each of the sender\'s sessions', async () => {
     const alice = uid('alice');
-    const a1 = await server.session(alice);
-    const a2 = await server.session(alice);
-    const a3 = await server.session(alice);
+    const [a1, a2, a3] = await server.sessions(alice, alice, alice);
     const ev = [a1, a2, a3].map((s) => collect(s, 'MESSAGE_RECEIVE'));
     const ack = assertOkAck(await send(a2, { to: alice, content: 'note to self', clientMsgId: 'self-1' }));
     const e = personalEvent(ack, alice, alice, 'note to self', 'self-1');
@@ -70,10 +62,8 @@ describe('personal messages', () => {
   });
 
   it('delivers to a receiver with no other sender session (single sending session receives its own message)', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const a = await server.session(alice);
-    const b = await server.session(bob);
+    const [alice, bob] = users('alice', 'bob');
+    const [a, b] = await server.sessions(alice, bob);
     const ea = collect(a, 'MESSAGE_RECEIVE');
     const eb = collect(b, 'MESSAGE_RECEIVE');
     const ack = assertOkAck(await send(a, { to: bob, content: 'x' }));
@@ -86,8 +76,7 @@ describe('personal messages', () => {
   });
 
   it('accepts a message to a user who has never connected; it is stored and the sender\'s sessions get it', async () => {
-    const alice = uid('alice');
-    const nobody = uid('nobody');
+    const [alice, nobody] = users('alice', 'nobody');
     const a = await server.session(alice);
     const ea = collect(a, 'MESSAGE_RECEIVE');
     const ack = assertOkAck(await send(a, { to: nobody, content: 'are you there?' }));
@@ -98,11 +87,8 @@ describe('personal messages', () => {
   });
 
   it('multi-tab: closing one session leaves the other receiving; closing all stops delivery; history keeps everything', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const a = await server.session(alice);
-    const b1 = await server.session(bob);
-    const b2 = await server.session(bob);
+    const [alice, bob] = users('alice', 'bob');
+    const [a, b1, b2] = await server.sessions(alice, bob, bob);
     const ea = collect(a, 'MESSAGE_RECEIVE');
     const eb1 = collect(b1, 'MESSAGE_RECEIVE');
     const eb2 = collect(b2, 'MESSAGE_RECEIVE');
@@ -149,8 +135,7 @@ describe('personal messages', () => {
 
   for (const transports of [['polling'], ['websocket'], ['polling', 'websocket']]) {
     it(`works over transports ${transports.join('+')}`, async () => {
-      const alice = uid('alice');
-      const bob = uid('bob');
+      const [alice, bob] = users('alice', 'bob');
       const a = await server.session(alice, { transports });
       const b = await server.session(bob, { transports });
       const eb = collect(b, 'MESSAGE_RECEIVE');
@@ -167,10 +152,8 @@ describe('personal messages', () => {
   }
 
   it('an event reaches a client only after the message is stored (history has it when the event arrives)', async () => {
-    const alice = uid('alice');
-    const bob = uid('bob');
-    const a = await server.session(alice);
-    const b = await server.session(bob);
+    const [alice, bob] = users('alice', 'bob');
+    const [a, b] = await server.sessions(alice, bob);
     const checks = [];
     b.on('MESSAGE_RECEIVE', (e) => {
       // Asked the moment the event arrives.
