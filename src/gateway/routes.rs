@@ -173,4 +173,36 @@ mod tests {
             .await
             .expect("extra release is harmless"));
     }
+
+    /// The gauge moves with what sessions hold, not with what the broker
+    /// said: a refused bind holds nothing and counts nothing (the session
+    /// is refused), and a release on a shut-down backend counts the key as
+    /// given back whatever the unbind answers, since no session holds it.
+    #[tokio::test]
+    async fn refused_binds_and_releases_after_shutdown_keep_the_gauge_true() {
+        let backend: DynBackend = Arc::new(fanout_memory::MemoryBackend::default());
+        let server = ServerId::new("gw").expect("valid");
+        let gauge = Gauge::default();
+        let routes = Routes::new(backend.clone(), server.clone(), gauge.clone());
+        let key = RouteKey::user("alice").expect("valid");
+        let refused = routes.acquire(&key).await;
+        assert!(refused.is_err(), "an unregistered server cannot bind");
+        assert_eq!(gauge.get(), 0, "a refused bind counts nothing");
+        assert!(!routes.release(&key).await.expect("nothing was held"));
+        assert_eq!(gauge.get(), 0);
+
+        let _stream = backend.register_server(&server).await.expect("register");
+        assert!(routes.acquire(&key).await.expect("bind"));
+        assert_eq!(gauge.get(), 1);
+        backend.shutdown().await.expect("shutdown");
+        // A broker backend refuses the unbind now (Redis: Closed); memory's
+        // unbind is a no-op that cannot fail. Either way the key is given back.
+        let _unbound = routes.release(&key).await;
+        assert_eq!(gauge.get(), 0, "no session holds the key any more");
+        assert!(
+            routes.acquire(&key).await.is_err(),
+            "and a bind on a closed backend counts nothing either"
+        );
+        assert_eq!(gauge.get(), 0);
+    }
 }
