@@ -15,6 +15,7 @@
 //! - [`worker`]: consume, store, route, ack; [`worker_http`]: a worker's
 //!   health, readiness and metrics endpoint;
 //! - [`store`]: SQLite or PostgreSQL through sqlx;
+//! - [`stream`]: streams, positions and entries: what sessions receive;
 //! - [`metrics`]: Prometheus figures;
 //! - [`app`]: composition, and the one place that names concrete backends.
 //!
@@ -32,5 +33,6 @@ pub mod metrics;
 pub mod protocol;
 pub mod readiness;
 pub mod store;
+pub mod stream;
 pub mod worker;
 pub mod worker_http;

@@ -410,6 +410,9 @@ pub struct IncomingEnvelope {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum OutgoingEnvelope {
+    /// A stored entry of the stream the route key carries (see
+    /// [`crate::stream`]): what replaces the three kinds below.
+    Entry(crate::stream::Entry),
     /// A stored message to emit to local sessions.
     Message {
         /// The message.

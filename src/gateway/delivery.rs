@@ -150,6 +150,10 @@ fn handle(
             gw.sessions.emit(&m.key, &emit_of(&message));
             Some(message.created_at)
         }
+        OutgoingEnvelope::Entry(_) => {
+            tracing::error!(key = %m.key, "sequenced entries are not handled yet");
+            None
+        }
         OutgoingEnvelope::Join {
             channel_id,
             user_id,
