@@ -308,7 +308,7 @@ async fn a_join_swallowed_by_a_route_loss_is_applied_after_it() {
     c.create_channel(0, "owner", json!({ "id": "late", "name": "Late" }))
         .await;
     c.store
-        .add_member("late", "alice", fanout::protocol::now_ms())
+        .add_member("late", "alice", "owner", fanout::protocol::now_ms())
         .await
         .expect("store");
     // The gateway loses its routes: Redis drops its subscriber connection.

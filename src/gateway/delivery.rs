@@ -150,6 +150,15 @@ fn handle(
             gw.sessions.emit(&m.key, &emit_of(&message));
             Some(message.created_at)
         }
+        // Until the gateway handles positions: a message's entry is shown
+        // as the message was (the worker publishes only these).
+        OutgoingEnvelope::Entry(crate::stream::Entry {
+            body: crate::stream::Body::Message(message),
+            ..
+        }) => {
+            gw.sessions.emit(&m.key, &emit_of(&message));
+            Some(message.created_at)
+        }
         OutgoingEnvelope::Entry(_) => {
             tracing::error!(key = %m.key, "sequenced entries are not handled yet");
             None

@@ -10,7 +10,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
-use fanout_backend::{is_valid_id, OrderingKey, RouteKey};
+use fanout_backend::{is_valid_id, RouteKey};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -339,10 +339,15 @@ async fn add_member(
     if gw.store.member_since(&channel, &caller).await?.is_none() {
         return Err(AppError::forbidden("only members can add members"));
     }
+    let now = now_ms();
+    gw.store
+        .add_member(&channel, &body.user_id, &caller, now)
+        .await?;
     let since = gw
         .store
-        .add_member_since(&channel, &body.user_id, now_ms())
-        .await?;
+        .member_since(&channel, &body.user_id)
+        .await?
+        .unwrap_or(now);
     // Announced on every call, also when already a member, so that a retry
     // after a 503 completes what the first call began.
     announce_join(&gw, &channel, &body.user_id, since).await?;
@@ -365,7 +370,9 @@ async fn remove_member(
             "only the creator removes others; members may remove themselves",
         ));
     }
-    gw.store.remove_member(&channel, &user).await?;
+    gw.store
+        .remove_member(&channel, &user, &caller, now_ms())
+        .await?;
     // The leave is enqueued for the user's gateways before the 204, so it
     // is applied there before any message sent after the 204.
     let env = OutgoingEnvelope::Leave {
@@ -411,25 +418,21 @@ impl Page {
     }
 }
 
-async fn history_page(
-    gw: &Gateway,
-    conversation: &OrderingKey,
-    page: Page,
-) -> Result<Response, AppError> {
-    let (before, limit) = page.parse()?;
-    let mut messages = gw
-        .store
-        .history(conversation.as_str(), before.as_deref(), limit + 1)
-        .await?;
-    let more = messages.len() > limit as usize;
-    messages.truncate(limit as usize);
+/// One page of history entries (fetched with `limit + 1` to tell whether
+/// there is more).
+fn history_page(mut entries: Vec<crate::stream::Entry>, limit: u32) -> Response {
+    let more = entries.len() > limit as usize;
+    entries.truncate(limit as usize);
     let next_before = if more {
-        messages.last().map(|m| m.id.clone())
+        entries.last().and_then(|e| match &e.body {
+            crate::stream::Body::Message(m) => Some(m.id.clone()),
+            crate::stream::Body::Membership(_) => None,
+        })
     } else {
         None
     };
-    let items: Vec<Value> = messages.iter().map(|m| m.to_event().1).collect();
-    Ok(axum::Json(json!({ "messages": items, "nextBefore": next_before })).into_response())
+    let items: Vec<Value> = entries.iter().map(|e| e.to_event().1).collect();
+    axum::Json(json!({ "messages": items, "nextBefore": next_before })).into_response()
 }
 
 async fn channel_history(
@@ -445,7 +448,12 @@ async fn channel_history(
             "only members can read a channel's history",
         ));
     }
-    history_page(&gw, &OrderingKey::channel(&channel), page).await
+    let (before, limit) = page.parse()?;
+    let entries = gw
+        .store
+        .channel_history(&channel, before.as_deref(), limit + 1)
+        .await?;
+    Ok(history_page(entries, limit))
 }
 
 async fn conversation_history(
@@ -455,5 +463,10 @@ async fn conversation_history(
     Query(page): Query<Page>,
 ) -> Result<Response, AppError> {
     check_id("user id", &user)?;
-    history_page(&gw, &OrderingKey::direct(&caller, &user), page).await
+    let (before, limit) = page.parse()?;
+    let entries = gw
+        .store
+        .personal_history(&caller, &user, before.as_deref(), limit + 1)
+        .await?;
+    Ok(history_page(entries, limit))
 }
