@@ -2,6 +2,15 @@
 //! for SQLite (the embedded default) and PostgreSQL, via sqlx's `Any`
 //! driver. The schema sticks to portable types (TEXT, BIGINT) so that no
 //! query needs a per-database variant.
+//!
+//! Every stored message and membership change is an [`Entry`] of one or two
+//! streams (see [`crate::stream`]), with its position given in the
+//! transaction that stores it: the writer raises each touched stream's head
+//! in `streams` with one upsert (rows sorted by stream, so two writers lock
+//! heads in one order and never deadlock), then writes the entries. The
+//! head rows stay locked until the commit, so one stream's positions are
+//! committed in order; a rollback returns them: no gap, no duplicate,
+//! whichever process writes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
@@ -270,7 +279,7 @@ impl Writer {
 /// Members written by one INSERT at channel creation (5 values a row on
 /// SQLite: 30,000, under its 32,766 parameters).
 pub const MEMBERS_PER_STATEMENT: usize = 6_000;
-/// Entries written by one INSERT (9 values a row: 27,000).
+/// Entries written by one INSERT (at most 8 values a row: 24,000).
 const ENTRIES_PER_STATEMENT: usize = 3_000;
 /// Streams whose heads one statement raises (2 values a row).
 const STREAMS_PER_STATEMENT: usize = 10_000;
@@ -355,39 +364,52 @@ async fn reserve(
     Ok(first)
 }
 
-/// Writes entries (multi-row INSERTs of [`ENTRIES_PER_STATEMENT`]).
+/// Writes entries: messages' and membership changes' each in multi-row
+/// INSERTs of [`ENTRIES_PER_STATEMENT`] (a batch of messages is one
+/// statement of 4 values an entry).
 async fn insert_entries(
     conn: &mut sqlx::AnyConnection,
     sqlite: bool,
     entries: &[Entry],
 ) -> Result<(), StoreError> {
-    for chunk in entries.chunks(ENTRIES_PER_STATEMENT) {
-        let mut sql = String::with_capacity(160 + chunk.len() * 40);
-        sql.push_str(
-            "INSERT INTO stream_entries (stream, seq, message_id, channel_id, user_id, change, by_user_id, channel_seq, created_at) VALUES ",
-        );
-        values_sql(&mut sql, sqlite, chunk.len(), 9);
+    let (messages, changes): (Vec<&Entry>, Vec<&Entry>) = entries
+        .iter()
+        .partition(|e| matches!(e.body, Body::Message(_)));
+    for chunk in messages.chunks(ENTRIES_PER_STATEMENT) {
+        let mut sql = String::with_capacity(100 + chunk.len() * 20);
+        sql.push_str("INSERT INTO stream_entries (stream, seq, message_id, created_at) VALUES ");
+        values_sql(&mut sql, sqlite, chunk.len(), 4);
         let mut q = sqlx::query(&sql);
         for e in chunk {
-            q = q.bind(e.stream.key()).bind(e.seq);
-            q = match &e.body {
-                Body::Message(m) => q
-                    .bind(Some(m.id.clone()))
-                    .bind(None::<String>)
-                    .bind(None::<String>)
-                    .bind(None::<String>)
-                    .bind(None::<String>)
-                    .bind(None::<i64>)
-                    .bind(m.created_at),
-                Body::Membership(c) => q
-                    .bind(None::<String>)
-                    .bind(Some(c.channel_id.clone()))
-                    .bind(Some(c.user_id.clone()))
-                    .bind(Some(c.change.as_str().to_owned()))
-                    .bind(Some(c.by_user_id.clone()))
-                    .bind(Some(c.channel_seq))
-                    .bind(c.created_at),
-            };
+            if let Body::Message(m) = &e.body {
+                q = q
+                    .bind(e.stream.key())
+                    .bind(e.seq)
+                    .bind(m.id.clone())
+                    .bind(m.created_at);
+            }
+        }
+        q.execute(&mut *conn).await?;
+    }
+    for chunk in changes.chunks(ENTRIES_PER_STATEMENT) {
+        let mut sql = String::with_capacity(160 + chunk.len() * 40);
+        sql.push_str(
+            "INSERT INTO stream_entries (stream, seq, channel_id, user_id, change, by_user_id, channel_seq, created_at) VALUES ",
+        );
+        values_sql(&mut sql, sqlite, chunk.len(), 8);
+        let mut q = sqlx::query(&sql);
+        for e in chunk {
+            if let Body::Membership(c) = &e.body {
+                q = q
+                    .bind(e.stream.key())
+                    .bind(e.seq)
+                    .bind(c.channel_id.clone())
+                    .bind(c.user_id.clone())
+                    .bind(c.change.as_str().to_owned())
+                    .bind(c.by_user_id.clone())
+                    .bind(c.channel_seq)
+                    .bind(c.created_at);
+            }
         }
         q.execute(&mut *conn).await?;
     }

@@ -363,6 +363,20 @@ async fn positions(store: &Store) {
     );
     assert_eq!(second[1].outcome, Outcome::Redelivered);
     assert_eq!(second[1].entries, first[1].entries);
+    // One event twice in a batch: stored and positioned once.
+    let twice = store
+        .insert_messages(&[m(8, "erin", user("frank")), m(8, "erin", user("frank"))])
+        .await
+        .expect("insert");
+    assert_eq!(
+        (twice[0].outcome, twice[1].outcome),
+        (Outcome::New, Outcome::Redelivered)
+    );
+    assert_eq!(
+        places(&twice[0].entries),
+        [(inbox("frank"), 1), (inbox("erin"), 1)]
+    );
+    assert_eq!(twice[1].entries, twice[0].entries);
     assert_eq!(assert_gap_free(store, &inbox("alice")).await, 4);
     assert_eq!(assert_gap_free(store, &inbox("bob")).await, 4);
     assert_eq!(assert_gap_free(store, &inbox("carol")).await, 1);
