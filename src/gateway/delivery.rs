@@ -86,10 +86,6 @@ async fn run(gw: Arc<Gateway>, mut stream: ServerStream) {
 fn handle(gw: &Arc<Gateway>, m: OutgoingMessage) {
     let entry = match serde_json::from_slice::<OutgoingEnvelope>(&m.payload) {
         Ok(OutgoingEnvelope::Entry(entry)) => entry,
-        Ok(_) => {
-            tracing::error!(key = %m.key, "an outgoing envelope without a position dropped (a worker older than this gateway?)");
-            return;
-        }
         Err(e) => {
             tracing::error!(key = %m.key, error = %e, "undecodable outgoing message dropped");
             return;

@@ -304,6 +304,18 @@ pub async fn next(c: &Client) -> (String, Value) {
     (e.name, e.data)
 }
 
+/// The next chat message event, skipping membership changes (which every
+/// member now receives in its inbox and in the channel's stream).
+#[allow(dead_code)]
+pub async fn next_chat(c: &Client) -> (String, Value) {
+    loop {
+        let (name, data) = next(c).await;
+        if name != "MEMBERSHIP_CHANGE" {
+            return (name, data);
+        }
+    }
+}
+
 /// Asserts nothing arrives for a moment.
 pub async fn quiet(c: &Client, what: &str) {
     if let Ok(e) = c.next_event(QUIET).await {
