@@ -329,7 +329,7 @@ async fn the_token_user_is_the_sender_whatever_the_payload_says() {
     group["content"] = json!("hello room");
     let gid = send_ok(&alice, group).await;
     for s in [&bob, &victim] {
-        let (name, data) = next(s).await;
+        let (name, data) = next_chat(s).await;
         assert_eq!(name, "GROUP_MESSAGE_RECEIVE");
         assert_eq!(
             (&data["id"], &data["senderId"]),

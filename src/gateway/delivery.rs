@@ -24,8 +24,9 @@ use crate::stream::Stream;
 
 /// Most entries one fill reads; a longer gap takes several reads.
 pub const FILL_LIMIT: u32 = 1000;
-/// Fills in flight at once after a route loss.
-const FILL_CONCURRENCY: usize = 8;
+/// Fills in flight at once on one gateway: a route loss or a flood of
+/// joins must not take every connection of the store's pool.
+pub const FILL_CONCURRENCY: usize = 8;
 /// How long a failed fill waits before it is tried again.
 const FILL_RETRY: Duration = Duration::from_millis(500);
 
@@ -60,7 +61,7 @@ async fn run(gw: Arc<Gateway>, mut stream: ServerStream) {
                 // What was published into the gap is in the store; a lost
                 // tail shows no gap, so every local stream is read from
                 // where its sessions stand.
-                tokio::spawn(fill_all(gw.clone()));
+                fill_all(&gw);
             }
         }
     }
@@ -104,7 +105,10 @@ impl Gateway {
     pub fn follow(self: &Arc<Self>, follows: Vec<Follow>) {
         for f in follows {
             match f {
-                Follow::Fill(stream) => self.schedule_fill(stream),
+                Follow::Fill(stream) => {
+                    let wait = Duration::from_millis(self.config.gateway.gap_wait_ms);
+                    self.schedule_fill(stream, wait)
+                }
                 Follow::Join { sid, channel } => {
                     let gw = self.clone();
                     tokio::spawn(async move { join(&gw, sid, channel).await });
@@ -121,17 +125,20 @@ impl Gateway {
         }
     }
 
-    /// Fills `stream` after `gateway.gap_wait_ms` (the missing positions
-    /// may only be late: two workers publish one inbox), once however many
-    /// gaps asked for it meanwhile.
-    fn schedule_fill(self: &Arc<Self>, stream: Stream) {
+    /// Fills `stream` after `wait` (after a gap, `gateway.gap_wait_ms`: the
+    /// missing positions may only be late, two workers publish one inbox),
+    /// once however many sessions asked for it meanwhile (a channel
+    /// created with 1,000 members: one read for all its local joiners).
+    pub fn schedule_fill(self: &Arc<Self>, stream: Stream, wait: Duration) {
         if !self.fill_scheduled(&stream) {
             return;
         }
         let gw = self.clone();
-        let wait = Duration::from_millis(self.config.gateway.gap_wait_ms);
         tokio::spawn(async move {
             tokio::time::sleep(wait).await;
+            let Ok(_slot) = gw.fill_slots.acquire().await else {
+                return;
+            };
             gw.fill_done(&stream);
             fill(&gw, &stream, false).await;
         });
@@ -178,23 +185,18 @@ pub async fn fill(gw: &Arc<Gateway>, stream: &Stream, all: bool) {
     }
 }
 
-/// Fills every local stream (after a route loss).
-async fn fill_all(gw: Arc<Gateway>) {
-    let started = std::time::Instant::now();
+/// Fills every local stream (after a route loss): each is marked, so that
+/// a lost tail with no gap to show it is read too.
+fn fill_all(gw: &Arc<Gateway>) {
     let streams = gw.sessions.streams();
-    let n = streams.len();
-    let gw_ref = &gw;
-    futures::stream::iter(streams)
-        .for_each_concurrent(
-            FILL_CONCURRENCY,
-            |s| async move { fill(gw_ref, &s, true).await },
-        )
-        .await;
     tracing::warn!(
-        streams = n,
-        took_ms = started.elapsed().as_millis() as u64,
-        "filled local sessions from the store after a route loss"
+        streams = streams.len(),
+        "filling local sessions from the store after a route loss"
     );
+    for stream in streams {
+        gw.sessions.mark_stale(&stream);
+        gw.schedule_fill(stream, Duration::ZERO);
+    }
 }
 
 /// Binds a channel a session was added to (retried until it holds while
@@ -216,7 +218,7 @@ async fn join(gw: &Arc<Gateway>, sid: socketioxide::socket::Sid, channel: String
         }
         return;
     }
-    fill(gw, &Stream::Channel(channel), true).await;
+    gw.schedule_fill(Stream::Channel(channel), Duration::ZERO);
 }
 
 /// Fills the streams of keys whose bind failed and was retried until it
@@ -227,6 +229,8 @@ async fn fill_repaired(
 ) {
     while let Some(key) = repaired.recv().await {
         let Some(gw) = gw.upgrade() else { return };
-        tokio::spawn(async move { fill(&gw, &Stream::of_route_key(&key), true).await });
+        let stream = Stream::of_route_key(&key);
+        gw.sessions.mark_stale(&stream);
+        gw.schedule_fill(stream, Duration::ZERO);
     }
 }

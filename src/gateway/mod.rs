@@ -87,6 +87,8 @@ pub struct Gateway {
     retries: Mutex<RetryCache>,
     /// Streams whose fill is scheduled (one at a time per stream).
     fills: Mutex<HashSet<Stream>>,
+    /// Fills reading the store at once.
+    fill_slots: tokio::sync::Semaphore,
     /// Keys whose failed bind was retried until it held; taken by the
     /// delivery loop, which fills their streams.
     repaired: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<RouteKey>>>,
@@ -146,6 +148,7 @@ impl Gateway {
             retries: Mutex::new(RetryCache::new(config.gateway.retry_cache)),
             unready: Mutex::new(None),
             fills: Mutex::new(HashSet::new()),
+            fill_slots: tokio::sync::Semaphore::new(delivery::FILL_CONCURRENCY),
             repaired: Mutex::new(Some(repaired)),
             server_id,
             backend,

@@ -150,6 +150,9 @@ struct Cursor {
     joining: bool,
     /// Whether this session holds a reference to the stream's route key.
     holds_route: bool,
+    /// The stream may miss entries with no gap to show it (just joined, or
+    /// its key was bound again): the next fill reads it.
+    stale: bool,
 }
 
 /// Where a session's events go.
@@ -706,7 +709,7 @@ impl Sessions {
                     return None;
                 }
                 let cur = s.streams.get(stream)?;
-                let waits = !cur.ahead.is_empty() || cur.ends_at.is_some();
+                let waits = !cur.ahead.is_empty() || cur.ends_at.is_some() || cur.stale;
                 (!cur.joining && (all || waits)).then_some(cur.last)
             })
             .min()
@@ -723,8 +726,9 @@ impl Sessions {
                 let Some(s) = g.sessions.get_mut(&sid) else {
                     continue;
                 };
-                if s.hold || s.streams.get(stream).is_none_or(|c| c.joining) {
-                    continue;
+                match s.streams.get_mut(stream) {
+                    Some(cur) if !s.hold && !cur.joining => cur.stale = false,
+                    _ => continue,
                 }
                 for item in items {
                     s.offer(sid, stream, item, self.cap, &mut out);
@@ -762,7 +766,24 @@ impl Sessions {
         }
         cur.joining = false;
         cur.holds_route = true;
+        cur.stale = true;
         true
+    }
+
+    /// Marks every session of `stream` as possibly missing entries with no
+    /// gap to show it (its key was bound again after a loss), so that the
+    /// next fill reads it for them.
+    pub fn mark_stale(&self, stream: &Stream) {
+        let mut g = self.lock();
+        for sid in g.sids(stream) {
+            if let Some(cur) = g
+                .sessions
+                .get_mut(&sid)
+                .and_then(|s| s.streams.get_mut(stream))
+            {
+                cur.stale = true;
+            }
+        }
     }
 
     /// Every stream some local session receives.
