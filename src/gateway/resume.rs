@@ -97,10 +97,14 @@ pub struct Plan {
     pub starts: Vec<StreamStart>,
     /// The replay of a resume.
     pub replay: Option<Vec<ReplayStream>>,
+    /// Streams that start live, at their head: read once more after the
+    /// bind ([`Sessions::raise`](super::Sessions::raise)), so that nothing
+    /// committed before the bind, and published before it, is awaited.
+    pub at_head: Vec<Stream>,
 }
 
 /// Plans a session of `user` with `memberships`: without positions, every
-/// stream starts at its head (live only); with them, each is checked and
+/// stream starts at its head (live only, read after the bind); with them, each is checked and
 /// replayed after its position (see the module doc and the contract).
 pub async fn plan(
     store: &Store,
@@ -128,14 +132,13 @@ pub async fn plan(
                 .map(|c| Stream::Channel(c.clone())),
         );
     }
-    let heads = store.heads(&streams).await?;
-    let head = |s: &Stream| heads.get(s).copied().unwrap_or(0);
     let Some(p) = positions else {
+        // Live only: every stream from its head as read after the bind.
         let starts = streams
-            .into_iter()
+            .iter()
             .map(|stream| StreamStart {
-                last: head(&stream),
-                stream,
+                stream: stream.clone(),
+                last: 0,
                 ends_at: None,
                 bound: true,
             })
@@ -143,8 +146,11 @@ pub async fn plan(
         return Ok(Plan {
             starts,
             replay: None,
+            at_head: streams,
         });
     };
+    let heads = store.heads(&streams).await?;
+    let head = |s: &Stream| heads.get(s).copied().unwrap_or(0);
     let beyond = |name: &str, given: i64, head: i64| {
         PlanError::Invalid(format!(
             "position {given} of {name} is beyond its head ({head})"
@@ -195,6 +201,7 @@ pub async fn plan(
             }
         }
     }
+    let mut at_head = Vec::new();
     for m in memberships {
         if p.channels.contains_key(&m.channel_id) {
             continue;
@@ -213,10 +220,11 @@ pub async fn plan(
         } else {
             starts.push(StreamStart {
                 last: head(&stream),
-                stream,
+                stream: stream.clone(),
                 ends_at: None,
                 bound: true,
             });
+            at_head.push(stream);
         }
     }
     let limit = i64::from(replay_limit);
@@ -235,6 +243,7 @@ pub async fn plan(
     Ok(Plan {
         starts,
         replay: Some(replay),
+        at_head,
     })
 }
 

@@ -579,6 +579,26 @@ impl Sessions {
         Ok(())
     }
 
+    /// Moves a pending session's streams up to the given heads (read after
+    /// its binds); what it holds at or below them is dropped: it was
+    /// committed before the session connected.
+    pub fn raise(&self, sid: Sid, heads: &HashMap<Stream, i64>) {
+        let mut g = self.lock();
+        let Some(s) = g.sessions.get_mut(&sid) else {
+            return;
+        };
+        for (stream, &head) in heads {
+            if let Some(cur) = s.streams.get_mut(stream) {
+                if cur.last < head {
+                    cur.last = head;
+                    let before = cur.ahead.len();
+                    cur.ahead = cur.ahead.split_off(&(head + 1));
+                    s.kept -= before - cur.ahead.len();
+                }
+            }
+        }
+    }
+
     /// Marks a session live. Without a resume, its streams go on at once
     /// (what arrived meanwhile is emitted or filled); with one, the replay
     /// is returned, and the session keeps holding until

@@ -241,6 +241,7 @@ async fn handshake(
         .filter(|s| s.bound)
         .map(|s| s.stream.route_key())
         .collect();
+    let at_head = plan.at_head;
     gw.sessions
         .add_pending(s.clone(), &user, plan.starts, plan.replay)
         .map_err(|_| HandshakeError::TooManyConnections)?;
@@ -265,6 +266,22 @@ async fn handshake(
         return Err(HandshakeError::Unavailable);
     }
     tracing::debug!(%user, "handshake: routes bound");
+    // Read after the bind: whatever is committed later is published later,
+    // so it reaches this session; whatever came before is before connect.
+    if !at_head.is_empty() {
+        match gw.store.heads(&at_head).await {
+            Ok(heads) => gw.sessions.raise(s.id, &heads),
+            Err(e) => {
+                tracing::warn!(%user, error = %e, "handshake: cannot read stream heads");
+                if let Some(keys) = gw.sessions.remove(s.id) {
+                    for k in keys {
+                        let _ = gw.routes.release(&k).await;
+                    }
+                }
+                return Err(HandshakeError::Unavailable);
+            }
+        }
+    }
 
     let limits = &gw.config.limits;
     let (tx, rx) = mpsc::channel(limits.send_queue);
