@@ -250,8 +250,11 @@ describe('membership changes', () => {
     const ga = collect(a, 'GROUP_MESSAGE_RECEIVE');
     const gb = collect(b, 'GROUP_MESSAGE_RECEIVE');
     const mb = collect(b, 'MEMBERSHIP_CHANGE');
+    // The removal is written at the gateway, at the channel's head: carol's
+    // sends still in flight then take positions after it. It waits for one
+    // of them to be stored (alice has it), so bob has something before it.
     const { done, changedAt: removedAt } = await sendAcross(
-      c, ch, () => removeMember(server.token(alice), ch, bob), () => sleep(1));
+      c, ch, async () => { await ga.waitFor(1, 15_000); return removeMember(server.token(alice), ch, bob); }, () => sleep(1));
     assert.equal(done.length - removedAt, AFTER_CHANGE);
     await ga.waitFor(done.length, 15_000);
     // Bob got the messages before the removal on the same path (sentinel).
