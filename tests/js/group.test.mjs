@@ -8,8 +8,11 @@ import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   startServer, uid, users, collect, send, assertOkAck, assertErrAck, groupEvent, history,
-  createChannel, assertHttpError, closeAndSettle, QUIET_MS, sleep,
+  createChannel, assertHttpError, closeAndSettle, QUIET_MS, sleep, channelAt, membershipEvent, membershipItems,
 } from './harness.mjs';
+
+/** A session's items of one stream, in arrival order. */
+const ofStream = (items, stream) => items.filter((x) => x.stream === stream);
 
 describe('channels and group messages', () => {
   let server;
@@ -54,19 +57,40 @@ describe('channels and group messages', () => {
     const ev = sessions.map((s) => collect(s, 'GROUP_MESSAGE_RECEIVE'));
     const personal = [...sessions, o1].map((s) => collect(s, 'MESSAGE_RECEIVE'));
     const outEv = collect(o1, 'GROUP_MESSAGE_RECEIVE');
+    const mc = [...sessions, o1].map((s) => collect(s, 'MEMBERSHIP_CHANGE'));
 
+    // Entries 1 (the creator), 2 (bob), 3 (carol: members in id order, bob
+    // listed twice counts once); the first message is position 4.
     const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [bob, carol, bob] });
 
     const ack1 = assertOkAck(await send(a1, { channelId: ch, content: 'hi all' }));
     const ack2 = assertOkAck(await send(b2, { channelId: ch, content: 'hi back', clientMsgId: 'g-1' }));
     const ack3 = assertOkAck(await send(c1, { channelId: ch, content: 'ünïcödé 😀' }));
-    const e1 = groupEvent(ack1, ch, alice, 'hi all');
-    const e2 = groupEvent(ack2, ch, bob, 'hi back', 'g-1');
-    const e3 = groupEvent(ack3, ch, carol, 'ünïcödé 😀');
+    const e1 = channelAt(groupEvent(ack1, ch, alice, 'hi all'), 4);
+    const e2 = channelAt(groupEvent(ack2, ch, bob, 'hi back', 'g-1'), 5);
+    const e3 = channelAt(groupEvent(ack3, ch, carol, 'ünïcödé 😀'), 6);
     for (const c of ev) await c.waitFor(3);
     await sleep(QUIET_MS);
     for (const [i, c] of ev.entries()) assert.deepEqual(c.items, [e1, e2, e3], `session ${i}`);
     assert.deepEqual(outEv.items, [], 'a non-member receives nothing');
+    // The creation's membership entries: each member's sessions get the
+    // channel's stream from the entry that added that member, and the
+    // member's own entry in their inbox.
+    const added = (seq, userId) => membershipEvent({ seq, channelId: ch, userId, change: 'added', byUserId: alice });
+    const inboxAdded = (userId) => membershipEvent({ stream: 'inbox', seq: 1, channelId: ch, userId, change: 'added', byUserId: alice });
+    const expectedChanges = [
+      [added(1, alice), added(2, bob), added(3, carol)], [added(1, alice), added(2, bob), added(3, carol)],
+      [added(2, bob), added(3, carol)], [added(2, bob), added(3, carol)],
+      [added(3, carol)],
+    ];
+    const owners = [alice, alice, bob, bob, carol];
+    for (const [i, c] of mc.slice(0, 5).entries()) {
+      const got = membershipItems(c.items);
+      assert.deepEqual(ofStream(got, `channel:${ch}`), expectedChanges[i], `session ${i}: the channel's membership entries`);
+      assert.deepEqual(ofStream(got, 'inbox'), [inboxAdded(owners[i])], `session ${i}: its own addition in its inbox`);
+      assert.equal(got.length, expectedChanges[i].length + 1, `session ${i}: no other membership change`);
+    }
+    assert.deepEqual(mc[5].items, [], 'a non-member gets no membership change');
     for (const p of personal) assert.deepEqual(p.items, [], 'no personal events for group messages');
 
     const h = await history(server, server.token(carol), `/api/channels/${ch}/messages`);
@@ -79,11 +103,13 @@ describe('channels and group messages', () => {
     const ev = collect(a, 'GROUP_MESSAGE_RECEIVE');
     const ch = await createChannel(server, server.token(alice), { id: uid('chan'), members: [] });
     const ack = assertOkAck(await send(a, { channelId: ch, content: 'alone' }));
-    assert.deepEqual(await ev.waitFor(1), [groupEvent(ack, ch, alice, 'alone')]);
+    // Position 1 is the creator's own addition.
+    assert.deepEqual(await ev.waitFor(1), [channelAt(groupEvent(ack, ch, alice, 'alone'), 2)]);
     // Listing oneself is harmless.
     const ch2 = await createChannel(server, server.token(alice), { id: uid('chan'), members: [alice] });
     const ack2 = assertOkAck(await send(a, { channelId: ch2, content: 'me too' }));
-    assert.deepEqual(await ev.waitFor(2), [groupEvent(ack, ch, alice, 'alone'), groupEvent(ack2, ch2, alice, 'me too')]);
+    // The creator listed among the members is added once: the message is at 2.
+    assert.deepEqual(await ev.waitFor(2), [channelAt(groupEvent(ack, ch, alice, 'alone'), 2), channelAt(groupEvent(ack2, ch2, alice, 'me too'), 2)]);
     await sleep(QUIET_MS);
     assert.equal(ev.items.length, 2, 'listing the creator among members does not double delivery');
   });
@@ -94,7 +120,7 @@ describe('channels and group messages', () => {
     const [a, b] = await server.sessions(alice, bob);
     const eb = collect(b, 'GROUP_MESSAGE_RECEIVE');
     const ack = assertOkAck(await send(a, { channelId: ch, content: 'later' }));
-    assert.deepEqual(await eb.waitFor(1), [groupEvent(ack, ch, alice, 'later')]);
+    assert.deepEqual(await eb.waitFor(1), [channelAt(groupEvent(ack, ch, alice, 'later'), 3)]);
   });
 
   it('refuses a non-member\'s send with not_member; nothing delivered or stored', async () => {
@@ -114,9 +140,9 @@ describe('channels and group messages', () => {
     // valid send later creates (and delivers, and stores) a new message.
     const eme = collect(e, 'MESSAGE_RECEIVE');
     const own = assertOkAck(await send(e, { to: eve, content: 'self', clientMsgId: 'nm-1' }));
-    assert.deepEqual(await eme.waitFor(1), [{ id: own.id, senderId: eve, receiverId: eve, content: 'self', createdAt: own.createdAt, clientMsgId: 'nm-1' }]);
+    assert.deepEqual(await eme.waitFor(1), [{ id: own.id, senderId: eve, receiverId: eve, content: 'self', createdAt: own.createdAt, clientMsgId: 'nm-1', stream: 'inbox', seq: 1 }]);
     const sentinel = assertOkAck(await send(a, { channelId: ch, content: 'sentinel' }));
-    const se = groupEvent(sentinel, ch, alice, 'sentinel');
+    const se = channelAt(groupEvent(sentinel, ch, alice, 'sentinel'), 3);
     await ea.waitFor(1);
     await ebv.waitFor(1);
     await sleep(QUIET_MS);
@@ -143,6 +169,7 @@ describe('channels and group messages', () => {
     const acks = await Promise.all(Array.from({ length: 20 }, (_, i) => send(a, { channelId: ch, content: `s${i}` })));
     acks.forEach((x) => assertOkAck(x));
     await gb.waitFor(20);
+    gb.items.forEach((x, i) => assert.equal(x.seq, 3 + i, `event ${i}: seq ${x.seq} (entries 1-2 are the creation's)`));
     const results = await Promise.all(checks);
     for (const r of results) assert.equal(r.stored, true, `message ${r.id} was in history when its event arrived`);
   });
@@ -165,14 +192,14 @@ describe('channels and group messages', () => {
     const gb1 = collect(b1, 'GROUP_MESSAGE_RECEIVE');
     const gb2 = collect(b2, 'GROUP_MESSAGE_RECEIVE');
     const gc = collect(c, 'GROUP_MESSAGE_RECEIVE');
-    const m1 = groupEvent(assertOkAck(await send(a, { channelId: ch, content: 'm1' })), ch, alice, 'm1');
+    const m1 = channelAt(groupEvent(assertOkAck(await send(a, { channelId: ch, content: 'm1' })), ch, alice, 'm1'), 4);
     await gb1.waitFor(1);
     await closeAndSettle(server, b1);
-    const m2 = groupEvent(assertOkAck(await send(a, { channelId: ch, content: 'm2' })), ch, alice, 'm2');
+    const m2 = channelAt(groupEvent(assertOkAck(await send(a, { channelId: ch, content: 'm2' })), ch, alice, 'm2'), 5);
     assert.deepEqual(await gb2.waitFor(2), [m1, m2], 'bob\'s remaining tab still receives');
     await closeAndSettle(server, b2);
     // Bob has no session left; carol (same gateway, same channel) still receives.
-    const m3 = groupEvent(assertOkAck(await send(a, { channelId: ch, content: 'm3' })), ch, alice, 'm3');
+    const m3 = channelAt(groupEvent(assertOkAck(await send(a, { channelId: ch, content: 'm3' })), ch, alice, 'm3'), 6);
     assert.deepEqual(await gc.waitFor(3), [m1, m2, m3]);
     await sleep(QUIET_MS);
     assert.deepEqual(gb1.items, [m1]);
@@ -180,7 +207,7 @@ describe('channels and group messages', () => {
     // Bob reconnects: receives again.
     const b3 = await server.session(bob);
     const gb3 = collect(b3, 'GROUP_MESSAGE_RECEIVE');
-    const m4 = groupEvent(assertOkAck(await send(c, { channelId: ch, content: 'm4' })), ch, carol, 'm4');
+    const m4 = channelAt(groupEvent(assertOkAck(await send(c, { channelId: ch, content: 'm4' })), ch, carol, 'm4'), 7);
     assert.deepEqual(await gb3.waitFor(1), [m4]);
     assert.deepEqual((await history(server, server.token(bob), `/api/channels/${ch}/messages`)).messages, [m4, m3, m2, m1]);
   });

@@ -509,3 +509,62 @@ export async function closeAndSettle(server, socket) {
   }
   throw new Error('the server did not end the closed session within 5 s (fanout_sessions did not drop)');
 }
+
+// ---------------------------------------------------------------------------
+// Positions (docs/protocol.md, "Positions and resume"): every delivered
+// event and history item carries `stream` and `seq`; membership changes
+// arrive as MEMBERSHIP_CHANGE. Helpers for the expected shapes.
+
+/** `e` (a personal event) at position `seq` of the session user's inbox. */
+export function inboxAt(e, seq) {
+  return { ...e, stream: 'inbox', seq };
+}
+
+/** `e` (a group event) at position `seq` of its channel's stream. */
+export function channelAt(e, seq) {
+  return { ...e, stream: `channel:${e.channelId}`, seq };
+}
+
+/** `events` at consecutive positions of `stream` from `first`. */
+export function positioned(events, stream, first) {
+  return events.map((e, i) => ({ ...e, stream, seq: first + i }));
+}
+
+/**
+ * The exact MEMBERSHIP_CHANGE expected, without its `createdAt` (compare
+ * with `membershipItems(received)`). `stream` is 'inbox' or omitted for the
+ * channel's stream.
+ */
+export function membershipEvent({ stream, seq, channelId, userId, change, byUserId }) {
+  return { stream: stream ?? `channel:${channelId}`, seq, channelId, userId, change, byUserId };
+}
+
+/**
+ * Asserts every received MEMBERSHIP_CHANGE has a `createdAt` in the
+ * messages' format, near now, and returns copies without it.
+ */
+export function membershipItems(items) {
+  return items.map((x) => {
+    assert.deepEqual(Object.keys(x).sort(), ['byUserId', 'change', 'channelId', 'createdAt', 'seq', 'stream', 'userId'],
+      `MEMBERSHIP_CHANGE fields: ${JSON.stringify(x)}`);
+    assertTime(x.createdAt, 'MEMBERSHIP_CHANGE createdAt');
+    const { createdAt: _t, ...rest } = x;
+    return rest;
+  });
+}
+
+/**
+ * Asserts `items` (one session's events of one stream, in arrival order)
+ * are all in `stream` and their `seq` are integers increasing by exactly 1
+ * (from `first` if given); returns the first seq.
+ */
+export function assertSeqRun(items, stream, first, what = 'events') {
+  if (items.length === 0) return first;
+  const start = first ?? items[0].seq;
+  assert.ok(Number.isInteger(start) && start >= 1, `${what}: first seq ${start} is a positive integer`);
+  items.forEach((x, i) => {
+    assert.equal(x.stream, stream, `${what}[${i}] stream: ${JSON.stringify(x).slice(0, 300)}`);
+    assert.equal(x.seq, start + i, `${what}[${i}] seq (gap-free from ${start}): ${JSON.stringify(x).slice(0, 300)}`);
+  });
+  return start;
+}

@@ -7,7 +7,7 @@ import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   startServer, uid, collect, send, assertOkAck, personalEvent, groupEvent, history,
-  createChannel, assertHttpError,
+  createChannel, assertHttpError, channelAt, inboxAt,
 } from './harness.mjs';
 
 describe('history', () => {
@@ -33,7 +33,9 @@ describe('history', () => {
       ? { channelId: ch, content: `g${i}`, clientMsgId: `h-${i}` }
       : { channelId: ch, content: `g${i}` }));
     const gAcks = await Promise.all(gPayloads.map((p) => send(a, p, 15_000)));
-    groupEvents = gAcks.map((ack, i) => groupEvent(assertOkAck(ack), ch, alice, gPayloads[i].content, gPayloads[i].clientMsgId));
+    // The channel's positions 1 and 2 are the creation's (alice, bob); one
+    // session's sends keep their emission order, so message i is at 3 + i.
+    groupEvents = gAcks.map((ack, i) => channelAt(groupEvent(assertOkAck(ack), ch, alice, gPayloads[i].content, gPayloads[i].clientMsgId), 3 + i));
     personalEvents = [];
     for (let i = 0; i < P; i++) {
       const from = i % 2 ? b : a;
@@ -43,7 +45,9 @@ describe('history', () => {
       const payload = { to: toId, content: `p${i}` };
       if (cid) payload.clientMsgId = cid;
       const ack = assertOkAck(await send(from, payload));
-      personalEvents.push(personalEvent(ack, fromId, toId, `p${i}`, cid));
+      // Both inboxes hold their addition to the channel at 1, then every
+      // message of this conversation: the same position in both.
+      personalEvents.push(inboxAt(personalEvent(ack, fromId, toId, `p${i}`, cid), 2 + i));
     }
     // Everything was delivered, hence stored.
     await gb.waitFor(G, 15_000);

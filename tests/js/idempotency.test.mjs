@@ -6,7 +6,7 @@ import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   startServer, uid, users, collect, send, assertOkAck, personalEvent, groupEvent, history,
-  createChannel, QUIET_MS, sleep,
+  createChannel, QUIET_MS, sleep, inboxAt, channelAt, assertSeqRun,
 } from './harness.mjs';
 
 describe('idempotent retries', () => {
@@ -22,14 +22,15 @@ describe('idempotent retries', () => {
     const eb2 = collect(b2, 'MESSAGE_RECEIVE');
 
     const first = assertOkAck(await send(a, { to: bob, content: 'once', clientMsgId: 'retry-1' }));
-    const e = personalEvent(first, alice, bob, 'once', 'retry-1');
+    const e = inboxAt(personalEvent(first, alice, bob, 'once', 'retry-1'), 1);
     await eb1.waitFor(1);
     const second = assertOkAck(await send(a, { to: bob, content: 'once', clientMsgId: 'retry-1' }));
     assert.equal(second.id, first.id, 'the retry\'s ack carries the stored message\'s id');
     assert.equal(second.createdAt, first.createdAt);
 
     const s = assertOkAck(await send(a, { to: bob, content: 'sentinel' }));
-    const se = personalEvent(s, alice, bob, 'sentinel');
+    // The retry took no position: the sentinel is next.
+    const se = inboxAt(personalEvent(s, alice, bob, 'sentinel'), 2);
     for (const c of [ea, eb1, eb2]) await c.waitFor(2);
     await sleep(QUIET_MS);
     for (const c of [ea, eb1, eb2]) assert.deepEqual(c.items, [e, se]);
@@ -52,7 +53,7 @@ describe('idempotent retries', () => {
     const s = assertOkAck(await send(a, { to: bob, content: 'sentinel' }));
     await eb.waitFor(2);
     await sleep(QUIET_MS);
-    assert.deepEqual(eb.items, [personalEvent(x, alice, bob, 'dup', 'fast'), personalEvent(s, alice, bob, 'sentinel')]);
+    assert.deepEqual(eb.items, [inboxAt(personalEvent(x, alice, bob, 'dup', 'fast'), 1), inboxAt(personalEvent(s, alice, bob, 'sentinel'), 2)]);
     const h = await history(server, server.token(alice), `/api/conversations/${bob}/messages`);
     assert.equal(h.messages.length, 2);
   });
@@ -66,7 +67,8 @@ describe('idempotent retries', () => {
     const gc = collect(c, 'GROUP_MESSAGE_RECEIVE');
 
     const first = assertOkAck(await send(a, { to: bob, content: 'for bob', clientMsgId: 'k1' }));
-    const e = personalEvent(first, alice, bob, 'for bob', 'k1');
+    // Inbox positions 1 are the additions to the channel (entries 1-3).
+    const e = inboxAt(personalEvent(first, alice, bob, 'for bob', 'k1'), 2);
     for (const retry of [
       { to: carol, content: 'for bob', clientMsgId: 'k1' },
       { to: bob, content: 'different text', clientMsgId: 'k1' },
@@ -81,12 +83,13 @@ describe('idempotent retries', () => {
     const g = assertOkAck(await send(a, { channelId: ch, content: 'group first', clientMsgId: 'k2' }));
     const again = assertOkAck(await send(a, { to: carol, content: 'group first', clientMsgId: 'k2' }));
     assert.equal(again.id, g.id);
-    const ge = groupEvent(g, ch, alice, 'group first', 'k2');
+    const ge = channelAt(groupEvent(g, ch, alice, 'group first', 'k2'), 4);
 
     const s1 = assertOkAck(await send(a, { to: carol, content: 'sentinel c' }));
     const s2 = assertOkAck(await send(a, { to: bob, content: 'sentinel b' }));
-    const sc = personalEvent(s1, alice, carol, 'sentinel c');
-    const sb = personalEvent(s2, alice, bob, 'sentinel b');
+    // The retries took no position in any stream.
+    const sc = inboxAt(personalEvent(s1, alice, carol, 'sentinel c'), 2);
+    const sb = inboxAt(personalEvent(s2, alice, bob, 'sentinel b'), 3);
     await ec.waitFor(1);
     await eb.waitFor(2);
     await gc.waitFor(1);
@@ -120,7 +123,7 @@ describe('idempotent retries', () => {
     const s = assertOkAck(await send(a2, { to: bob, content: 'sentinel' }));
     await eb.waitFor(2);
     await sleep(QUIET_MS);
-    assert.deepEqual(eb.items, [personalEvent(first, alice, bob, 'x', 'tab'), personalEvent(s, alice, bob, 'sentinel')]);
+    assert.deepEqual(eb.items, [inboxAt(personalEvent(first, alice, bob, 'x', 'tab'), 1), inboxAt(personalEvent(s, alice, bob, 'sentinel'), 2)]);
   });
 
   it('different senders using the same clientMsgId get different messages', async () => {
@@ -131,11 +134,14 @@ describe('idempotent retries', () => {
     const y = assertOkAck(await send(b, { to: carol, content: 'from bob', clientMsgId: 'same' }));
     assert.notEqual(x.id, y.id);
     await ec.waitFor(2);
-    // Two conversations (alice-carol, bob-carol): no order between them.
+    // Two conversations (alice-carol, bob-carol): no order between them;
+    // carol's inbox positions are 1 and 2 in the order she received them.
+    assertSeqRun(ec.items, 'inbox', 1, 'carol\'s inbox');
+    const at = (ack) => 1 + ec.items.findIndex((m) => m.id === ack.id);
     const byId = (x, y) => (x.id < y.id ? -1 : 1);
     assert.deepEqual([...ec.items].sort(byId), [
-      personalEvent(x, alice, carol, 'from alice', 'same'),
-      personalEvent(y, bob, carol, 'from bob', 'same'),
+      inboxAt(personalEvent(x, alice, carol, 'from alice', 'same'), at(x)),
+      inboxAt(personalEvent(y, bob, carol, 'from bob', 'same'), at(y)),
     ].sort(byId));
   });
 
@@ -167,7 +173,7 @@ describe('idempotent retries across a gateway restart', () => {
     let b = await server.session(bob);
     let eb = collect(b, 'MESSAGE_RECEIVE');
     const first = assertOkAck(await send(a, { to: bob, content: 'survive', clientMsgId: 'restart-1' }));
-    const e = personalEvent(first, alice, bob, 'survive', 'restart-1');
+    const e = inboxAt(personalEvent(first, alice, bob, 'survive', 'restart-1'), 1);
     assert.deepEqual(await eb.waitFor(1), [e]);
 
     server = await server.restart();
@@ -177,7 +183,8 @@ describe('idempotent retries across a gateway restart', () => {
     const ea = collect(a, 'MESSAGE_RECEIVE');
     const retry = assertOkAck(await send(a, { to: bob, content: 'survive', clientMsgId: 'restart-1' }));
     const s = assertOkAck(await send(a, { to: bob, content: 'sentinel' }));
-    const se = personalEvent(s, alice, bob, 'sentinel');
+    // The retry took no position: the sentinel is 2 in both inboxes.
+    const se = inboxAt(personalEvent(s, alice, bob, 'sentinel'), 2);
     await ea.waitUntil((x) => x.id === s.id);
     await eb.waitUntil((x) => x.id === s.id);
     await sleep(QUIET_MS);

@@ -6,7 +6,7 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startServer, uid, users, collect, send, assertOkAck, assertErrAck, personalEvent, history,
+  startServer, uid, users, collect, send, assertOkAck, assertErrAck, personalEvent, history, inboxAt,
   QUIET_MS, sleep,
 } from './harness.mjs';
 
@@ -32,7 +32,8 @@ describe('configured limits', () => {
     assertErrAck(await send(a, { to: bob, content: 'x'.repeat(11) }), 'too_large', '11 ASCII bytes');
     assertErrAck(await send(a, { to: bob, content: '😀😀😀' }), 'too_large', '12 bytes in 3 characters');
     const ok = assertOkAck(await send(a, { to: bob, content: 'ééééé' }));
-    const e = personalEvent(ok, alice, bob, 'ééééé');
+    // Refused sends take no position: the accepted one is the first.
+    const e = inboxAt(personalEvent(ok, alice, bob, 'ééééé'), 1);
     await eb.waitFor(1);
     await sleep(QUIET_MS);
     assert.deepEqual(eb.items, [e]);
@@ -62,7 +63,8 @@ describe('configured limits', () => {
     for (const [i, ack] of acks.entries()) {
       if (ack.ok) {
         assertOkAck(ack, `send ${i}`);
-        accepted.push(personalEvent(ack, alice, bob, `r${i}`, `rl-${i}`));
+        // Refused sends take no position: the accepted ones are 1, 2, ...
+        accepted.push(inboxAt(personalEvent(ack, alice, bob, `r${i}`, `rl-${i}`), accepted.length + 1));
       } else {
         assertErrAck(ack, 'rate_limited', `send ${i}`);
         refused += 1;
@@ -81,7 +83,7 @@ describe('configured limits', () => {
     const lastRefused = acks.findLastIndex((x) => !x.ok);
     await sleep(1200);
     const retry = assertOkAck(await send(a, { to: bob, content: `r${lastRefused}`, clientMsgId: `rl-${lastRefused}` }));
-    const re = personalEvent(retry, alice, bob, `r${lastRefused}`, `rl-${lastRefused}`);
+    const re = inboxAt(personalEvent(retry, alice, bob, `r${lastRefused}`, `rl-${lastRefused}`), accepted.length + 1);
     await eb.waitFor(accepted.length + 1);
     assert.deepEqual(eb.items.at(-1), re);
     assert.ok(!accepted.some((x) => x.id === retry.id));

@@ -5,7 +5,7 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startServer, uid, users, collect, send, assertOkAck, personalEvent, history, assertHttpError,
+  startServer, uid, users, collect, send, assertOkAck, personalEvent, history, assertHttpError, inboxAt,
   metric, closeAndSettle, signJwt, nowSecs,
 } from './harness.mjs';
 
@@ -75,7 +75,7 @@ describe('fanout token', () => {
       const b = await server.connect(await server.cliToken(bob));
       const eb = collect(b, 'MESSAGE_RECEIVE');
       const ack = assertOkAck(await send(a, { to: bob, content: 'via cli token' }));
-      assert.deepEqual(await eb.waitFor(1), [personalEvent(ack, alice, bob, 'via cli token')]);
+      assert.deepEqual(await eb.waitFor(1), [inboxAt(personalEvent(ack, alice, bob, 'via cli token'), 1)]);
       // The same token works on the API.
       const h = await history(server, token, `/api/conversations/${bob}/messages`);
       assert.equal(h.messages.length, 1);
@@ -96,7 +96,7 @@ describe('fanout token', () => {
       const a = await server.connect(token);
       const ea = collect(a, 'MESSAGE_RECEIVE');
       const ack = assertOkAck(await send(a, { to: alice, content: 'hi me' }));
-      assert.deepEqual(await ea.waitFor(1), [personalEvent(ack, alice, alice, 'hi me')]);
+      assert.deepEqual(await ea.waitFor(1), [inboxAt(personalEvent(ack, alice, alice, 'hi me'), 1)]);
       // A token signed with another secret is still refused.
       await assert.rejects(server.connect('eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4IiwiZXhwIjo0MTAyNDQ0ODAwfQ.AAAA'), { message: 'unauthorized' });
     } finally {

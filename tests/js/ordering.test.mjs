@@ -7,7 +7,7 @@ import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   startServer, uid, users, collect, send, assertOkAck, personalEvent, groupEvent, history,
-  createChannel, QUIET_MS, sleep,
+  createChannel, QUIET_MS, sleep, inboxAt, channelAt, assertSeqRun,
 } from './harness.mjs';
 
 const N = 200;
@@ -32,9 +32,10 @@ describe('ordering', () => {
   /**
    * Two senders fire their payloads at once; every collector must then hold
    * each message once, in one order shared by all, each sender's messages in
-   * the order sent.
+   * the order sent, at consecutive positions of `stream` from `first` (the
+   * one order is the stream's).
    */
-  async function twoSendersOneOrder(ev, [sa, userA, pa], [sb, userB, pb]) {
+  async function twoSendersOneOrder(ev, [sa, userA, pa], [sb, userB, pb], stream, first) {
     const [acksA, acksB] = await Promise.all([fire(sa, pa), fire(sb, pb)]);
     [...acksA, ...acksB].forEach((ack, i) => assertOkAck(ack, `ack ${i}`));
     const total = pa.length + pb.length;
@@ -44,6 +45,7 @@ describe('ordering', () => {
     for (const [i, c] of ev.entries()) {
       assert.equal(c.items.length, total, `session ${i}: each message once`);
       assert.deepEqual(c.items.map((x) => x.id), reference, `session ${i}: the same order as every other session`);
+      assertSeqRun(c.items, stream, first, `session ${i}`);
       assert.deepEqual(c.items.filter((x) => x.senderId === userA).map((x) => x.content), pa.map((p) => p.content));
       assert.deepEqual(c.items.filter((x) => x.senderId === userB).map((x) => x.content), pb.map((p) => p.content));
     }
@@ -71,7 +73,8 @@ describe('ordering', () => {
     const acks = await fire(a1, payloads);
     acks.forEach((ack, i) => assertOkAck(ack, `ack ${i}`));
     assert.equal(new Set(acks.map((x) => x.id)).size, N, 'every message has its own id');
-    const expected = acks.map((ack, i) => personalEvent(ack, alice, bob, `m${i}`, payloads[i].clientMsgId));
+    // Fresh users: message i is at position i + 1 of both inboxes.
+    const expected = acks.map((ack, i) => inboxAt(personalEvent(ack, alice, bob, `m${i}`, payloads[i].clientMsgId), i + 1));
     for (const c of ev) await c.waitFor(N, 15_000);
     await sleep(QUIET_MS);
     for (const [i, c] of ev.entries()) {
@@ -92,7 +95,8 @@ describe('ordering', () => {
     const payloads = Array.from({ length: N }, (_, i) => ({ channelId: ch, content: `g${i}`, clientMsgId: `gord-${i}` }));
     const acks = await fire(a2, payloads);
     acks.forEach((ack, i) => assertOkAck(ack, `ack ${i}`));
-    const expected = acks.map((ack, i) => groupEvent(ack, ch, alice, `g${i}`, `gord-${i}`));
+    // Entries 1-3 are the creation's: message i is at position 4 + i.
+    const expected = acks.map((ack, i) => channelAt(groupEvent(ack, ch, alice, `g${i}`, `gord-${i}`), 4 + i));
     for (const c of ev) await c.waitFor(N, 15_000);
     await sleep(QUIET_MS);
     for (const [i, c] of ev.entries()) {
@@ -111,7 +115,7 @@ describe('ordering', () => {
     const M = 100;
     const pa = Array.from({ length: M }, (_, i) => ({ channelId: ch, content: `a${i}` }));
     const pb = Array.from({ length: M }, (_, i) => ({ channelId: ch, content: `b${i}` }));
-    await twoSendersOneOrder(ev, [a, alice, pa], [b, bob, pb]);
+    await twoSendersOneOrder(ev, [a, alice, pa], [b, bob, pb], `channel:${ch}`, 4);
   });
 
   it('personal messages in both directions: both parties\' sessions see one same order', async () => {
@@ -121,6 +125,7 @@ describe('ordering', () => {
     const M = 100;
     const pa = Array.from({ length: M }, (_, i) => ({ to: bob, content: `a${i}` }));
     const pb = Array.from({ length: M }, (_, i) => ({ to: alice, content: `b${i}` }));
-    await twoSendersOneOrder(ev, [a1, alice, pa], [b2, bob, pb]);
+    // One conversation: both inboxes hold its messages in one order, from 1.
+    await twoSendersOneOrder(ev, [a1, alice, pa], [b2, bob, pb], 'inbox', 1);
   });
 });

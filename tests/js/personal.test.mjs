@@ -7,7 +7,7 @@ import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   startServer, uid, users, collect, send, assertOkAck, personalEvent, history, closeAndSettle,
-  QUIET_MS, sleep, UUID_V7,
+  QUIET_MS, sleep, UUID_V7, inboxAt, assertSeqRun,
 } from './harness.mjs';
 
 describe('personal messages', () => {
@@ -25,13 +25,14 @@ describe('personal messages', () => {
     const ack2 = assertOkAck(await send(a1, { to: bob, content: 'with id', clientMsgId: 'A.b:c-1_2' }));
     assert.notEqual(ack1.id, ack2.id);
 
-    const e1 = personalEvent(ack1, alice, bob, 'hello bob');
-    const e2 = personalEvent(ack2, alice, bob, 'with id', 'A.b:c-1_2');
+    // Fresh users: each message is at the same position of both inboxes.
+    const e1 = inboxAt(personalEvent(ack1, alice, bob, 'hello bob'), 1);
+    const e2 = inboxAt(personalEvent(ack2, alice, bob, 'with id', 'A.b:c-1_2'), 2);
     assert.equal('clientMsgId' in e1, false);
     for (const c of ev.slice(0, 4)) await c.waitFor(2);
     // A later message on the same path: after it, nothing more may arrive.
     const ack3 = assertOkAck(await send(b2, { to: alice, content: 'sentinel' }));
-    const e3 = personalEvent(ack3, bob, alice, 'sentinel');
+    const e3 = inboxAt(personalEvent(ack3, bob, alice, 'sentinel'), 3);
     for (const c of ev.slice(0, 4)) await c.waitFor(3);
     await sleep(QUIET_MS);
     for (const [i, c] of ev.slice(0, 4).entries()) {
@@ -50,10 +51,11 @@ describe('personal messages', () => {
     const [a1, a2, a3] = await server.sessions(alice, alice, alice);
     const ev = [a1, a2, a3].map((s) => collect(s, 'MESSAGE_RECEIVE'));
     const ack = assertOkAck(await send(a2, { to: alice, content: 'note to self', clientMsgId: 'self-1' }));
-    const e = personalEvent(ack, alice, alice, 'note to self', 'self-1');
+    // A message to oneself has one position in one's inbox.
+    const e = inboxAt(personalEvent(ack, alice, alice, 'note to self', 'self-1'), 1);
     for (const c of ev) await c.waitFor(1);
     const ack2 = assertOkAck(await send(a2, { to: alice, content: 'sentinel' }));
-    const e2 = personalEvent(ack2, alice, alice, 'sentinel');
+    const e2 = inboxAt(personalEvent(ack2, alice, alice, 'sentinel'), 2);
     for (const c of ev) await c.waitFor(2);
     await sleep(QUIET_MS);
     for (const c of ev) assert.deepEqual(c.items, [e, e2]);
@@ -67,7 +69,7 @@ describe('personal messages', () => {
     const ea = collect(a, 'MESSAGE_RECEIVE');
     const eb = collect(b, 'MESSAGE_RECEIVE');
     const ack = assertOkAck(await send(a, { to: bob, content: 'x' }));
-    const e = personalEvent(ack, alice, bob, 'x');
+    const e = inboxAt(personalEvent(ack, alice, bob, 'x'), 1);
     assert.deepEqual((await ea.waitFor(1))[0], e);
     assert.deepEqual((await eb.waitFor(1))[0], e);
     // The ack's createdAt is the delivered event's createdAt, to the millisecond.
@@ -80,7 +82,7 @@ describe('personal messages', () => {
     const a = await server.session(alice);
     const ea = collect(a, 'MESSAGE_RECEIVE');
     const ack = assertOkAck(await send(a, { to: nobody, content: 'are you there?' }));
-    const e = personalEvent(ack, alice, nobody, 'are you there?');
+    const e = inboxAt(personalEvent(ack, alice, nobody, 'are you there?'), 1);
     assert.deepEqual(await ea.waitFor(1), [e]);
     const h = await history(server, server.token(nobody), `/api/conversations/${alice}/messages`);
     assert.deepEqual(h.messages, [e]);
@@ -94,20 +96,20 @@ describe('personal messages', () => {
     const eb2 = collect(b2, 'MESSAGE_RECEIVE');
 
     const ack1 = assertOkAck(await send(a, { to: bob, content: 'm1' }));
-    const m1 = personalEvent(ack1, alice, bob, 'm1');
+    const m1 = inboxAt(personalEvent(ack1, alice, bob, 'm1'), 1);
     await eb1.waitFor(1);
     await eb2.waitFor(1);
 
     await closeAndSettle(server, b1);
     const ack2 = assertOkAck(await send(a, { to: bob, content: 'm2' }));
-    const m2 = personalEvent(ack2, alice, bob, 'm2');
+    const m2 = inboxAt(personalEvent(ack2, alice, bob, 'm2'), 2);
     assert.deepEqual(await eb2.waitFor(2), [m1, m2], 'the remaining tab still receives');
 
     // A new tab of the same user after one closed binds correctly too.
     const b3 = await server.session(bob);
     const eb3 = collect(b3, 'MESSAGE_RECEIVE');
     const ack3 = assertOkAck(await send(a, { to: bob, content: 'm3' }));
-    const m3 = personalEvent(ack3, alice, bob, 'm3');
+    const m3 = inboxAt(personalEvent(ack3, alice, bob, 'm3'), 3);
     assert.deepEqual(await eb2.waitFor(3), [m1, m2, m3]);
     assert.deepEqual(await eb3.waitFor(1), [m3]);
 
@@ -116,7 +118,7 @@ describe('personal messages', () => {
     // Sent after every bob session closed: alice's own session is the
     // sentinel on the same route.
     const ack4 = assertOkAck(await send(a, { to: bob, content: 'm4' }));
-    const m4 = personalEvent(ack4, alice, bob, 'm4');
+    const m4 = inboxAt(personalEvent(ack4, alice, bob, 'm4'), 4);
     assert.deepEqual(await ea.waitFor(4), [m1, m2, m3, m4]);
     await sleep(QUIET_MS);
     assert.deepEqual(eb1.items, [m1]);
@@ -129,7 +131,7 @@ describe('personal messages', () => {
     const b4 = await server.session(bob);
     const eb4 = collect(b4, 'MESSAGE_RECEIVE');
     const ack5 = assertOkAck(await send(a, { to: bob, content: 'm5' }));
-    const m5 = personalEvent(ack5, alice, bob, 'm5');
+    const m5 = inboxAt(personalEvent(ack5, alice, bob, 'm5'), 5);
     assert.deepEqual((await eb4.waitFor(1)).at(-1), m5);
   });
 
@@ -142,11 +144,11 @@ describe('personal messages', () => {
       const ea = collect(a, 'MESSAGE_RECEIVE');
       const content = `über ${transports.join('+')} ✓ 😀`;
       const ack = assertOkAck(await send(a, { to: bob, content, clientMsgId: 'tx-1' }));
-      const e = personalEvent(ack, alice, bob, content, 'tx-1');
+      const e = inboxAt(personalEvent(ack, alice, bob, content, 'tx-1'), 1);
       assert.deepEqual(await eb.waitFor(1), [e]);
       assert.deepEqual(await ea.waitFor(1), [e]);
       const back = assertOkAck(await send(b, { to: alice, content: 'back' }));
-      const e2 = personalEvent(back, bob, alice, 'back');
+      const e2 = inboxAt(personalEvent(back, bob, alice, 'back'), 2);
       assert.deepEqual(await ea.waitFor(2), [e, e2]);
     });
   }
@@ -164,6 +166,7 @@ describe('personal messages', () => {
     const acks = await Promise.all(Array.from({ length: 20 }, (_, i) => send(a, { to: bob, content: `s${i}` })));
     acks.forEach((x) => assertOkAck(x));
     await eb.waitFor(20);
+    assertSeqRun(eb.items, 'inbox', 1, 'bob\'s inbox');
     const results = await Promise.all(checks);
     assert.equal(results.length, 20);
     for (const r of results) assert.equal(r.stored, true, `message ${r.id} was in history when its event arrived`);

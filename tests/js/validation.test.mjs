@@ -6,7 +6,7 @@ import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   startServer, uid, collect, send, assertOkAck, assertErrAck, personalEvent, groupEvent,
-  history, createChannel, QUIET_MS, sleep,
+  history, createChannel, QUIET_MS, sleep, inboxAt, channelAt,
 } from './harness.mjs';
 
 describe('sendMessage validation', () => {
@@ -99,9 +99,12 @@ describe('sendMessage validation', () => {
     const ok1 = assertOkAck(await send(a, { to: bob, content: e2048 }));
     const ok2 = assertOkAck(await send(a, { to: bob, content: emoji1024, clientMsgId: 'big-1' }));
     const ok3 = assertOkAck(await send(a, { channelId: ch, content: e2048 }));
-    const p1 = personalEvent(ok1, alice, bob, e2048);
-    const p2 = personalEvent(ok2, alice, bob, emoji1024, 'big-1');
-    const g3 = groupEvent(ok3, ch, alice, e2048);
+    // Refusals take no position. Both inboxes hold their addition to the
+    // channel at 1; the channel holds the creation's entries 1 (alice) and
+    // 2 (bob).
+    const p1 = inboxAt(personalEvent(ok1, alice, bob, e2048), 2);
+    const p2 = inboxAt(personalEvent(ok2, alice, bob, emoji1024, 'big-1'), 3);
+    const g3 = channelAt(groupEvent(ok3, ch, alice, e2048), 3);
     await eb.waitFor(2);
     await ea.waitFor(2);
     await gb.waitFor(1);
@@ -125,6 +128,6 @@ describe('sendMessage validation', () => {
   it('a session keeps working after refusals (the refusals did not close it)', async () => {
     assert.equal(a.connected, true);
     const ack = assertOkAck(await send(a, { to: bob, content: 'still here' }));
-    assert.deepEqual((await eb.waitFor(3)).at(-1), personalEvent(ack, alice, bob, 'still here'));
+    assert.deepEqual((await eb.waitFor(3)).at(-1), inboxAt(personalEvent(ack, alice, bob, 'still here'), 4));
   });
 });
