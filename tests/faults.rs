@@ -23,7 +23,7 @@ fn selected() -> Vec<FaultKind> {
             .into_iter()
             .filter(|f| list.split(',').any(|s| s.trim() == f.as_str()))
             .collect(),
-        _ => FaultKind::ALL.to_vec(),
+        _ => FaultKind::DEFAULT.to_vec(),
     }
 }
 

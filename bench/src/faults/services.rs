@@ -139,6 +139,23 @@ impl RedisServer {
         self.spawn().await
     }
 
+    /// `CLIENT KILL ADDR 127.0.0.1:{port}` for each of `ports` (the client
+    /// side's ports); how many were killed.
+    pub async fn kill_addrs(&self, ports: &[u16]) -> Result<u64, FaultError> {
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let commands: Vec<[&str; 4]> = addrs
+            .iter()
+            .map(|a| ["CLIENT", "KILL", "ADDR", a.as_str()])
+            .collect();
+        let refs: Vec<&[&str]> = commands.iter().map(|c| &c[..]).collect();
+        let reply = resp_call(self.port, &refs).await?;
+        Ok(reply
+            .lines()
+            .filter_map(|l| l.strip_prefix(':'))
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .sum())
+    }
+
     /// `CLIENT KILL` of every client connection but the caller's: command
     /// connections and Pub/Sub subscribers alike. Only the fleet uses this
     /// server, so that is every broker connection of the deployment.

@@ -60,6 +60,9 @@ pub struct SendRecord {
     pub acked: Option<(Instant, String)>,
     /// Why earlier attempts failed, in order (`timeout`, `closed`, codes).
     pub failures: Vec<String>,
+    /// Refused `not_member` after its sender was removed from the channel
+    /// on purpose (`removed_while_disconnected`): not a message of the run.
+    pub withdrawn: bool,
 }
 
 /// One event received.
@@ -77,6 +80,34 @@ pub struct Receipt {
     pub id: String,
     /// Arrival.
     pub at: Instant,
+    /// The event's name (`MESSAGE_RECEIVE`, `GROUP_MESSAGE_RECEIVE`,
+    /// `MEMBERSHIP_CHANGE`).
+    pub event: String,
+    /// Its `stream`.
+    pub stream: String,
+    /// Its `seq` (0 when absent).
+    pub seq: u64,
+    /// For `MEMBERSHIP_CHANGE`: `userId` and `change`.
+    pub change: Option<(String, String)>,
+}
+
+impl Receipt {
+    /// A chat message (as opposed to a membership change).
+    pub fn is_message(&self) -> bool {
+        self.event != "MEMBERSHIP_CHANGE"
+    }
+}
+
+/// A member removed from a channel during the run.
+#[derive(Debug, Clone, Copy)]
+pub struct Removal {
+    /// The removed user, by index.
+    pub user: usize,
+    /// The channel, by index.
+    pub channel: usize,
+    /// When the DELETE was sent: channel messages acked before are due to
+    /// the removed user; later ones are decided by position.
+    pub requested: Instant,
 }
 
 /// A user of the run.
@@ -119,6 +150,10 @@ pub struct Traffic {
     receipts: Mutex<Vec<Receipt>>,
     next_session: AtomicU64,
     reconnects: AtomicU64,
+    /// Every message goes to the sender's channel (a busy channel).
+    all_to_channel: bool,
+    /// Members removed during the run.
+    removals: Mutex<Vec<Removal>>,
     /// Ends the connections.
     stop: CancellationToken,
 }
@@ -131,7 +166,20 @@ impl Traffic {
     /// `users` users spread round-robin over `urls`, paired with their
     /// neighbour (always on another gateway), and `channels` channels whose
     /// members span every gateway.
+    #[cfg(test)]
     pub fn new(urls: Vec<String>, tokens: Tokens, users: usize, channels: usize) -> Arc<Traffic> {
+        Traffic::with_mix(urls, tokens, users, channels, false)
+    }
+
+    /// As [`Traffic::new`]; with `all_to_channel` every message goes to
+    /// the sender's channel (none to the partner).
+    pub fn with_mix(
+        urls: Vec<String>,
+        tokens: Tokens,
+        users: usize,
+        channels: usize,
+        all_to_channel: bool,
+    ) -> Arc<Traffic> {
         let users = users.max(2).div_ceil(2) * 2;
         let channels = channels.max(1);
         let gateways = urls.len().max(1);
@@ -163,6 +211,8 @@ impl Traffic {
             receipts: Mutex::new(Vec::new()),
             next_session: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            all_to_channel,
+            removals: Mutex::new(Vec::new()),
             stop: CancellationToken::new(),
         })
     }
@@ -218,6 +268,32 @@ impl Traffic {
         lock(&self.receipts).len()
     }
 
+    /// Records that `user` is being removed from `channel` now: from here
+    /// on it composes nothing more to it.
+    pub fn removing(&self, user: usize, channel: usize) {
+        lock(&self.removals).push(Removal {
+            user,
+            channel,
+            requested: Instant::now(),
+        });
+    }
+
+    /// Members removed so far.
+    pub fn removals(&self) -> Vec<Removal> {
+        lock(&self.removals).clone()
+    }
+
+    fn is_removed(&self, user: usize, channel: usize) -> bool {
+        lock(&self.removals)
+            .iter()
+            .any(|r| r.user == user && r.channel == channel)
+    }
+
+    /// Every event received so far, in arrival order per session.
+    pub fn receipts(&self) -> Vec<Receipt> {
+        lock(&self.receipts).clone()
+    }
+
     /// One user's connection: connect (home gateway first, then the
     /// others in turn), record what arrives, and on loss go again.
     async fn connection(self: Arc<Self>, u: usize, token: String) {
@@ -268,10 +344,15 @@ impl Traffic {
                     e = client.next_event(Duration::from_secs(3600)) => e,
                 };
                 let Ok(e) = event else { break };
-                if e.name != "MESSAGE_RECEIVE" && e.name != "GROUP_MESSAGE_RECEIVE" {
+                if !matches!(
+                    e.name.as_str(),
+                    "MESSAGE_RECEIVE" | "GROUP_MESSAGE_RECEIVE" | "MEMBERSHIP_CHANGE"
+                ) {
                     continue;
                 }
                 let field = |k: &str| e.data[k].as_str().unwrap_or_default().to_owned();
+                let change = (e.name == "MEMBERSHIP_CHANGE")
+                    .then(|| (field("userId"), field("change")));
                 lock(&self.receipts).push(Receipt {
                     user: u,
                     session,
@@ -279,6 +360,10 @@ impl Traffic {
                     cmid: field("clientMsgId"),
                     id: field("id"),
                     at: e.at,
+                    stream: field("stream"),
+                    seq: e.data["seq"].as_u64().unwrap_or(0),
+                    change,
+                    event: e.name,
                 });
             }
             // The connection is gone (gateway killed, or it cut us off).
@@ -365,6 +450,7 @@ impl Traffic {
             attempts: 0,
             acked: None,
             failures: Vec::new(),
+            withdrawn: false,
         });
         sends.len() - 1
     }
@@ -387,7 +473,9 @@ impl Traffic {
                 _ = tick.tick() => {}
             }
             seq += 1;
-            let dest = if seq.is_multiple_of(3) {
+            let dest = if (self.all_to_channel || seq.is_multiple_of(3))
+                && !self.is_removed(u, user.channel)
+            {
                 Dest::Channel(user.channel)
             } else {
                 Dest::User(user.partner)
@@ -450,7 +538,18 @@ impl Traffic {
                             lock(&self.sends)[idx].acked = Some((Instant::now(), id));
                             return;
                         }
-                        Ok(Ok(v)) => v["error"]["code"].as_str().unwrap_or("refused").to_owned(),
+                        Ok(Ok(v)) => {
+                            let code = v["error"]["code"].as_str().unwrap_or("refused").to_owned();
+                            let removed = match lock(&self.sends)[idx].dest {
+                                Dest::Channel(c) => self.is_removed(u, c),
+                                Dest::User(_) => false,
+                            };
+                            if code == "not_member" && removed {
+                                lock(&self.sends)[idx].withdrawn = true;
+                                return;
+                            }
+                            code
+                        }
                         Ok(Err(_)) => "closed".to_owned(),
                         Err(_) => "timeout".to_owned(),
                     },
@@ -482,14 +581,26 @@ impl Traffic {
 
     /// Accounts for every message against what the database holds.
     pub fn account(&self, stored: &[StoredRow], fault_at: Instant, now: Instant) -> Accounting {
-        let sends = lock(&self.sends).clone();
-        let receipts = lock(&self.receipts).clone();
+        let sends: Vec<SendRecord> = lock(&self.sends)
+            .iter()
+            .filter(|s| !s.withdrawn)
+            .cloned()
+            .collect();
+        let receipts: Vec<Receipt> = lock(&self.receipts)
+            .iter()
+            .filter(|r| r.is_message())
+            .cloned()
+            .collect();
+        let removals = lock(&self.removals).clone();
         let offline: Vec<Vec<(Instant, Option<Instant>)>> = self
             .users
             .iter()
             .map(|u| lock(&u.offline).clone())
             .collect();
-        account(self, &sends, &receipts, &offline, stored, fault_at, now)
+        let mut a = account(self, &sends, &receipts, &offline, stored, fault_at, now, &removals);
+        let all = lock(&self.receipts).clone();
+        a.position_violations = position_violations(&all);
+        a
     }
 }
 
@@ -531,8 +642,39 @@ pub struct Accounting {
     pub longest_offline: Duration,
     /// Why sends had to be repeated, with counts.
     pub failures: Vec<(String, u64)>,
+    /// Events whose `seq` was not the last one of their stream in their
+    /// session plus one (a repeat, a skip, or a step back); the first event
+    /// of a stream in a session sets where it starts.
+    pub position_violations: u64,
 }
 
+/// Per session and stream, every event after the first must be at
+/// `last + 1`; counts those that are not. `receipts` in arrival order per
+/// session (as recorded).
+pub fn position_violations(receipts: &[Receipt]) -> u64 {
+    let mut last: HashMap<(u64, &str), u64> = HashMap::new();
+    let mut n = 0;
+    for r in receipts {
+        match last.insert((r.session, r.stream.as_str()), r.seq) {
+            Some(prev) if r.seq != prev + 1 => {
+                n += 1;
+                tracing::warn!(
+                    user = r.user,
+                    session = r.session,
+                    stream = %r.stream,
+                    prev,
+                    seq = r.seq,
+                    event = %r.event,
+                    "position violation"
+                );
+            }
+            _ => {}
+        }
+    }
+    n
+}
+
+#[allow(clippy::too_many_arguments)]
 fn account(
     t: &Traffic,
     sends: &[SendRecord],
@@ -541,6 +683,7 @@ fn account(
     stored: &[StoredRow],
     fault_at: Instant,
     now: Instant,
+    removals: &[Removal],
 ) -> Accounting {
     let mut a = Accounting {
         sent: sends.len() as u64,
@@ -627,7 +770,21 @@ fn account(
         if row.is_some() {
             let recipients: Vec<usize> = match s.dest {
                 Dest::User(p) => vec![s.sender, p],
-                Dest::Channel(c) => t.channels[c].members.clone(),
+                // A removed member is due the messages acked before the
+                // removal was asked for; later ones are judged by position
+                // (`FaultResult::after_removal`).
+                Dest::Channel(c) => t.channels[c]
+                    .members
+                    .iter()
+                    .copied()
+                    .filter(|&m| {
+                        !removals.iter().any(|r| {
+                            r.user == m
+                                && r.channel == c
+                                && s.acked.as_ref().is_none_or(|(at, _)| *at >= r.requested)
+                        })
+                    })
+                    .collect(),
             };
             let arrivals = first_at.get(&key);
             // The message's life: from composing until it reached the
@@ -747,6 +904,7 @@ mod tests {
             attempts: 1,
             acked: Some((composed + Duration::from_millis(5), format!("id-{cmid}"))),
             failures: Vec::new(),
+            withdrawn: false,
         }
     }
 
@@ -758,6 +916,10 @@ mod tests {
             cmid: cmid.into(),
             id: format!("id-{cmid}"),
             at,
+            event: "MESSAGE_RECEIVE".into(),
+            stream: "inbox".into(),
+            seq: 0,
+            change: None,
         }
     }
 
@@ -824,7 +986,7 @@ mod tests {
             row("u00", "u00-3"),
             row("u00", "u00-4"),
         ];
-        let a = account(&t, &sends, &receipts, &offline, &stored, fault, ms(4000));
+        let a = account(&t, &sends, &receipts, &offline, &stored, fault, ms(4000), &[]);
         assert_eq!(a.sent, 6);
         assert_eq!(a.acked, 6);
         assert_eq!(a.acked_not_stored, 1);
@@ -845,7 +1007,7 @@ mod tests {
         // Had the last message been lost too, the run did not recover.
         let mut tail = receipts.clone();
         tail.retain(|r| !(r.cmid == "u00-4" && r.user == 1));
-        let a = account(&t, &sends, &tail, &offline, &stored, fault, ms(4000));
+        let a = account(&t, &sends, &tail, &offline, &stored, fault, ms(4000), &[]);
         assert_eq!(a.recovery, None);
     }
 }
