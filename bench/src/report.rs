@@ -851,3 +851,78 @@ fn ratios(r: &Report) -> Vec<(String, f64)> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jitter::{JitterReport, Tally};
+
+    fn jitter_report(lost: u64, violations: u64) -> Report {
+        let workload = Workload {
+            name: "jitter".into(),
+            description: "resets".into(),
+            pattern: Pattern::Jitter {
+                members: 10,
+                close_after_ms: [10_000, 20_000],
+                offline_ms: [1_500, 2_500],
+            },
+            users: 60,
+            rate: 40.0,
+            size: 100,
+            duration_secs: 20.0,
+            warmup_secs: 0.0,
+            raw_baseline: false,
+            ramp: None,
+        };
+        let mut result = BackendResult::new("redis");
+        result.jitter = Some(JitterReport {
+            sent: 10,
+            acked: 10,
+            tally: Tally {
+                expected: 20,
+                delivered: 20 - lost,
+                delivered_pct: (20 - lost) as f64 * 5.0,
+                lost,
+                position_violations: violations,
+                ..Tally::default()
+            },
+            ..JitterReport::default()
+        });
+        Report {
+            schema: SCHEMA.into(),
+            created: "now".into(),
+            profile: "ci".into(),
+            setup: Setup::default(),
+            backends: vec!["redis".into()],
+            workloads: vec![WorkloadReport::new(workload, vec![result])],
+            faults: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn jitter_losses_and_violations_are_problems_and_get_their_table() {
+        assert!(jitter_report(0, 0).problems().is_empty());
+        let bad = jitter_report(2, 3);
+        assert_eq!(
+            bad.problems(),
+            vec![
+                "redis / jitter: 2 deliveries lost",
+                "redis / jitter: 3 position violations"
+            ]
+        );
+        let md = markdown(&bad);
+        assert!(
+            md.contains("| redis | 10 / 10 | 0 | 0 (0) | 90.000 | 2 | 0 | 3 |"),
+            "{md}"
+        );
+        assert!(!md.contains("latency-cdf"), "no charts for jitter");
+        // Reports written before the jitter workload still read.
+        let mut old = serde_json::to_value(&bad).expect("json");
+        old["workloads"][0]["results"][0]
+            .as_object_mut()
+            .expect("object")
+            .remove("jitter");
+        let back: Report = serde_json::from_value(old).expect("reads");
+        assert!(back.workloads[0].results[0].jitter.is_none());
+    }
+}
