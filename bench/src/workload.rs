@@ -259,6 +259,13 @@ impl Workload {
             }
             _ => {}
         }
+        if matches!(self.pattern, Pattern::Jitter { .. })
+            && (self.ramp.is_some() || self.raw_baseline)
+        {
+            return Err(
+                "the jitter pattern has no ramp and no raw baseline (raw_baseline = false)".into(),
+            );
+        }
         if let Some(r) = &self.ramp {
             if !(r.start > 0.0 && r.factor > 1.0 && r.max >= r.start && r.p99_bound_ms > 0.0)
                 || r.step_secs <= self.warmup_secs
@@ -414,6 +421,8 @@ mod tests {
                 ..
             }
         ));
+        let with_raw = jitter.replace("raw_baseline = false", "");
+        assert!(parse(&with_raw, "full").is_err_and(|e| e.contains("raw baseline")));
         let reversed = jitter.replace("[3000, 6000]", "[6000, 3000]");
         assert!(parse(&reversed, "ci").is_err_and(|e| e.contains("close_after_ms")));
     }
