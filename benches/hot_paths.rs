@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fanout::protocol::{parse_send, Message, OutgoingEnvelope, Target};
+use fanout::stream::{Body, Entry, Stream};
 use fanout_backend::{
     ConsumeOptions, FanoutBackend, IncomingEvent, OrderingKey, RouteKey, ServerEvent, ServerId,
 };
@@ -38,18 +39,18 @@ fn decode_validate(c: &mut Criterion) {
         client_msg_id: Some("c-1".into()),
         created_at: 1_764_000_000_000,
     };
-    let wire =
-        serde_json::to_vec(&OutgoingEnvelope::Message { message: m.clone() }).expect("encode");
+    let wire = serde_json::to_vec(&OutgoingEnvelope::Entry(Entry {
+        stream: Stream::Channel("general".into()),
+        seq: 42,
+        body: Body::Message(m.clone()),
+    }))
+    .expect("encode");
     g.throughput(Throughput::Elements(1));
     g.bench_function("decode_outgoing_and_encode_event", |b| {
         b.iter(|| {
             let env: OutgoingEnvelope = serde_json::from_slice(&wire).expect("decode");
-            match env {
-                OutgoingEnvelope::Message { message } => {
-                    serde_json::to_string(&message.to_event().1).expect("encode")
-                }
-                _ => unreachable!(),
-            }
+            let OutgoingEnvelope::Entry(entry) = env;
+            serde_json::to_string(&entry.to_event().1).expect("encode")
         })
     });
     g.finish();

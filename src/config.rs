@@ -248,24 +248,31 @@ impl Default for WorkerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
-    /// Message ids remembered per session to drop a redelivered message.
-    /// Default 1024.
+    /// No effect since sessions are sequenced by position (a session drops
+    /// what it already has by position, whatever the window); accepted so
+    /// that older configuration files still load.
     pub dedup_window: usize,
     /// `(sender, clientMsgId)` pairs remembered per gateway so that a retry's
     /// ack carries the first send's id. Default 65536.
     pub retry_cache: usize,
-    /// How far before a membership's start a newly added member's catch-up
-    /// reads, in milliseconds. Raise it to the clock skew between hosts when
-    /// gateways run on several machines; messages sent that long before the
-    /// `204` may then be shown to the new member too. Default 0 (one host).
+    /// No effect since membership changes have positions; accepted so that
+    /// older configuration files still load.
     pub catch_up_skew_ms: i64,
-    /// After the backend lost this gateway's routes (a broker connection
-    /// lost or a broker restart), local sessions are sent again what the
-    /// store holds for them from this many milliseconds before the last
-    /// delivery that arrived before the loss: anything a worker published
-    /// into the gap. Raise it above the workers' longest backlog. Default
-    /// 5000.
+    /// No effect since sessions are filled by position after a route loss;
+    /// accepted so that older configuration files still load.
     pub loss_catch_up_ms: i64,
+    /// How long a session waits for a missing position before the gateway
+    /// reads it from the store, in milliseconds. Entries of one inbox come
+    /// from several workers and may arrive out of order by a few
+    /// milliseconds; a read is only made if the gap is still there.
+    /// Default 150.
+    pub gap_wait_ms: u64,
+    /// Most entries a resume replays per stream; a stream missing more is
+    /// replayed from its newest `replay_limit` entries and reported in
+    /// `RESUMED.incomplete` (the client reloads the rest from history).
+    /// Written at the socket's pace, so it may exceed `limits.send_buffer`.
+    /// Default 500.
+    pub replay_limit: u32,
     /// Seconds a graceful shutdown waits for in-flight sends. Default 10.
     pub shutdown_grace_secs: u64,
 }
@@ -277,6 +284,8 @@ impl Default for GatewayConfig {
             retry_cache: 65_536,
             catch_up_skew_ms: 0,
             loss_catch_up_ms: 5000,
+            gap_wait_ms: 150,
+            replay_limit: 500,
             shutdown_grace_secs: 10,
         }
     }
@@ -523,6 +532,12 @@ impl Config {
             );
         }
         self.limits.validate().map_err(ConfigError::Value)?;
+        if self.gateway.replay_limit == 0 || self.gateway.replay_limit > 100_000 {
+            return bad("gateway.replay_limit must be 1 to 100000");
+        }
+        if self.gateway.gap_wait_ms > 60_000 {
+            return bad("gateway.gap_wait_ms must be at most 60000");
+        }
         if self.broker_timeout_ms == 0
             || self.redis.liveness_ttl_ms < 1000
             || self.redis.lease_ttl_ms < 1000

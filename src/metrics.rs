@@ -45,15 +45,30 @@ pub struct Metrics {
     pub send_ack_seconds: Histogram,
     /// Events emitted to sessions.
     pub deliveries: Counter,
-    /// Deliveries dropped because the session already had that message id.
+    /// Entries not emitted because the session already had their position
+    /// (a redelivery, or a live entry a fill or replay had shown).
     pub duplicates_dropped: Counter,
     /// Route keys bound by this gateway now.
     pub bound_keys: Gauge,
     /// Times the backend lost this gateway's routes and they were re-bound.
     pub routes_lost: Counter,
-    /// Events sent to sessions by catch-ups after a route loss (messages
-    /// published into the gap; those already shown are not counted).
-    pub loss_catch_up_emitted: Counter,
+    /// Reads of a stream from the store that filled sessions' gaps (a
+    /// missing position, a route loss, a join, a repaired bind).
+    pub fills: Counter,
+    /// Entries emitted to sessions from such reads.
+    pub fill_entries: Counter,
+    /// Fills that failed (the store did not answer); each is retried.
+    pub fill_failures: Counter,
+    /// Binds the backend refused (at connect, on a join, after a route loss).
+    pub bind_failures: Counter,
+    /// Binds tried again after a failure (a key is retried until it holds).
+    pub bind_retries: Counter,
+    /// Resumes answered, by `complete` (`true` or `false`).
+    pub resumes: Family<CodeLabels, Counter>,
+    /// Entries replayed to resuming sessions.
+    pub replayed_entries: Counter,
+    /// Seconds from a resuming session's connect to its `RESUMED`.
+    pub replay_seconds: Histogram,
     /// Messages stored by the worker (new ones only).
     pub messages_stored: Counter,
     /// Retried or redelivered messages that were already stored.
@@ -137,7 +152,14 @@ impl Metrics {
             duplicates_dropped: Counter::default(),
             bound_keys: Gauge::default(),
             routes_lost: Counter::default(),
-            loss_catch_up_emitted: Counter::default(),
+            fills: Counter::default(),
+            fill_entries: Counter::default(),
+            fill_failures: Counter::default(),
+            bind_failures: Counter::default(),
+            bind_retries: Counter::default(),
+            resumes: Family::default(),
+            replayed_entries: Counter::default(),
+            replay_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             messages_stored: Counter::default(),
             messages_deduplicated: Counter::default(),
             unroutable: Counter::default(),
@@ -202,7 +224,7 @@ impl Metrics {
         );
         registry.register(
             "duplicates_dropped",
-            "Redelivered messages a session already had",
+            "Entries a session already had by position",
             m.duplicates_dropped.clone(),
         );
         registry.register(
@@ -216,9 +238,44 @@ impl Metrics {
             m.routes_lost.clone(),
         );
         registry.register(
-            "loss_catch_up_emitted",
-            "Events sent to sessions by catch-ups after a route loss",
-            m.loss_catch_up_emitted.clone(),
+            "fills",
+            "Stream reads from the store that filled sessions' gaps",
+            m.fills.clone(),
+        );
+        registry.register(
+            "fill_entries",
+            "Entries emitted to sessions from gap fills",
+            m.fill_entries.clone(),
+        );
+        registry.register(
+            "fill_failures",
+            "Gap fills the store did not answer (each is retried)",
+            m.fill_failures.clone(),
+        );
+        registry.register(
+            "bind_failures",
+            "Binds the backend refused (each is retried until it holds)",
+            m.bind_failures.clone(),
+        );
+        registry.register(
+            "bind_retries",
+            "Binds tried again after a failure",
+            m.bind_retries.clone(),
+        );
+        registry.register(
+            "resumes",
+            "Resumes answered, by complete",
+            m.resumes.clone(),
+        );
+        registry.register(
+            "replayed_entries",
+            "Entries replayed to resuming sessions",
+            m.replayed_entries.clone(),
+        );
+        registry.register(
+            "replay_seconds",
+            "Seconds from a resuming session's connect to its RESUMED",
+            m.replay_seconds.clone(),
         );
         registry.register(
             "messages_stored",

@@ -411,30 +411,8 @@ pub struct IncomingEnvelope {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum OutgoingEnvelope {
     /// A stored entry of the stream the route key carries (see
-    /// [`crate::stream`]): what replaces the three kinds below.
+    /// [`crate::stream`]).
     Entry(crate::stream::Entry),
-    /// A stored message to emit to local sessions.
-    Message {
-        /// The message.
-        message: Message,
-    },
-    /// `user_id` became a member of `channel_id` at `since` (ms): bind the
-    /// channel for its sessions and catch up from the store.
-    Join {
-        /// The channel.
-        channel_id: String,
-        /// The new member.
-        user_id: String,
-        /// When the membership started.
-        since: i64,
-    },
-    /// `user_id` stopped being a member of `channel_id`.
-    Leave {
-        /// The channel.
-        channel_id: String,
-        /// The former member.
-        user_id: String,
-    },
 }
 
 #[cfg(test)]

@@ -2,15 +2,28 @@
 //! for SQLite (the embedded default) and PostgreSQL, via sqlx's `Any`
 //! driver. The schema sticks to portable types (TEXT, BIGINT) so that no
 //! query needs a per-database variant.
+//!
+//! Every stored message and membership change is an [`Entry`] of one or two
+//! streams (see [`crate::stream`]), with its position given in the
+//! transaction that stores it: the writer raises each touched stream's head
+//! in `streams` with one upsert (rows sorted by stream, so two writers lock
+//! heads in one order and never deadlock), then writes the entries. The
+//! head rows stay locked until the commit, so one stream's positions are
+//! committed in order; a rollback returns them: no gap, no duplicate,
+//! whichever process writes.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
+
+use fanout_backend::OrderingKey;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::error::DatabaseError as _;
 use sqlx::{AnyPool, Row};
 
 use crate::protocol::{Message, Target};
+use crate::stream::{Body, Change, Entry, Membership, Stream};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +184,24 @@ pub struct Stored {
     pub message: Message,
     /// What this call found.
     pub outcome: Outcome,
+    /// The stored message's entries with their positions: a personal
+    /// message's in the receiver's inbox then the sender's (one entry for a
+    /// message to oneself), a channel message's in the channel's stream.
+    /// Written now for [`Outcome::New`], read back otherwise (for
+    /// [`Outcome::Retry`], the first message's, which are not routed).
+    pub entries: Vec<Entry>,
+}
+
+/// One of a user's memberships.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberOf {
+    /// The channel.
+    pub channel_id: String,
+    /// The channel-stream position of the entry that added the user (0 for
+    /// a membership from before positions existed).
+    pub joined_seq: i64,
+    /// That entry's position in the user's inbox (0 likewise).
+    pub inbox_seq: i64,
 }
 
 /// A channel.
@@ -245,8 +276,226 @@ impl Writer {
     }
 }
 
-/// Members written by one INSERT at channel creation.
-pub const MEMBERS_PER_STATEMENT: usize = 10_000;
+/// Members written by one INSERT at channel creation (5 values a row on
+/// SQLite: 30,000, under its 32,766 parameters).
+pub const MEMBERS_PER_STATEMENT: usize = 6_000;
+/// Entries written by one INSERT (at most 8 values a row: 24,000).
+const ENTRIES_PER_STATEMENT: usize = 3_000;
+/// Streams whose heads one statement raises (2 values a row).
+const STREAMS_PER_STATEMENT: usize = 10_000;
+
+/// Appends the placeholder of the `n`th value (from 1) of a statement: `?`
+/// on SQLite (values bound in order; SQLite resolves each `$N` by a linear
+/// search of the statement's names), `$n` on PostgreSQL.
+fn placeholder(sql: &mut String, sqlite: bool, n: usize) {
+    if sqlite {
+        sql.push('?');
+    } else {
+        sql.push('$');
+        sql.push_str(&n.to_string());
+    }
+}
+
+/// `rows` groups of `width` placeholders, comma separated.
+fn values_sql(sql: &mut String, sqlite: bool, rows: usize, width: usize) {
+    for r in 0..rows {
+        if r > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for c in 0..width {
+            if c > 0 {
+                sql.push(',');
+            }
+            placeholder(sql, sqlite, r * width + c + 1);
+        }
+        sql.push(')');
+    }
+}
+
+/// The streams a message is an entry of, in the order of [`Stored::entries`].
+fn message_streams(m: &Message) -> Vec<Stream> {
+    match &m.target {
+        Target::User(r) if *r == m.sender_id => vec![Stream::Inbox(r.clone())],
+        Target::User(r) => vec![Stream::Inbox(r.clone()), Stream::Inbox(m.sender_id.clone())],
+        Target::Channel(c) => vec![Stream::Channel(c.clone())],
+    }
+}
+
+/// Reserves `n` positions in each given stream (`counts` is sorted by
+/// stream: two transactions lock the head rows in one order and never
+/// deadlock) and returns each stream's first reserved position. The head
+/// rows stay locked until the transaction ends, so one stream's positions
+/// are committed in order, and a rollback gives them back.
+async fn reserve(
+    conn: &mut sqlx::AnyConnection,
+    sqlite: bool,
+    counts: &BTreeMap<String, i64>,
+) -> Result<HashMap<String, i64>, StoreError> {
+    let rows: Vec<(&String, &i64)> = counts.iter().collect();
+    let mut first = HashMap::with_capacity(rows.len());
+    for chunk in rows.chunks(STREAMS_PER_STATEMENT) {
+        let mut sql = String::with_capacity(120 + chunk.len() * 12);
+        sql.push_str("INSERT INTO streams (stream, head) VALUES ");
+        values_sql(&mut sql, sqlite, chunk.len(), 2);
+        sql.push_str(
+            " ON CONFLICT (stream) DO UPDATE SET head = streams.head + excluded.head RETURNING stream, head",
+        );
+        let mut q = sqlx::query(&sql);
+        for (stream, n) in chunk {
+            q = q.bind((*stream).clone()).bind(**n);
+        }
+        for row in q.fetch_all(&mut *conn).await? {
+            let stream: String = row.try_get("stream")?;
+            let head: i64 = row.try_get("head")?;
+            let n = counts.get(&stream).copied().ok_or_else(|| {
+                StoreError::Database(sqlx::Error::Protocol(format!(
+                    "reserved positions in a stream not asked for: {stream}"
+                )))
+            })?;
+            first.insert(stream, head - n + 1);
+        }
+    }
+    if first.len() != counts.len() {
+        return Err(StoreError::Database(sqlx::Error::Protocol(
+            "a stream's head was not returned".into(),
+        )));
+    }
+    Ok(first)
+}
+
+/// Writes entries: messages' and membership changes' each in multi-row
+/// INSERTs of [`ENTRIES_PER_STATEMENT`] (a batch of messages is one
+/// statement of 4 values an entry).
+async fn insert_entries(
+    conn: &mut sqlx::AnyConnection,
+    sqlite: bool,
+    entries: &[Entry],
+) -> Result<(), StoreError> {
+    let (messages, changes): (Vec<&Entry>, Vec<&Entry>) = entries
+        .iter()
+        .partition(|e| matches!(e.body, Body::Message(_)));
+    for chunk in messages.chunks(ENTRIES_PER_STATEMENT) {
+        let mut sql = String::with_capacity(100 + chunk.len() * 20);
+        sql.push_str("INSERT INTO stream_entries (stream, seq, message_id, created_at) VALUES ");
+        values_sql(&mut sql, sqlite, chunk.len(), 4);
+        let mut q = sqlx::query(&sql);
+        for e in chunk {
+            if let Body::Message(m) = &e.body {
+                q = q
+                    .bind(e.stream.key())
+                    .bind(e.seq)
+                    .bind(m.id.clone())
+                    .bind(m.created_at);
+            }
+        }
+        q.execute(&mut *conn).await?;
+    }
+    for chunk in changes.chunks(ENTRIES_PER_STATEMENT) {
+        let mut sql = String::with_capacity(160 + chunk.len() * 40);
+        sql.push_str(
+            "INSERT INTO stream_entries (stream, seq, channel_id, user_id, change, by_user_id, channel_seq, created_at) VALUES ",
+        );
+        values_sql(&mut sql, sqlite, chunk.len(), 8);
+        let mut q = sqlx::query(&sql);
+        for e in chunk {
+            if let Body::Membership(c) = &e.body {
+                q = q
+                    .bind(e.stream.key())
+                    .bind(e.seq)
+                    .bind(c.channel_id.clone())
+                    .bind(c.user_id.clone())
+                    .bind(c.change.as_str().to_owned())
+                    .bind(c.by_user_id.clone())
+                    .bind(c.channel_seq)
+                    .bind(c.created_at);
+            }
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// An entry with its message, if it is a message's: what [`entry_from_row`]
+/// reads.
+const ENTRY_SELECT: &str = "SELECT e.stream AS e_stream, e.seq AS e_seq, e.message_id AS e_message_id, \
+     e.channel_id AS e_channel_id, e.user_id AS e_user_id, e.change AS e_change, \
+     e.by_user_id AS e_by_user_id, e.channel_seq AS e_channel_seq, e.created_at AS e_created_at, \
+     m.id AS id, m.sender_id AS sender_id, m.receiver_id AS receiver_id, m.channel_id AS channel_id, \
+     m.content AS content, m.client_msg_id AS client_msg_id, m.created_at AS created_at \
+     FROM stream_entries e LEFT JOIN messages m ON m.id = e.message_id";
+
+fn entry_from_row(row: &AnyRow) -> Result<Entry, sqlx::Error> {
+    let missing = |what: &str| sqlx::Error::Decode(format!("entry row without {what}").into());
+    let stream: String = row.try_get("e_stream")?;
+    let stream = Stream::parse_key(&stream)
+        .ok_or_else(|| sqlx::Error::Decode(format!("not a stream name: {stream:?}").into()))?;
+    let seq: i64 = row.try_get("e_seq")?;
+    let message_id: Option<String> = row.try_get("e_message_id")?;
+    let body = if message_id.is_some() {
+        Body::Message(message_from_row(row)?)
+    } else {
+        let change: Option<String> = row.try_get("e_change")?;
+        let change = change
+            .as_deref()
+            .and_then(Change::parse)
+            .ok_or_else(|| missing("a change"))?;
+        Body::Membership(Membership {
+            channel_id: row
+                .try_get::<Option<String>, _>("e_channel_id")?
+                .ok_or_else(|| missing("a channel"))?,
+            user_id: row
+                .try_get::<Option<String>, _>("e_user_id")?
+                .ok_or_else(|| missing("a user"))?,
+            change,
+            by_user_id: row
+                .try_get::<Option<String>, _>("e_by_user_id")?
+                .ok_or_else(|| missing("by whom"))?,
+            created_at: row.try_get("e_created_at")?,
+            channel_seq: row
+                .try_get::<Option<i64>, _>("e_channel_seq")?
+                .ok_or_else(|| missing("a channel position"))?,
+        })
+    };
+    Ok(Entry { stream, seq, body })
+}
+
+fn entries_from(rows: &[AnyRow]) -> Result<Vec<Entry>, StoreError> {
+    Ok(rows.iter().map(entry_from_row).collect::<Result<_, _>>()?)
+}
+
+/// A membership change's two entries: in the channel's stream at
+/// `channel_seq`, and its twin in the user's inbox at `inbox_seq`.
+fn membership_entries(
+    channel: &str,
+    user: &str,
+    change: Change,
+    by: &str,
+    now: i64,
+    channel_seq: i64,
+    inbox_seq: i64,
+) -> [Entry; 2] {
+    let body = Body::Membership(Membership {
+        channel_id: channel.to_owned(),
+        user_id: user.to_owned(),
+        change,
+        by_user_id: by.to_owned(),
+        created_at: now,
+        channel_seq,
+    });
+    [
+        Entry {
+            stream: Stream::Channel(channel.to_owned()),
+            seq: channel_seq,
+            body: body.clone(),
+        },
+        Entry {
+            stream: Stream::Inbox(user.to_owned()),
+            seq: inbox_seq,
+            body,
+        },
+    ]
+}
 
 const MESSAGE_COLUMNS: &str =
     "id, sender_id, receiver_id, channel_id, content, client_msg_id, created_at";
@@ -349,34 +598,74 @@ impl Store {
         self.pool.close().await;
     }
 
-    /// Stores a batch in one round trip and returns, in input order, the
-    /// one stored message for each input. Idempotent: a message whose id
-    /// or `(sender, clientMsgId)` is already stored is not stored again;
-    /// its stored version is returned with the [`Outcome`] that says which (one extra query
-    /// per such duplicate, which only retries and redeliveries cause).
+    /// Stores a batch and gives each new message its positions, in one
+    /// transaction of a constant number of statements: the messages, the
+    /// reservation of every position (one statement for every stream the
+    /// batch touches), the entries. Returns, in input order, the one stored
+    /// message for each input with its entries. Idempotent: a message whose
+    /// id or `(sender, clientMsgId)` is already stored is not stored again
+    /// and gets no position; its stored version and its entries are returned
+    /// with the [`Outcome`] that says which (two extra queries per such
+    /// duplicate, which only retries and redeliveries cause). Positions
+    /// follow the batch's order within each stream.
     pub async fn insert_messages(&self, messages: &[Message]) -> Result<Vec<Stored>, StoreError> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
         let _turn = self.write_turn().await;
+        let mut tx = self.pool.begin().await?;
         let sql = insert_sql(messages.len());
         let mut q = sqlx::query(&sql);
         for m in messages {
             q = bind_message(q, m);
         }
-        let inserted: std::collections::HashSet<String> = q
-            .fetch_all(&self.pool)
+        let mut inserted: HashSet<String> = q
+            .fetch_all(&mut *tx)
             .await?
             .iter()
             .map(|r| r.try_get::<String, _>("id"))
             .collect::<Result<_, _>>()?;
+        // The new ones, in batch order (an id given twice is new once).
+        let new: Vec<bool> = messages.iter().map(|m| inserted.remove(&m.id)).collect();
+        let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+        for (m, _) in messages.iter().zip(&new).filter(|(_, n)| **n) {
+            for s in message_streams(m) {
+                *counts.entry(s.key()).or_default() += 1;
+            }
+        }
+        let mut entries: Vec<Vec<Entry>> = vec![Vec::new(); messages.len()];
+        if !counts.is_empty() {
+            let mut next = reserve(&mut tx, self.sqlite, &counts).await?;
+            for ((m, is_new), out) in messages.iter().zip(&new).zip(&mut entries) {
+                if !*is_new {
+                    continue;
+                }
+                for stream in message_streams(m) {
+                    let seq = next.get_mut(&stream.key()).ok_or_else(|| {
+                        StoreError::Database(sqlx::Error::Protocol(format!(
+                            "no position reserved in {stream}"
+                        )))
+                    })?;
+                    out.push(Entry {
+                        stream,
+                        seq: *seq,
+                        body: Body::Message(m.clone()),
+                    });
+                    *seq += 1;
+                }
+            }
+            let all: Vec<Entry> = entries.iter().flatten().cloned().collect();
+            insert_entries(&mut tx, self.sqlite, &all).await?;
+        }
+        tx.commit().await?;
 
         let mut out = Vec::with_capacity(messages.len());
-        for m in messages {
-            if inserted.contains(&m.id) {
+        for ((m, is_new), entries) in messages.iter().zip(new).zip(entries) {
+            if is_new {
                 out.push(Stored {
                     message: m.clone(),
                     outcome: Outcome::New,
+                    entries,
                 });
                 continue;
             }
@@ -400,9 +689,36 @@ impl Store {
             } else {
                 Outcome::Retry
             };
-            out.push(Stored { message, outcome });
+            let entries = self.message_entries(&message).await?;
+            out.push(Stored {
+                message,
+                outcome,
+                entries,
+            });
         }
         Ok(out)
+    }
+
+    /// A stored message's entries, in the order of [`Stored::entries`].
+    async fn message_entries(&self, message: &Message) -> Result<Vec<Entry>, StoreError> {
+        let rows = sqlx::query("SELECT stream, seq FROM stream_entries WHERE message_id = $1")
+            .bind(message.id.clone())
+            .fetch_all(&self.pool)
+            .await?;
+        let mut found: HashMap<String, i64> = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            found.insert(r.try_get("stream")?, r.try_get("seq")?);
+        }
+        Ok(message_streams(message)
+            .into_iter()
+            .filter_map(|stream| {
+                found.get(&stream.key()).map(|seq| Entry {
+                    seq: *seq,
+                    stream,
+                    body: Body::Message(message.clone()),
+                })
+            })
+            .collect())
     }
 
     /// Inserts a made-up message in a transaction and rolls it back: whether
@@ -447,12 +763,15 @@ impl Store {
         })
     }
 
-    /// Creates a channel with its creator and `members` as members, all
-    /// from `now`. `Conflict` if the id is taken. Two statements in one
-    /// transaction, whatever the number of members: the channel row, then
-    /// every member in one multi-row INSERT (chunked only beyond
-    /// [`MEMBERS_PER_STATEMENT`], far above `limits.max_initial_members`'
-    /// default).
+    /// Creates a channel with the creator and `members`: one "added" entry
+    /// per member in the channel's stream, the creator first (seq 1, by the
+    /// creator), then the others sorted (duplicates and the creator among
+    /// `members` once); and each member's inbox twin. Returns every entry
+    /// written, for each member the channel entry then its inbox twin.
+    /// `Conflict` if the id is taken. One transaction of a few statements
+    /// whatever the number of members: the channel row, the reservation,
+    /// the members, the entries (each chunked only beyond
+    /// [`MEMBERS_PER_STATEMENT`] members or 1,500 entries' pairs).
     pub async fn create_channel(
         &self,
         id: &str,
@@ -460,7 +779,7 @@ impl Store {
         creator: &str,
         members: &[String],
         now: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<Entry>, StoreError> {
         let _turn = self.bulk_write_turn().await;
         let mut tx = self.pool.begin().await?;
         let created = sqlx::query(
@@ -475,42 +794,76 @@ impl Store {
         if created.rows_affected() == 0 {
             return Err(StoreError::Conflict);
         }
-        let mut all: Vec<&str> = members.iter().map(String::as_str).collect();
-        all.push(creator);
-        all.sort_unstable();
-        all.dedup();
-        for chunk in all.chunks(MEMBERS_PER_STATEMENT) {
-            // At most 3 values a row: 30,000, under SQLite's 32,766 and
-            // PostgreSQL's 65,535.
-            let mut sql = String::with_capacity(80 + chunk.len() * 16);
-            sql.push_str("INSERT INTO channel_members (channel_id, user_id, added_at) VALUES ");
-            for i in 0..chunk.len() {
+        let mut others: Vec<&str> = members
+            .iter()
+            .map(String::as_str)
+            .filter(|m| *m != creator)
+            .collect();
+        others.sort_unstable();
+        others.dedup();
+        let all: Vec<&str> = std::iter::once(creator).chain(others).collect();
+
+        let channel_key = Stream::Channel(id.to_owned()).key();
+        let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+        counts.insert(channel_key.clone(), all.len() as i64);
+        for u in &all {
+            counts.insert(Stream::Inbox((*u).to_owned()).key(), 1);
+        }
+        let first = reserve(&mut tx, self.sqlite, &counts).await?;
+        let channel_first = first[&channel_key];
+        let mut entries = Vec::with_capacity(all.len() * 2);
+        for (i, u) in all.iter().enumerate() {
+            let inbox_seq = first[&Stream::Inbox((*u).to_owned()).key()];
+            entries.extend(membership_entries(
+                id,
+                u,
+                Change::Added,
+                creator,
+                now,
+                channel_first + i as i64,
+                inbox_seq,
+            ));
+        }
+
+        for chunk in entries.chunks(2 * MEMBERS_PER_STATEMENT) {
+            let rows = chunk.len() / 2;
+            let mut sql = String::with_capacity(120 + rows * 24);
+            sql.push_str(
+                "INSERT INTO channel_members (channel_id, user_id, added_at, joined_seq, inbox_seq) VALUES ",
+            );
+            for i in 0..rows {
                 if i > 0 {
                     sql.push(',');
                 }
                 if self.sqlite {
-                    sql.push_str("(?,?,?)");
+                    sql.push_str("(?,?,?,?,?)");
                 } else {
                     // The channel and the time are shared by every row.
-                    sql.push_str(&format!("($1,${},$2)", i + 3));
+                    let b = 3 + i * 3;
+                    sql.push_str(&format!("($1,${b},$2,${},${})", b + 1, b + 2));
                 }
             }
-            sql.push_str(" ON CONFLICT DO NOTHING");
             let mut q = sqlx::query(&sql);
-            if self.sqlite {
-                for user in chunk {
-                    q = q.bind(id.to_owned()).bind((*user).to_owned()).bind(now);
-                }
-            } else {
+            if !self.sqlite {
                 q = q.bind(id.to_owned()).bind(now);
-                for user in chunk {
-                    q = q.bind((*user).to_owned());
+            }
+            for pair in chunk.chunks(2) {
+                let (user, joined) = match pair[0].membership() {
+                    Some(c) => (c.user_id.clone(), c.channel_seq),
+                    None => continue,
+                };
+                if self.sqlite {
+                    q = q.bind(id.to_owned()).bind(user).bind(now);
+                } else {
+                    q = q.bind(user);
                 }
+                q = q.bind(joined).bind(pair[1].seq);
             }
             q.execute(&mut *tx).await?;
         }
+        insert_entries(&mut tx, self.sqlite, &entries).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(entries)
     }
 
     /// A channel by id.
@@ -544,58 +897,160 @@ impl Store {
         })
     }
 
-    /// Adds a member; `false` if they already were one.
+    /// Adds `user` (by `by`): the membership, an "added" entry in the
+    /// channel's stream and its twin in the user's inbox, in one
+    /// transaction; returns `(true, [channel entry, inbox twin])`. If
+    /// `user` is already a member nothing is written: `(false, the two
+    /// entries that added them)`, read back (empty for a membership from
+    /// before positions existed).
     pub async fn add_member(
         &self,
         channel: &str,
         user: &str,
+        by: &str,
         now: i64,
-    ) -> Result<bool, StoreError> {
-        let _turn = self.write_turn().await;
-        let r = sqlx::query(
-            "INSERT INTO channel_members (channel_id, user_id, added_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+    ) -> Result<(bool, Vec<Entry>), StoreError> {
+        let turn = self.write_turn().await;
+        let mut tx = self.pool.begin().await?;
+        let added = sqlx::query(
+            "INSERT INTO channel_members (channel_id, user_id, added_at, joined_seq, inbox_seq) VALUES ($1, $2, $3, 0, 0) ON CONFLICT DO NOTHING",
         )
         .bind(channel.to_owned())
         .bind(user.to_owned())
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(r.rows_affected() > 0)
+        if added.rows_affected() == 0 {
+            tx.rollback().await?;
+            drop(turn);
+            return Ok((false, self.joining_entries(channel, user).await?));
+        }
+        let entries = self
+            .write_membership(&mut tx, channel, user, Change::Added, by, now)
+            .await?;
+        sqlx::query(
+            "UPDATE channel_members SET joined_seq = $1, inbox_seq = $2 WHERE channel_id = $3 AND user_id = $4",
+        )
+        .bind(entries[0].seq)
+        .bind(entries[1].seq)
+        .bind(channel.to_owned())
+        .bind(user.to_owned())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((true, entries))
     }
 
-    /// Adds a member unless they already are one, in one statement, and
-    /// returns when their membership started (now, or when they were first
-    /// added): what their gateways' catch-up starts from.
-    pub async fn add_member_since(
+    /// The two entries that added a current member (empty if they are not
+    /// one, or joined before positions existed).
+    async fn joining_entries(&self, channel: &str, user: &str) -> Result<Vec<Entry>, StoreError> {
+        let row = sqlx::query(
+            "SELECT joined_seq, inbox_seq FROM channel_members WHERE channel_id = $1 AND user_id = $2",
+        )
+        .bind(channel.to_owned())
+        .bind(user.to_owned())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Vec::new());
+        };
+        let (joined, inbox): (i64, i64) = (row.try_get("joined_seq")?, row.try_get("inbox_seq")?);
+        if joined == 0 {
+            return Ok(Vec::new());
+        }
+        let channel_key = Stream::Channel(channel.to_owned()).key();
+        let rows = sqlx::query(&format!(
+            "{ENTRY_SELECT} WHERE (e.stream = $1 AND e.seq = $2) OR (e.stream = $3 AND e.seq = $4)"
+        ))
+        .bind(channel_key.clone())
+        .bind(joined)
+        .bind(Stream::Inbox(user.to_owned()).key())
+        .bind(inbox)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut entries = entries_from(&rows)?;
+        // The channel's entry first.
+        entries.sort_by_key(|e| e.stream.channel().is_none());
+        Ok(entries)
+    }
+
+    /// Reserves a position in the channel's stream and one in the user's
+    /// inbox and writes the change there: `[channel entry, inbox twin]`.
+    async fn write_membership(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        channel: &str,
+        user: &str,
+        change: Change,
+        by: &str,
+        now: i64,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let channel_key = Stream::Channel(channel.to_owned()).key();
+        let inbox_key = Stream::Inbox(user.to_owned()).key();
+        let counts: BTreeMap<String, i64> =
+            [(channel_key.clone(), 1), (inbox_key.clone(), 1)].into();
+        let first = reserve(&mut *conn, self.sqlite, &counts).await?;
+        let entries = membership_entries(
+            channel,
+            user,
+            change,
+            by,
+            now,
+            first[&channel_key],
+            first[&inbox_key],
+        );
+        insert_entries(&mut *conn, self.sqlite, &entries).await?;
+        Ok(entries.to_vec())
+    }
+
+    /// Removes `user` (by `by`): deletes the membership and writes a
+    /// "removed" entry in the channel's stream and its twin in the user's
+    /// inbox, in one transaction; returns them, the channel's first.
+    /// `None` (nothing written) if they were not a member.
+    pub async fn remove_member(
         &self,
         channel: &str,
         user: &str,
+        by: &str,
         now: i64,
-    ) -> Result<i64, StoreError> {
+    ) -> Result<Option<Vec<Entry>>, StoreError> {
         let _turn = self.write_turn().await;
-        // The no-op update makes RETURNING yield the existing row too.
-        let row = sqlx::query(
-            "INSERT INTO channel_members (channel_id, user_id, added_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (channel_id, user_id) DO UPDATE SET added_at = channel_members.added_at \
-             RETURNING added_at",
-        )
-        .bind(channel.to_owned())
-        .bind(user.to_owned())
-        .bind(now)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.try_get("added_at")?)
-    }
-
-    /// Removes a member; `false` if they were not one.
-    pub async fn remove_member(&self, channel: &str, user: &str) -> Result<bool, StoreError> {
-        let _turn = self.write_turn().await;
+        let mut tx = self.pool.begin().await?;
         let r = sqlx::query("DELETE FROM channel_members WHERE channel_id = $1 AND user_id = $2")
             .bind(channel.to_owned())
             .bind(user.to_owned())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(r.rows_affected() > 0)
+        if r.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let entries = self
+            .write_membership(&mut tx, channel, user, Change::Removed, by, now)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(entries))
+    }
+
+    /// The channels `user` belongs to, ordered by channel id, with where
+    /// each membership starts.
+    pub async fn memberships(&self, user: &str) -> Result<Vec<MemberOf>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT channel_id, joined_seq, inbox_seq FROM channel_members WHERE user_id = $1 ORDER BY channel_id",
+        )
+        .bind(user.to_owned())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                Ok(MemberOf {
+                    channel_id: r.try_get("channel_id")?,
+                    joined_seq: r.try_get("joined_seq")?,
+                    inbox_seq: r.try_get("inbox_seq")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?)
     }
 
     /// The channels `user` belongs to, with when each membership started.
@@ -626,20 +1081,127 @@ impl Store {
             .collect::<Result<_, _>>()?)
     }
 
-    /// One page of a conversation's history (an ordering key's text),
-    /// newest first, strictly older than `before` if given.
-    pub async fn history(
+    /// Entries of `stream` after position `after`, ascending, at most
+    /// `limit`; a message's entry carries the stored message (one query).
+    pub async fn entries_after(
         &self,
-        conversation: &str,
+        stream: &Stream,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{ENTRY_SELECT} WHERE e.stream = $1 AND e.seq > $2 ORDER BY e.seq ASC LIMIT $3"
+        ))
+        .bind(stream.key())
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        entries_from(&rows)
+    }
+
+    /// Each given stream's head: its last position, 0 for a stream with no
+    /// entry (one query).
+    pub async fn heads(&self, streams: &[Stream]) -> Result<HashMap<Stream, i64>, StoreError> {
+        let mut heads: HashMap<Stream, i64> = streams.iter().map(|s| (s.clone(), 0)).collect();
+        if streams.is_empty() {
+            return Ok(heads);
+        }
+        let mut sql = String::from("SELECT stream, head FROM streams WHERE stream IN (");
+        for i in 0..streams.len() {
+            if i > 0 {
+                sql.push(',');
+            }
+            placeholder(&mut sql, self.sqlite, i + 1);
+        }
+        sql.push(')');
+        let mut q = sqlx::query(&sql);
+        for s in streams {
+            q = q.bind(s.key());
+        }
+        for row in q.fetch_all(&self.pool).await? {
+            let name: String = row.try_get("stream")?;
+            if let Some(s) = Stream::parse_key(&name) {
+                heads.insert(s, row.try_get("head")?);
+            }
+        }
+        Ok(heads)
+    }
+
+    /// The position of the first "removed" entry of `user` in `channel`'s
+    /// stream after `after`, if any: where the resume of a channel the user
+    /// was removed from ends.
+    pub async fn removal_after(
+        &self,
+        channel: &str,
+        user: &str,
+        after: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query(
+            "SELECT seq FROM stream_entries WHERE stream = $1 AND seq > $2 AND user_id = $3 AND change = 'removed' ORDER BY seq ASC LIMIT 1",
+        )
+        .bind(Stream::Channel(channel.to_owned()).key())
+        .bind(after)
+        .bind(user.to_owned())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(r) => Some(r.try_get("seq")?),
+            None => None,
+        })
+    }
+
+    /// One page of a channel's messages, newest first (by message id),
+    /// strictly older than `before` if given, as entries of the channel's
+    /// stream.
+    pub async fn channel_history(
+        &self,
+        channel: &str,
         before: Option<&str>,
         limit: u32,
-    ) -> Result<Vec<Message>, StoreError> {
+    ) -> Result<Vec<Entry>, StoreError> {
+        self.history_of(
+            &Stream::Channel(channel.to_owned()),
+            &OrderingKey::channel(channel),
+            before,
+            limit,
+        )
+        .await
+    }
+
+    /// One page of the personal conversation of `caller` and `other`,
+    /// newest first (by message id), strictly older than `before` if given,
+    /// as entries of the CALLER's inbox.
+    pub async fn personal_history(
+        &self,
+        caller: &str,
+        other: &str,
+        before: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Entry>, StoreError> {
+        self.history_of(
+            &Stream::Inbox(caller.to_owned()),
+            &OrderingKey::direct(caller, other),
+            before,
+            limit,
+        )
+        .await
+    }
+
+    async fn history_of(
+        &self,
+        stream: &Stream,
+        conversation: &OrderingKey,
+        before: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Entry>, StoreError> {
         let rows = match before {
             Some(b) => {
                 sqlx::query(&format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+                    "{ENTRY_SELECT} WHERE e.stream = $1 AND m.conversation = $2 AND m.id < $3 ORDER BY m.id DESC LIMIT $4"
                 ))
-                .bind(conversation.to_owned())
+                .bind(stream.key())
+                .bind(conversation.as_str().to_owned())
                 .bind(b.to_owned())
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
@@ -647,15 +1209,16 @@ impl Store {
             }
             None => {
                 sqlx::query(&format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation = $1 ORDER BY id DESC LIMIT $2"
+                    "{ENTRY_SELECT} WHERE e.stream = $1 AND m.conversation = $2 ORDER BY m.id DESC LIMIT $3"
                 ))
-                .bind(conversation.to_owned())
+                .bind(stream.key())
+                .bind(conversation.as_str().to_owned())
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
                 .await?
             }
         };
-        messages_from(&rows)
+        entries_from(&rows)
     }
 
     /// A conversation's messages created at or after `since` (ms), oldest
@@ -709,5 +1272,48 @@ impl Store {
             .fetch_one(&self.pool)
             .await?;
         Ok(row.try_get("n")?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_rolled_back_reservation_leaves_no_gap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite:{}?mode=rwc", dir.path().join("r.db").display());
+        let store = Store::connect(&url, 2, Duration::from_secs(5))
+            .await
+            .expect("connect");
+        let counts: BTreeMap<String, i64> = [("inbox:bob".to_owned(), 3)].into();
+        {
+            let mut tx = store.pool.begin().await.expect("begin");
+            let first = reserve(&mut tx, store.sqlite, &counts)
+                .await
+                .expect("reserve");
+            assert_eq!(first["inbox:bob"], 1);
+            // Dropped without a commit: a crash between the reservation
+            // and the commit.
+        }
+        let m = Message {
+            id: uuid::Uuid::now_v7().to_string(),
+            sender_id: "alice".into(),
+            target: Target::User("bob".into()),
+            content: "hi".into(),
+            client_msg_id: None,
+            created_at: 0,
+        };
+        let out = store.insert_messages(&[m]).await.expect("insert");
+        assert_eq!(
+            out[0]
+                .entries
+                .iter()
+                .map(|e| (e.stream.key(), e.seq))
+                .collect::<Vec<_>>(),
+            [("inbox:bob".to_owned(), 1), ("inbox:alice".to_owned(), 1)],
+            "the positions the rollback gave back"
+        );
+        store.close().await;
     }
 }

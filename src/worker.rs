@@ -3,10 +3,14 @@
 //!
 //! Order of work for a batch (as many deliveries as are ready, up to
 //! `worker.batch_size`): decode and re-validate (poison goes to the
-//! dead-letter place at once), store all in one statement, publish (in
-//! order per route key, keys concurrently), ack. Nothing is acked before it
-//! is stored and published; a crash anywhere means redelivery, which the
-//! store's idempotency and the gateways' duplicate windows absorb.
+//! dead-letter place at once), store all in one transaction that also gives
+//! each new message its positions (`seq`) in its streams (the receiver's
+//! and the sender's inbox, or the channel's stream), publish each stored
+//! entry as [`OutgoingEnvelope::Entry`] to its stream's route key (in
+//! position order per key, keys concurrently), ack. Nothing is acked before
+//! it is stored and published; a crash anywhere means redelivery: the store
+//! writes nothing twice and returns the positions it gave the first time,
+//! and a gateway drops what a session already has by its position.
 //!
 //! # Error policy
 //!
@@ -43,6 +47,7 @@ use crate::config::WorkerConfig;
 use crate::metrics::Metrics;
 use crate::protocol::{self, IncomingEnvelope, Message, OutgoingEnvelope};
 use crate::store::{Outcome, Store, StoreError};
+use crate::stream::Entry;
 
 /// Largest content a worker accepts, whatever the gateways' limit: a
 /// backstop against an event no gateway should have published.
@@ -257,17 +262,18 @@ impl Consumer {
         }
     }
 
-    /// Counts and routes stored messages (a client's retry is not routed:
-    /// see [`Outcome::Retry`]); `false` if the worker stopped first.
+    /// Counts stored messages and routes their entries (a client's retry
+    /// is not routed: see [`Outcome::Retry`]); `false` if the worker
+    /// stopped first.
     async fn settle_stored(&self, stored: &[crate::store::Stored]) -> bool {
-        let mut routed = Vec::with_capacity(stored.len());
+        let mut routed = Vec::with_capacity(stored.len() * 2);
         for s in stored {
             match s.outcome {
                 Outcome::New => self.metrics.messages_stored.inc(),
                 Outcome::Redelivered | Outcome::Retry => self.metrics.messages_deduplicated.inc(),
             };
             if s.outcome != Outcome::Retry {
-                routed.push(&s.message);
+                routed.extend(s.entries.iter());
             }
         }
         self.route(&routed).await
@@ -294,30 +300,33 @@ impl Consumer {
         }
     }
 
-    /// Publishes stored messages to their route keys, retrying broker
-    /// errors; `false` if the worker stopped first. Messages to one key go
-    /// out one after another in batch order (that is the conversation's
-    /// order); different keys go out concurrently, so a batch costs about
-    /// one round trip per message to its busiest key, not one per message.
-    async fn route(&self, messages: &[&Message]) -> bool {
-        let mut per_key: HashMap<RouteKey, Vec<bytes::Bytes>> = HashMap::new();
-        for message in messages {
-            let env = OutgoingEnvelope::Message {
-                message: (*message).clone(),
-            };
+    /// Publishes stored entries to their streams' route keys, retrying
+    /// broker errors; `false` if the worker stopped first. Entries of one
+    /// key go out one after another in position order (a gateway keeps a
+    /// session gap-free by that order); different keys go out concurrently,
+    /// so a batch costs about one round trip per entry of its busiest key,
+    /// not one per entry.
+    async fn route(&self, entries: &[&Entry]) -> bool {
+        let mut per_key: HashMap<RouteKey, Vec<(i64, bytes::Bytes)>> = HashMap::new();
+        for entry in entries {
+            let env = OutgoingEnvelope::Entry((*entry).clone());
             let payload = match serde_json::to_vec(&env) {
                 Ok(p) => bytes::Bytes::from(p),
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot encode an outgoing message");
+                    tracing::error!(error = %e, "cannot encode an outgoing entry");
                     continue;
                 }
             };
-            for key in message.route_keys() {
-                per_key.entry(key).or_default().push(payload.clone());
-            }
+            per_key
+                .entry(entry.stream.route_key())
+                .or_default()
+                .push((entry.seq, payload));
         }
-        let sends = per_key.into_iter().map(|(key, payloads)| async move {
-            for payload in payloads {
+        let sends = per_key.into_iter().map(|(key, mut payloads)| async move {
+            // A redelivered message's entries may come after newer ones in
+            // the batch.
+            payloads.sort_by_key(|(seq, _)| *seq);
+            for (_, payload) in payloads {
                 if !self.publish_one(&key, payload).await {
                     return false;
                 }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    api_call, metric, next, quiet, send_ok, spawn_gateway, Cluster, SECRET, WAIT,
+    api_call, metric, next, next_chat, quiet, quiet_chat, send_ok, spawn_gateway, Cluster, SECRET,
+    WAIT,
 };
 use fanout::app;
 use fanout::auth::Tokens;
@@ -318,7 +319,7 @@ async fn the_token_user_is_the_sender_whatever_the_payload_says() {
     personal["to"] = json!("bob");
     personal["content"] = json!("hi");
     let id = send_ok(&alice, personal).await;
-    let (_, data) = next(&bob).await;
+    let (_, data) = next_chat(&bob).await;
     assert_eq!(
         (&data["id"], &data["senderId"]),
         (&json!(id), &json!("alice"))
@@ -328,14 +329,14 @@ async fn the_token_user_is_the_sender_whatever_the_payload_says() {
     group["content"] = json!("hello room");
     let gid = send_ok(&alice, group).await;
     for s in [&bob, &victim] {
-        let (name, data) = next(s).await;
+        let (name, data) = next_chat(s).await;
         assert_eq!(name, "GROUP_MESSAGE_RECEIVE");
         assert_eq!(
             (&data["id"], &data["senderId"]),
             (&json!(gid), &json!("alice"))
         );
     }
-    quiet(&victim, "the personal message went to bob only").await;
+    quiet_chat(&victim, "the personal message went to bob only").await;
     // Stored as alice's, too: victim has no conversation with bob.
     let (_, body) = c.get(0, "victim", "/api/conversations/bob/messages").await;
     assert_eq!(body["messages"], json!([]));
@@ -348,10 +349,10 @@ async fn the_token_user_is_the_sender_whatever_the_payload_says() {
     .await
     .expect("connect");
     send_ok(&alice, json!({ "to": "bob", "content": "for bob only" })).await;
-    assert_eq!(next(&bob).await.1["content"], json!("for bob only"));
-    quiet(&posing, "a mallory session must not receive bob's messages").await;
+    assert_eq!(next_chat(&bob).await.1["content"], json!("for bob only"));
+    quiet_chat(&posing, "a mallory session must not receive bob's messages").await;
     let id = send_ok(&posing, json!({ "to": "bob", "content": "who am I" })).await;
-    let (_, data) = next(&bob).await;
+    let (_, data) = next_chat(&bob).await;
     assert_eq!(
         (&data["id"], &data["senderId"]),
         (&json!(id), &json!("mallory"))
@@ -377,7 +378,7 @@ async fn a_non_member_cannot_send_to_a_channel_and_nothing_is_stored() {
             .expect("ack");
         assert_eq!(error_code(&ack), "not_member", "{payload}: {ack}");
     }
-    quiet(&member, "nothing from a non-member").await;
+    quiet_chat(&member, "nothing from a non-member").await;
     assert_eq!(c.store.count_messages().await.expect("count"), 0);
     c.stop().await;
 }
@@ -408,9 +409,9 @@ async fn a_removed_member_cannot_send_right_after_the_204() {
             .expect("ack");
         assert_eq!(error_code(&ack), "not_member", "round {round}: {ack}");
         // The owner sees the first message and never the second.
-        let (_, data) = next(&owner).await;
+        let (_, data) = next_chat(&owner).await;
         assert_eq!(data["content"], json!("in"));
-        quiet(&owner, "nothing sent after the removal").await;
+        quiet_chat(&owner, "nothing sent after the removal").await;
     }
     c.stop().await;
 }
@@ -496,7 +497,7 @@ async fn hostile_ids_are_refused_everywhere_and_nothing_is_stored_or_bound() {
     assert_eq!(c.store.count_messages().await.expect("count"), 0);
     assert!(c.store.channel("fine").await.expect("store").is_none());
     assert_eq!(metric(&c.urls[0], "fanout_bound_keys").await, bound_before);
-    quiet(&alice, "nothing delivered").await;
+    quiet_chat(&alice, "nothing delivered").await;
     c.stop().await;
 }
 

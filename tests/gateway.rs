@@ -4,8 +4,9 @@
 mod common;
 
 use bytes::Bytes;
-use common::cluster::{next, quiet, send_ok, Cluster, WAIT};
+use common::cluster::{next, next_chat, quiet, send_ok, Cluster, WAIT};
 use fanout::protocol::{Message, OutgoingEnvelope, Target};
+use fanout::stream::{Body, Entry, Stream};
 use fanout_backend::{RouteKey, RouteOutcome};
 use reqwest::Method;
 use serde_json::json;
@@ -103,7 +104,7 @@ async fn two_hundred_pipelined_messages_arrive_in_order_with_two_workers() {
     }
     let (mut personal, mut group) = (Vec::new(), Vec::new());
     while personal.len() < 200 || group.len() < 200 {
-        let (name, data) = next(&frank).await;
+        let (name, data) = next_chat(&frank).await;
         let content = data["content"].as_str().expect("content").to_owned();
         if name == "MESSAGE_RECEIVE" {
             personal.push(content)
@@ -144,7 +145,7 @@ async fn a_member_added_on_another_gateway_gets_every_message_after_the_204() {
             json!({ "channelId": "live", "content": format!("round {round}") }),
         )
         .await;
-        let (name, data) = next(&joiner).await;
+        let (name, data) = next_chat(&joiner).await;
         assert_eq!(
             (name.as_str(), &data["id"]),
             ("GROUP_MESSAGE_RECEIVE", &json!(id)),
@@ -152,7 +153,7 @@ async fn a_member_added_on_another_gateway_gets_every_message_after_the_204() {
         );
         quiet(&joiner, "exactly once").await;
         // Drain the owner's own copy.
-        assert_eq!(next(&owner).await.1["id"], json!(id));
+        assert_eq!(next_chat(&owner).await.1["id"], json!(id));
     }
     c.stop().await;
 }
@@ -169,7 +170,7 @@ async fn a_removed_member_gets_nothing_sent_after_the_204() {
     )
     .await;
     let before = send_ok(&owner, json!({ "channelId": "club", "content": "before" })).await;
-    assert_eq!(next(&gone).await.1["id"], json!(before));
+    assert_eq!(next_chat(&gone).await.1["id"], json!(before));
     let (status, _) = c
         .api(
             1,
@@ -183,7 +184,19 @@ async fn a_removed_member_gets_nothing_sent_after_the_204() {
     send_ok(&owner, json!({ "channelId": "club", "content": "after" })).await;
     // A sentinel on the same path proves the group message had its chance.
     let sentinel = send_ok(&owner, json!({ "to": "leaver", "content": "sentinel" })).await;
-    let (name, data) = next(&gone).await;
+    // Its own removal, on the channel's stream (the last entry of it) and
+    // on its inbox, then the sentinel; nothing of the channel after.
+    let mut removals = Vec::new();
+    let (name, data) = loop {
+        let (name, data) = next(&gone).await;
+        if name != "MEMBERSHIP_CHANGE" {
+            break (name, data);
+        }
+        assert_eq!(data["change"], json!("removed"), "{data}");
+        removals.push(data["stream"].as_str().unwrap_or_default().to_owned());
+    };
+    removals.sort();
+    assert_eq!(removals, ["channel:club", "inbox"]);
     assert_eq!(
         (name.as_str(), &data["id"]),
         ("MESSAGE_RECEIVE", &json!(sentinel)),
@@ -215,8 +228,14 @@ async fn a_redelivered_message_is_shown_once_per_session() {
         client_msg_id: Some("k".into()),
         created_at: 1,
     };
-    let payload =
-        serde_json::to_vec(&OutgoingEnvelope::Message { message: m.clone() }).expect("encode");
+    // Position 1 of gina's inbox (empty when she connected), published
+    // twice as an at-least-once broker may.
+    let payload = serde_json::to_vec(&OutgoingEnvelope::Entry(Entry {
+        stream: Stream::Inbox("gina".into()),
+        seq: 1,
+        body: Body::Message(m.clone()),
+    }))
+    .expect("encode");
     for _ in 0..2 {
         c.backend
             .publish_outgoing(
@@ -229,6 +248,8 @@ async fn a_redelivered_message_is_shown_once_per_session() {
     let (_, data) = next(&s).await;
     assert_eq!(data["id"], json!(m.id));
     assert_eq!(data["clientMsgId"], json!("k"));
+    assert_eq!(data["seq"], json!(1));
+    assert_eq!(data["stream"], json!("inbox"));
     quiet(&s, "the duplicate must be dropped").await;
     c.stop().await;
 }
@@ -308,7 +329,7 @@ async fn a_join_swallowed_by_a_route_loss_is_applied_after_it() {
     c.create_channel(0, "owner", json!({ "id": "late", "name": "Late" }))
         .await;
     c.store
-        .add_member("late", "alice", fanout::protocol::now_ms())
+        .add_member("late", "alice", "owner", fanout::protocol::now_ms())
         .await
         .expect("store");
     // The gateway loses its routes: Redis drops its subscriber connection.
@@ -347,7 +368,7 @@ async fn a_join_swallowed_by_a_route_loss_is_applied_after_it() {
         json!({ "channelId": "late", "content": "after the loss" }),
     )
     .await;
-    let (name, data) = next(&alice).await;
+    let (name, data) = next_chat(&alice).await;
     assert_eq!(
         (name.as_str(), &data["id"]),
         ("GROUP_MESSAGE_RECEIVE", &json!(id))

@@ -1,115 +1,67 @@
-//! The loop over this gateway's outgoing stream: emits routed messages to
-//! local sessions, applies membership changes, and re-binds after the
-//! backend lost the routes.
+//! The loop over this gateway's outgoing stream, and the work it asks for:
+//! entries are offered to the local sessions of their stream (which emit
+//! them strictly in position order, see [`super::sessions`]); positions a
+//! session misses are read from the store ("fills"); channels a user was
+//! added to are bound, then filled; after the backend lost the routes,
+//! every key is bound again (retried until it holds) and every local
+//! stream is filled from where its sessions stand.
 //!
-//! Joins leave the loop's critical path: the loop only marks the joining
-//! sessions (an in-memory step) and queues the join; join tasks bind the
-//! channel and read its catch-up, up to [`JOIN_CONCURRENCY`] channels at a
-//! time, all joins of one channel that queued meanwhile in one bind and one
-//! query. Meanwhile the joining sessions keep the channel's live messages
-//! aside and are shown them after the catch-up (see
-//! [`super::Sessions::finish_join`]), so a channel flood of joins costs
-//! chat delivery no bind and no query, and each session still sees its
-//! conversation in order.
+//! Nothing here waits on the loop's critical path: binds, unbinds and
+//! reads run in tasks, and the sessions keep what arrives meanwhile in
+//! order.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
-use fanout_backend::{OrderingKey, OutgoingMessage, RouteKey, ServerEvent, ServerStream};
+use fanout_backend::{OutgoingMessage, RouteKey, ServerEvent, ServerStream};
 use futures::StreamExt;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 
-use super::sessions::{Emit, JoinTicket};
+use super::sessions::{Follow, Item};
 use super::Gateway;
-use crate::protocol::{now_ms, Message, OutgoingEnvelope};
+use crate::protocol::OutgoingEnvelope;
+use crate::stream::Stream;
 
-/// Most stored messages a newly added member catches up on; also per user
-/// and per channel after a route loss.
-const CATCH_UP_LIMIT: u32 = 1000;
-/// Catch-up queries in flight after a route loss.
-const CATCH_UP_CONCURRENCY: usize = 8;
-/// Channels whose joins are bound and caught up at once.
-const JOIN_CONCURRENCY: usize = 4;
+/// Most entries one fill reads; a longer gap takes several reads.
+pub const FILL_LIMIT: u32 = 1000;
+/// Fills in flight at once on one gateway: a route loss or a flood of
+/// joins must not take every connection of the store's pool.
+pub const FILL_CONCURRENCY: usize = 8;
+/// How long a failed fill waits before it is tried again.
+const FILL_RETRY: Duration = Duration::from_millis(500);
 
-/// Joins queued for their bind and catch-up, by channel: joins of one
-/// channel that arrive before its task starts share that task.
-#[derive(Debug, Default)]
-struct JoinQueue {
-    pending: Mutex<HashMap<String, Vec<JoinTicket>>>,
-}
-
-impl JoinQueue {
-    /// Adds tickets; `true` if the channel had none waiting (the caller
-    /// then schedules a task for it).
-    fn push(&self, channel: &str, tickets: Vec<JoinTicket>) -> bool {
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        match p.get_mut(channel) {
-            Some(waiting) => {
-                waiting.extend(tickets);
-                false
-            }
-            None => {
-                p.insert(channel.to_owned(), tickets);
-                true
-            }
-        }
-    }
-
-    fn take(&self, channel: &str) -> Vec<JoinTicket> {
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        p.remove(channel).unwrap_or_default()
-    }
-}
-
-/// Runs the delivery loop until the stream ends.
+/// Runs the delivery loop until the stream ends, and the task that fills
+/// the streams of keys whose bind was repaired.
 pub fn spawn(gw: Arc<Gateway>, stream: ServerStream) -> tokio::task::JoinHandle<()> {
+    if let Some(repaired) = gw.take_repaired() {
+        tokio::spawn(fill_repaired(Arc::downgrade(&gw), repaired));
+    }
     tokio::spawn(run(gw, stream))
 }
 
 async fn run(gw: Arc<Gateway>, mut stream: ServerStream) {
-    // Processed one at a time, in order: a leave applied before the next
-    // message, a join's sessions marked before later live messages.
-    let joins = Arc::new(JoinQueue::default());
-    let (join_tx, join_rx) = mpsc::unbounded_channel();
-    // Ends when this loop ends (join_tx dropped) and its queue is done.
-    tokio::spawn(run_joins(gw.clone(), joins.clone(), join_rx));
-    // Wall time of the last delivery before a loss, and how far behind its
-    // message's creation it was: what was published after the message may
-    // have fallen into the gap, which then starts that much earlier (a
-    // gateway whose stream overflowed was behind by a whole buffer).
-    let mut last_delivery_ms = now_ms();
-    let mut lag_ms: i64 = 0;
     while let Some(event) = stream.next().await {
         match event {
-            ServerEvent::Message(m) => {
-                last_delivery_ms = now_ms();
-                if let Some(created_at) = handle(&gw, &joins, &join_tx, m) {
-                    lag_ms = (last_delivery_ms - created_at).max(0);
-                }
-            }
+            ServerEvent::Message(m) => handle(&gw, m),
             ServerEvent::RoutesLost => {
                 gw.metrics.routes_lost.inc();
-                let (n, err) = gw.routes.rebind_all().await;
-                match err {
-                    None => tracing::warn!(
-                        keys = n,
+                let (bound, retrying) = gw.routes.rebind_all().await;
+                if retrying == 0 {
+                    tracing::warn!(
+                        keys = bound,
                         "backend lost this gateway's routes; bound them again"
-                    ),
-                    Some(e) => {
-                        tracing::error!(keys = n, error = %e, "re-binding after a route loss failed")
-                    }
+                    );
+                } else {
+                    tracing::error!(
+                        keys = bound,
+                        retrying,
+                        "backend lost this gateway's routes; some binds failed and are retried until they hold"
+                    );
                 }
-                // Bound again: what comes next arrives live. Before the
-                // stream moves on, send every local session what was
-                // published into the gap, so the order within each
-                // conversation holds; duplicate windows drop what a
-                // session was already shown.
-                // Join and leave notices may have fallen into the gap too:
-                // the store says what each local user belongs to now.
-                resync_memberships(&gw, &joins, &join_tx).await;
-                let from = last_delivery_ms - lag_ms - gw.config.gateway.loss_catch_up_ms;
-                catch_up_after_loss(&gw, from).await;
-                lag_ms = 0;
+                // What was published into the gap is in the store; a lost
+                // tail shows no gap, so every local stream is read from
+                // where its sessions stand.
+                fill_all(&gw);
             }
         }
     }
@@ -130,249 +82,155 @@ async fn run(gw: Arc<Gateway>, mut stream: ServerStream) {
     }
 }
 
-/// Applies one outgoing message without awaiting anything; returns the
-/// chat message's creation time if it was one.
-fn handle(
-    gw: &Gateway,
-    joins: &JoinQueue,
-    join_tx: &mpsc::UnboundedSender<String>,
-    m: OutgoingMessage,
-) -> Option<i64> {
-    let env: OutgoingEnvelope = match serde_json::from_slice(&m.payload) {
-        Ok(env) => env,
+/// Offers one outgoing entry to its stream's local sessions, without
+/// awaiting anything.
+fn handle(gw: &Arc<Gateway>, m: OutgoingMessage) {
+    let entry = match serde_json::from_slice::<OutgoingEnvelope>(&m.payload) {
+        Ok(OutgoingEnvelope::Entry(entry)) => entry,
         Err(e) => {
             tracing::error!(key = %m.key, error = %e, "undecodable outgoing message dropped");
-            return None;
-        }
-    };
-    match env {
-        OutgoingEnvelope::Message { message } => {
-            gw.sessions.emit(&m.key, &emit_of(&message));
-            Some(message.created_at)
-        }
-        OutgoingEnvelope::Entry(_) => {
-            tracing::error!(key = %m.key, "sequenced entries are not handled yet");
-            None
-        }
-        OutgoingEnvelope::Join {
-            channel_id,
-            user_id,
-            since,
-        } => {
-            let from = since - gw.config.gateway.catch_up_skew_ms;
-            let tickets = gw.sessions.join_channel(&user_id, &channel_id, from);
-            if !tickets.is_empty() && joins.push(&channel_id, tickets) {
-                // Fails only once the join task is gone, i.e. never while
-                // this loop runs.
-                let _ = join_tx.send(channel_id);
-            }
-            None
-        }
-        OutgoingEnvelope::Leave {
-            channel_id,
-            user_id,
-        } => {
-            let sids = gw.sessions.leave_channel(&user_id, &channel_id);
-            if !sids.is_empty() {
-                // Unbinding waits for nothing the loop needs: the session
-                // no longer receives the channel, so a late unbind only
-                // lets a few messages arrive that nobody is shown.
-                let gw_routes = gw.routes.clone();
-                tokio::spawn(async move {
-                    let key = RouteKey::Channel(channel_id.clone());
-                    for _ in &sids {
-                        if let Err(e) = gw_routes.release(&key).await {
-                            tracing::warn!(channel = %channel_id, error = %e, "cannot unbind a left channel");
-                        }
-                    }
-                });
-            }
-            None
-        }
-    }
-}
-
-/// Works the join queue, [`JOIN_CONCURRENCY`] channels at a time.
-async fn run_joins(
-    gw: Arc<Gateway>,
-    joins: Arc<JoinQueue>,
-    mut rx: mpsc::UnboundedReceiver<String>,
-) {
-    let slots = Arc::new(Semaphore::new(JOIN_CONCURRENCY));
-    while let Some(channel) = rx.recv().await {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
-        };
-        let (gw, joins) = (gw.clone(), joins.clone());
-        tokio::spawn(async move {
-            complete_joins(&gw, &joins, &channel).await;
-            drop(slot);
-        });
-    }
-}
-
-/// Binds `channel` for the joins queued on it, reads its catch-up once,
-/// and shows each joined session its part, then what waited meanwhile.
-async fn complete_joins(gw: &Gateway, joins: &JoinQueue, channel: &str) {
-    let tickets = joins.take(channel);
-    let Some(from) = tickets.iter().map(|t| t.since).min() else {
+        }
+    };
+    if Stream::of_route_key(&m.key) != entry.stream {
+        tracing::error!(key = %m.key, stream = %entry.stream, "an entry routed under another stream's key dropped");
         return;
-    };
-    let key = RouteKey::Channel(channel.to_owned());
-    let mut held = Vec::with_capacity(tickets.len());
-    for t in &tickets {
-        match gw.routes.acquire(&key).await {
-            Ok(_) => held.push(t.ticket),
-            Err(e) => {
-                tracing::error!(channel = %channel, error = %e, "cannot bind a joined channel")
-            }
-        }
     }
-    // Bound now: everything published from here on arrives live. What was
-    // published before the bind is in the store (workers store before they
-    // publish), so read it back; the sessions' duplicate windows drop what
-    // they were already shown.
-    let conversation = OrderingKey::channel(channel);
-    let catch_up: Vec<Emit> = match gw
-        .store
-        .messages_since(conversation.as_str(), from, CATCH_UP_LIMIT)
-        .await
-    {
-        Ok(messages) => messages.iter().map(emit_of).collect(),
-        Err(e) => {
-            tracing::error!(channel = %channel, error = %e, "catch-up after join failed");
-            Vec::new()
-        }
-    };
-    let gone = gw.sessions.finish_join(channel, &tickets, &catch_up);
-    // Sessions that left or ended while catching up: their references
-    // were never handed to them, so they go back here.
-    for t in gone {
-        if held.contains(&t.ticket) {
-            if let Err(e) = gw.routes.release(&key).await {
-                tracing::warn!(channel = %channel, error = %e, "cannot unbind a left channel");
-            }
-        }
-    }
+    let follows = gw.sessions.offer(&Item::new(entry));
+    gw.follow(follows);
 }
 
-/// Applies to the local sessions the memberships the store holds now, as
-/// join and leave notices would have (after a route loss, which may have
-/// swallowed some). Both directions are idempotent, so a notice still in
-/// the stream changes nothing more when it arrives.
-async fn resync_memberships(
-    gw: &Arc<Gateway>,
-    joins: &JoinQueue,
-    join_tx: &mpsc::UnboundedSender<String>,
-) {
-    let (users, _) = gw.sessions.local_users_and_channels();
-    let results: Vec<_> = futures::stream::iter(users)
-        .map(|u| async move {
-            let r = gw.store.memberships_of(&u).await;
-            (u, r)
-        })
-        .buffer_unordered(CATCH_UP_CONCURRENCY)
-        .collect()
-        .await;
-    let (mut joined, mut left) = (0usize, 0usize);
-    for (user, result) in results {
-        let memberships = match result {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::error!(%user, error = %e, "membership check after a route loss failed");
-                continue;
-            }
-        };
-        let held = gw.sessions.channels_of_user(&user);
-        for (channel, added_at) in &memberships {
-            if held.contains(channel) {
-                continue;
-            }
-            let from = added_at - gw.config.gateway.catch_up_skew_ms;
-            let tickets = gw.sessions.join_channel(&user, channel, from);
-            joined += tickets.len();
-            if !tickets.is_empty() && joins.push(channel, tickets) {
-                // Fails only once the join task is gone, i.e. never while
-                // the delivery loop runs.
-                let _ = join_tx.send(channel.clone());
-            }
-        }
-        let now: std::collections::HashSet<&String> = memberships.iter().map(|(c, _)| c).collect();
-        for channel in held.iter().filter(|c| !now.contains(c)) {
-            let sids = gw.sessions.leave_channel(&user, channel);
-            left += sids.len();
-            let key = RouteKey::Channel(channel.clone());
-            for _ in &sids {
-                if let Err(e) = gw.routes.release(&key).await {
-                    tracing::warn!(%channel, error = %e, "cannot unbind a left channel");
+impl Gateway {
+    /// Starts the work sessions asked for (see [`Follow`]).
+    pub fn follow(self: &Arc<Self>, follows: Vec<Follow>) {
+        for f in follows {
+            match f {
+                Follow::Fill(stream) => {
+                    let wait = Duration::from_millis(self.config.gateway.gap_wait_ms);
+                    self.schedule_fill(stream, wait)
+                }
+                Follow::Join { sid, channel } => {
+                    let gw = self.clone();
+                    tokio::spawn(async move { join(&gw, sid, channel).await });
+                }
+                Follow::Release(key) => {
+                    let gw = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = gw.routes.release(&key).await {
+                            tracing::warn!(key = %key, error = %e, "cannot unbind a left channel; the route stays until the gateway deregisters");
+                        }
+                    });
                 }
             }
         }
     }
-    if joined + left > 0 {
-        tracing::warn!(
-            joined,
-            left,
-            "applied membership changes whose notices the route loss swallowed"
-        );
+
+    /// Fills `stream` after `wait` (after a gap, `gateway.gap_wait_ms`: the
+    /// missing positions may only be late, two workers publish one inbox),
+    /// once however many sessions asked for it meanwhile (a channel
+    /// created with 1,000 members: one read for all its local joiners).
+    pub fn schedule_fill(self: &Arc<Self>, stream: Stream, wait: Duration) {
+        if !self.fill_scheduled(&stream) {
+            return;
+        }
+        let gw = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let Ok(_slot) = gw.fill_slots.acquire().await else {
+                return;
+            };
+            gw.fill_done(&stream);
+            fill(&gw, &stream, false).await;
+        });
     }
 }
 
-/// Reads back from the store what local users and channels got from
-/// `from` on, and emits it.
-async fn catch_up_after_loss(gw: &Gateway, from: i64) {
-    let (users, channels) = gw.sessions.local_users_and_channels();
-    let started = std::time::Instant::now();
-    let personal = futures::stream::iter(users)
-        .map(|u| async move {
-            let r = gw
-                .store
-                .personal_messages_since(&u, from, CATCH_UP_LIMIT)
-                .await;
-            (RouteKey::User(u), r)
-        })
-        .buffer_unordered(CATCH_UP_CONCURRENCY);
-    let group = futures::stream::iter(channels)
-        .map(|c| async move {
-            let conversation = OrderingKey::channel(&c);
-            let r = gw
-                .store
-                .messages_since(conversation.as_str(), from, CATCH_UP_LIMIT)
-                .await;
-            (RouteKey::Channel(c), r)
-        })
-        .buffer_unordered(CATCH_UP_CONCURRENCY);
-    let results: Vec<_> = personal.chain(group).collect().await;
-    let (mut shown, mut failed) = (0u64, 0usize);
-    for (key, result) in results {
-        let messages = match result {
-            Ok(m) => m,
-            Err(e) => {
-                failed += 1;
-                tracing::error!(key = %key, error = %e, "catch-up after a route loss failed");
-                continue;
-            }
+/// Reads `stream` from the store from where its waiting sessions stand
+/// (all of its sessions if `all`) and offers what it finds; retried until
+/// the store answers while a session still waits.
+pub async fn fill(gw: &Arc<Gateway>, stream: &Stream, all: bool) {
+    let mut all = all;
+    let mut previous = None;
+    loop {
+        let Some(from) = gw.sessions.fill_from(stream, all) else {
+            return;
         };
-        for message in &messages {
-            shown += gw.sessions.emit(&key, &emit_of(message)).emitted;
+        if previous.is_some_and(|p| from <= p) {
+            // The store's entries did not move the sessions on: a gap in
+            // the store itself, which positions never leave.
+            tracing::error!(%stream, from, "filling made no progress; the store misses positions");
+            return;
+        }
+        gw.metrics.fills.inc();
+        match gw.store.entries_after(stream, from, FILL_LIMIT).await {
+            Ok(entries) => {
+                let full = entries.len() as u32 == FILL_LIMIT;
+                let items: Vec<Arc<Item>> = entries.into_iter().map(Item::new).collect();
+                let (emitted, follows) = gw.sessions.fill(stream, &items);
+                gw.metrics.fill_entries.inc_by(emitted);
+                gw.follow(follows);
+                if !full {
+                    return;
+                }
+                // A longer gap: read on from where the sessions are now.
+                all = true;
+                previous = Some(from);
+            }
+            Err(e) => {
+                gw.metrics.fill_failures.inc();
+                tracing::warn!(%stream, error = %e, retry_in = ?FILL_RETRY, "cannot read missing positions; retrying");
+                tokio::time::sleep(FILL_RETRY).await;
+            }
         }
     }
-    gw.metrics.loss_catch_up_emitted.inc_by(shown);
-    tracing::warn!(
-        from_ms = from,
-        shown,
-        failed_queries = failed,
-        took_ms = started.elapsed().as_millis() as u64,
-        "caught local sessions up after a route loss"
-    );
 }
 
-fn emit_of(message: &Message) -> Emit {
-    let (event, data) = message.to_event();
-    Emit {
-        event,
-        id: message.id.clone(),
-        data,
-        created_at: message.created_at,
+/// Fills every local stream (after a route loss): each is marked, so that
+/// a lost tail with no gap to show it is read too.
+fn fill_all(gw: &Arc<Gateway>) {
+    let streams = gw.sessions.streams();
+    tracing::warn!(
+        streams = streams.len(),
+        "filling local sessions from the store after a route loss"
+    );
+    for stream in streams {
+        gw.sessions.mark_stale(&stream);
+        gw.schedule_fill(stream, Duration::ZERO);
+    }
+}
+
+/// Binds a channel a session was added to (retried until it holds while
+/// the session still wants it), then fills it from the entry that added
+/// the user.
+async fn join(gw: &Arc<Gateway>, sid: socketioxide::socket::Sid, channel: String) {
+    let key = RouteKey::Channel(channel.clone());
+    let held = gw
+        .routes
+        .acquire_until(&key, || gw.sessions.is_joining(sid, &channel))
+        .await;
+    if !held {
+        return;
+    }
+    if !gw.sessions.joined(sid, &channel) {
+        // Ended or removed meanwhile: the reference goes back.
+        if let Err(e) = gw.routes.release(&key).await {
+            tracing::warn!(%channel, error = %e, "cannot unbind a left channel");
+        }
+        return;
+    }
+    gw.schedule_fill(Stream::Channel(channel), Duration::ZERO);
+}
+
+/// Fills the streams of keys whose bind failed and was retried until it
+/// held: what was published to them meanwhile never arrived.
+async fn fill_repaired(
+    gw: std::sync::Weak<Gateway>,
+    mut repaired: mpsc::UnboundedReceiver<RouteKey>,
+) {
+    while let Some(key) = repaired.recv().await {
+        let Some(gw) = gw.upgrade() else { return };
+        let stream = Stream::of_route_key(&key);
+        gw.sessions.mark_stale(&stream);
+        gw.schedule_fill(stream, Duration::ZERO);
     }
 }

@@ -10,7 +10,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
-use fanout_backend::{is_valid_id, OrderingKey, RouteKey};
+use fanout_backend::{is_valid_id, RouteKey};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -283,41 +283,45 @@ async fn create_channel(
         .acquire()
         .await
         .map_err(|e| AppError::unavailable("gateway shutting down", &e))?;
-    let now = now_ms();
-    gw.store
-        .create_channel(&id, &body.name, &caller, &members, now)
+    let entries = gw
+        .store
+        .create_channel(&id, &body.name, &caller, &members, now_ms())
         .await?;
-    // Published many at a time: all are enqueued before the 201, so each
-    // member's gateways apply the join before any message sent after it.
-    let (gw_ref, id_ref) = (&*gw, id.as_str());
-    let results: Vec<Result<(), AppError>> = futures::stream::iter(members)
-        .map(|m| async move { announce_join(gw_ref, id_ref, &m, now).await })
-        .buffer_unordered(ANNOUNCE_CONCURRENCY)
-        .collect()
-        .await;
-    let failed = results.iter().filter(|r| r.is_err()).count();
-    if failed > 0 {
-        // The channel exists; these members' live sessions pick it up when
-        // they reconnect.
-        tracing::warn!(channel = %id, members = failed, "joins not announced");
+    // All enqueued before the 201, so each member's gateways open the
+    // channel before any message sent after it.
+    if let Err(e) = publish_entries(&gw, entries).await {
+        // The channel and its entries are stored; the members' sessions
+        // read them at their next gap or on reconnect.
+        tracing::warn!(channel = %id, error = %e, "membership entries not published");
     }
     Ok((StatusCode::CREATED, axum::Json(json!({ "id": id }))).into_response())
 }
 
-async fn announce_join(
+/// Publishes stored entries to their streams' route keys: one key's
+/// entries one after another in position order, keys concurrently.
+async fn publish_entries(
     gw: &Gateway,
-    channel: &str,
-    user: &str,
-    since: i64,
-) -> Result<(), AppError> {
-    let env = OutgoingEnvelope::Join {
-        channel_id: channel.to_owned(),
-        user_id: user.to_owned(),
-        since,
-    };
-    gw.publish(&RouteKey::User(user.to_owned()), &env)
-        .await
-        .map_err(|e| AppError::unavailable("cannot notify the member's gateways", &e))
+    entries: Vec<crate::stream::Entry>,
+) -> Result<(), fanout_backend::BackendError> {
+    let mut per_key: Vec<(RouteKey, Vec<crate::stream::Entry>)> = Vec::new();
+    for e in entries {
+        let key = e.stream.route_key();
+        match per_key.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, list)) => list.push(e),
+            None => per_key.push((key, vec![e])),
+        }
+    }
+    let results: Vec<Result<(), fanout_backend::BackendError>> = futures::stream::iter(per_key)
+        .map(|(key, list)| async move {
+            for e in list {
+                gw.publish(&key, &OutgoingEnvelope::Entry(e)).await?;
+            }
+            Ok(())
+        })
+        .buffer_unordered(ANNOUNCE_CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect()
 }
 
 #[derive(Debug, Deserialize)]
@@ -339,13 +343,16 @@ async fn add_member(
     if gw.store.member_since(&channel, &caller).await?.is_none() {
         return Err(AppError::forbidden("only members can add members"));
     }
-    let since = gw
+    let (_, entries) = gw
         .store
-        .add_member_since(&channel, &body.user_id, now_ms())
+        .add_member(&channel, &body.user_id, &caller, now_ms())
         .await?;
-    // Announced on every call, also when already a member, so that a retry
-    // after a 503 completes what the first call began.
-    announce_join(&gw, &channel, &body.user_id, since).await?;
+    // Published on every call, also when already a member (the entries
+    // that added them), so that a retry after a 503 completes what the
+    // first call began.
+    publish_entries(&gw, entries)
+        .await
+        .map_err(|e| AppError::unavailable("cannot notify the member's gateways", &e))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -365,14 +372,19 @@ async fn remove_member(
             "only the creator removes others; members may remove themselves",
         ));
     }
-    gw.store.remove_member(&channel, &user).await?;
-    // The leave is enqueued for the user's gateways before the 204, so it
-    // is applied there before any message sent after the 204.
-    let env = OutgoingEnvelope::Leave {
-        channel_id: channel.clone(),
-        user_id: user.clone(),
+    let Some(entries) = gw
+        .store
+        .remove_member(&channel, &user, &caller, now_ms())
+        .await?
+    else {
+        return Ok(StatusCode::NO_CONTENT);
     };
-    gw.publish(&RouteKey::User(user), &env)
+    // The removal is enqueued for the channel's and the user's gateways
+    // before the 204, so it takes effect there before any message sent
+    // after the 204; were it lost, the next entry of the channel shows the
+    // gap, and the sessions read the removal from the store at its
+    // position (they never emit past it).
+    publish_entries(&gw, entries)
         .await
         .map_err(|e| AppError::unavailable("cannot notify the member's gateways", &e))?;
     Ok(StatusCode::NO_CONTENT)
@@ -411,25 +423,20 @@ impl Page {
     }
 }
 
-async fn history_page(
-    gw: &Gateway,
-    conversation: &OrderingKey,
-    page: Page,
-) -> Result<Response, AppError> {
-    let (before, limit) = page.parse()?;
-    let mut messages = gw
-        .store
-        .history(conversation.as_str(), before.as_deref(), limit + 1)
-        .await?;
-    let more = messages.len() > limit as usize;
-    messages.truncate(limit as usize);
+/// One page of history: `read` gets `limit + 1` entries, newest first.
+fn history_page(mut entries: Vec<crate::stream::Entry>, limit: u32) -> Response {
+    let more = entries.len() > limit as usize;
+    entries.truncate(limit as usize);
     let next_before = if more {
-        messages.last().map(|m| m.id.clone())
+        entries.last().and_then(|e| match &e.body {
+            crate::stream::Body::Message(m) => Some(m.id.clone()),
+            crate::stream::Body::Membership(_) => None,
+        })
     } else {
         None
     };
-    let items: Vec<Value> = messages.iter().map(|m| m.to_event().1).collect();
-    Ok(axum::Json(json!({ "messages": items, "nextBefore": next_before })).into_response())
+    let items: Vec<Value> = entries.iter().map(|e| e.to_event().1).collect();
+    axum::Json(json!({ "messages": items, "nextBefore": next_before })).into_response()
 }
 
 async fn channel_history(
@@ -445,7 +452,12 @@ async fn channel_history(
             "only members can read a channel's history",
         ));
     }
-    history_page(&gw, &OrderingKey::channel(&channel), page).await
+    let (before, limit) = page.parse()?;
+    let entries = gw
+        .store
+        .channel_history(&channel, before.as_deref(), limit + 1)
+        .await?;
+    Ok(history_page(entries, limit))
 }
 
 async fn conversation_history(
@@ -455,5 +467,10 @@ async fn conversation_history(
     Query(page): Query<Page>,
 ) -> Result<Response, AppError> {
     check_id("user id", &user)?;
-    history_page(&gw, &OrderingKey::direct(&caller, &user), page).await
+    let (before, limit) = page.parse()?;
+    let entries = gw
+        .store
+        .personal_history(&caller, &user, before.as_deref(), limit + 1)
+        .await?;
+    Ok(history_page(entries, limit))
 }

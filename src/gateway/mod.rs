@@ -3,10 +3,14 @@
 //!
 //! Parts:
 //! - [`socket`]: the Socket.IO namespace: handshake, `sendMessage`, disconnect;
-//! - [`delivery`]: the loop over this server's outgoing stream;
+//! - [`delivery`]: the loop over this server's outgoing stream, and the
+//!   fills, joins and re-binds it asks for;
 //! - [`http`]: the REST API, health, readiness and metrics;
-//! - [`sessions`]: the local sessions and their duplicate windows; the one
-//!   way events reach them ([`Sessions::emit`]), and the sweeper;
+//! - [`sessions`]: the local sessions and where each stands in each
+//!   stream; the one way entries reach them ([`Sessions::offer`]), in
+//!   position order, and the sweeper;
+//! - [`resume`]: a reconnecting client's `auth.resume`: checked at the
+//!   handshake, replayed from the store before any live entry;
 //! - [`routes`]: reference-counted bindings on the backend, and their gauge.
 //!
 //! Nothing here names a concrete backend: the gateway holds a
@@ -14,11 +18,12 @@
 
 pub mod delivery;
 pub mod http;
+pub mod resume;
 pub mod routes;
 pub mod sessions;
 pub mod socket;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 
@@ -31,6 +36,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::OutgoingEnvelope;
 use crate::store::Store;
+use crate::stream::Stream;
 
 pub use routes::Routes;
 pub use sessions::Sessions;
@@ -79,6 +85,13 @@ pub struct Gateway {
     pub(crate) readiness: crate::readiness::Readiness,
     /// Acks already given, by `(sender, clientMsgId)`: `(id, createdAt)`.
     retries: Mutex<RetryCache>,
+    /// Streams whose fill is scheduled (one at a time per stream).
+    fills: Mutex<HashSet<Stream>>,
+    /// Fills reading the store at once.
+    fill_slots: tokio::sync::Semaphore,
+    /// Keys whose failed bind was retried until it held; taken by the
+    /// delivery loop, which fills their streams.
+    repaired: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<RouteKey>>>,
     /// Why this gateway can no longer deliver (its registration on the
     /// backend ended: the server id was taken by another process), for
     /// `/readyz`. Never cleared: a restart is the way back.
@@ -95,14 +108,15 @@ impl Gateway {
         config: Config,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        let (repaired_tx, repaired) = tokio::sync::mpsc::unbounded_channel();
         let routes = Arc::new(Routes::new(
             backend.clone(),
             server_id.clone(),
-            metrics.bound_keys.clone(),
+            routes::RouteMetrics::of(&metrics),
+            repaired_tx,
         ));
         Arc::new(Self {
             sessions: Sessions::new(
-                config.gateway.dedup_window,
                 config.limits.send_buffer,
                 config.limits.max_connections_per_user,
                 routes.clone(),
@@ -133,6 +147,9 @@ impl Gateway {
             ),
             retries: Mutex::new(RetryCache::new(config.gateway.retry_cache)),
             unready: Mutex::new(None),
+            fills: Mutex::new(HashSet::new()),
+            fill_slots: tokio::sync::Semaphore::new(delivery::FILL_CONCURRENCY),
+            repaired: Mutex::new(Some(repaired)),
             server_id,
             backend,
             store,
@@ -186,6 +203,27 @@ impl Gateway {
 
     fn is_shutting_down(&self) -> bool {
         self.sessions.is_shutting_down()
+    }
+
+    /// Marks a fill of `stream` scheduled; `false` if one already is.
+    fn fill_scheduled(&self, stream: &Stream) -> bool {
+        let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        fills.insert(stream.clone())
+    }
+
+    /// A scheduled fill of `stream` starts: gaps found from now on schedule
+    /// another.
+    fn fill_done(&self, stream: &Stream) {
+        let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        fills.remove(stream);
+    }
+
+    /// The receiver of repaired keys (once).
+    fn take_repaired(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<RouteKey>> {
+        self.repaired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Takes this gateway out of readiness for good, saying why.

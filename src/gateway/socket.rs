@@ -50,6 +50,10 @@ pub enum HandshakeError {
     /// allows (with its burst); the client retries after a pause.
     #[error("rate_limited")]
     RateLimited,
+    /// `auth.resume` is malformed, or names a position or a stream the
+    /// user may not resume from.
+    #[error("invalid_resume")]
+    InvalidResume,
 }
 
 impl HandshakeError {
@@ -59,6 +63,7 @@ impl HandshakeError {
             HandshakeError::Unavailable => "unavailable",
             HandshakeError::TooManyConnections => "too_many_connections",
             HandshakeError::RateLimited => "rate_limited",
+            HandshakeError::InvalidResume => "invalid_resume",
         }
     }
 }
@@ -142,7 +147,11 @@ pub fn attach(io: &SocketIo, gw: Arc<Gateway>) {
             let gw = gw.clone();
             async move {
                 tracing::debug!(sid = %s.id, "connected");
-                gw.sessions.activate(s.id);
+                let (replay, follows) = gw.sessions.activate(s.id);
+                gw.follow(follows);
+                if let Some(streams) = replay {
+                    tokio::spawn(super::resume::replay(gw.clone(), s.id, streams));
+                }
             }
         }
     };
@@ -198,17 +207,44 @@ async fn handshake(
     if !gw.sessions.has_room_for(&user) {
         return Err(HandshakeError::TooManyConnections);
     }
-    let channels = gw.store.channels_of(&user).await.map_err(|e| {
+    let positions =
+        super::resume::parse(auth.as_ref().and_then(|a| a.get("resume"))).map_err(|why| {
+            tracing::debug!(%user, "handshake: {why}");
+            HandshakeError::InvalidResume
+        })?;
+    let memberships = gw.store.memberships(&user).await.map_err(|e| {
         tracing::warn!(%user, error = %e, "handshake: cannot load memberships");
         HandshakeError::Unavailable
     })?;
-
-    tracing::debug!(%user, channels = channels.len(), "handshake: memberships loaded");
+    let plan = super::resume::plan(
+        &gw.store,
+        &user,
+        &memberships,
+        positions.as_ref(),
+        gw.config.gateway.replay_limit,
+    )
+    .await
+    .map_err(|e| match e {
+        super::resume::PlanError::Invalid(why) => {
+            tracing::debug!(%user, "handshake: {why}");
+            HandshakeError::InvalidResume
+        }
+        super::resume::PlanError::Store(e) => {
+            tracing::warn!(%user, error = %e, "handshake: cannot read stream heads");
+            HandshakeError::Unavailable
+        }
+    })?;
+    tracing::debug!(%user, channels = memberships.len(), "handshake: memberships loaded");
+    let keys: Vec<RouteKey> = plan
+        .starts
+        .iter()
+        .filter(|s| s.bound)
+        .map(|s| s.stream.route_key())
+        .collect();
+    let at_head = plan.at_head;
     gw.sessions
-        .add_pending(s.clone(), &user, &channels)
+        .add_pending(s.clone(), &user, plan.starts, plan.replay)
         .map_err(|_| HandshakeError::TooManyConnections)?;
-    let mut keys = vec![RouteKey::User(user.clone())];
-    keys.extend(channels.iter().map(|c| RouteKey::Channel(c.clone())));
     let results: Vec<(RouteKey, Result<bool, _>)> = futures::stream::iter(keys)
         .map(|k| async move {
             let r = gw.routes.acquire(&k).await;
@@ -218,6 +254,8 @@ async fn handshake(
         .collect()
         .await;
     if let Some((_, Err(e))) = results.iter().find(|(_, r)| r.is_err()) {
+        // Refused rather than connected deaf: the client's reconnect is
+        // the retry, and nothing stays bound for it meanwhile.
         tracing::warn!(%user, error = %e, "handshake: cannot bind routes");
         gw.sessions.remove(s.id);
         for (k, r) in &results {
@@ -228,6 +266,22 @@ async fn handshake(
         return Err(HandshakeError::Unavailable);
     }
     tracing::debug!(%user, "handshake: routes bound");
+    // Read after the bind: whatever is committed later is published later,
+    // so it reaches this session; whatever came before is before connect.
+    if !at_head.is_empty() {
+        match gw.store.heads(&at_head).await {
+            Ok(heads) => gw.sessions.raise(s.id, &heads),
+            Err(e) => {
+                tracing::warn!(%user, error = %e, "handshake: cannot read stream heads");
+                if let Some(keys) = gw.sessions.remove(s.id) {
+                    for k in keys {
+                        let _ = gw.routes.release(&k).await;
+                    }
+                }
+                return Err(HandshakeError::Unavailable);
+            }
+        }
+    }
 
     let limits = &gw.config.limits;
     let (tx, rx) = mpsc::channel(limits.send_queue);

@@ -304,6 +304,31 @@ pub async fn next(c: &Client) -> (String, Value) {
     (e.name, e.data)
 }
 
+/// The next chat message event, skipping membership changes (which every
+/// member now receives in its inbox and in the channel's stream).
+#[allow(dead_code)]
+pub async fn next_chat(c: &Client) -> (String, Value) {
+    loop {
+        let (name, data) = next(c).await;
+        if name != "MEMBERSHIP_CHANGE" {
+            return (name, data);
+        }
+    }
+}
+
+/// Asserts no chat message arrives for a moment (membership changes may).
+#[allow(dead_code)]
+pub async fn quiet_chat(c: &Client, what: &str) {
+    let until = tokio::time::Instant::now() + QUIET;
+    while let Some(left) = until.checked_duration_since(tokio::time::Instant::now()) {
+        match c.next_event(left).await {
+            Ok(e) if e.name == "MEMBERSHIP_CHANGE" => continue,
+            Ok(e) => panic!("{what}: unexpected {} {}", e.name, e.data),
+            Err(_) => return,
+        }
+    }
+}
+
 /// Asserts nothing arrives for a moment.
 pub async fn quiet(c: &Client, what: &str) {
     if let Ok(e) = c.next_event(QUIET).await {
