@@ -34,7 +34,10 @@ pub fn draw_all(report: &Report, dir: &Path) -> Result<(), BenchError> {
         path: dir.to_owned(),
         source,
     })?;
-    for w in &report.workloads {
+    // The jitter workload has its table and no latency series: no charts.
+    let charted =
+        |w: &&WorkloadReport| !matches!(w.workload.pattern, crate::load::Pattern::Jitter { .. });
+    for w in report.workloads.iter().filter(charted) {
         draw(w, dir).map_err(|e| BenchError::Write {
             path: dir.to_owned(),
             source: std::io::Error::other(e),

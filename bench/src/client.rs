@@ -61,6 +61,7 @@ pub struct Client {
     acks: Acks,
     next_ack: AtomicU64,
     events: tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>,
+    reset: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -117,21 +118,23 @@ impl Client {
 
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<WsMessage>();
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let (reset_tx, mut reset_rx) = oneshot::channel::<()>();
         let acks: Acks = Arc::default();
         let task_acks = acks.clone();
         let pong = out_tx.clone();
         let task = tokio::spawn(async move {
-            loop {
+            let reset = loop {
                 tokio::select! {
+                    r = &mut reset_rx => break r.is_ok(),
                     msg = out_rx.recv() => match msg {
-                        Some(m) => if sink.send(m).await.is_err() { break },
-                        None => break,
+                        Some(m) => if sink.send(m).await.is_err() { break false },
+                        None => break false,
                     },
                     frame = stream.next() => {
                         let Some(Ok(WsMessage::Text(t))) = frame else {
                             match frame {
                                 Some(Ok(_)) => continue,
-                                _ => break,
+                                _ => break false,
                             }
                         };
                         let at = Instant::now();
@@ -152,8 +155,18 @@ impl Client {
                                 }
                             }
                         } else if t.starts_with('1') || t.starts_with("41") {
-                            break;
+                            break false;
                         }
+                    }
+                }
+            };
+            if reset {
+                // SO_LINGER 0, then close: the kernel sends a RST and
+                // drops what is queued, as when a phone loses its network
+                // or a process dies. No WebSocket close, no FIN.
+                if let Ok(ws) = stream.reunite(sink) {
+                    if let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = ws.get_ref() {
+                        let _ = tcp.set_zero_linger();
                     }
                 }
             }
@@ -163,6 +176,7 @@ impl Client {
             acks,
             next_ack: AtomicU64::new(0),
             events: tokio::sync::Mutex::new(ev_rx),
+            reset: Some(reset_tx),
             task,
         })
     }
@@ -224,6 +238,17 @@ impl Client {
         }
     }
 
+    /// Drops the connection the hard way: `SO_LINGER` 0 on the TCP socket
+    /// and close, so the server sees a TCP reset, with no Socket.IO
+    /// disconnect and no WebSocket close before it. Returns once the
+    /// socket is closed.
+    pub async fn reset(mut self) {
+        if let Some(tx) = self.reset.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
     /// Closes the connection (a Socket.IO disconnect, then the socket).
     pub async fn close(self) {
         let _ = self.out.send(WsMessage::text("41"));
@@ -266,4 +291,65 @@ fn parse_event(rest: &str) -> Option<(String, Value)> {
         args.swap_remove(0)
     };
     Some((name, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that speaks just enough Engine.IO/Socket.IO to let a client
+    /// connect, then reports how its TCP connection ended.
+    async fn one_connection_server() -> (String, oneshot::Receiver<std::io::ErrorKind>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.expect("ws");
+            ws.send(WsMessage::text(r#"0{"sid":"s","upgrades":[],"pingInterval":25000,"pingTimeout":20000,"maxPayload":1000000}"#))
+                .await
+                .expect("open");
+            let _connect = ws.next().await;
+            ws.send(WsMessage::text(r#"40{"sid":"x"}"#))
+                .await
+                .expect("connect");
+            let end = loop {
+                match ws.next().await {
+                    Some(Ok(WsMessage::Close(_))) | None => {
+                        break std::io::ErrorKind::UnexpectedEof
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(tokio_tungstenite::tungstenite::Error::Io(e))) => break e.kind(),
+                    Some(Err(_)) => break std::io::ErrorKind::Other,
+                }
+            };
+            let _ = tx.send(end);
+        });
+        (format!("http://{addr}"), rx)
+    }
+
+    #[tokio::test]
+    async fn reset_is_a_tcp_reset_and_close_is_not() {
+        let (url, ended) = one_connection_server().await;
+        let c = Client::connect(&url, serde_json::json!({}))
+            .await
+            .expect("connect");
+        c.reset().await;
+        assert_eq!(
+            ended.await.expect("server saw the end"),
+            std::io::ErrorKind::ConnectionReset
+        );
+
+        let (url, ended) = one_connection_server().await;
+        let c = Client::connect(&url, serde_json::json!({}))
+            .await
+            .expect("connect");
+        c.close().await;
+        assert_eq!(
+            ended.await.expect("server saw the end"),
+            std::io::ErrorKind::UnexpectedEof
+        );
+    }
 }

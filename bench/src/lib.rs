@@ -18,6 +18,7 @@
 pub mod charts;
 pub mod client;
 pub mod faults;
+pub mod jitter;
 pub mod load;
 pub mod pg;
 pub mod procs;
@@ -345,6 +346,40 @@ async fn run_workload(
 ) {
     let name = backend_name(kind);
     let label = format!("{name} / {}", workload.name);
+    if let crate::load::Pattern::Jitter {
+        members,
+        close_after_ms,
+        offline_ms,
+    } = workload.pattern
+    {
+        let spec = crate::jitter::JitterSpec {
+            urls: fleet.urls(),
+            users: workload.users,
+            members,
+            rate: workload.rate,
+            duration: workload.duration(),
+            size: workload.size,
+            close_after_ms,
+            offline_ms,
+            drain: Duration::from_secs(5),
+            user_prefix: format!("{namespace}w{index}j"),
+            progress: Some(format!("{label} @ {:.0}/s", workload.rate)),
+        };
+        let before = Snapshot::take(fleet, kind, &opts.base);
+        let result = crate::jitter::run(&spec, tokens).await;
+        out.resources = Some(before.usage(fleet, kind, &opts.base));
+        match result {
+            Ok(r) => {
+                progress(&format!("{label}: {}", jitter_summary(&r)));
+                out.jitter = Some(r);
+            }
+            Err(e) => {
+                progress(&format!("{label}: failed: {e}"));
+                out.error = Some(e.to_string());
+            }
+        }
+        return;
+    }
     let spec = |rate: f64, duration: Duration, step: usize| LoadSpec {
         urls: fleet.urls(),
         pattern: workload.pattern.clone(),
@@ -441,6 +476,30 @@ fn summary(r: &LoadReport) -> String {
         r.duplicated,
         r.reordered,
         r.send_errors
+    )
+}
+
+fn jitter_summary(r: &crate::jitter::JitterReport) -> String {
+    let t = &r.tally;
+    format!(
+        "{} resets, {} reconnects ({} failed), acked {} of {} sends, delivered {:.3} % ({} of {}), lost {}, duplicates {}, position violations {} (+{} unpositioned), incomplete resumes {}, RESUMED missing {}, replay p50 {:.0} ms p99 {:.0} ms max {:.0} ms",
+        r.resets,
+        r.reconnects,
+        r.reconnect_errors,
+        r.acked,
+        r.sent,
+        t.delivered_pct,
+        t.delivered,
+        t.expected,
+        t.lost,
+        t.duplicates,
+        t.position_violations,
+        t.unpositioned,
+        t.resumed_incomplete,
+        t.resumed_missing,
+        t.replay_ms.p50,
+        t.replay_ms.p99,
+        t.replay_ms.max
     )
 }
 

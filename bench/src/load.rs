@@ -55,6 +55,16 @@ pub enum Pattern {
         /// How long each churning session stays, in milliseconds.
         hold_ms: u64,
     },
+    /// Pairs and channels while every connection is reset at random and
+    /// resumed on a random gateway ([`crate::jitter`]).
+    Jitter {
+        /// Members per channel.
+        members: usize,
+        /// A connection lives a random time in this range, ms.
+        close_after_ms: [u64; 2],
+        /// Then stays offline a random time in this range, ms.
+        offline_ms: [u64; 2],
+    },
 }
 
 /// What to run.
@@ -266,6 +276,9 @@ impl Plan {
                 }
                 Ok(plan)
             }
+            Pattern::Jitter { .. } => Err(LoadError::Spec(
+                "the jitter pattern runs through `fanout bench` (bench/src/jitter.rs)".into(),
+            )),
             Pattern::Group { members } => {
                 let k = *members;
                 if k < 2 {

@@ -215,7 +215,12 @@ impl Routes {
                     targets.push((key, OrderingKey::channel(&id)));
                 }
             }
-            Pattern::Personal | Pattern::Churn { .. } | Pattern::Offline { .. } => {
+            // Jitter's pairs and channels are measured end to end only
+            // (its workload has no raw baseline); its pairs are personal.
+            Pattern::Personal
+            | Pattern::Churn { .. }
+            | Pattern::Offline { .. }
+            | Pattern::Jitter { .. } => {
                 let share = match pattern {
                     Pattern::Offline { offline_share } => *offline_share,
                     _ => 0.0,

@@ -10,6 +10,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::{BenchError, BenchOptions};
+use crate::jitter::JitterReport;
 use crate::load::{LoadReport, Pattern};
 use crate::raw::RawResult;
 use crate::workload::Workload;
@@ -86,6 +87,9 @@ pub struct BackendResult {
     pub resources: Option<Resources>,
     /// What the broker reported mid-run (bindings, memory).
     pub broker: serde_json::Value,
+    /// The `jitter` workload's run (instead of `run`).
+    #[serde(default)]
+    pub jitter: Option<JitterReport>,
 }
 
 impl BackendResult {
@@ -198,6 +202,9 @@ impl Report {
                 if let Some(e) = &r.error {
                     out.push(format!("{at}: {e}"));
                 }
+                if let Some(j) = &r.jitter {
+                    out.extend(j.problems().into_iter().map(|p| format!("{at}: {p}")));
+                }
                 if let Some(run) = &r.run {
                     for (what, n) in [
                         ("lost", run.lost),
@@ -309,7 +316,11 @@ pub fn markdown(report: &Report) -> String {
         md.push('\n');
     }
     for w in &report.workloads {
-        workload_section(&mut md, w);
+        if matches!(w.workload.pattern, Pattern::Jitter { .. }) {
+            jitter_section(&mut md, w);
+        } else {
+            workload_section(&mut md, w);
+        }
     }
     if !report.faults.is_empty() {
         faults_section(&mut md, &report.faults);
@@ -359,6 +370,91 @@ fn faults_section(md: &mut String, rows: &[serde_json::Value]) {
             let _ = write!(md, " {cell} |");
         }
         md.push('\n');
+    }
+    md.push('\n');
+}
+
+/// The jitter workload: one row per backend (docs/benchmarks.md explains
+/// each column).
+fn jitter_section(md: &mut String, w: &WorkloadReport) {
+    let wl = &w.workload;
+    let _ = writeln!(md, "## {}\n\n{}.\n", wl.name, wl.description);
+    if let Pattern::Jitter {
+        members,
+        close_after_ms,
+        offline_ms,
+    } = &wl.pattern
+    {
+        let _ = writeln!(
+            md,
+            "{} users, half in 1:1 pairs, half in channels of {members}; {} sends/s offered for {} s, {} B content. \
+             Every connection is reset (TCP RST) after {}–{} s, stays offline {}–{} s and resumes on a random gateway from its positions; \
+             then no more resets, and a drain before counting. Delivered, lost and duplicates are per (client, message id), the sender included.\n",
+            wl.users,
+            f(wl.rate),
+            wl.duration_secs,
+            wl.size,
+            close_after_ms[0] as f64 / 1000.0,
+            close_after_ms[1] as f64 / 1000.0,
+            offline_ms[0] as f64 / 1000.0,
+            offline_ms[1] as f64 / 1000.0,
+        );
+    }
+    let _ = writeln!(
+        md,
+        "| backend | acked / sent | resets | reconnects (failed) | delivered % | lost | duplicates | position violations | unpositioned | incomplete jumps | RESUMED complete:false | RESUMED missing | replay p50 ms | replay p99 ms | replay max ms |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for r in &w.results {
+        let Some(j) = &r.jitter else {
+            let _ = writeln!(
+                md,
+                "| {} | {} |",
+                r.backend,
+                r.error.as_deref().unwrap_or("no result")
+            );
+            continue;
+        };
+        let t = &j.tally;
+        // No replay was timed: a dash, not 0 ms.
+        let ms = |v: f64| {
+            if t.replay_ms.count == 0 {
+                "–".to_owned()
+            } else {
+                f(v)
+            }
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} / {} | {} | {} ({}) | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.backend,
+            j.acked,
+            j.sent,
+            j.resets,
+            j.reconnects,
+            j.reconnect_errors,
+            t.delivered_pct,
+            t.lost,
+            t.duplicates,
+            t.position_violations,
+            t.unpositioned,
+            t.incomplete_jumps,
+            t.resumed_incomplete,
+            t.resumed_missing,
+            ms(t.replay_ms.p50),
+            ms(t.replay_ms.p99),
+            ms(t.replay_ms.max)
+        );
+    }
+    md.push('\n');
+    for r in &w.results {
+        if let Some(e) = r
+            .jitter
+            .as_ref()
+            .and_then(|j| j.first_reconnect_error.as_ref())
+        {
+            let _ = writeln!(md, "- {}: first failed reconnect: {e}", r.backend);
+        }
     }
     md.push('\n');
 }
@@ -754,4 +850,79 @@ fn ratios(r: &Report) -> Vec<(String, f64)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jitter::{JitterReport, Tally};
+
+    fn jitter_report(lost: u64, violations: u64) -> Report {
+        let workload = Workload {
+            name: "jitter".into(),
+            description: "resets".into(),
+            pattern: Pattern::Jitter {
+                members: 10,
+                close_after_ms: [10_000, 20_000],
+                offline_ms: [1_500, 2_500],
+            },
+            users: 60,
+            rate: 40.0,
+            size: 100,
+            duration_secs: 20.0,
+            warmup_secs: 0.0,
+            raw_baseline: false,
+            ramp: None,
+        };
+        let mut result = BackendResult::new("redis");
+        result.jitter = Some(JitterReport {
+            sent: 10,
+            acked: 10,
+            tally: Tally {
+                expected: 20,
+                delivered: 20 - lost,
+                delivered_pct: (20 - lost) as f64 * 5.0,
+                lost,
+                position_violations: violations,
+                ..Tally::default()
+            },
+            ..JitterReport::default()
+        });
+        Report {
+            schema: SCHEMA.into(),
+            created: "now".into(),
+            profile: "ci".into(),
+            setup: Setup::default(),
+            backends: vec!["redis".into()],
+            workloads: vec![WorkloadReport::new(workload, vec![result])],
+            faults: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn jitter_losses_and_violations_are_problems_and_get_their_table() {
+        assert!(jitter_report(0, 0).problems().is_empty());
+        let bad = jitter_report(2, 3);
+        assert_eq!(
+            bad.problems(),
+            vec![
+                "redis / jitter: 2 deliveries lost",
+                "redis / jitter: 3 position violations"
+            ]
+        );
+        let md = markdown(&bad);
+        assert!(
+            md.contains("| redis | 10 / 10 | 0 | 0 (0) | 90.000 | 2 | 0 | 3 |"),
+            "{md}"
+        );
+        assert!(!md.contains("latency-cdf"), "no charts for jitter");
+        // Reports written before the jitter workload still read.
+        let mut old = serde_json::to_value(&bad).expect("json");
+        old["workloads"][0]["results"][0]
+            .as_object_mut()
+            .expect("object")
+            .remove("jitter");
+        let back: Report = serde_json::from_value(old).expect("reads");
+        assert!(back.workloads[0].results[0].jitter.is_none());
+    }
 }

@@ -52,6 +52,8 @@ pub enum PatternName {
     Offline,
     /// See [`Pattern::Churn`].
     Churn,
+    /// See [`Pattern::Jitter`].
+    Jitter,
 }
 
 /// Searching for the highest rate a backend sustains within a latency bound.
@@ -81,6 +83,8 @@ pub struct Overrides {
     warmup_secs: Option<f64>,
     members: Option<usize>,
     connects_per_sec: Option<f64>,
+    close_after_ms: Option<[u64; 2]>,
+    offline_ms: Option<[u64; 2]>,
     /// `false` turns the ramp off.
     ramp: Option<bool>,
     /// `false` skips the raw-broker baseline.
@@ -103,6 +107,8 @@ struct WorkloadFile {
     offline_share: Option<f64>,
     connects_per_sec: Option<f64>,
     hold_ms: Option<u64>,
+    close_after_ms: Option<[u64; 2]>,
+    offline_ms: Option<[u64; 2]>,
     #[serde(default = "yes")]
     raw_baseline: bool,
     ramp: Option<Ramp>,
@@ -167,6 +173,8 @@ impl Workload {
             f.warmup_secs = o.warmup_secs.unwrap_or(f.warmup_secs);
             f.members = o.members.or(f.members);
             f.connects_per_sec = o.connects_per_sec.or(f.connects_per_sec);
+            f.close_after_ms = o.close_after_ms.or(f.close_after_ms);
+            f.offline_ms = o.offline_ms.or(f.offline_ms);
             ramp_on = o.ramp.unwrap_or(true);
             f.raw_baseline = o.raw_baseline.unwrap_or(f.raw_baseline);
         }
@@ -184,6 +192,11 @@ impl Workload {
                     .connects_per_sec
                     .ok_or_else(|| missing("connects_per_sec"))?,
                 hold_ms: f.hold_ms.unwrap_or(1000),
+            },
+            PatternName::Jitter => Pattern::Jitter {
+                members: f.members.ok_or_else(|| missing("members"))?,
+                close_after_ms: f.close_after_ms.unwrap_or([10_000, 20_000]),
+                offline_ms: f.offline_ms.unwrap_or([1_500, 2_500]),
             },
         };
         let w = Workload {
@@ -219,8 +232,22 @@ impl Workload {
             return Err("duration_secs must exceed warmup_secs, which must be at least 0".into());
         }
         match self.pattern {
-            Pattern::Group { members } if !(2..=1000).contains(&members) => {
+            Pattern::Group { members } | Pattern::Jitter { members, .. }
+                if !(2..=1000).contains(&members) =>
+            {
                 return Err("members must be 2 to 1000".into())
+            }
+            Pattern::Jitter {
+                close_after_ms,
+                offline_ms,
+                ..
+            } if [close_after_ms, offline_ms]
+                .iter()
+                .any(|[lo, hi]| *lo == 0 || lo > hi) =>
+            {
+                return Err(
+                    "close_after_ms and offline_ms must be [min, max], 0 < min <= max".into(),
+                )
             }
             Pattern::Offline { offline_share } if !(0.0..=1.0).contains(&offline_share) => {
                 return Err("offline_share must be 0 to 1".into())
@@ -231,6 +258,13 @@ impl Workload {
                 return Err("connects_per_sec must be positive".into())
             }
             _ => {}
+        }
+        if matches!(self.pattern, Pattern::Jitter { .. })
+            && (self.ramp.is_some() || self.raw_baseline)
+        {
+            return Err(
+                "the jitter pattern has no ramp and no raw baseline (raw_baseline = false)".into(),
+            );
         }
         if let Some(r) = &self.ramp {
             if !(r.start > 0.0 && r.factor > 1.0 && r.max >= r.start && r.p99_bound_ms > 0.0)
@@ -355,6 +389,45 @@ mod tests {
     }
 
     #[test]
+    fn jitter_ranges_default_and_are_checked() {
+        let jitter = r#"
+            name = "jitter"
+            description = "resets"
+            pattern = "jitter"
+            members = 10
+            users = 100
+            rate = 50
+            size = 64
+            duration_secs = 30
+            warmup_secs = 0
+            raw_baseline = false
+            [profile.ci]
+            close_after_ms = [3000, 6000]
+        "#;
+        let full = parse(jitter, "full").expect("valid");
+        assert_eq!(
+            full.pattern,
+            Pattern::Jitter {
+                members: 10,
+                close_after_ms: [10_000, 20_000],
+                offline_ms: [1_500, 2_500]
+            }
+        );
+        let ci = parse(jitter, "ci").expect("valid");
+        assert!(matches!(
+            ci.pattern,
+            Pattern::Jitter {
+                close_after_ms: [3000, 6000],
+                ..
+            }
+        ));
+        let with_raw = jitter.replace("raw_baseline = false", "");
+        assert!(parse(&with_raw, "full").is_err_and(|e| e.contains("raw baseline")));
+        let reversed = jitter.replace("[3000, 6000]", "[6000, 3000]");
+        assert!(parse(&reversed, "ci").is_err_and(|e| e.contains("close_after_ms")));
+    }
+
+    #[test]
     fn the_shipped_workloads_parse_in_every_profile() {
         // The workload files stay at the workspace root, where `fanout
         // bench` looks for them by default.
@@ -362,7 +435,7 @@ mod tests {
         for profile in ["full", "ci"] {
             let all = load_dir(&dir, &[], profile).expect("shipped workloads are valid");
             let names: Vec<_> = all.iter().map(|w| w.name.as_str()).collect();
-            for needed in ["personal", "group", "churn", "offline"] {
+            for needed in ["personal", "group", "churn", "offline", "jitter"] {
                 assert!(names.contains(&needed), "{needed} missing in {names:?}");
             }
         }
