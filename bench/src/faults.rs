@@ -1049,7 +1049,11 @@ fn local_ports_to(pid: u32, port: u16) -> Vec<u16> {
                 .map(str::to_owned)
         })
         .collect();
-    let hex_port = |a: &str| a.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+    let hex_port = |a: &str| {
+        a.rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
     let mut out = Vec::new();
     for table in ["tcp", "tcp6"] {
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
@@ -1057,10 +1061,7 @@ fn local_ports_to(pid: u32, port: u16) -> Vec<u16> {
         };
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() > 9
-                && f[3] == "01"
-                && hex_port(f[2]) == Some(port)
-                && inodes.contains(f[9])
+            if f.len() > 9 && f[3] == "01" && hex_port(f[2]) == Some(port) && inodes.contains(f[9])
             {
                 out.extend(hex_port(f[1]));
             }
@@ -1099,7 +1100,12 @@ fn removal_check(t: &Traffic) -> Option<(u64, u64, String)> {
     let shown: Vec<String> = beyond
         .iter()
         .take(5)
-        .map(|e| format!("#{} {} {}/{} (session {})", e.seq, e.event, e.sender, e.cmid, e.session))
+        .map(|e| {
+            format!(
+                "#{} {} {}/{} (session {})",
+                e.seq, e.event, e.sender, e.cmid, e.session
+            )
+        })
         .collect();
     let detail = format!(
         "the removal of {victim} is {stream} {}; {victim}'s sessions received {} events of {stream}, the last {last}, the removal {}; beyond it {} [{}]",

@@ -351,8 +351,8 @@ impl Traffic {
                     continue;
                 }
                 let field = |k: &str| e.data[k].as_str().unwrap_or_default().to_owned();
-                let change = (e.name == "MEMBERSHIP_CHANGE")
-                    .then(|| (field("userId"), field("change")));
+                let change =
+                    (e.name == "MEMBERSHIP_CHANGE").then(|| (field("userId"), field("change")));
                 lock(&self.receipts).push(Receipt {
                     user: u,
                     session,
@@ -597,7 +597,9 @@ impl Traffic {
             .iter()
             .map(|u| lock(&u.offline).clone())
             .collect();
-        let mut a = account(self, &sends, &receipts, &offline, stored, fault_at, now, &removals);
+        let mut a = account(
+            self, &sends, &receipts, &offline, stored, fault_at, now, &removals,
+        );
         let all = lock(&self.receipts).clone();
         a.position_violations = position_violations(&all);
         a
@@ -986,7 +988,16 @@ mod tests {
             row("u00", "u00-3"),
             row("u00", "u00-4"),
         ];
-        let a = account(&t, &sends, &receipts, &offline, &stored, fault, ms(4000), &[]);
+        let a = account(
+            &t,
+            &sends,
+            &receipts,
+            &offline,
+            &stored,
+            fault,
+            ms(4000),
+            &[],
+        );
         assert_eq!(a.sent, 6);
         assert_eq!(a.acked, 6);
         assert_eq!(a.acked_not_stored, 1);
