@@ -162,6 +162,73 @@ fn bind_message<'q>(
         .bind(m.created_at)
 }
 
+/// The PostgreSQL batch insert of `n` messages with `wants` entries: the
+/// messages, the reservation of their positions and their entries in one
+/// statement, so in a transaction of its own (autocommit). A head row is
+/// then locked from the reservation to the commit only, never across a
+/// round trip to the worker: the writers of a busy inbox queue behind one
+/// statement's execution, not behind each other's turns at the network and
+/// the scheduler (four statements in a transaction cost the personal ramp
+/// more than half its rate, `docs/architecture.md`, "Invariants").
+///
+/// Binds, per message (`batch`): its index in the batch, then the
+/// [`bind_message`] columns; then per entry wanted (`wants`): the message's
+/// index and the stream. Returns one row per entry written: `stream`,
+/// `seq`, `message_id`. A message already stored (by id or by
+/// `(sender, clientMsgId)`) is not inserted and gets no entry; an id given
+/// twice is new once, with the positions of its first place in the batch.
+/// Positions follow the batch's order within each stream, and the heads
+/// are raised in stream order, as [`reserve`] does, so writers lock them in
+/// one order.
+fn positioned_insert_sql(n: usize, wants: usize) -> String {
+    const CASTS: [&str; 9] = [
+        "bigint", "text", "text", "text", "text", "text", "text", "text", "bigint",
+    ];
+    let mut sql = String::with_capacity(900 + n * 120 + wants * 30);
+    sql.push_str(
+        "WITH batch (ord, id, conversation, sender_id, receiver_id, channel_id, content, client_msg_id, created_at) AS (VALUES ",
+    );
+    let mut p = 0;
+    for r in 0..n {
+        sql.push_str(if r == 0 { "(" } else { ",(" });
+        for (c, cast) in CASTS.iter().enumerate() {
+            p += 1;
+            if c > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!("${p}::{cast}"));
+        }
+        sql.push(')');
+    }
+    sql.push_str("), wants (ord, stream) AS (VALUES ");
+    for r in 0..wants {
+        p += 2;
+        if r > 0 {
+            sql.push(',');
+        }
+        sql.push_str(&format!("(${}::bigint,${}::text)", p - 1, p));
+    }
+    sql.push_str(
+        "), new AS (\
+           INSERT INTO messages (id, conversation, sender_id, receiver_id, channel_id, content, client_msg_id, created_at) \
+           SELECT id, conversation, sender_id, receiver_id, channel_id, content, client_msg_id, created_at FROM batch ORDER BY ord \
+           ON CONFLICT DO NOTHING RETURNING id), \
+         firsts AS (SELECT DISTINCT ON (b.id) b.ord, b.id, b.created_at FROM batch b JOIN new ON new.id = b.id ORDER BY b.id, b.ord), \
+         wanted AS (SELECT w.stream, f.ord, f.id, f.created_at FROM wants w JOIN firsts f ON f.ord = w.ord), \
+         counts AS (SELECT stream, count(*) AS n FROM wanted GROUP BY stream), \
+         heads AS (\
+           INSERT INTO streams (stream, head) SELECT stream, n FROM counts ORDER BY stream \
+           ON CONFLICT (stream) DO UPDATE SET head = streams.head + excluded.head RETURNING stream, head), \
+         entries AS (\
+           INSERT INTO stream_entries (stream, seq, message_id, created_at) \
+           SELECT w.stream, h.head - c.n + ROW_NUMBER() OVER (PARTITION BY w.stream ORDER BY w.ord), w.id, w.created_at \
+           FROM wanted w JOIN counts c ON c.stream = w.stream JOIN heads h ON h.stream = w.stream \
+           RETURNING stream, seq, message_id) \
+         SELECT stream, seq, message_id FROM entries",
+    );
+    sql
+}
+
 /// What storing one message found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -599,9 +666,10 @@ impl Store {
     }
 
     /// Stores a batch and gives each new message its positions, in one
-    /// transaction of a constant number of statements: the messages, the
-    /// reservation of every position (one statement for every stream the
-    /// batch touches), the entries. Returns, in input order, the one stored
+    /// transaction: on PostgreSQL one statement
+    /// ([`positioned_insert_sql`]); on SQLite the messages, the reservation
+    /// of every position (one statement for every stream the batch
+    /// touches) and the entries. Returns, in input order, the one stored
     /// message for each input with its entries. Idempotent: a message whose
     /// id or `(sender, clientMsgId)` is already stored is not stored again
     /// and gets no position; its stored version and its entries are returned
@@ -612,6 +680,115 @@ impl Store {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
+        let entries = if self.sqlite {
+            self.store_new_in_steps(messages).await?
+        } else {
+            self.store_new_in_one_statement(messages).await?
+        };
+        let new: Vec<bool> = entries.iter().map(|e| !e.is_empty()).collect();
+
+        let mut out = Vec::with_capacity(messages.len());
+        for ((m, is_new), entries) in messages.iter().zip(new).zip(entries) {
+            if is_new {
+                out.push(Stored {
+                    message: m.clone(),
+                    outcome: Outcome::New,
+                    entries,
+                });
+                continue;
+            }
+            let existing = sqlx::query(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1 OR (sender_id = $2 AND client_msg_id = $3) ORDER BY id LIMIT 1"
+            ))
+            .bind(m.id.clone())
+            .bind(m.sender_id.clone())
+            .bind(m.client_msg_id.clone())
+            .fetch_optional(&self.pool)
+            .await?;
+            let row = existing.ok_or_else(|| {
+                StoreError::Database(sqlx::Error::Protocol(format!(
+                    "message {} conflicted on insert but no stored row matches it",
+                    m.id
+                )))
+            })?;
+            let message = message_from_row(&row)?;
+            let outcome = if message.id == m.id {
+                Outcome::Redelivered
+            } else {
+                Outcome::Retry
+            };
+            let entries = self.message_entries(&message).await?;
+            out.push(Stored {
+                message,
+                outcome,
+                entries,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Stores the messages not stored yet and gives them positions, in one
+    /// statement ([`positioned_insert_sql`]). Returns each input's entries,
+    /// in input order: none for a message stored before.
+    async fn store_new_in_one_statement(
+        &self,
+        messages: &[Message],
+    ) -> Result<Vec<Vec<Entry>>, StoreError> {
+        let wants: Vec<(i64, Stream)> = messages
+            .iter()
+            .enumerate()
+            .flat_map(|(i, m)| message_streams(m).into_iter().map(move |s| (i as i64, s)))
+            .collect();
+        let sql = positioned_insert_sql(messages.len(), wants.len());
+        let mut q = sqlx::query(&sql);
+        for (i, m) in messages.iter().enumerate() {
+            q = bind_message(q.bind(i as i64), m);
+        }
+        for (i, stream) in &wants {
+            q = q.bind(*i).bind(stream.key());
+        }
+        let mut seqs: HashMap<(String, String), i64> = HashMap::with_capacity(wants.len());
+        for row in q.fetch_all(&self.pool).await? {
+            let stream: String = row.try_get("stream")?;
+            let message: String = row.try_get("message_id")?;
+            seqs.insert((message, stream), row.try_get("seq")?);
+        }
+        let mut seen = HashSet::with_capacity(messages.len());
+        let mut entries = Vec::with_capacity(messages.len());
+        for m in messages {
+            // An id given twice is new at its first place only.
+            if !seen.insert(m.id.as_str()) {
+                entries.push(Vec::new());
+                continue;
+            }
+            let mine: Vec<Entry> = message_streams(m)
+                .into_iter()
+                .filter_map(|stream| {
+                    seqs.remove(&(m.id.clone(), stream.key())).map(|seq| Entry {
+                        stream,
+                        seq,
+                        body: Body::Message(m.clone()),
+                    })
+                })
+                .collect();
+            entries.push(mine);
+        }
+        if !seqs.is_empty() {
+            return Err(StoreError::Database(sqlx::Error::Protocol(
+                "the positioned insert returned an entry not asked for".into(),
+            )));
+        }
+        Ok(entries)
+    }
+
+    /// As [`Store::store_new_in_one_statement`], in a transaction of
+    /// steps: the messages, the reservation of their positions, the entries.
+    /// For SQLite, whose one writer makes the steps' round trips in-process
+    /// and uncontended, and which has no data-modifying `WITH`.
+    async fn store_new_in_steps(
+        &self,
+        messages: &[Message],
+    ) -> Result<Vec<Vec<Entry>>, StoreError> {
         let _turn = self.write_turn().await;
         let mut tx = self.pool.begin().await?;
         let sql = insert_sql(messages.len());
@@ -658,45 +835,7 @@ impl Store {
             insert_entries(&mut tx, self.sqlite, &all).await?;
         }
         tx.commit().await?;
-
-        let mut out = Vec::with_capacity(messages.len());
-        for ((m, is_new), entries) in messages.iter().zip(new).zip(entries) {
-            if is_new {
-                out.push(Stored {
-                    message: m.clone(),
-                    outcome: Outcome::New,
-                    entries,
-                });
-                continue;
-            }
-            let existing = sqlx::query(&format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1 OR (sender_id = $2 AND client_msg_id = $3) ORDER BY id LIMIT 1"
-            ))
-            .bind(m.id.clone())
-            .bind(m.sender_id.clone())
-            .bind(m.client_msg_id.clone())
-            .fetch_optional(&self.pool)
-            .await?;
-            let row = existing.ok_or_else(|| {
-                StoreError::Database(sqlx::Error::Protocol(format!(
-                    "message {} conflicted on insert but no stored row matches it",
-                    m.id
-                )))
-            })?;
-            let message = message_from_row(&row)?;
-            let outcome = if message.id == m.id {
-                Outcome::Redelivered
-            } else {
-                Outcome::Retry
-            };
-            let entries = self.message_entries(&message).await?;
-            out.push(Stored {
-                message,
-                outcome,
-                entries,
-            });
-        }
-        Ok(out)
+        Ok(entries)
     }
 
     /// A stored message's entries, in the order of [`Stored::entries`].
