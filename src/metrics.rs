@@ -55,6 +55,9 @@ pub struct Metrics {
     /// Reads of a stream from the store that filled sessions' gaps (a
     /// missing position, a route loss, a join, a repaired bind).
     pub fills: Counter,
+    /// Entries that arrived before an earlier position of their stream
+    /// (writers of one stream publish concurrently) and waited for it.
+    pub entries_early: Counter,
     /// Entries emitted to sessions from such reads.
     pub fill_entries: Counter,
     /// Fills that failed (the store did not answer); each is retried.
@@ -79,6 +82,10 @@ pub struct Metrics {
     pub dead_lettered: Counter,
     /// Worker batch sizes.
     pub batch_size: Histogram,
+    /// Seconds a worker's batch took to store (positions included).
+    pub worker_store_seconds: Histogram,
+    /// Seconds a worker's stored batch took to publish to the outgoing side.
+    pub worker_route_seconds: Histogram,
     /// Database or broker errors the worker retried.
     pub worker_retries: Counter,
     /// Failed stores of one message that the database refused by its
@@ -153,6 +160,7 @@ impl Metrics {
             bound_keys: Gauge::default(),
             routes_lost: Counter::default(),
             fills: Counter::default(),
+            entries_early: Counter::default(),
             fill_entries: Counter::default(),
             fill_failures: Counter::default(),
             bind_failures: Counter::default(),
@@ -165,6 +173,8 @@ impl Metrics {
             unroutable: Counter::default(),
             dead_lettered: Counter::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            worker_store_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            worker_route_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             worker_retries: Counter::default(),
             worker_message_refusals: Counter::default(),
             worker_publish_refused: Counter::default(),
@@ -243,6 +253,11 @@ impl Metrics {
             m.fills.clone(),
         );
         registry.register(
+            "entries_early",
+            "Entries that arrived before an earlier position of their stream and waited for it",
+            m.entries_early.clone(),
+        );
+        registry.register(
             "fill_entries",
             "Entries emitted to sessions from gap fills",
             m.fill_entries.clone(),
@@ -301,6 +316,16 @@ impl Metrics {
             "worker_batch_size",
             "Events per worker batch",
             m.batch_size.clone(),
+        );
+        registry.register(
+            "worker_store_seconds",
+            "Seconds a worker batch took to store, positions included",
+            m.worker_store_seconds.clone(),
+        );
+        registry.register(
+            "worker_route_seconds",
+            "Seconds a stored worker batch took to publish to the outgoing side",
+            m.worker_route_seconds.clone(),
         );
         registry.register(
             "worker_retries",

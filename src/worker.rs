@@ -35,12 +35,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::collections::HashMap;
-
 use fanout_backend::{
     is_valid_id, BackendError, ConsumeOptions, DynBackend, IncomingDelivery, RouteKey, RouteOutcome,
 };
 use futures::StreamExt;
+use tokio::sync::mpsc::{Receiver, Sender};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkerConfig;
@@ -82,15 +81,23 @@ pub async fn run(
                 prefetch: config.prefetch,
             })
             .await?;
-        let consumer = Consumer {
+        let consumer = Arc::new(Consumer {
             backend: backend.clone(),
             store: store.clone(),
             metrics: metrics.clone(),
             stop: stop.clone(),
             max_attempts: max_attempts.max(1),
-        };
+        });
         let batch = config.batch_size as usize;
         tasks.push(tokio::spawn(async move {
+            // Storing and routing overlap: one batch is published while the
+            // next is stored, so a batch costs the longer of the two, not
+            // their sum. One stored batch waits at most; settled in order.
+            let (to_router, from_store) = tokio::sync::mpsc::channel::<Settle>(1);
+            let router = tokio::spawn({
+                let consumer = consumer.clone();
+                async move { consumer.settle_all(from_store).await }
+            });
             let mut batches = stream.ready_chunks(batch);
             loop {
                 let next = tokio::select! {
@@ -107,7 +114,14 @@ pub async fn run(
                         }
                     }
                 }
-                consumer.process(deliveries).await;
+                consumer.process(deliveries, &to_router).await;
+                if to_router.is_closed() {
+                    break; // the router stopped: the broker redelivers the rest
+                }
+            }
+            drop(to_router);
+            if let Err(e) = router.await {
+                tracing::error!(error = %e, "worker router task failed");
             }
         }));
     }
@@ -130,6 +144,13 @@ struct Consumer {
 }
 
 /// What holding a batch until it is stored ended with.
+/// A stored batch on its way out: its entries are routed, then its events
+/// acked.
+struct Settle {
+    stored: Vec<crate::store::Stored>,
+    deliveries: Vec<IncomingDelivery>,
+}
+
 enum Held {
     Stored(Vec<crate::store::Stored>),
     /// The database refused it with an error that may be about the data.
@@ -158,7 +179,9 @@ fn poison_reason(env: &IncomingEnvelope) -> Option<&'static str> {
 }
 
 impl Consumer {
-    async fn process(&self, deliveries: Vec<IncomingDelivery>) {
+    /// Decodes and stores a batch and hands it to the router (`out`); an
+    /// event bad by its content is dead-lettered here.
+    async fn process(&self, deliveries: Vec<IncomingDelivery>, out: &Sender<Settle>) {
         let mut batch: Vec<(IncomingDelivery, Message)> = Vec::with_capacity(deliveries.len());
         for d in deliveries {
             let decoded: Result<IncomingEnvelope, String> =
@@ -177,24 +200,43 @@ impl Consumer {
         }
         self.metrics.batch_size.observe(batch.len() as f64);
         let messages: Vec<Message> = batch.iter().map(|(_, m)| m.clone()).collect();
+        let started = std::time::Instant::now();
         let stored = match self.store_held(&messages).await {
             Held::Stored(stored) => stored,
             Held::BlamesData(e) if batch.len() > 1 => {
                 // The batch cannot say which message the database refuses:
                 // store them one by one, in order, so only that one waits.
                 tracing::warn!(error = %e, "batch insert refused; storing one by one");
-                return self.process_one_by_one(batch).await;
+                return self.process_one_by_one(batch, out).await;
             }
-            Held::BlamesData(_) => return self.process_one_by_one(batch).await,
+            Held::BlamesData(_) => return self.process_one_by_one(batch, out).await,
             Held::Stopped => return, // the broker redelivers
         };
-        if !self.settle_stored(&stored).await {
-            return; // stopping: the broker redelivers
-        }
-        let acks = batch.into_iter().map(|(d, _)| d.ack());
-        for r in futures::future::join_all(acks).await {
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "ack failed; the event will be redelivered and deduplicated");
+        self.metrics
+            .worker_store_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let deliveries = batch.into_iter().map(|(d, _)| d).collect();
+        // A closed router means stopping: the broker redelivers.
+        let _ = out.send(Settle { stored, deliveries }).await;
+    }
+
+    /// Routes each stored batch, then acks its events, in the order they
+    /// were stored; returns when the storing side is done or the worker
+    /// stops (what is not acked then, the broker redelivers).
+    async fn settle_all(&self, mut batches: Receiver<Settle>) {
+        while let Some(Settle { stored, deliveries }) = batches.recv().await {
+            let started = std::time::Instant::now();
+            if !self.settle_stored(&stored).await {
+                return;
+            }
+            self.metrics
+                .worker_route_seconds
+                .observe(started.elapsed().as_secs_f64());
+            let acks = deliveries.into_iter().map(|d| d.ack());
+            for r in futures::future::join_all(acks).await {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "ack failed; the event will be redelivered and deduplicated");
+                }
             }
         }
     }
@@ -202,7 +244,11 @@ impl Consumer {
     /// Stores each message alone, in order. One the database refuses by
     /// its content (while it takes a probe) is tried `max_attempts` times,
     /// then dead-lettered; the messages behind it wait meanwhile.
-    async fn process_one_by_one(&self, batch: Vec<(IncomingDelivery, Message)>) {
+    async fn process_one_by_one(
+        &self,
+        batch: Vec<(IncomingDelivery, Message)>,
+        out: &Sender<Settle>,
+    ) {
         for (d, m) in batch {
             let mut refusals = 0u32;
             let mut attempt = 0u32;
@@ -240,11 +286,12 @@ impl Consumer {
                     continue;
                 }
             };
-            if !self.settle_stored(&stored).await {
-                return;
-            }
-            if let Err(e) = d.ack().await {
-                tracing::warn!(error = %e, "ack failed; the event will be redelivered and deduplicated");
+            let settle = Settle {
+                stored,
+                deliveries: vec![d],
+            };
+            if out.send(settle).await.is_err() {
+                return; // stopping: the broker redelivers
             }
         }
     }
@@ -301,45 +348,34 @@ impl Consumer {
     }
 
     /// Publishes stored entries to their streams' route keys, retrying
-    /// broker errors; `false` if the worker stopped first. Entries of one
-    /// key go out one after another in position order (a gateway keeps a
-    /// session gap-free by that order); different keys go out concurrently,
-    /// so a batch costs about one round trip per entry of its busiest key,
-    /// not one per entry.
+    /// broker errors; `false` if the worker stopped first. All go out at
+    /// once, issued in position order per key (a redelivered message's
+    /// entries may come after newer ones in the batch), so a batch costs
+    /// about one broker round trip. The broker may still deliver one that
+    /// overtakes an earlier position (another worker's, or a retried
+    /// publish): the gateway holds it until the earlier one comes
+    /// (`fanout_entries_early_total`), so order costs latency there, never
+    /// correctness. Waiting for each entry's confirm before publishing the
+    /// next of its key cost a round trip per entry of the busiest key.
     async fn route(&self, entries: &[&Entry]) -> bool {
-        let mut per_key: HashMap<RouteKey, Vec<(i64, bytes::Bytes)>> = HashMap::new();
-        for entry in entries {
-            let env = OutgoingEnvelope::Entry((*entry).clone());
-            let payload = match serde_json::to_vec(&env) {
-                Ok(p) => bytes::Bytes::from(p),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot encode an outgoing entry");
-                    continue;
-                }
-            };
-            per_key
-                .entry(entry.stream.route_key())
-                .or_default()
-                .push((entry.seq, payload));
-        }
-        let sends = per_key.into_iter().map(|(key, mut payloads)| async move {
-            // A redelivered message's entries may come after newer ones in
-            // the batch.
-            payloads.sort_by_key(|(seq, _)| *seq);
-            for (_, payload) in payloads {
-                if !self.publish_one(&key, payload).await {
-                    return false;
-                }
+        let mut ordered: Vec<&Entry> = entries.to_vec();
+        ordered.sort_by(|a, b| (&a.stream, a.seq).cmp(&(&b.stream, b.seq)));
+        let mut sends = Vec::with_capacity(ordered.len());
+        for entry in ordered {
+            let env = OutgoingEnvelope::Entry(entry.clone());
+            match serde_json::to_vec(&env) {
+                Ok(p) => sends.push(self.publish_one(entry.stream.route_key(), p.into())),
+                Err(e) => tracing::error!(error = %e, "cannot encode an outgoing entry"),
             }
-            true
-        });
+        }
         futures::future::join_all(sends)
             .await
             .into_iter()
             .all(|ok| ok)
     }
 
-    async fn publish_one(&self, key: &RouteKey, payload: bytes::Bytes) -> bool {
+    async fn publish_one(&self, key: RouteKey, payload: bytes::Bytes) -> bool {
+        let key = &key;
         let mut attempt = 0u32;
         loop {
             match self.backend.publish_outgoing(key, payload.clone()).await {

@@ -1,6 +1,6 @@
 //! The worker stores each message with its positions and publishes its
-//! entries (`OutgoingEnvelope::Entry`) to the streams' route keys, in
-//! position order per key: the receiver's and the sender's inbox for a
+//! entries (`OutgoingEnvelope::Entry`) to the streams' route keys, issued
+//! in position order per key (the memory backend keeps that order): the receiver's and the sender's inbox for a
 //! personal message, the channel's stream for a channel message.
 
 use std::collections::HashMap;

@@ -136,12 +136,7 @@ pub async fn plan(
         // Live only: every stream from its head as read after the bind.
         let starts = streams
             .iter()
-            .map(|stream| StreamStart {
-                stream: stream.clone(),
-                last: 0,
-                ends_at: None,
-                bound: true,
-            })
+            .map(|stream| StreamStart::live(stream.clone(), 0))
             .collect();
         return Ok(Plan {
             starts,
@@ -159,12 +154,7 @@ pub async fn plan(
     if p.inbox > head(&inbox) {
         return Err(beyond("inbox", p.inbox, head(&inbox)));
     }
-    let mut starts = vec![StreamStart {
-        stream: inbox.clone(),
-        last: p.inbox,
-        ends_at: None,
-        bound: true,
-    }];
+    let mut starts = vec![StreamStart::live(inbox.clone(), p.inbox)];
     let mut replay = vec![(inbox, p.inbox, None)];
     for (channel, &given) in &p.channels {
         let stream = Stream::Channel(channel.clone());
@@ -175,12 +165,7 @@ pub async fn plan(
         if let Some(m) = member.get(channel.as_str()) {
             // Never before the entry that added them this time.
             let from = given.max(m.joined_seq - 1);
-            starts.push(StreamStart {
-                stream: stream.clone(),
-                last: from,
-                ends_at: None,
-                bound: true,
-            });
+            starts.push(StreamStart::live(stream.clone(), from));
             replay.push((stream, from, None));
             continue;
         }
@@ -210,20 +195,10 @@ pub async fn plan(
         if m.joined_seq > 0 && m.inbox_seq > p.inbox {
             // Added after the client's inbox position: from that entry on.
             let from = m.joined_seq - 1;
-            starts.push(StreamStart {
-                stream: stream.clone(),
-                last: from,
-                ends_at: None,
-                bound: true,
-            });
+            starts.push(StreamStart::live(stream.clone(), from));
             replay.push((stream, from, None));
         } else {
-            starts.push(StreamStart {
-                last: head(&stream),
-                stream: stream.clone(),
-                ends_at: None,
-                bound: true,
-            });
+            starts.push(StreamStart::live(stream.clone(), head(&stream)));
             at_head.push(stream);
         }
     }

@@ -123,6 +123,18 @@ pub struct StreamStart {
     pub bound: bool,
 }
 
+impl StreamStart {
+    /// A stream the session follows live from `last` on.
+    pub fn live(stream: Stream, last: i64) -> Self {
+        StreamStart {
+            stream,
+            last,
+            ends_at: None,
+            bound: true,
+        }
+    }
+}
+
 /// One stream of a resume's replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplayStream {
@@ -247,6 +259,8 @@ struct Out {
     emitted: u64,
     /// Entries a session already had.
     duplicates: u64,
+    /// Entries that came before an earlier position of their stream.
+    early: u64,
     /// Sessions whose socket was closed.
     failed: u64,
     /// Sessions cut off as slow clients.
@@ -299,6 +313,7 @@ impl Session {
                 self.kept += 1;
             }
             if !hold && !cur.joining {
+                out.early += 1;
                 out.fill(stream);
             }
             if self.kept > cap {
@@ -825,6 +840,7 @@ impl Sessions {
     fn account(&self, out: Out) -> Vec<Follow> {
         self.metrics.deliveries.inc_by(out.emitted);
         self.metrics.duplicates_dropped.inc_by(out.duplicates);
+        self.metrics.entries_early.inc_by(out.early);
         self.metrics.slow_client_disconnects.inc_by(out.cut_off);
         if out.cut_off > 0 {
             self.metrics.slow_client_drops.inc_by(out.cut_off);
