@@ -222,13 +222,18 @@ impl Default for IncomingConfig {
 }
 
 /// Workers: consume, persist, route.
+/// The largest `worker.batch_size`: a batch is one statement of 13 bound
+/// values a message on PostgreSQL, which takes at most 65,535.
+pub const MAX_WORKER_BATCH: u32 = 4096;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     /// Consumers per worker process (each owns a share of the partitions).
     /// Default 2.
     pub consumers: u32,
-    /// Most events written to the database in one round trip. Default 256.
+    /// Most events written to the database in one round trip. Default 256,
+    /// at most [`MAX_WORKER_BATCH`].
     pub batch_size: u32,
     /// Most unsettled events per consumer. Default 512.
     pub prefetch: u16,
@@ -531,6 +536,9 @@ impl Config {
                 "worker.consumers, worker.batch_size and worker.prefetch must be at least 1",
             );
         }
+        if self.worker.batch_size > MAX_WORKER_BATCH {
+            return bad("worker.batch_size must be at most 4096 (one statement binds 13 values a message; PostgreSQL takes 65535)");
+        }
         self.limits.validate().map_err(ConfigError::Value)?;
         if self.gateway.replay_limit == 0 || self.gateway.replay_limit > 100_000 {
             return bad("gateway.replay_limit must be 1 to 100000");
@@ -598,6 +606,18 @@ mod tests {
             )?;
             let err = Config::load(None).expect_err("typo must fail");
             assert!(err.to_string().contains("max_content_byte"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_worker_batch_beyond_one_statement_is_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("FANOUT_WORKER__BATCH_SIZE", "4097");
+            let err = Config::load(None).expect_err("too large");
+            assert!(err.to_string().contains("at most 4096"), "{err}");
+            jail.set_env("FANOUT_WORKER__BATCH_SIZE", "4096");
+            assert_eq!(Config::load(None).expect("valid").worker.batch_size, 4096);
             Ok(())
         });
     }
