@@ -23,7 +23,10 @@ fn selected() -> Vec<FaultKind> {
             .into_iter()
             .filter(|f| list.split(',').any(|s| s.trim() == f.as_str()))
             .collect(),
-        _ => FaultKind::DEFAULT.to_vec(),
+        _ => FaultKind::ALL
+            .into_iter()
+            .filter(|f| f.by_default())
+            .collect(),
     }
 }
 

@@ -36,7 +36,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{Client, ClientError};
-use crate::load::{create_channel, LoadError};
+use crate::load::{check_shape, create_channels, LoadError};
 use fanout::auth::Tokens;
 
 /// What to run.
@@ -401,16 +401,7 @@ impl Shared {
 
 /// Runs the workload against running gateways; tokens signed with `tokens`.
 pub async fn run(spec: &JitterSpec, tokens: &Tokens) -> Result<JitterReport, LoadError> {
-    if spec.urls.is_empty()
-        || spec.users == 0
-        || spec.rate.is_nan()
-        || spec.rate <= 0.0
-        || spec.duration.is_zero()
-    {
-        return Err(LoadError::Spec(
-            "need at least one gateway URL, one user, a positive rate and a duration".into(),
-        ));
-    }
+    check_shape(&spec.urls, spec.users, spec.rate, spec.duration)?;
     let ordered = |r: [u64; 2]| r[0] > 0 && r[0] <= r[1];
     if !ordered(spec.close_after_ms) || !ordered(spec.offline_ms) {
         return Err(LoadError::Spec(
@@ -418,19 +409,7 @@ pub async fn run(spec: &JitterSpec, tokens: &Tokens) -> Result<JitterReport, Loa
         ));
     }
     let plan = Plan::new(spec)?;
-    let http = reqwest::Client::new();
-    for (id, members) in &plan.channels {
-        let token = tokens
-            .mint(&plan.names[members[0]], 3600)
-            .map_err(|e| LoadError::Setup(e.to_string()))?;
-        let others: Vec<&str> = members[1..]
-            .iter()
-            .map(|m| plan.names[*m].as_str())
-            .collect();
-        create_channel(&http, &spec.urls[0], &token, id, &others)
-            .await
-            .map_err(LoadError::Setup)?;
-    }
+    create_channels(&spec.urls[0], tokens, &plan.names, &plan.channels).await?;
 
     let mut auth = Vec::with_capacity(plan.names.len());
     for user in &plan.names {

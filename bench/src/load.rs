@@ -493,36 +493,52 @@ impl Recorder {
 }
 
 /// Runs `spec` against running gateways; tokens are signed with `tokens`.
-pub async fn run(spec: &LoadSpec, tokens: &Tokens) -> Result<LoadReport, LoadError> {
-    if spec.urls.is_empty()
-        || spec.users == 0
-        || spec.rate.is_nan()
-        || spec.rate <= 0.0
-        || spec.duration.is_zero()
-    {
+/// The checks every load shape shares: gateways, users, a rate and a
+/// duration.
+pub(crate) fn check_shape(
+    urls: &[String],
+    users: usize,
+    rate: f64,
+    duration: Duration,
+) -> Result<(), LoadError> {
+    if urls.is_empty() || users == 0 || rate.is_nan() || rate <= 0.0 || duration.is_zero() {
         return Err(LoadError::Spec(
             "need at least one gateway URL, one user, a positive rate and a duration".into(),
         ));
     }
+    Ok(())
+}
+
+/// Creates each `(id, members)` channel through `url`, its first member
+/// (an index into `names`) creating it with the others.
+pub(crate) async fn create_channels(
+    url: &str,
+    tokens: &Tokens,
+    names: &[String],
+    channels: &[(String, Vec<usize>)],
+) -> Result<(), LoadError> {
+    let http = reqwest::Client::new();
+    for (id, members) in channels {
+        let token = tokens
+            .mint(&names[members[0]], 3600)
+            .map_err(|e| LoadError::Setup(e.to_string()))?;
+        let others: Vec<&str> = members[1..].iter().map(|m| names[*m].as_str()).collect();
+        create_channel(&http, url, &token, id, &others)
+            .await
+            .map_err(LoadError::Setup)?;
+    }
+    Ok(())
+}
+
+pub async fn run(spec: &LoadSpec, tokens: &Tokens) -> Result<LoadReport, LoadError> {
+    check_shape(&spec.urls, spec.users, spec.rate, spec.duration)?;
     if spec.warmup >= spec.duration {
         return Err(LoadError::Spec(
             "warm-up must be shorter than the duration".into(),
         ));
     }
     let plan = Plan::new(spec)?;
-    let http = reqwest::Client::new();
-    for (id, members) in &plan.channels {
-        let token = tokens
-            .mint(&plan.names[members[0]], 3600)
-            .map_err(|e| LoadError::Setup(e.to_string()))?;
-        let others: Vec<&str> = members[1..]
-            .iter()
-            .map(|m| plan.names[*m].as_str())
-            .collect();
-        create_channel(&http, &spec.urls[0], &token, id, &others)
-            .await
-            .map_err(LoadError::Setup)?;
-    }
+    create_channels(&spec.urls[0], tokens, &plan.names, &plan.channels).await?;
 
     let t_connect = Instant::now();
     let online: Vec<usize> = (0..plan.names.len())
