@@ -1,6 +1,7 @@
 //! The HTTP side of a gateway: the REST API under `/api`, `/healthz`,
 //! `/readyz`, `/metrics`, and the Socket.IO endpoint at `/socket.io/`.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
@@ -303,13 +304,12 @@ async fn publish_entries(
     gw: &Gateway,
     entries: Vec<crate::stream::Entry>,
 ) -> Result<(), fanout_backend::BackendError> {
-    let mut per_key: Vec<(RouteKey, Vec<crate::stream::Entry>)> = Vec::new();
+    // A creation's entries touch one key per member: a map, not a search
+    // of the keys so far (2,000 entries of a 1,000-member creation were a
+    // million comparisons on the runtime's thread, stalling its deliveries).
+    let mut per_key: HashMap<RouteKey, Vec<crate::stream::Entry>> = HashMap::new();
     for e in entries {
-        let key = e.stream.route_key();
-        match per_key.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, list)) => list.push(e),
-            None => per_key.push((key, vec![e])),
-        }
+        per_key.entry(e.stream.route_key()).or_default().push(e);
     }
     let results: Vec<Result<(), fanout_backend::BackendError>> = futures::stream::iter(per_key)
         .map(|(key, list)| async move {
