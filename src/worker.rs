@@ -143,7 +143,6 @@ struct Consumer {
     max_attempts: u32,
 }
 
-/// What holding a batch until it is stored ended with.
 /// A stored batch on its way out: its entries are routed, then its events
 /// acked.
 struct Settle {
@@ -151,6 +150,7 @@ struct Settle {
     deliveries: Vec<IncomingDelivery>,
 }
 
+/// What holding a batch until it is stored ended with.
 enum Held {
     Stored(Vec<crate::store::Stored>),
     /// The database refused it with an error that may be about the data.
