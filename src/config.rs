@@ -537,7 +537,7 @@ impl Config {
             );
         }
         if self.worker.batch_size > MAX_WORKER_BATCH {
-            return bad("worker.batch_size must be at most 4096 (one statement binds 13 values a message; PostgreSQL takes 65535)");
+            return bad(&format!("worker.batch_size must be at most {MAX_WORKER_BATCH} (one statement binds 13 values a message; PostgreSQL takes 65535)"));
         }
         self.limits.validate().map_err(ConfigError::Value)?;
         if self.gateway.replay_limit == 0 || self.gateway.replay_limit > 100_000 {
