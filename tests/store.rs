@@ -858,3 +858,41 @@ async fn timing_personal_batches_postgres() {
     store.close().await;
     db.drop_db().await;
 }
+
+/// The largest batch the configuration allows is one statement on
+/// PostgreSQL (13 bound values a message, 65,535 at most): stored whole,
+/// every inbox gap-free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_the_largest_batch_is_one_statement() {
+    let Some(db) = common::TestDb::create().await else {
+        return;
+    };
+    let store = Store::connect(&db.url, 4, Duration::from_secs(5))
+        .await
+        .expect("connect");
+    let n = fanout::config::MAX_WORKER_BATCH as usize;
+    let batch: Vec<Message> = (0..n)
+        .map(|i| {
+            let to = Target::User(format!("u{}", (i + 1) % 50));
+            msg(
+                &uuid_at(i as u64 + 1),
+                &format!("u{}", i % 50),
+                to,
+                None,
+                i as i64,
+            )
+        })
+        .collect();
+    let stored = store.insert_messages(&batch).await.expect("one statement");
+    assert_eq!(stored.len(), n);
+    assert!(stored
+        .iter()
+        .all(|s| s.outcome == Outcome::New && s.entries.len() == 2));
+    let mut total = 0;
+    for u in 0..50 {
+        total += assert_gap_free(&store, &inbox(&format!("u{u}"))).await;
+    }
+    assert_eq!(total, 2 * n as i64, "two inbox entries a message");
+    store.close().await;
+    db.drop_db().await;
+}
