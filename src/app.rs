@@ -53,6 +53,7 @@ pub async fn connect_backend(config: &Config) -> Result<DynBackend, RunError> {
         BackendKind::Redis => Ok(Arc::new(
             fanout_redis::RedisBackend::connect(fanout_redis::RedisConfig {
                 url: config.redis_url.clone(),
+                cluster: config.redis.cluster,
                 namespace: config.namespace.clone(),
                 partitions: config.incoming.partitions,
                 operation_timeout: Duration::from_millis(config.broker_timeout_ms),

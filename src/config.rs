@@ -90,7 +90,8 @@ pub struct Config {
     pub log: String,
     /// RabbitMQ URL. Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
     pub rabbitmq_url: String,
-    /// Redis URL. Default `redis://127.0.0.1:6379`.
+    /// Redis URL, or with `redis.cluster` a comma-separated list of seed
+    /// nodes. Default `redis://127.0.0.1:6379`.
     pub redis_url: String,
     /// Bound on every broker call (publish confirm, bind, ...), in
     /// milliseconds; a send not confirmed in time is answered
@@ -172,6 +173,10 @@ impl Default for RabbitMqSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSection {
+    /// Redis Cluster mode (`FANOUT_REDIS__CLUSTER=true`): `redis_url` is
+    /// then a comma-separated list of seed nodes, keys carry hash tags and
+    /// each gateway's channel is a sharded channel. Default false.
+    pub cluster: bool,
     /// TTL of a gateway's liveness key, ms; a crashed gateway's routes are
     /// gone within 1.375 times this. Default 10000.
     pub liveness_ttl_ms: u64,
@@ -189,6 +194,7 @@ pub struct RedisSection {
 impl Default for RedisSection {
     fn default() -> Self {
         Self {
+            cluster: false,
             liveness_ttl_ms: 10_000,
             lease_ttl_ms: 10_000,
             claim_idle_ms: 10_000,

@@ -122,9 +122,22 @@ pub(crate) async fn run_once(inner: &Inner) -> Result<JanitorReport, BackendErro
     );
 
     let min_idle = inner.config.lease_ttl * 2;
+    let live: Vec<String> = inner
+        .run(
+            redis::cmd("ZRANGE")
+                .arg(inner.keys.consumers())
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn),
+        )
+        .await?;
     for p in 0..inner.config.partitions {
         report.entries_trimmed += inner.scripts.trim.call(inner, p).await?;
-        report.consumers_removed += inner.scripts.gc_consumers.call(inner, p, min_idle).await?;
+        report.consumers_removed += inner
+            .scripts
+            .gc_consumers
+            .call(inner, p, min_idle, &live)
+            .await?;
     }
     Ok(report)
 }

@@ -37,8 +37,11 @@
 //! | `{ns}:dead` | STREAM | dead letters: the entry's fields plus `reason`, `attempts`, `partition`, `entry` |
 //! | `{ns}:janitor` | STRING, TTL | which instance runs the janitor this period |
 //!
-//! Standalone Redis (optionally with replicas) only: several scripts build
-//! key names from data, which Redis Cluster forbids.
+//! Standalone Redis (optionally with replicas), or Redis Cluster
+//! (`cluster = true`): on a cluster the names carry hash tags (`keys.rs`),
+//! every script touches one slot, and a server's channel is a sharded
+//! channel (`SSUBSCRIBE`/`SPUBLISH`), so a message crosses only the node that
+//! owns the channel's slot instead of every node of the cluster.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -55,10 +58,12 @@ use fanout_backend::{
 };
 use futures::stream::BoxStream;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
 use redis::{Client, IntoConnectionInfo, ProtocolVersion, RedisError};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+mod conn;
 mod incoming;
 mod janitor;
 mod keys;
@@ -68,6 +73,7 @@ mod scripts;
 
 pub use janitor::JanitorReport;
 
+use conn::Conn;
 use keys::Keys;
 use scripts::Scripts;
 
@@ -75,8 +81,13 @@ use scripts::Scripts;
 /// the URL.
 #[derive(Clone)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]`; with `cluster`, a
+    /// comma-separated list of seed nodes of the cluster (any live one is
+    /// enough to find the others).
     pub url: String,
+    /// Redis Cluster mode: hash-tagged key names, sharded Pub/Sub, every
+    /// call routed by slot. A standalone Redis takes exactly one URL.
+    pub cluster: bool,
     /// Prefix of every key and channel (`{namespace}:...`): 1 to 64
     /// characters of `[A-Za-z0-9_-]`, so it can never contain a separator or
     /// a glob character.
@@ -111,6 +122,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".to_owned(),
+            cluster: false,
             namespace: "fanout".to_owned(),
             partitions: 16,
             operation_timeout: Duration::from_secs(5),
@@ -125,7 +137,16 @@ impl Default for RedisConfig {
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisConfig")
-            .field("url", &redact_url(&self.url))
+            .field(
+                "url",
+                &self
+                    .urls()
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+            .field("cluster", &self.cluster)
             .field("namespace", &self.namespace)
             .field("partitions", &self.partitions)
             .field("operation_timeout", &self.operation_timeout)
@@ -156,7 +177,30 @@ fn redact_url(url: &str) -> String {
 }
 
 impl RedisConfig {
+    /// The node URLs of `url`, split at commas, blanks trimmed.
+    pub fn urls(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+
     fn validate(&self) -> Result<(), BackendError> {
+        let urls = self.urls();
+        if urls.is_empty() {
+            return Err(BackendError::Invalid("no Redis URL given".into()));
+        }
+        if urls.len() > 1 && !self.cluster {
+            return Err(BackendError::Invalid(
+                format!(
+                    "{} Redis URLs given, but a standalone Redis takes one; for Redis Cluster set \
+                     cluster = true (FANOUT_REDIS__CLUSTER=true) and list the seed nodes",
+                    urls.len()
+                )
+                .into(),
+            ));
+        }
         if !fanout_backend::is_valid_id(&self.namespace) {
             return Err(BackendError::Invalid(
                 format!(
@@ -264,7 +308,7 @@ pub(crate) struct Inner {
     /// RESP3 client: subscriber connections (Pub/Sub pushes arrive on a
     /// connection that still answers PING and CLIENT SETNAME).
     pub sub_client: Client,
-    pub conn: ConnectionManager,
+    pub conn: Conn,
     pub scripts: Scripts,
     pub closed: AtomicBool,
     /// Cancelled on shutdown or drop; every background task watches it.
@@ -288,8 +332,20 @@ impl Inner {
     }
 
     /// A handle on the command connection (cheap: it is multiplexed).
-    pub(crate) fn conn(&self) -> ConnectionManager {
+    pub(crate) fn conn(&self) -> Conn {
         self.conn.clone()
+    }
+
+    /// Whether this backend talks to a Redis Cluster.
+    pub(crate) fn cluster(&self) -> bool {
+        self.config.cluster
+    }
+
+    /// The URL of every primary of the cluster serving slots (a
+    /// standalone Redis: its one URL), for what has to visit every node:
+    /// SCAN.
+    pub(crate) async fn node_urls(&self) -> Result<Vec<String>, BackendError> {
+        node_urls(&self.conn, &self.config.url, self.config.operation_timeout).await
     }
 
     /// Runs one Redis call bounded by `operation_timeout`.
@@ -367,9 +423,12 @@ impl RedisBackend {
     pub async fn connect(config: RedisConfig) -> Result<Self, BackendError> {
         config.validate()?;
         let op = config.operation_timeout;
-        let info = config
-            .url
-            .as_str()
+        let urls = config.urls();
+        for url in &urls {
+            url.into_connection_info()
+                .map_err(|e| BackendError::invalid("bad Redis URL", e))?;
+        }
+        let info = urls[0]
             .into_connection_info()
             .map_err(|e| BackendError::invalid("bad Redis URL", e))?;
         let sub_info = info.clone().set_redis_settings(
@@ -385,13 +444,27 @@ impl RedisBackend {
             .set_number_of_retries(3)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(2));
-        let conn = with_timeout(
-            op,
-            ConnectionManager::new_with_config(client.clone(), manager_config),
-        )
-        .await?;
+        let conn = if config.cluster {
+            let cluster = ClusterClient::builder(urls.iter().map(|u| u.to_string()))
+                .connection_timeout(op)
+                .response_timeout(op)
+                .retries(3)
+                .min_retry_wait(50)
+                .max_retry_wait(2000)
+                .build()
+                .map_err(|e| BackendError::invalid("bad Redis Cluster seeds", e))?;
+            Conn::Cluster(with_timeout(op, cluster.get_async_connection()).await?)
+        } else {
+            Conn::Single(
+                with_timeout(
+                    op,
+                    ConnectionManager::new_with_config(client.clone(), manager_config),
+                )
+                .await?,
+            )
+        };
 
-        let keys = Keys::new(&config.namespace);
+        let keys = Keys::new(&config.namespace, config.partitions, config.cluster);
         let mut probe = conn.clone();
         // Accepted events survive a restart only if Redis writes an AOF; a
         // managed Redis may refuse CONFIG, in which case we cannot promise it.
@@ -452,7 +525,17 @@ impl RedisBackend {
     /// routing table, by SCAN (not KEYS, so it never blocks Redis).
     pub async fn route_key_count(&self) -> Result<usize, BackendError> {
         let pattern = format!("{}*", self.inner.keys.route_prefix());
-        Ok(scan(&self.inner, &pattern).await?.len())
+        let mut n = 0;
+        for url in self.inner.node_urls().await? {
+            n += scan_with(
+                &node(&url, self.inner.config.operation_timeout).await?,
+                &pattern,
+                self.inner.config.operation_timeout,
+            )
+            .await?
+            .len();
+        }
+        Ok(n)
     }
 
     /// Runs the janitor once now, whoever holds the janitor lock: removes
@@ -467,31 +550,85 @@ impl RedisBackend {
     /// tests and for decommissioning a namespace; live gateways and workers
     /// of the namespace lose their state.
     pub async fn purge_namespace(&self) -> Result<u64, BackendError> {
-        purge(
-            &self.inner.conn(),
-            &self.inner.keys,
-            self.inner.config.operation_timeout,
-        )
-        .await
+        let timeout = self.inner.config.operation_timeout;
+        let mut removed = 0;
+        for url in self.inner.node_urls().await? {
+            removed += purge(
+                &node(&url, timeout).await?,
+                &self.inner.config.namespace,
+                timeout,
+            )
+            .await?;
+        }
+        Ok(removed)
     }
 
     /// Like [`RedisBackend::purge_namespace`] without a backend: connects
-    /// to `url` and deletes every key under `{namespace}:`.
+    /// to `url` (on a cluster, each of its primaries: a comma-separated
+    /// seed list is accepted) and deletes every key under `{namespace}:`.
     pub async fn purge(url: &str, namespace: &str, timeout: Duration) -> Result<u64, BackendError> {
         if !fanout_backend::is_valid_id(namespace) {
             return Err(BackendError::Invalid(
                 format!("not a namespace: {namespace:?}").into(),
             ));
         }
-        let client = Client::open(url).map_err(map_error)?;
-        let conn = with_timeout(timeout, client.get_multiplexed_async_connection()).await?;
-        purge(&conn, &Keys::new(namespace), timeout).await
+        let seed = url
+            .split(',')
+            .map(str::trim)
+            .find(|u| !u.is_empty())
+            .unwrap_or(url);
+        let first = node(seed, timeout).await?;
+        let mut removed = 0;
+        for url in node_urls(&first, seed, timeout).await? {
+            removed += purge(&node(&url, timeout).await?, namespace, timeout).await?;
+        }
+        Ok(removed)
     }
 }
 
-/// Every key matching `pattern`, by SCAN.
-async fn scan(inner: &Inner, pattern: &str) -> Result<Vec<String>, BackendError> {
-    scan_with(&inner.conn(), pattern, inner.config.operation_timeout).await
+/// A plain connection to one node, for what must visit each node itself.
+async fn node(
+    url: &str,
+    timeout: Duration,
+) -> Result<redis::aio::MultiplexedConnection, BackendError> {
+    let client = Client::open(url).map_err(map_error)?;
+    with_timeout(timeout, client.get_multiplexed_async_connection()).await
+}
+
+/// The URLs of the primaries serving slots if `conn` reaches a cluster
+/// node, else `url` itself (a standalone Redis answers `CLUSTER NODES`
+/// with an error).
+async fn node_urls<C>(conn: &C, url: &str, timeout: Duration) -> Result<Vec<String>, BackendError>
+where
+    C: redis::aio::ConnectionLike + Clone + Send,
+{
+    let seed = url
+        .split(',')
+        .map(str::trim)
+        .find(|u| !u.is_empty())
+        .unwrap_or(url);
+    let mut c = conn.clone();
+    match with_timeout(
+        timeout,
+        redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async::<String>(&mut c),
+    )
+    .await
+    {
+        Ok(nodes) => {
+            let primaries = conn::primaries(&nodes);
+            if primaries.is_empty() {
+                return Err(BackendError::Unavailable(
+                    "the Redis Cluster has no primary serving slots (is it still forming?)".into(),
+                ));
+            }
+            Ok(primaries.iter().map(|a| conn::node_url(seed, a)).collect())
+        }
+        // Not a cluster: "ERR This instance has cluster support disabled".
+        Err(BackendError::Refused(_)) => Ok(vec![seed.to_owned()]),
+        Err(e) => Err(e),
+    }
 }
 
 async fn scan_with<C>(
@@ -525,17 +662,22 @@ where
     }
 }
 
-async fn purge<C>(conn: &C, keys: &Keys, timeout: Duration) -> Result<u64, BackendError>
+/// Deletes every key of a namespace on one node. Key by key: on a
+/// cluster node the keys are in different slots, which one UNLINK refuses.
+async fn purge<C>(conn: &C, namespace: &str, timeout: Duration) -> Result<u64, BackendError>
 where
     C: redis::aio::ConnectionLike + Clone + Send,
 {
-    let all = scan_with(conn, &keys.all_pattern(), timeout).await?;
+    let all = scan_with(conn, &format!("{namespace}:*"), timeout).await?;
     let mut removed = 0u64;
     for chunk in all.chunks(500) {
+        let mut pipe = redis::pipe();
+        for key in chunk {
+            pipe.cmd("UNLINK").arg(key);
+        }
         let mut c = conn.clone();
-        let n: u64 =
-            with_timeout(timeout, redis::cmd("UNLINK").arg(chunk).query_async(&mut c)).await?;
-        removed += n;
+        let n: Vec<u64> = with_timeout(timeout, pipe.query_async(&mut c)).await?;
+        removed += n.iter().sum::<u64>();
     }
     Ok(removed)
 }

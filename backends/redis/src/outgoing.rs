@@ -16,12 +16,15 @@ use fanout_backend::{
     BackendError, OutgoingMessage, RouteKey, RouteOutcome, ServerEvent, ServerId, ServerStream,
 };
 use futures::stream::{self, StreamExt};
-use redis::aio::{AsyncPushSender, MultiplexedConnection, SendError};
-use redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
+use redis::aio::{AsyncPushSender, SendError};
+use redis::cluster::ClusterClient;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use crate::conn::Conn;
 use crate::{jitter_fraction, Counters, Inner};
 
 /// Messages buffered per server between Redis and the gateway. Beyond it
@@ -98,6 +101,7 @@ pub(crate) fn decode_frame(frame: &[u8]) -> Option<(RouteKey, Bytes)> {
 /// room, and every message until then is dropped and counted too. So the
 /// gateway sees all messages before the first drop, then `RoutesLost`,
 /// and its catch-up from the store covers exactly the dropped ones.
+#[derive(Clone)]
 struct PushForwarder {
     tx: mpsc::Sender<ServerEvent>,
     disconnected: Arc<Notify>,
@@ -129,7 +133,8 @@ impl PushForwarder {
 impl AsyncPushSender for PushForwarder {
     fn send(&self, info: PushInfo) -> Result<(), SendError> {
         match info.kind {
-            PushKind::Message => {
+            // Classic Pub/Sub on a standalone Redis, sharded on a cluster.
+            PushKind::Message | PushKind::SMessage => {
                 let frame = match info.data.get(1) {
                     Some(Value::BulkString(b)) => b.as_slice(),
                     _ => &[][..],
@@ -154,7 +159,10 @@ impl AsyncPushSender for PushForwarder {
                     Err(mpsc::error::TrySendError::Closed(_)) => {}
                 }
             }
-            PushKind::Disconnection => self.disconnected.notify_one(),
+            // A lost connection, or (cluster) the channel's slot moved to
+            // another node, which unsubscribes us: either way messages may
+            // have been missed, and the subscription is set up anew.
+            PushKind::Disconnection | PushKind::SUnsubscribe => self.disconnected.notify_one(),
             // Subscribe confirmations and anything else are not ours to act on.
             _ => {}
         }
@@ -167,7 +175,10 @@ async fn connect_subscriber(
     inner: &Inner,
     server: &ServerId,
     forwarder: PushForwarder,
-) -> Result<MultiplexedConnection, redis::RedisError> {
+) -> Result<Conn, redis::RedisError> {
+    if inner.cluster() {
+        return connect_cluster_subscriber(inner, server, forwarder).await;
+    }
     let op = inner.config.operation_timeout;
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(op))
@@ -183,7 +194,81 @@ async fn connect_subscriber(
         .query_async::<()>(&mut con)
         .await?;
     con.subscribe(inner.keys.out_channel(server)).await?;
-    Ok(con)
+    Ok(Conn::Plain(con))
+}
+
+/// On a cluster: a cluster connection of the server's own (RESP3, pushes to
+/// the forwarder), subscribed to its sharded channel, which lives on the
+/// node that owns the channel's slot. The connection to that node is named
+/// like a standalone subscriber, so operators and tests find it.
+///
+/// redis-rs would resubscribe by itself after a reconnection or a slot move,
+/// but silently: messages published meanwhile are gone and nobody would
+/// know. So every such event (a `Disconnection` or `sunsubscribe` push, or
+/// a health check that finds no subscriber) makes the subscriber task build
+/// a new subscription and report `RoutesLost`, as on a standalone Redis.
+async fn connect_cluster_subscriber(
+    inner: &Inner,
+    server: &ServerId,
+    forwarder: PushForwarder,
+) -> Result<Conn, redis::RedisError> {
+    let op = inner.config.operation_timeout;
+    let client = ClusterClient::builder(inner.config.urls().iter().map(|u| u.to_string()))
+        .use_protocol(ProtocolVersion::RESP3)
+        .connection_timeout(op)
+        .response_timeout(op)
+        .retries(1)
+        .push_sender(forwarder)
+        .build()?;
+    let mut con = client.get_async_connection().await?;
+    let channel = inner.keys.out_channel(server);
+    con.ssubscribe(&channel).await?;
+    let owner = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(
+        &channel,
+        SlotAddr::Master,
+    )));
+    let mut name = redis::cmd("CLIENT");
+    name.arg("SETNAME")
+        .arg(inner.keys.subscriber_client_name(server));
+    con.route_command(name, owner).await?;
+    Ok(Conn::Cluster(con))
+}
+
+/// Whether a subscriber connection is alive and subscribed: a PING on a
+/// standalone Redis; on a cluster, the channel's subscriber count (a PING
+/// would go to any node, not necessarily the one holding the channel).
+async fn check_subscribed(inner: &Inner, server: &ServerId, con: &mut Conn) -> bool {
+    let limit = inner.config.operation_timeout;
+    if !inner.cluster() {
+        let pong = tokio::time::timeout(limit, redis::cmd("PING").query_async::<String>(con)).await;
+        return matches!(pong, Ok(Ok(_)));
+    }
+    let count = tokio::time::timeout(
+        limit,
+        redis::cmd("PUBSUB")
+            .arg("SHARDNUMSUB")
+            .arg(inner.keys.out_channel(server))
+            .query_async::<Value>(con),
+    )
+    .await;
+    match count {
+        Ok(Ok(v)) => subscriber_count(&v) > 0,
+        _ => false,
+    }
+}
+
+/// The count in a `PUBSUB SHARDNUMSUB channel` reply: `[channel, n]`, or a
+/// map `{channel: n}` as redis-rs combines the nodes' answers.
+fn subscriber_count(v: &Value) -> i64 {
+    let n = match v {
+        Value::Array(a) => a.get(1),
+        Value::Map(m) => m.first().map(|(_, n)| n),
+        _ => None,
+    };
+    match n {
+        Some(Value::Int(n)) => *n,
+        _ => 0,
+    }
 }
 
 /// Runs the liveness script in `claim` or `refresh` mode.
@@ -396,18 +481,23 @@ pub(crate) async fn unbind(
 ) -> Result<(), BackendError> {
     inner.check_open()?;
     let mut conn = inner.conn();
-    // One transaction: the route and the server's own record go together.
+    // The route first, then the server's own record (two slots on a
+    // cluster): a crash between the two leaves a record without its route,
+    // which the cleanup removes for nothing, never a route the cleanup
+    // would not know of.
     inner
         .run(
-            redis::pipe()
-                .atomic()
-                .srem(inner.keys.route(key), server.as_str())
-                .ignore()
-                .srem(
-                    inner.keys.server_keys(server.as_str()),
-                    key.as_routing_key(),
-                )
-                .ignore()
+            redis::cmd("SREM")
+                .arg(inner.keys.route(key))
+                .arg(server.as_str())
+                .query_async::<()>(&mut conn),
+        )
+        .await?;
+    inner
+        .run(
+            redis::cmd("SREM")
+                .arg(inner.keys.server_keys(server.as_str()))
+                .arg(key.as_routing_key())
                 .query_async::<()>(&mut conn),
         )
         .await
@@ -420,7 +510,11 @@ pub(crate) async fn publish(
 ) -> Result<RouteOutcome, BackendError> {
     inner.check_open()?;
     let frame = encode_frame(key, payload);
-    let (bound, received) = inner.scripts.publish.call(inner, key, &frame).await?;
+    let (bound, received) = if inner.cluster() {
+        publish_sharded(inner, key, &frame).await?
+    } else {
+        inner.scripts.publish.call(inner, key, &frame).await?
+    };
     if bound > 0 && received < bound {
         // A bound server without a subscriber: crashed (stale route, until
         // the janitor runs) or reconnecting. Its copy is lost.
@@ -433,6 +527,50 @@ pub(crate) async fn publish(
             servers: Some(received as usize),
         }
     })
+}
+
+/// A publish on a cluster: the route set, then `SPUBLISH` on the channel of
+/// each bound server, each on the node of its channel (two round trips; one
+/// script cannot, its channels are in other slots). A bind that lands
+/// between the two misses this message live; the gateway reads its sessions'
+/// inboxes after binding, and the message was stored before it was
+/// published, so the read covers it.
+async fn publish_sharded(
+    inner: &Inner,
+    key: &RouteKey,
+    frame: &[u8],
+) -> Result<(u64, u64), BackendError> {
+    let mut conn = inner.conn();
+    let servers: Vec<String> = inner
+        .run(
+            redis::cmd("SMEMBERS")
+                .arg(inner.keys.route(key))
+                .query_async(&mut conn),
+        )
+        .await?;
+    let sends = servers
+        .iter()
+        .filter_map(|s| ServerId::new(s).ok())
+        .map(|s| {
+            let mut conn = inner.conn();
+            let channel = inner.keys.out_channel(&s);
+            async move {
+                inner
+                    .run(
+                        redis::cmd("SPUBLISH")
+                            .arg(channel)
+                            .arg(frame)
+                            .query_async::<i64>(&mut conn),
+                    )
+                    .await
+            }
+        });
+    let received = futures::future::try_join_all(sends)
+        .await?
+        .into_iter()
+        .filter(|&n| n > 0)
+        .count();
+    Ok((servers.len() as u64, received as u64))
 }
 
 /// Deregisters a server when its stream is dropped, unless the id was
@@ -487,7 +625,7 @@ enum Next {
 }
 
 impl Subscriber {
-    async fn run(self, mut con: MultiplexedConnection, mut disconnected: Arc<Notify>) {
+    async fn run(self, mut con: Conn, mut disconnected: Arc<Notify>) {
         let mut ping = interval(PING_INTERVAL);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut refresh = interval(self.inner.config.liveness_ttl / 3);
@@ -501,14 +639,10 @@ impl Subscriber {
                 _ = self.tx.closed() => Next::Stop,
                 _ = disconnected.notified() => Next::Reconnect,
                 _ = ping.tick() => {
-                    let pong = tokio::time::timeout(
-                        self.inner.config.operation_timeout,
-                        redis::cmd("PING").query_async::<String>(&mut con),
-                    )
-                    .await;
-                    match pong {
-                        Ok(Ok(_)) => Next::Continue,
-                        _ => Next::Reconnect,
+                    if check_subscribed(&self.inner, &self.server, &mut con).await {
+                        Next::Continue
+                    } else {
+                        Next::Reconnect
                     }
                 }
                 _ = refresh.tick() => self.refresh().await,
@@ -590,7 +724,7 @@ impl Subscriber {
     /// to 8 deliveries lost to connected sessions in the fault matrix's
     /// Redis restart). Dropped here, they are stored, so the catch-up after
     /// `RoutesLost` shows them.
-    async fn reconnect(&self) -> Option<(MultiplexedConnection, Arc<Notify>)> {
+    async fn reconnect(&self) -> Option<(Conn, Arc<Notify>)> {
         self.held.store(true, Ordering::Release);
         Counters::bump(&self.inner.counters.subscriber_reconnects, 1);
         let started = Instant::now();

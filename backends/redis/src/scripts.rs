@@ -13,15 +13,20 @@
 //! source on `NOSCRIPT`, e.g. after a Redis restart), so the source crosses
 //! the network once per server, not per call.
 //!
-//! Some scripts build key names from a prefix passed in ARGV (route sets,
-//! per-server channels) instead of declaring every key in KEYS: the set of
-//! keys depends on data read inside the script. That is fine on a standalone
-//! Redis (or a primary with replicas) and is the reason this backend does not
-//! support Redis Cluster; see `docs/backends/redis.md`.
+//! Every script touches the keys of one hash slot (see `keys.rs`), so each
+//! runs on a Redis Cluster as on a standalone Redis. Where one operation
+//! spans slots (a route set and the server's own record, a stream and the
+//! dead letters, a stream and its lease), it is a sequence of single-slot
+//! steps, ordered so that a crash between two steps leaves something the
+//! next run repairs or a harmless duplicate, never a loss: each such
+//! operation says how. The one exception is [`PUBLISH`], standalone only:
+//! it reads a route set and publishes to channels of other slots in one
+//! round trip; on a cluster the publish is two (`outgoing::publish`).
 
 use std::time::Duration;
 
 use fanout_backend::{BackendError, IncomingEvent, RouteKey, ServerId};
+use futures::future::try_join_all;
 use redis::{FromRedisValue, Script, ScriptInvocation, Value};
 
 use crate::keys::GROUP;
@@ -65,29 +70,9 @@ macro_rules! wrapper {
     };
 }
 
-/// Shared by the scripts that may move an incoming entry to the dead-letter
-/// stream: copies the entry's fields, adds why and how often it was
-/// delivered, and acks it so it is never delivered again. The dead-letter
-/// stream is never trimmed: dead letters leave it only by an operator's
-/// replay or drop.
-const DEAD_LETTER_FN: &str = r#"
-local function dead_letter(stream, dead, group, id, reason, attempts, partition)
-  local e = redis.call('XRANGE', stream, id, id)
-  if #e > 0 then
-    local args = {'XADD', dead, '*'}
-    for _, v in ipairs(e[1][2]) do args[#args + 1] = v end
-    args[#args + 1] = 'reason'; args[#args + 1] = reason
-    args[#args + 1] = 'attempts'; args[#args + 1] = tostring(attempts)
-    args[#args + 1] = 'partition'; args[#args + 1] = partition
-    args[#args + 1] = 'entry'; args[#args + 1] = id
-    redis.call(unpack(args))
-  end
-  redis.call('XACK', stream, group, id)
-end
-"#;
-
-/// Outgoing publish: look up the servers bound to a route key and publish
-/// the frame on each server's channel, in one round trip.
+/// Outgoing publish on a standalone Redis: look up the servers bound to a
+/// route key and publish the frame on each server's channel, in one round
+/// trip.
 ///
 /// KEYS[1] = route set. ARGV[1] = channel prefix (`{ns}:out:`), ARGV[2] =
 /// frame. Returns `{bound, received}`: servers in the set, and servers whose
@@ -112,50 +97,95 @@ wrapper! {
     }
 }
 
-/// Bind: add a route, but only for the current holder of the server id.
+/// Bind, first step: record the routing key in the server's own key set,
+/// but only for the current holder of the server id. The caller then adds
+/// the server to the route set. In that order, so the janitor (which
+/// removes what the key set lists) never misses a route; a crash between the
+/// two leaves a key-set entry without its route, which removes nothing.
 ///
-/// KEYS[1] = route set, KEYS[2] = the server's key set, KEYS[3] = liveness
-/// key, KEYS[4] = servers set. ARGV[1] = server id, ARGV[2] = routing key,
-/// ARGV[3] = holder token, ARGV[4] = liveness TTL ms.
-/// Returns 1 (bound), 0 (bound, but the liveness key had expired and was
+/// KEYS[1] = the server's key set, KEYS[2] = liveness key. ARGV[1] =
+/// routing key, ARGV[2] = holder token, ARGV[3] = liveness TTL ms.
+/// Returns 1 (bind it), 0 (bind it, but the liveness key had expired and was
 /// re-asserted: the janitor may have removed routes, so the caller reports
 /// `RoutesLost`), -1 (another process holds the id now: nothing written).
 const BIND: &str = r#"
-local a = redis.call('GET', KEYS[3])
+local a = redis.call('GET', KEYS[2])
 local code = 1
 if a == false then
-  redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
-  redis.call('SADD', KEYS[4], ARGV[1])
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
   code = 0
-elseif a ~= ARGV[3] then
+elseif a ~= ARGV[2] then
   return -1
 end
 redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[2])
 return code
 "#;
 
-wrapper! {
-    /// Calls [`BIND`] for the registration holding `token`. Returns 1, 0 or
-    /// -1 as the script says.
-    Bind |script, inner, server: &ServerId, key: &RouteKey, token: &str| -> i64 {
-        script
-            .key(inner.keys.route(key))
-            .key(inner.keys.server_keys(server.as_str()))
-            .key(inner.keys.alive(server.as_str()))
-            .key(inner.keys.servers())
-            .arg(server.as_str())
-            .arg(key.as_routing_key())
-            .arg(token)
-            .arg(ms(inner.config.liveness_ttl))
+/// A bind: [`BIND`], then the route set (and, if the liveness had lapsed,
+/// the servers set the janitor walks).
+#[derive(Debug)]
+pub(crate) struct Bind(Script);
+
+impl Bind {
+    /// Binds `key` to `server` for the registration holding `token`.
+    /// Returns 1, 0 or -1 as [`BIND`] says.
+    pub(crate) async fn call(
+        &self,
+        inner: &Inner,
+        server: &ServerId,
+        key: &RouteKey,
+        token: &str,
+    ) -> Result<i64, BackendError> {
+        let code: i64 = invoke(
+            inner,
+            self.0
+                .key(inner.keys.server_keys(server.as_str()))
+                .key(inner.keys.alive(server.as_str()))
+                .arg(key.as_routing_key())
+                .arg(token)
+                .arg(ms(inner.config.liveness_ttl)),
+        )
+        .await?;
+        if code < 0 {
+            return Ok(code);
+        }
+        let mut conn = inner.conn();
+        inner
+            .run(
+                redis::cmd("SADD")
+                    .arg(inner.keys.route(key))
+                    .arg(server.as_str())
+                    .query_async::<()>(&mut conn),
+            )
+            .await?;
+        if code == 0 {
+            add_server(inner, server.as_str()).await?;
+        }
+        Ok(code)
     }
+}
+
+/// Adds a server id to the servers set the janitor walks. Idempotent; done
+/// before a claim and after every refresh, so an id a racing janitor took
+/// out of the set is back within a third of the liveness TTL.
+pub(crate) async fn add_server(inner: &Inner, server: &str) -> Result<(), BackendError> {
+    let mut conn = inner.conn();
+    inner
+        .run(
+            redis::cmd("SADD")
+                .arg(inner.keys.servers())
+                .arg(server)
+                .query_async::<()>(&mut conn),
+        )
+        .await
 }
 
 /// Liveness: take the id (`claim`) or refresh / re-assert it (`refresh`).
 ///
-/// KEYS[1] = liveness key, KEYS[2] = servers set. ARGV[1] = token, ARGV[2] =
-/// TTL ms, ARGV[3] = server id, ARGV[4] = mode, ARGV[5] = the server's
-/// Pub/Sub channel.
+/// KEYS[1] = liveness key. ARGV[1] = token, ARGV[2] = TTL ms, ARGV[3] =
+/// mode, ARGV[4] = the server's channel, ARGV[5] = how to count its
+/// subscribers (`NUMSUB`, or `SHARDNUMSUB` for a sharded channel, which on a
+/// cluster is in the liveness key's slot).
 /// `claim` takes the id and returns 1, unless another token holds it and
 /// someone is subscribed to the id's channel (a live process: -1). A
 /// holder with no subscriber is a crashed predecessor, replaced at once.
@@ -163,14 +193,13 @@ wrapper! {
 /// re-asserted, routes may be gone) or -1 (another token holds it: left
 /// alone).
 const ALIVE: &str = r#"
-if ARGV[4] == 'claim' then
+if ARGV[3] == 'claim' then
   local held = redis.call('GET', KEYS[1])
   if held and held ~= ARGV[1] then
-    local subs = redis.call('PUBSUB', 'NUMSUB', ARGV[5])
+    local subs = redis.call('PUBSUB', ARGV[5], ARGV[4])
     if tonumber(subs[2]) > 0 then return -1 end
   end
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  redis.call('SADD', KEYS[2], ARGV[3])
   return 1
 end
 local a = redis.call('GET', KEYS[1])
@@ -179,73 +208,196 @@ if a == ARGV[1] then
   return 1
 elseif a == false then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  redis.call('SADD', KEYS[2], ARGV[3])
   return 0
 end
 return -1
 "#;
 
-wrapper! {
-    /// Calls [`ALIVE`] for `server` in `mode` (`claim` or `refresh`).
+/// Liveness with the servers set: added before a claim (so the janitor
+/// knows the id before any route exists) and after every refresh.
+#[derive(Debug)]
+pub(crate) struct Alive(Script);
+
+impl Alive {
+    /// Runs [`ALIVE`] for `server` in `mode` (`claim` or `refresh`).
     /// Returns 1, 0 or -1 as the script says.
-    Alive |script, inner, server: &ServerId, token: &str, mode: &str| -> i64 {
-        script
-            .key(inner.keys.alive(server.as_str()))
-            .key(inner.keys.servers())
-            .arg(token)
-            .arg(ms(inner.config.liveness_ttl))
-            .arg(server.as_str())
-            .arg(mode)
-            .arg(inner.keys.out_channel(server))
+    pub(crate) async fn call(
+        &self,
+        inner: &Inner,
+        server: &ServerId,
+        token: &str,
+        mode: &str,
+    ) -> Result<i64, BackendError> {
+        if mode == "claim" {
+            add_server(inner, server.as_str()).await?;
+        }
+        let numsub = if inner.cluster() {
+            "SHARDNUMSUB"
+        } else {
+            "NUMSUB"
+        };
+        let code: i64 = invoke(
+            inner,
+            self.0
+                .key(inner.keys.alive(server.as_str()))
+                .arg(token)
+                .arg(ms(inner.config.liveness_ttl))
+                .arg(mode)
+                .arg(inner.keys.out_channel(server))
+                .arg(numsub),
+        )
+        .await?;
+        if mode != "claim" && code >= 0 {
+            add_server(inner, server.as_str()).await?;
+        }
+        Ok(code)
     }
 }
 
-/// Removes one batch of a server's routes. Batched so that a gateway with
-/// 100,000 users does not block Redis for the whole cleanup.
+/// Removes one batch of a server's routes, first step: takes up to a batch
+/// of routing keys out of the server's key set, under a guard. The caller
+/// then removes the server from those route sets. Batched so that a
+/// gateway with 100,000 users does not block Redis for the whole cleanup.
 ///
-/// KEYS[1] = the server's key set, KEYS[2] = liveness key, KEYS[3] =
-/// servers set. ARGV[1] = mode, ARGV[2] = token, ARGV[3] = batch size,
-/// ARGV[4] = route prefix (`{ns}:route:`), ARGV[5] = server id.
+/// KEYS[1] = the server's key set, KEYS[2] = liveness key. ARGV[1] = mode,
+/// ARGV[2] = token, ARGV[3] = batch size.
 /// Modes guard against removing routes of a newer holder of the id:
 /// `owner` runs only while the liveness key holds the token (registration
 /// wiping a predecessor's routes), `janitor` only while there is no liveness
 /// key, `deregister` while it holds the token or is gone.
-/// Returns `{keys left, keys removed}`; `{-1, 0}` when the guard refused.
+/// Returns `{keys left, key, key, ...}`; `{-1}` when the guard refused.
 const CLEANUP: &str = r#"
 local a = redis.call('GET', KEYS[2])
 local mode = ARGV[1]
-if mode == 'owner' and a ~= ARGV[2] then return {-1, 0} end
-if mode == 'janitor' and a ~= false then return {-1, 0} end
-if mode == 'deregister' and a ~= false and a ~= ARGV[2] then return {-1, 0} end
+if mode == 'owner' and a ~= ARGV[2] then return {-1} end
+if mode == 'janitor' and a ~= false then return {-1} end
+if mode == 'deregister' and a ~= false and a ~= ARGV[2] then return {-1} end
 local keys = redis.call('SPOP', KEYS[1], tonumber(ARGV[3]))
-for _, k in ipairs(keys) do
-  redis.call('SREM', ARGV[4] .. k, ARGV[5])
-end
-local left = redis.call('SCARD', KEYS[1])
-if left == 0 then
-  if mode == 'janitor' then
-    redis.call('SREM', KEYS[3], ARGV[5])
-  elseif mode == 'deregister' then
-    if a == ARGV[2] then redis.call('DEL', KEYS[2]) end
-    if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SREM', KEYS[3], ARGV[5]) end
-  end
-end
-return {left, #keys}
+local out = {redis.call('SCARD', KEYS[1])}
+for _, k in ipairs(keys) do out[#out + 1] = k end
+return out
 "#;
 
-wrapper! {
-    /// Calls [`CLEANUP`] once: removes up to `batch` routes of `server` in
-    /// `mode`. Returns `(keys left, keys removed)`.
-    Cleanup |script, inner, server: &str, token: &str, mode: &str, batch: usize| -> (i64, u64) {
-        script
-            .key(inner.keys.server_keys(server))
-            .key(inner.keys.alive(server))
-            .key(inner.keys.servers())
-            .arg(mode)
-            .arg(token)
-            .arg(batch)
-            .arg(inner.keys.route_prefix())
-            .arg(server)
+/// Cleanup, last step once the key set is empty: a graceful deregistration
+/// gives the id back (deletes the liveness key if it still holds the
+/// token). Returns 1 when no liveness key is left (the id can leave the
+/// servers set), else 0.
+///
+/// KEYS[1] = liveness key. ARGV[1] = mode, ARGV[2] = token.
+const FORGET: &str = r#"
+local a = redis.call('GET', KEYS[1])
+if ARGV[1] == 'deregister' and a == ARGV[2] then redis.call('DEL', KEYS[1]); a = false end
+if a == false then return 1 end
+return 0
+"#;
+
+/// A server's route cleanup: [`CLEANUP`] batches, the route sets, then
+/// [`FORGET`] and the servers set.
+#[derive(Debug)]
+pub(crate) struct Cleanup {
+    take: Script,
+    forget: Script,
+}
+
+impl Cleanup {
+    /// Removes up to `batch` routes of `server` in `mode`. Returns `(keys
+    /// left, keys removed)`; `(-1, 0)` when the guard refused.
+    ///
+    /// Between taking the keys and removing the routes, a newer holder of
+    /// the id (the guard held when the keys were taken) may have bound one
+    /// of them again: it is back in the key set then (a bind records the
+    /// key first), and its route is put back.
+    pub(crate) async fn call(
+        &self,
+        inner: &Inner,
+        server: &str,
+        token: &str,
+        mode: &str,
+        batch: usize,
+    ) -> Result<(i64, u64), BackendError> {
+        let taken: Vec<Value> = invoke(
+            inner,
+            self.take
+                .key(inner.keys.server_keys(server))
+                .key(inner.keys.alive(server))
+                .arg(mode)
+                .arg(token)
+                .arg(batch),
+        )
+        .await?;
+        let left = match taken.first() {
+            Some(Value::Int(n)) => *n,
+            _ => return Err(BackendError::Unavailable("unexpected CLEANUP reply".into())),
+        };
+        if left < 0 {
+            return Ok((-1, 0));
+        }
+        let keys: Vec<String> = taken[1..]
+            .iter()
+            .filter_map(|v| String::from_redis_value(v.clone()).ok())
+            .collect();
+        let route_of = |k: &str| format!("{}{}", inner.keys.route_prefix(), k);
+        try_join_all(keys.iter().map(|k| {
+            let mut conn = inner.conn();
+            let route = route_of(k);
+            async move {
+                inner
+                    .run(
+                        redis::cmd("SREM")
+                            .arg(route)
+                            .arg(server)
+                            .query_async::<()>(&mut conn),
+                    )
+                    .await
+            }
+        }))
+        .await?;
+        if !keys.is_empty() {
+            let mut conn = inner.conn();
+            let rebound: Vec<bool> = inner
+                .run(
+                    redis::cmd("SMISMEMBER")
+                        .arg(inner.keys.server_keys(server))
+                        .arg(&keys)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            for (k, again) in keys.iter().zip(rebound) {
+                if again {
+                    let mut conn = inner.conn();
+                    inner
+                        .run(
+                            redis::cmd("SADD")
+                                .arg(route_of(k))
+                                .arg(server)
+                                .query_async::<()>(&mut conn),
+                        )
+                        .await?;
+                }
+            }
+        }
+        if left == 0 {
+            let gone: i64 = invoke(
+                inner,
+                self.forget
+                    .key(inner.keys.alive(server))
+                    .arg(mode)
+                    .arg(token),
+            )
+            .await?;
+            if gone == 1 {
+                let mut conn = inner.conn();
+                inner
+                    .run(
+                        redis::cmd("SREM")
+                            .arg(inner.keys.servers())
+                            .arg(server)
+                            .query_async::<()>(&mut conn),
+                    )
+                    .await?;
+            }
+        }
+        Ok((left, keys.len() as u64))
     }
 }
 
@@ -323,57 +475,86 @@ local function handover(stream, group, me, idle)
 end
 "#;
 
-/// Gives one partition back: hands over what is still pending (normally
-/// nothing: releases wait for the partition to drain) and deletes the lease
-/// if it is still ours.
+/// Makes this consumer's pending entries of one stream claimable at once
+/// (see [`HANDOVER_FN`]).
 ///
-/// KEYS[1] = stream, KEYS[2] = lease. ARGV[1] = group, ARGV[2] = token,
-/// ARGV[3] = idle ms to stamp on pending entries.
-const RELEASE_BODY: &str = r#"
-if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+/// KEYS[1] = stream. ARGV[1] = group, ARGV[2] = token, ARGV[3] = idle ms.
+const HANDOVER_BODY: &str = r#"
 handover(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
-redis.call('DEL', KEYS[2])
 return 1
 "#;
 
-wrapper! {
-    /// Calls `RELEASE` for partition `p`. Returns 1 (released) or 0 (the
-    /// lease was no longer ours).
-    Release |script, inner, p: u32, token: &str| -> i64 {
-        script
-            .key(inner.keys.stream(p))
-            .key(inner.keys.lease(p))
-            .arg(GROUP)
-            .arg(token)
-            .arg(ms(inner.config.claim_idle))
-    }
+/// Deletes leases if this consumer holds them and, with a ZSET key first,
+/// takes it out of the consumers.
+///
+/// KEYS = [consumers ZSET or nothing], then leases. ARGV[1] = token,
+/// ARGV[2] = `leave` (KEYS[1] is the ZSET) or `release`. Returns how many
+/// leases were ours.
+const DROP_LEASES: &str = r#"
+local first = 1
+if ARGV[2] == 'leave' then redis.call('ZREM', KEYS[1], ARGV[1]); first = 2 end
+local n = 0
+for i = first, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]); n = n + 1 end
+end
+return n
+"#;
+
+/// Hand-overs: giving one partition back, or leaving the group. The pending
+/// entries are handed over before the lease goes, so the next owner finds
+/// them claimable; a crash between the two leaves a lease that expires.
+#[derive(Debug)]
+pub(crate) struct Handover {
+    stream: Script,
+    leases: Script,
 }
 
-/// A consumer leaves the group: out of the membership ZSET, every pending
-/// entry it holds handed over, every lease it holds deleted.
-///
-/// KEYS[1] = consumers ZSET, then pairs (stream, lease) for each partition.
-/// ARGV[1] = group, ARGV[2] = token, ARGV[3] = idle ms.
-const LEAVE_BODY: &str = r#"
-redis.call('ZREM', KEYS[1], ARGV[2])
-for i = 2, #KEYS, 2 do
-  handover(KEYS[i], ARGV[1], ARGV[2], ARGV[3])
-  if redis.call('GET', KEYS[i + 1]) == ARGV[2] then redis.call('DEL', KEYS[i + 1]) end
-end
-return 1
-"#;
+impl Handover {
+    async fn hand_over(&self, inner: &Inner, p: u32, token: &str) -> Result<(), BackendError> {
+        invoke::<i64>(
+            inner,
+            self.stream
+                .key(inner.keys.stream(p))
+                .arg(GROUP)
+                .arg(token)
+                .arg(ms(inner.config.claim_idle)),
+        )
+        .await
+        .map(drop)
+    }
 
-wrapper! {
-    /// Calls `LEAVE` for the consumer `token` over every partition.
-    Leave |script, inner, token: &str| -> i64 {
-        &{
-            let mut call = script.key(inner.keys.consumers());
-            for p in 0..inner.config.partitions {
-                call.key(inner.keys.stream(p)).key(inner.keys.lease(p));
-            }
-            call.arg(GROUP).arg(token).arg(ms(inner.config.claim_idle));
-            call
+    /// Gives partition `p` back: hands over what is still pending
+    /// (normally nothing: releases wait for the partition to drain) and
+    /// deletes the lease if it is still ours. Returns 1 (released) or 0
+    /// (the lease was no longer ours).
+    pub(crate) async fn release(
+        &self,
+        inner: &Inner,
+        p: u32,
+        token: &str,
+    ) -> Result<i64, BackendError> {
+        self.hand_over(inner, p, token).await?;
+        invoke(
+            inner,
+            self.leases
+                .key(inner.keys.lease(p))
+                .arg(token)
+                .arg("release"),
+        )
+        .await
+    }
+
+    /// The consumer `token` leaves the group: every pending entry it holds
+    /// handed over, then out of the consumers ZSET with every lease it holds
+    /// deleted.
+    pub(crate) async fn leave(&self, inner: &Inner, token: &str) -> Result<i64, BackendError> {
+        try_join_all((0..inner.config.partitions).map(|p| self.hand_over(inner, p, token))).await?;
+        let mut call = self.leases.key(inner.keys.consumers());
+        for p in 0..inner.config.partitions {
+            call.key(inner.keys.lease(p));
         }
+        call.arg(token).arg("leave");
+        invoke(inner, &call).await
     }
 }
 
@@ -458,15 +639,18 @@ wrapper! {
 /// `reject` and `dead_letter` of one delivery, only if this consumer still
 /// holds the entry (if another consumer took it over, it is theirs now).
 ///
-/// KEYS[1] = stream, KEYS[2] = dead-letter stream. ARGV[1] = group,
-/// ARGV[2] = token, ARGV[3] = id, ARGV[4] = `reject` or `dead`, ARGV[5] =
-/// reason, ARGV[6] = partition. Returns `requeue`, `dead` or `gone`.
-const SETTLE_BODY: &str = r#"
+/// KEYS[1] = stream. ARGV[1] = group, ARGV[2] = token, ARGV[3] = id,
+/// ARGV[4] = `reject` or `dead`. Returns `requeue`, `gone`, or for `dead`
+/// `{'dead', fields, delivery count}` (fields empty if the entry was
+/// trimmed): the caller writes the dead letter, then acks the entry.
+const SETTLE: &str = r#"
 local pe = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if #pe == 0 or pe[1][2] ~= ARGV[2] then return 'gone' end
 if ARGV[4] == 'reject' then return 'requeue' end
-dead_letter(KEYS[1], KEYS[2], ARGV[1], ARGV[3], ARGV[5], pe[1][4], ARGV[6])
-return 'dead'
+local e = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
+local fields = {}
+if #e > 0 then fields = e[1][2] end
+return {'dead', fields, pe[1][4]}
 "#;
 
 /// What `SETTLE` does with the entry (ARGV[4]).
@@ -508,48 +692,135 @@ impl Settled {
     }
 }
 
-wrapper! {
-    /// Calls `SETTLE` on partition `p` for entry `id` of the consumer
-    /// `token`.
-    Settle |
-        script, inner, p: u32, token: &str, id: EntryId, mode: SettleMode, reason: &str
-    | -> Settled {
-        script
-            .key(inner.keys.stream(p))
-            .key(inner.keys.dead())
-            .arg(GROUP)
-            .arg(token)
-            .arg(id.to_string())
-            .arg(mode.as_arg())
-            .arg(reason)
-            .arg(p)
-    } => Settled::from_reply
+/// Settling by script: [`SETTLE`], and for a dead letter the XADD to the
+/// dead-letter stream, then the XACK. The dead letter is written before
+/// the ack: a crash between the two delivers the entry again, and a second
+/// dead letter of it may follow (a duplicate an operator sees, never a
+/// loss). The dead-letter stream is never trimmed: dead letters leave it
+/// only by an operator's replay or drop.
+#[derive(Debug)]
+pub(crate) struct Settle(Script);
+
+impl Settle {
+    /// Settles entry `id` of partition `p` for the consumer `token`.
+    pub(crate) async fn call(
+        &self,
+        inner: &Inner,
+        p: u32,
+        token: &str,
+        id: EntryId,
+        mode: SettleMode,
+        reason: &str,
+    ) -> Result<Settled, BackendError> {
+        let raw: Value = invoke(
+            inner,
+            self.0
+                .key(inner.keys.stream(p))
+                .arg(GROUP)
+                .arg(token)
+                .arg(id.to_string())
+                .arg(mode.as_arg()),
+        )
+        .await?;
+        let (fields, attempts) = match raw {
+            Value::Array(parts) if parts.len() == 3 => {
+                let fields = match &parts[1] {
+                    Value::Array(f) => f.clone(),
+                    _ => Vec::new(),
+                };
+                let attempts = i64::from_redis_value(parts[2].clone()).unwrap_or(0);
+                (fields, attempts)
+            }
+            other => {
+                let outcome = String::from_redis_value(other).unwrap_or_default();
+                return Ok(Settled::from_reply(outcome));
+            }
+        };
+        let mut conn = inner.conn();
+        if !fields.is_empty() {
+            let mut add = redis::cmd("XADD");
+            add.arg(inner.keys.dead()).arg("*");
+            for f in &fields {
+                add.arg(field_bytes(f));
+            }
+            add.arg("reason")
+                .arg(reason)
+                .arg("attempts")
+                .arg(attempts.to_string())
+                .arg("partition")
+                .arg(p)
+                .arg("entry")
+                .arg(id.to_string());
+            inner.run(add.query_async::<()>(&mut conn)).await?;
+        }
+        inner
+            .run(
+                redis::cmd("XACK")
+                    .arg(inner.keys.stream(p))
+                    .arg(GROUP)
+                    .arg(id.to_string())
+                    .query_async::<()>(&mut conn),
+            )
+            .await?;
+        Ok(Settled::Dead)
+    }
 }
 
-/// Replays one dead letter: removes it from the dead-letter stream and
-/// appends its event to its partition stream, both or neither, so two
-/// operators replaying at once never replay one dead letter twice.
-///
-/// KEYS[1] = dead-letter stream, KEYS[2] = partition stream. ARGV[1] =
-/// dead-letter entry id, ARGV[2] = event id, ARGV[3] = ordering key,
-/// ARGV[4] = payload. Returns 1 (replayed) or 0 (gone already).
-const REPLAY: &str = r#"
-if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('XADD', KEYS[2], '*', 'id', ARGV[2], 'k', ARGV[3], 'p', ARGV[4])
-return 1
-"#;
+/// Replays one dead letter: appends its event to its partition stream, then
+/// removes it from the dead-letter stream (two slots on a cluster). In that
+/// order, so a crash between the two leaves the dead letter to replay again,
+/// never lost; a dead letter two operators replay at the same moment can be
+/// appended twice, which the store's event ids make harmless (a duplicate
+/// is stored once).
+#[derive(Debug)]
+pub(crate) struct Replay;
 
-wrapper! {
-    /// Calls [`REPLAY`]: the dead letter at `entry_id` back to partition
-    /// `p`. Returns 1 (replayed) or 0 (gone already).
-    Replay |script, inner, entry_id: &str, p: u32, event: &IncomingEvent| -> i64 {
-        script
-            .key(inner.keys.dead())
-            .key(inner.keys.stream(p))
-            .arg(entry_id)
-            .arg(&event.id)
-            .arg(event.ordering_key.as_str())
-            .arg(event.payload.as_ref())
+impl Replay {
+    /// The dead letter at `entry_id` back to partition `p`. Returns 1
+    /// (replayed) or 0 (gone already).
+    pub(crate) async fn call(
+        &self,
+        inner: &Inner,
+        entry_id: &str,
+        p: u32,
+        event: &IncomingEvent,
+    ) -> Result<i64, BackendError> {
+        let mut conn = inner.conn();
+        let still: Vec<Value> = inner
+            .run(
+                redis::cmd("XRANGE")
+                    .arg(inner.keys.dead())
+                    .arg(entry_id)
+                    .arg(entry_id)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        if still.is_empty() {
+            return Ok(0);
+        }
+        inner
+            .run(
+                redis::cmd("XADD")
+                    .arg(inner.keys.stream(p))
+                    .arg("*")
+                    .arg("id")
+                    .arg(&event.id)
+                    .arg("k")
+                    .arg(event.ordering_key.as_str())
+                    .arg("p")
+                    .arg(event.payload.as_ref())
+                    .query_async::<()>(&mut conn),
+            )
+            .await?;
+        inner
+            .run(
+                redis::cmd("XDEL")
+                    .arg(inner.keys.dead())
+                    .arg(entry_id)
+                    .query_async(&mut conn),
+            )
+            .await
+            .map(|_: i64| 1)
     }
 }
 
@@ -594,14 +865,18 @@ wrapper! {
     }
 }
 
-/// Removes consumers of a stream's group that are gone: not members of the
-/// consumers ZSET, nothing pending, idle for a while. Checked and deleted
-/// in one script so a consumer cannot receive entries between the check and
-/// the delete (XGROUP DELCONSUMER drops a consumer's pending entries).
+/// Removes consumers of a stream's group that are gone: not among the live
+/// consumers (read from the consumers ZSET just before, passed in ARGV),
+/// nothing pending, idle for a while. Checked and deleted in one script so
+/// a consumer cannot receive entries between the check and the delete
+/// (XGROUP DELCONSUMER drops a consumer's pending entries). A consumer that
+/// joined after the ZSET was read has not been idle long enough.
 ///
-/// KEYS[1] = stream, KEYS[2] = consumers ZSET. ARGV[1] = group, ARGV[2] =
-/// min idle ms. Returns the number of consumers removed.
+/// KEYS[1] = stream. ARGV[1] = group, ARGV[2] = min idle ms, ARGV[3..] =
+/// live consumer tokens. Returns the number of consumers removed.
 const GC_CONSUMERS: &str = r#"
+local live = {}
+for i = 3, #ARGV do live[ARGV[i]] = true end
 local cs = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
 if type(cs) ~= 'table' or cs.err then return 0 end
 local removed = 0
@@ -613,7 +888,7 @@ for _, c in ipairs(cs) do
     elseif c[i] == 'idle' then idle = c[i + 1] end
   end
   if name and pending == 0 and idle >= tonumber(ARGV[2])
-     and redis.call('ZSCORE', KEYS[2], name) == false then
+     and not live[name] then
     redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
     removed = removed + 1
   end
@@ -624,12 +899,12 @@ return removed
 wrapper! {
     /// Calls [`GC_CONSUMERS`] on partition `p`'s stream. Returns the
     /// consumers removed.
-    GcConsumers |script, inner, p: u32, min_idle: Duration| -> u64 {
+    GcConsumers |script, inner, p: u32, min_idle: Duration, live: &[String]| -> u64 {
         script
             .key(inner.keys.stream(p))
-            .key(inner.keys.consumers())
             .arg(GROUP)
             .arg(ms(min_idle))
+            .arg(live)
     }
 }
 
@@ -641,6 +916,16 @@ async fn invoke<T: FromRedisValue>(
 ) -> Result<T, BackendError> {
     let mut conn = inner.conn();
     inner.run(call.invoke_async(&mut conn)).await
+}
+
+/// A stream field or value as the bytes it is (fields come back as bulk
+/// strings; anything else is not ours and copies as nothing).
+fn field_bytes(v: &Value) -> &[u8] {
+    match v {
+        Value::BulkString(b) => b,
+        Value::SimpleString(s) => s.as_bytes(),
+        _ => &[],
+    }
 }
 
 /// A duration as the milliseconds the scripts take.
@@ -656,8 +941,7 @@ pub(crate) struct Scripts {
     pub alive: Alive,
     pub cleanup: Cleanup,
     pub maintain: Maintain,
-    pub release: Release,
-    pub leave: Leave,
+    pub handover: Handover,
     pub claim: Claim,
     pub redeliver: Redeliver,
     pub settle: Settle,
@@ -672,14 +956,19 @@ impl Scripts {
             publish: Publish(Script::new(PUBLISH)),
             bind: Bind(Script::new(BIND)),
             alive: Alive(Script::new(ALIVE)),
-            cleanup: Cleanup(Script::new(CLEANUP)),
+            cleanup: Cleanup {
+                take: Script::new(CLEANUP),
+                forget: Script::new(FORGET),
+            },
             maintain: Maintain(Script::new(MAINTAIN)),
-            release: Release(Script::new(&format!("{HANDOVER_FN}{RELEASE_BODY}"))),
-            leave: Leave(Script::new(&format!("{HANDOVER_FN}{LEAVE_BODY}"))),
+            handover: Handover {
+                stream: Script::new(&format!("{HANDOVER_FN}{HANDOVER_BODY}")),
+                leases: Script::new(DROP_LEASES),
+            },
             claim: Claim(Script::new(CLAIM)),
             redeliver: Redeliver(Script::new(REDELIVER)),
-            settle: Settle(Script::new(&format!("{DEAD_LETTER_FN}{SETTLE_BODY}"))),
-            replay: Replay(Script::new(REPLAY)),
+            settle: Settle(Script::new(SETTLE)),
+            replay: Replay,
             trim: Trim(Script::new(TRIM)),
             gc_consumers: GcConsumers(Script::new(GC_CONSUMERS)),
         }

@@ -107,7 +107,11 @@ impl Consumer {
         };
         for &p in &drained {
             let inner = &self.inner;
-            inner.scripts.release.call(inner, p, &self.token).await?;
+            inner
+                .scripts
+                .handover
+                .release(inner, p, &self.token)
+                .await?;
             self.held.remove(&p);
             lock(&self.shared.parts).remove(&p);
             tracing::debug!(consumer = %self.token, partition = p, "partition released");
@@ -190,7 +194,7 @@ impl Consumer {
     /// so the next owner does not wait for leases to expire.
     pub(super) async fn leave(&mut self) {
         let inner = self.inner.clone();
-        let left = inner.scripts.leave.call(&inner, &self.token).await;
+        let left = inner.scripts.handover.leave(&inner, &self.token).await;
         if let Err(e) = left {
             tracing::warn!(consumer = %self.token, error = %e, "could not leave the group; leases expire after lease_ttl");
         }

@@ -74,6 +74,13 @@ pub(crate) use publish::publish;
 /// Longest a read blocks in Redis; also the longest the consumer task takes
 /// to notice its stream was dropped or a rebalance is due while idle.
 const READ_BLOCK: Duration = Duration::from_millis(100);
+/// On a cluster, how long an idle consumer waits between polls of its
+/// streams. A blocking read takes one stream per command there (streams of
+/// different slots cannot be read together), and one connection blocked on
+/// one stream would hold back the others; so an idle consumer polls, and a
+/// new event waits at most this long. Under load every poll returns
+/// entries and nobody waits.
+const CLUSTER_POLL: Duration = Duration::from_millis(10);
 /// How often a consumer heartbeats, renews and acquires. Short, so a new
 /// consumer gets its share within a few hundred ms.
 const MAINTENANCE: Duration = Duration::from_millis(100);
@@ -321,13 +328,95 @@ impl Consumer {
         {
             return Ok(Step::Idle);
         }
+        // COUNT applies per stream; spreading the permits keeps the buffers
+        // near `prefetch` in total.
+        let count = permits.div_ceil(partitions.len()).max(1);
+        let replies = if self.inner.cluster() {
+            self.poll_each(&partitions, count).await?
+        } else {
+            vec![self.read_all(&partitions, count, block).await?]
+        };
+        let by_key: HashMap<String, u32> = partitions
+            .iter()
+            .map(|&p| (self.inner.keys.stream(p), p))
+            .collect();
+        let mut got = 0usize;
+        for reply in &replies {
+            for (key, entries) in reply::read_group(reply) {
+                let Some(&p) = by_key.get(key) else { continue };
+                for ReadEntry { id, event } in entries {
+                    match event {
+                        Some(event) => {
+                            if let Some(part) = self.held.get_mut(&p) {
+                                part.ready.push_back(Entry {
+                                    id,
+                                    event,
+                                    attempt: 1,
+                                });
+                                got += 1;
+                            }
+                        }
+                        None => self.malformed(p, id).await,
+                    }
+                }
+            }
+        }
+        if got == 0 && block && self.inner.cluster() {
+            tokio::time::sleep(CLUSTER_POLL).await;
+        }
+        Ok(if got > 0 {
+            Step::Progress
+        } else if block {
+            Step::Waited
+        } else {
+            Step::Idle
+        })
+    }
+
+    /// On a cluster: one non-blocking `XREADGROUP` per stream, all at once
+    /// on the cluster connection (each goes to its stream's node).
+    async fn poll_each(
+        &mut self,
+        partitions: &[u32],
+        count: usize,
+    ) -> Result<Vec<Value>, BackendError> {
+        let op = self.inner.config.operation_timeout;
+        let reads = partitions.iter().map(|&p| {
+            let mut conn = self.inner.conn();
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg(GROUP)
+                .arg(&self.token)
+                .arg("COUNT")
+                .arg(count)
+                .arg("STREAMS")
+                .arg(self.inner.keys.stream(p))
+                .arg(">");
+            async move { with_timeout(op, cmd.query_async::<Value>(&mut conn)).await }
+        });
+        match futures::future::try_join_all(reads).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                // Entries may have been delivered to us without our seeing
+                // them.
+                self.resync = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// On a standalone Redis: one `XREADGROUP` over every stream, blocking
+    /// on the consumer's own connection.
+    async fn read_all(
+        &mut self,
+        partitions: &[u32],
+        count: usize,
+        block: bool,
+    ) -> Result<Value, BackendError> {
         let mut conn = match self.read_conn.take() {
             Some(c) => c,
             None => open_read_connection(&self.inner).await?,
         };
-        // COUNT applies per stream; spreading the permits keeps the buffers
-        // near `prefetch` in total.
-        let count = permits.div_ceil(partitions.len()).max(1);
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(GROUP)
@@ -338,10 +427,10 @@ impl Consumer {
             cmd.arg("BLOCK").arg(READ_BLOCK.as_millis() as u64);
         }
         cmd.arg("STREAMS");
-        for &p in &partitions {
+        for &p in partitions {
             cmd.arg(self.inner.keys.stream(p));
         }
-        for _ in &partitions {
+        for _ in partitions {
             cmd.arg(">");
         }
         let limit = self.inner.config.operation_timeout + READ_BLOCK;
@@ -359,35 +448,6 @@ impl Consumer {
             }
         };
         self.read_conn = Some(conn);
-        let by_key: HashMap<String, u32> = partitions
-            .iter()
-            .map(|&p| (self.inner.keys.stream(p), p))
-            .collect();
-        let mut got = 0usize;
-        for (key, entries) in reply::read_group(&reply) {
-            let Some(&p) = by_key.get(key) else { continue };
-            for ReadEntry { id, event } in entries {
-                match event {
-                    Some(event) => {
-                        if let Some(part) = self.held.get_mut(&p) {
-                            part.ready.push_back(Entry {
-                                id,
-                                event,
-                                attempt: 1,
-                            });
-                            got += 1;
-                        }
-                    }
-                    None => self.malformed(p, id).await,
-                }
-            }
-        }
-        Ok(if got > 0 {
-            Step::Progress
-        } else if block {
-            Step::Waited
-        } else {
-            Step::Idle
-        })
+        Ok(reply)
     }
 }
