@@ -54,6 +54,10 @@ pub async fn connect_backend(config: &Config) -> Result<DynBackend, RunError> {
             fanout_redis::RedisBackend::connect(fanout_redis::RedisConfig {
                 url: config.redis_url.clone(),
                 cluster: config.redis.cluster,
+                wait_replicas: config
+                    .redis
+                    .wait_replicas
+                    .unwrap_or(u32::from(config.redis.cluster)),
                 namespace: config.namespace.clone(),
                 partitions: config.incoming.partitions,
                 operation_timeout: Duration::from_millis(config.broker_timeout_ms),

@@ -177,6 +177,11 @@ pub struct RedisSection {
     /// then a comma-separated list of seed nodes, keys carry hash tags and
     /// each gateway's channel is a sharded channel. Default false.
     pub cluster: bool,
+    /// Replicas that must confirm an accepted event, a route or a lease
+    /// before it counts (Redis `WAIT`), so losing a primary loses none of
+    /// them. Default 1 with `cluster` (a cluster without replicas needs 0),
+    /// else 0.
+    pub wait_replicas: Option<u32>,
     /// TTL of a gateway's liveness key, ms; a crashed gateway's routes are
     /// gone within 1.375 times this. Default 10000.
     pub liveness_ttl_ms: u64,
@@ -195,6 +200,7 @@ impl Default for RedisSection {
     fn default() -> Self {
         Self {
             cluster: false,
+            wait_replicas: None,
             liveness_ttl_ms: 10_000,
             lease_ttl_ms: 10_000,
             claim_idle_ms: 10_000,

@@ -59,6 +59,7 @@ use fanout_backend::{
 use futures::stream::BoxStream;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Client, IntoConnectionInfo, ProtocolVersion, RedisError};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -88,6 +89,12 @@ pub struct RedisConfig {
     /// Redis Cluster mode: hash-tagged key names, sharded Pub/Sub, every
     /// call routed by slot. A standalone Redis takes exactly one URL.
     pub cluster: bool,
+    /// Replicas that must have an accepted event, a route or a lease before
+    /// it counts (`WAIT`): with 1, losing a primary (its replica promoted)
+    /// loses none of them. Replication is asynchronous otherwise, and a
+    /// failover drops the primary's last writes. 0 waits for nothing (no
+    /// replicas, or a single Redis); a cluster without replicas needs 0.
+    pub wait_replicas: u32,
     /// Prefix of every key and channel (`{namespace}:...`): 1 to 64
     /// characters of `[A-Za-z0-9_-]`, so it can never contain a separator or
     /// a glob character.
@@ -123,6 +130,7 @@ impl Default for RedisConfig {
         Self {
             url: "redis://127.0.0.1:6379".to_owned(),
             cluster: false,
+            wait_replicas: 0,
             namespace: "fanout".to_owned(),
             partitions: 16,
             operation_timeout: Duration::from_secs(5),
@@ -147,6 +155,7 @@ impl fmt::Debug for RedisConfig {
                     .join(","),
             )
             .field("cluster", &self.cluster)
+            .field("wait_replicas", &self.wait_replicas)
             .field("namespace", &self.namespace)
             .field("partitions", &self.partitions)
             .field("operation_timeout", &self.operation_timeout)
@@ -334,6 +343,45 @@ impl Inner {
     /// A handle on the command connection (cheap: it is multiplexed).
     pub(crate) fn conn(&self) -> Conn {
         self.conn.clone()
+    }
+
+    /// Waits until `wait_replicas` replicas have every write sent so far
+    /// on the connection to the node of `key` (so: the write to `key` just
+    /// made). Nothing to do with `wait_replicas = 0`.
+    pub(crate) async fn replicated(&self, key: &str) -> Result<(), BackendError> {
+        let want = self.config.wait_replicas;
+        if want == 0 {
+            return Ok(());
+        }
+        let limit = self.config.operation_timeout / 2;
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(want).arg(limit.as_millis() as u64);
+        let acked: i64 = match &self.conn {
+            Conn::Cluster(c) => {
+                // WAIT names no key: sent to the key's node, where the
+                // write went, on the same connection.
+                let node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::new(keys::slot_of(key), SlotAddr::Master),
+                ));
+                let mut c = c.clone();
+                let v = self.run(c.route_command(wait, node)).await?;
+                redis::FromRedisValue::from_redis_value(v).map_err(|e| {
+                    BackendError::Unavailable(format!("unexpected WAIT reply: {e}").into())
+                })?
+            }
+            other => self.run(wait.query_async(&mut other.clone())).await?,
+        };
+        if acked < i64::from(want) {
+            return Err(BackendError::Unavailable(
+                format!(
+                    "only {acked} of {want} replicas confirmed the write within {limit:?}; \
+                     it could be lost if its primary failed now. A Redis without replicas \
+                     needs redis.wait_replicas = 0"
+                )
+                .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Whether this backend talks to a Redis Cluster.

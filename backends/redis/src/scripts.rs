@@ -161,6 +161,12 @@ impl Bind {
         if code == 0 {
             add_server(inner, server.as_str()).await?;
         }
+        // The route survives a failover of its node only once a replica
+        // has it (the key-set write went first, to the server's node).
+        inner.replicated(&inner.keys.route(key)).await?;
+        inner
+            .replicated(&inner.keys.server_keys(server.as_str()))
+            .await?;
         Ok(code)
     }
 }

@@ -46,6 +46,11 @@ impl Consumer {
         self.next_maintenance = started + MAINTENANCE;
         let inner = self.inner.clone();
         let statuses = inner.scripts.maintain.call(&inner, &self.token).await?;
+        // A lease is only ours once a replica has it: one lost in a
+        // failover would let two consumers read one partition.
+        if statuses.contains(&3) {
+            inner.replicated(&inner.keys.consumers()).await?;
+        }
         // The renewal happened after `started`, so the leases last at least
         // until `started + lease_ttl`; stop reading well before.
         let margin = inner.config.lease_ttl / 4 + READ_BLOCK;

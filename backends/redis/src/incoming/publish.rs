@@ -25,5 +25,7 @@ pub(crate) async fn publish(inner: &Inner, event: IncomingEvent) -> Result<(), B
                 .query_async(&mut conn),
         )
         .await?;
-    Ok(())
+    // Acked to the client only once a replica has it, when asked to: a
+    // primary that dies right after the XADD must not take it along.
+    inner.replicated(&inner.keys.stream(partition)).await
 }

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use fanout_redis::{RedisBackend, RedisConfig};
 
+/// A private Redis Cluster per test process, for the cluster-mode tests.
+pub mod cluster;
+
 /// The Redis the tests use: `FANOUT_REDIS_URL`, else the local one.
 pub fn url() -> String {
     std::env::var("FANOUT_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
