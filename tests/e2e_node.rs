@@ -8,6 +8,9 @@
 //! them the tests skip loudly (or fail under `FANOUT_TEST_REQUIRE_SERVICES=1`).
 
 mod common;
+/// The private Redis Cluster of the Redis backend's own tests.
+#[path = "../backends/redis/tests/common/cluster.rs"]
+mod redis_cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -82,6 +85,16 @@ fn test_files() -> Vec<PathBuf> {
 
 /// Runs the suite against `database_url` (None = SQLite) on `backend`.
 fn run_suite(database_url: Option<&str>, backend: &str) -> ExitStatus {
+    run_suite_with(database_url, backend, &[])
+}
+
+/// [`run_suite`] with further `FANOUT_*` settings for every server process
+/// (the broker's topology).
+fn run_suite_with(
+    database_url: Option<&str>,
+    backend: &str,
+    broker_env: &[(&str, &str)],
+) -> ExitStatus {
     let mut cmd = Command::new("node");
     cmd.args(["--test", "--test-concurrency=1"])
         .args(test_files())
@@ -89,6 +102,16 @@ fn run_suite(database_url: Option<&str>, backend: &str) -> ExitStatus {
         .env("FANOUT_BIN", env!("CARGO_BIN_EXE_fanout"))
         .env_remove("FANOUT_E2E_DATABASE_URL")
         .env("FANOUT_E2E_BACKEND", backend)
+        .env(
+            "FANOUT_E2E_BROKER_ENV",
+            serde_json::Value::Object(
+                broker_env
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
+                    .collect(),
+            )
+            .to_string(),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
@@ -166,4 +189,34 @@ fn node_client_redis_three_gateways() {
 #[test]
 fn node_client_rabbitmq_three_gateways() {
     broker_suite("rabbitmq", "RabbitMQ", 5672);
+}
+
+/// The suite on a Redis Cluster (3 primaries with a replica each, started
+/// by this test process): three gateways and two workers in cluster mode.
+#[test]
+fn node_client_redis_cluster_three_gateways() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !prepare() {
+        return;
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let Some(cluster) = runtime.block_on(redis_cluster::shared()) else {
+        return;
+    };
+    let Some(db) = runtime.block_on(common::TestDb::create()) else {
+        return;
+    };
+    let status = run_suite_with(
+        Some(&db.url),
+        "redis",
+        &[
+            ("FANOUT_REDIS_URL", &cluster.seeds),
+            ("FANOUT_REDIS__CLUSTER", "true"),
+        ],
+    );
+    runtime.block_on(db.drop_db());
+    assert!(
+        status.success(),
+        "the node suite failed on a Redis Cluster: {status}"
+    );
 }

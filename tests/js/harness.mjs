@@ -7,6 +7,10 @@
 //   FANOUT_E2E_DATABASE_URL   database for the servers (unset = SQLite in a
 //                             temporary data directory)
 //   FANOUT_E2E_VERBOSE=1      copy every server's stderr to this stderr
+//   FANOUT_E2E_BROKER_ENV     a JSON object of FANOUT_* settings for every
+//                             process of a broker-backed run (the broker's
+//                             topology: FANOUT_REDIS_URL=seeds,
+//                             FANOUT_REDIS__CLUSTER=true)
 
 import { spawn, execFile } from 'node:child_process';
 import { createHmac, randomBytes } from 'node:crypto';
@@ -172,6 +176,7 @@ export async function startServer(options = {}) {
     ...(process.env.FANOUT_E2E_DATABASE_URL ? { FANOUT_DATABASE_URL: process.env.FANOUT_E2E_DATABASE_URL } : {}),
     // A generous broker timeout: CI machines are small and shared.
     ...(cluster ? { FANOUT_BACKEND: BACKEND, FANOUT_NAMESPACE: namespace, FANOUT_BROKER_TIMEOUT_MS: '15000' } : {}),
+    ...(cluster && process.env.FANOUT_E2E_BROKER_ENV ? JSON.parse(process.env.FANOUT_E2E_BROKER_ENV) : {}),
     ...(options.env || {}),
   };
   const bin = binPath();
