@@ -8,9 +8,8 @@
 //! them the tests skip loudly (or fail under `FANOUT_TEST_REQUIRE_SERVICES=1`).
 
 mod common;
-/// The private Redis Cluster of the Redis backend's own tests.
-#[path = "../backends/redis/tests/common/cluster.rs"]
-mod redis_cluster;
+
+use fanout_localcluster::redis::{ClusterError, RedisCluster};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -200,8 +199,13 @@ fn node_client_redis_cluster_three_gateways() {
         return;
     }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let Some(cluster) = runtime.block_on(redis_cluster::shared()) else {
-        return;
+    let cluster = match runtime.block_on(RedisCluster::shared()) {
+        Ok(cluster) => cluster,
+        Err(ClusterError::Missing(why)) => {
+            common::skip_or_fail("Redis Cluster", &why);
+            return;
+        }
+        Err(why) => panic!("could not start the test Redis Cluster: {why}"),
     };
     let Some(db) = runtime.block_on(common::TestDb::create()) else {
         return;

@@ -1,7 +1,7 @@
 //! The Redis backend in cluster mode runs the whole conformance suite
 //! against a private 6-node Redis Cluster (3 primaries, 3 replicas) that
 //! this test process starts on loopback and stops when it exits
-//! (`common::cluster`). The same checks as `conformance.rs`, asserted the
+//! (`common::cluster`, from `fanout-localcluster`). The same checks as `conformance.rs`, asserted the
 //! same way: only the topology differs.
 
 mod common;
@@ -39,7 +39,11 @@ impl Harness for RedisCluster {
 
     async fn clean_up(&self, namespace: &str) {
         if let Some(cluster) = common::cluster::shared().await {
-            cluster.purge(namespace).await;
+            // Reported, not raised: clean-up must not mask the check's own
+            // failure.
+            if let Err(e) = cluster.purge(namespace).await {
+                eprintln!("could not purge test namespace {namespace}: {e}");
+            }
         }
     }
 
@@ -56,7 +60,7 @@ impl Harness for RedisCluster {
             "a subscriber connection to kill",
             || {
                 let prefix = prefix.clone();
-                async move { cluster.kill_clients(&prefix).await > 0 }
+                async move { cluster.kill_clients(&prefix).await.expect("CLIENT KILL") > 0 }
             },
         )
         .await;
