@@ -17,16 +17,14 @@ use fanout_bench::faults::{run_fault, FaultKind, FaultResult, FaultSpec};
 /// One matrix at a time in this process.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn selected() -> Vec<FaultKind> {
+/// The faults to run on a single node (`cluster` false) or a cluster.
+fn selected(cluster: bool) -> Vec<FaultKind> {
+    let all = FaultKind::ALL.into_iter().filter(|f| f.applies(cluster));
     match std::env::var("FANOUT_TEST_FAULTS") {
-        Ok(list) if !list.trim().is_empty() => FaultKind::ALL
-            .into_iter()
+        Ok(list) if !list.trim().is_empty() => all
             .filter(|f| list.split(',').any(|s| s.trim() == f.as_str()))
             .collect(),
-        _ => FaultKind::ALL
-            .into_iter()
-            .filter(|f| f.by_default())
-            .collect(),
+        _ => all.filter(|f| f.by_default()).collect(),
     }
 }
 
@@ -84,11 +82,21 @@ fn services_present(backend: BackendKind) -> bool {
 }
 
 async fn matrix(backend: BackendKind) {
+    run_matrix(backend, false).await;
+}
+
+/// The matrix on a cluster the run starts (losing a node).
+async fn cluster_matrix(backend: BackendKind) {
+    run_matrix(backend, true).await;
+}
+
+async fn run_matrix(backend: BackendKind, cluster: bool) {
     if !services_present(backend) {
         return;
     }
     let _serial = SERIAL.lock().await;
     let mut spec = FaultSpec::new(backend, PathBuf::from(env!("CARGO_BIN_EXE_fanout")));
+    spec.cluster = cluster;
     spec.postgres_admin_url = common::postgres_admin_url();
     spec.log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("faults");
     if let Ok(url) = std::env::var("FANOUT_RABBITMQ_URL") {
@@ -96,7 +104,7 @@ async fn matrix(backend: BackendKind) {
     }
     let started = Instant::now();
     let mut results: Vec<FaultResult> = Vec::new();
-    for fault in selected() {
+    for fault in selected(cluster) {
         eprintln!("[faults] {backend:?} / {fault}: running");
         let r = run_fault(&spec, fault)
             .await
@@ -139,4 +147,8 @@ async fn matrix(backend: BackendKind) {
 common::backend_tests!(matrix {
     fault_matrix_rabbitmq: Rabbitmq,
     fault_matrix_redis: Redis,
+});
+
+common::backend_tests!(cluster_matrix {
+    fault_matrix_redis_cluster: Redis,
 });

@@ -34,6 +34,7 @@ use self::traffic::{Receipt, StoredRow, Traffic};
 use crate::pg::{PgError, TempDatabase};
 use crate::procs::{backend_name, Fleet, FleetSpec, ProcError, Role};
 use fanout::config::{BackendKind, Config};
+use fanout_localcluster::redis::RedisCluster;
 
 /// The faults of the matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -70,11 +71,16 @@ pub enum FaultKind {
     /// member sending, members on every gateway) while one gateway's broker
     /// connections are closed.
     BusyChannelRouteLoss,
+    /// On a cluster (the run's own, [`FaultSpec::cluster`]): SIGKILL of the
+    /// primary that holds gateway 0's channel (and its share of the
+    /// streams and route sets), its replica promoted; the killed node
+    /// rejoins as a replica once the cluster is whole again.
+    NodeLoss,
 }
 
 impl FaultKind {
     /// Every fault, in the order the matrix runs them.
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::WorkerKill,
         FaultKind::GatewayKill,
         FaultKind::BrokerConnectionKill,
@@ -84,6 +90,7 @@ impl FaultKind {
         FaultKind::WorkerRestarts,
         FaultKind::RemovedWhileDisconnected,
         FaultKind::BusyChannelRouteLoss,
+        FaultKind::NodeLoss,
     ];
 
     /// Whether `cargo test --test faults` runs it without
@@ -94,6 +101,13 @@ impl FaultKind {
     /// run it by name.
     pub fn by_default(self) -> bool {
         self != FaultKind::BusyChannelRouteLoss
+    }
+
+    /// Whether it can run on a single broker node (`cluster` false) or on
+    /// a cluster: losing a node takes a cluster, and the single-node faults
+    /// are not yet wired to a cluster's nodes.
+    pub fn applies(self, cluster: bool) -> bool {
+        (self == FaultKind::NodeLoss) == cluster
     }
 
     /// The snake_case name (as serialized).
@@ -108,6 +122,7 @@ impl FaultKind {
             FaultKind::WorkerRestarts => "worker_restarts",
             FaultKind::RemovedWhileDisconnected => "removed_while_disconnected",
             FaultKind::BusyChannelRouteLoss => "busy_channel_route_loss",
+            FaultKind::NodeLoss => "node_loss",
         }
     }
 }
@@ -123,6 +138,9 @@ impl std::fmt::Display for FaultKind {
 pub struct FaultSpec {
     /// `rabbitmq` or `redis`.
     pub backend: BackendKind,
+    /// On a cluster of the run's own (Redis: 3 primaries with a replica
+    /// each, on loopback), instead of one broker node.
+    pub cluster: bool,
     /// The `fanout` binary the gateways and workers run.
     pub binary: PathBuf,
     /// Server-level PostgreSQL URL; each run creates a database of its own
@@ -182,6 +200,7 @@ impl FaultSpec {
     pub fn new(backend: BackendKind, binary: PathBuf) -> FaultSpec {
         FaultSpec {
             backend,
+            cluster: false,
             binary,
             postgres_admin_url: std::env::var("FANOUT_BENCH_POSTGRES_URL")
                 .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
@@ -218,7 +237,11 @@ impl FaultSpec {
     /// drains; measured, RabbitMQ needed 5–6 s after the broker was back.
     pub fn after_for(&self, fault: FaultKind) -> Duration {
         match fault {
-            FaultKind::BrokerRestart | FaultKind::DatabaseReadOnly => self.after * 2,
+            // A failover takes seconds before the clients' retries and the
+            // gateways' catch-up run.
+            FaultKind::BrokerRestart | FaultKind::DatabaseReadOnly | FaultKind::NodeLoss => {
+                self.after * 2
+            }
             // A lone worker works off the backlog and what came meanwhile.
             FaultKind::WorkerRestarts => self.after * 3,
             _ => self.after,
@@ -281,6 +304,9 @@ pub enum FaultError {
 pub struct FaultResult {
     /// The backend.
     pub backend: BackendKind,
+    /// On a cluster of the run's own.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cluster: bool,
     /// The fault.
     pub fault: FaultKind,
     /// Messages composed (distinct `clientMsgId`s).
@@ -421,7 +447,10 @@ impl FaultResult {
     pub fn table_row(&self) -> String {
         format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            backend_name(self.backend),
+            crate::topology::Target {
+                kind: self.backend,
+                cluster: self.cluster
+            },
             self.fault,
             self.sent,
             self.acked,
@@ -459,6 +488,8 @@ struct Resources {
     /// workers' database, so that the gateways keep feeding them.
     worker_proxy: Option<TcpProxy>,
     redis: Option<RedisServer>,
+    /// The run's Redis Cluster ([`FaultSpec::cluster`]).
+    redis_cluster: Option<RedisCluster>,
     fleet: Option<Fleet>,
     traffic: Option<Arc<Traffic>>,
     /// For `RemovedWhileDisconnected`: what the `DELETE` answered.
@@ -494,7 +525,10 @@ async fn execute(
     }
     let dir = spec.log_dir.join(format!(
         "{}-{}-{}",
-        backend_name(spec.backend),
+        crate::topology::Target {
+            kind: spec.backend,
+            cluster: spec.cluster
+        },
         fault,
         res.namespace
     ));
@@ -535,11 +569,24 @@ async fn execute(
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
-    if spec.backend == BackendKind::Redis {
+    if spec.backend == BackendKind::Redis && spec.cluster {
+        let cluster = res.redis_cluster.insert(
+            RedisCluster::start()
+                .await
+                .map_err(|e| FaultError::Service(format!("starting a Redis Cluster: {e}")))?,
+        );
+        env.push(("FANOUT_REDIS_URL".into(), cluster.seeds.clone()));
+        env.push(("FANOUT_REDIS__CLUSTER".into(), "true".into()));
+    } else if spec.backend == BackendKind::Redis {
         let redis = res
             .redis
             .insert(RedisServer::start(&spec.redis_server, &dir.join("redis")).await?);
         env.push(("FANOUT_REDIS_URL".into(), redis.url()));
+    } else if spec.cluster {
+        return Err(FaultError::Service(format!(
+            "no local cluster of {} yet",
+            backend_name(spec.backend)
+        )));
     }
     let fleet = res.fleet.insert(
         Fleet::start_with_role_env(
@@ -693,6 +740,7 @@ async fn execute(
         .len() as u64;
     let mut result = FaultResult {
         backend: spec.backend,
+        cluster: spec.cluster,
         fault,
         sent: accounting.sent,
         acked: accounting.acked,
@@ -903,6 +951,35 @@ async fn inject(
                 body.trim()
             )
         }
+        FaultKind::NodeLoss => {
+            let fleet = res.fleet.as_ref().ok_or_else(not_running)?;
+            let idx = fleet.live(Role::Gateway, 0).ok_or_else(not_running)?;
+            let server = format!("{}-{}", res.namespace, fleet.nodes[idx].name);
+            let cluster = res.redis_cluster.as_ref().ok_or_else(|| {
+                FaultError::Service("node_loss needs a cluster (FaultSpec::cluster)".into())
+            })?;
+            let failed = |e: fanout_localcluster::redis::ClusterError| {
+                FaultError::Service(format!("the Redis Cluster: {e}"))
+            };
+            // The channel's name as the backend spells it (keys.rs).
+            let channel = format!("{ns}:out:{{{ns}.{server}}}", ns = res.namespace);
+            let killed = cluster.kill_primary_of(&channel).await.map_err(failed)?;
+            let killed_at = killed.killed_at;
+            let port = killed.port;
+            let failover = cluster
+                .wait_failover(&killed, Duration::from_secs(30))
+                .await
+                .map_err(failed)?;
+            let rejoin = cluster.restart(killed).await.map_err(failed)?;
+            return Ok((
+                format!(
+                    "SIGKILL to the Redis primary on port {port} (gateway 0's channel, a third of the streams and route sets); its replica took over {} ms later; the killed node rejoined as a replica in {} ms",
+                    failover.as_millis(),
+                    rejoin.as_millis()
+                ),
+                Some(killed_at),
+            ));
+        }
         FaultKind::BusyChannelRouteLoss => {
             let fleet = res.fleet.as_ref().ok_or_else(not_running)?;
             let pid = gateway_pid(fleet, 0).ok_or_else(not_running)?;
@@ -939,7 +1016,8 @@ async fn teardown(spec: &FaultSpec, res: &mut Resources) {
         fleet.stop().await;
     }
     let config = broker_config(spec, res);
-    let purge = res.redis.is_some() || spec.backend == BackendKind::Rabbitmq;
+    let purge =
+        res.redis.is_some() || res.redis_cluster.is_some() || spec.backend == BackendKind::Rabbitmq;
     if purge {
         if let Err(e) = fanout::app::purge_namespace(&config).await {
             tracing::warn!(namespace = %res.namespace, error = %e, "cannot purge the run's namespace");
@@ -947,6 +1025,9 @@ async fn teardown(spec: &FaultSpec, res: &mut Resources) {
     }
     if let Some(redis) = res.redis.take() {
         redis.discard().await;
+    }
+    if let Some(cluster) = res.redis_cluster.take() {
+        cluster.stop().await;
     }
     res.proxy = None;
     res.worker_proxy = None;
@@ -965,6 +1046,10 @@ fn broker_config(spec: &FaultSpec, res: &Resources) -> Config {
     };
     if let Some(redis) = &res.redis {
         config.redis_url = redis.url();
+    }
+    if let Some(cluster) = &res.redis_cluster {
+        config.redis_url = cluster.seeds.clone();
+        config.redis.cluster = true;
     }
     config
 }

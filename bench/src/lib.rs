@@ -24,6 +24,7 @@ pub mod pg;
 pub mod procs;
 pub mod raw;
 pub mod report;
+pub mod topology;
 pub mod workload;
 
 use std::collections::HashMap;
@@ -33,9 +34,10 @@ use std::time::Duration;
 use crate::load::{LoadReport, LoadSpec};
 use fanout::auth::Tokens;
 use fanout::config::{BackendKind, Config};
-use procs::{backend_name, Fleet, FleetSpec, Role};
+use procs::{Fleet, FleetSpec, Role};
 use raw::{RawResult, RawSpec};
-use report::{BackendResult, RampStep, Report, Resources, Usage, WorkloadReport};
+use report::{BackendResult, NodeUsage, RampStep, Report, Resources, Usage, WorkloadReport};
+use topology::{Running, Target};
 use workload::Workload;
 
 /// Whether `s` is a plain name usable in file names and ids.
@@ -51,8 +53,8 @@ pub fn is_safe_name(s: &str) -> bool {
 pub struct BenchOptions {
     /// The `fanout` binary the gateways and workers run.
     pub binary: PathBuf,
-    /// Backends, in run order.
-    pub backends: Vec<BackendKind>,
+    /// Backends with their topology, in run order.
+    pub backends: Vec<Target>,
     /// Workloads, profile applied.
     pub workloads: Vec<Workload>,
     /// Profile name, for the report.
@@ -110,15 +112,14 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
             .map_or(0, |d| d.as_secs())
     );
     let mut results: Vec<Vec<BackendResult>> = vec![Vec::new(); opts.workloads.len()];
-    for (b, &kind) in opts.backends.iter().enumerate() {
-        let name = backend_name(kind);
+    for (b, &target) in opts.backends.iter().enumerate() {
         progress(&format!(
-            "== backend {name} ({}/{})",
+            "== backend {target} ({}/{})",
             b + 1,
             opts.backends.len()
         ));
         let namespace = format!("{run_id}{b}");
-        let per_backend = run_backend(opts, kind, &namespace).await;
+        let per_backend = run_backend(opts, target, &namespace).await;
         for (w, r) in per_backend.into_iter().enumerate() {
             results[w].push(r);
         }
@@ -143,11 +144,20 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
 /// The fault matrix on every selected broker backend, as report rows.
 async fn run_faults(opts: &BenchOptions) -> Vec<serde_json::Value> {
     let mut rows = Vec::new();
-    for &kind in opts.backends.iter().filter(|k| **k != BackendKind::Memory) {
-        for fault in faults::FaultKind::ALL {
-            let name = backend_name(kind);
+    let brokers = opts
+        .backends
+        .iter()
+        .filter(|t| t.kind != BackendKind::Memory);
+    for &target in brokers {
+        let kind = target.kind;
+        for fault in faults::FaultKind::ALL
+            .into_iter()
+            .filter(|f| f.applies(target.cluster))
+        {
+            let name = target.name();
             progress(&format!("faults / {name}: {fault} under steady traffic"));
             let mut spec = faults::FaultSpec::new(kind, opts.binary.clone());
+            spec.cluster = target.cluster;
             spec.postgres_admin_url = opts.postgres_admin_url.clone();
             spec.rabbitmq_url = opts.base.rabbitmq_url.clone();
             spec.log_dir = opts.out.join("logs").join("faults");
@@ -180,13 +190,60 @@ pub fn progress(line: &str) {
     eprintln!("[bench] {line}");
 }
 
+/// What one backend's runs share: its target, the configuration the
+/// processes inherit (pointed at the run's cluster, if any), and the
+/// broker's nodes, for their CPU.
+struct Deployment {
+    target: Target,
+    base: Config,
+    nodes: Vec<(String, u32)>,
+}
+
 /// Every workload on one backend; failures become results with an error.
-async fn run_backend(
+/// A cluster target starts its cluster first and stops it at the end.
+async fn run_backend(opts: &BenchOptions, target: Target, namespace: &str) -> Vec<BackendResult> {
+    let name = target.name();
+    let cluster = match Running::start(target).await {
+        Ok(c) => c,
+        Err(why) => {
+            progress(&format!("{name}: {why}"));
+            return opts
+                .workloads
+                .iter()
+                .map(|_| BackendResult {
+                    error: Some(why.clone()),
+                    ..BackendResult::new(name)
+                })
+                .collect();
+        }
+    };
+    if let Some(c) = &cluster {
+        progress(&format!(
+            "{name}: started a local cluster of {} nodes",
+            c.nodes().len()
+        ));
+    }
+    let deployment = Deployment {
+        target,
+        base: match &cluster {
+            Some(c) => c.configure(opts.base.clone()),
+            None => opts.base.clone(),
+        },
+        nodes: cluster.as_ref().map(Running::nodes).unwrap_or_default(),
+    };
+    let out = run_deployment(opts, &deployment, namespace).await;
+    if let Some(c) = cluster {
+        c.stop().await;
+    }
+    out
+}
+
+async fn run_deployment(
     opts: &BenchOptions,
-    kind: BackendKind,
+    deployment: &Deployment,
     namespace: &str,
 ) -> Vec<BackendResult> {
-    let name = backend_name(kind);
+    let (kind, name) = (deployment.target.kind, deployment.target.name());
     let mut out: Vec<BackendResult> = opts
         .workloads
         .iter()
@@ -201,6 +258,15 @@ async fn run_backend(
 
     for (w, workload) in opts.workloads.iter().enumerate() {
         if !workload.raw_baseline {
+            continue;
+        }
+        if deployment.target.cluster {
+            // The raw baseline drives one broker node; a cluster's would
+            // need its own client side.
+            progress(&format!(
+                "{name} / {}: raw-broker baseline not measured on a cluster",
+                workload.name
+            ));
             continue;
         }
         progress(&format!("{name} / {}: raw-broker baseline", workload.name));
@@ -236,7 +302,7 @@ async fn run_backend(
         namespace: namespace.to_owned(),
         database_url: db.url.clone(),
         jwt_secret: SECRET.to_owned(),
-        env: fleet_env(&opts.base),
+        env: fleet_env(&deployment.base),
         log_dir,
     };
     let (gateways, workers) = match kind {
@@ -255,8 +321,7 @@ async fn run_backend(
                     continue;
                 }
                 run_workload(
-                    opts,
-                    kind,
+                    deployment,
                     &mut fleet,
                     &tokens,
                     workload,
@@ -270,7 +335,7 @@ async fn run_backend(
         }
         Err(e) => fail_all(&mut out, format!("cannot start the fleet: {e}")),
     }
-    let mut config = opts.base.clone();
+    let mut config = deployment.base.clone();
     config.backend = kind;
     config.namespace = namespace.to_owned();
     if let Err(e) = fanout::app::purge_namespace(&config).await {
@@ -288,6 +353,7 @@ fn fleet_env(base: &Config) -> Vec<(String, String)> {
     vec![
         v("FANOUT_RABBITMQ_URL", base.rabbitmq_url.clone()),
         v("FANOUT_REDIS_URL", base.redis_url.clone()),
+        v("FANOUT_REDIS__CLUSTER", base.redis.cluster.to_string()),
         v("FANOUT_LOG", "warn".into()),
         v("FANOUT_LIMITS__MESSAGES_PER_SECOND", "100000".into()),
         v("FANOUT_LIMITS__MESSAGE_BURST", "100000".into()),
@@ -333,10 +399,8 @@ async fn raw_baseline(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn run_workload(
-    opts: &BenchOptions,
-    kind: BackendKind,
+    deployment: &Deployment,
     fleet: &mut Fleet,
     tokens: &Tokens,
     workload: &Workload,
@@ -344,7 +408,7 @@ async fn run_workload(
     index: usize,
     out: &mut BackendResult,
 ) {
-    let name = backend_name(kind);
+    let name = deployment.target.name();
     let label = format!("{name} / {}", workload.name);
     if let crate::load::Pattern::Jitter {
         members,
@@ -365,9 +429,9 @@ async fn run_workload(
             user_prefix: format!("{namespace}w{index}j"),
             progress: Some(format!("{label} @ {:.0}/s", workload.rate)),
         };
-        let before = Snapshot::take(fleet, kind, &opts.base);
+        let before = Snapshot::take(fleet, deployment);
         let result = crate::jitter::run(&spec, tokens).await;
-        out.resources = Some(before.usage(fleet, kind, &opts.base));
+        out.resources = Some(before.usage(fleet, deployment));
         match result {
             Ok(r) => {
                 progress(&format!("{label}: {}", jitter_summary(&r)));
@@ -393,15 +457,15 @@ async fn run_workload(
         progress: Some(format!("{label} @ {rate:.0}/s")),
     };
 
-    let before = Snapshot::take(fleet, kind, &opts.base);
+    let before = Snapshot::take(fleet, deployment);
     let facts = tokio::spawn(broker_facts_later(
-        kind,
-        opts.base.clone(),
+        deployment.target,
+        deployment.base.clone(),
         namespace.to_owned(),
         workload.duration() / 2,
     ));
     let result = crate::load::run(&spec(workload.rate, workload.duration(), 0), tokens).await;
-    out.resources = Some(before.usage(fleet, kind, &opts.base));
+    out.resources = Some(before.usage(fleet, deployment));
     out.broker = facts.await.unwrap_or_default();
     match result {
         Ok(r) => {
@@ -509,21 +573,46 @@ struct Snapshot {
     cpu: HashMap<u32, f64>,
 }
 
+/// A group of processes whose CPU and memory the report shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Group {
+    Gateways,
+    Workers,
+    Database,
+    Load,
+    /// The whole broker.
+    Broker,
+    /// One node of a broker cluster.
+    BrokerNode(String),
+}
+
 /// The processes of each group: ours from the fleet, the broker's and the
-/// database's found by their command lines.
-fn groups(fleet: &Fleet, kind: BackendKind, base: &Config) -> Vec<(&'static str, Vec<u32>)> {
+/// database's found by their command lines (a run's own cluster: its
+/// nodes, each a group of its own too).
+fn groups(fleet: &Fleet, deployment: &Deployment) -> Vec<(Group, Vec<u32>)> {
     let mut g = vec![
         (
-            "gateways",
+            Group::Gateways,
             [fleet.pids(Role::Gateway), fleet.pids(Role::Serve)].concat(),
         ),
-        ("workers", fleet.pids(Role::Worker)),
-        ("database", procs::find_pids(&["postgres"])),
+        (Group::Workers, fleet.pids(Role::Worker)),
+        (Group::Database, procs::find_pids(&["postgres"])),
         // This process: the virtual users share the machine too.
-        ("load", vec![std::process::id()]),
+        (Group::Load, vec![std::process::id()]),
     ];
-    match kind {
-        BackendKind::Rabbitmq => g.push(("broker", procs::find_pids(&["beam.smp", "rabbit"]))),
+    if !deployment.nodes.is_empty() {
+        g.push((
+            Group::Broker,
+            deployment.nodes.iter().map(|(_, pid)| *pid).collect(),
+        ));
+        for (node, pid) in &deployment.nodes {
+            g.push((Group::BrokerNode(node.clone()), vec![*pid]));
+        }
+        return g;
+    }
+    let base = &deployment.base;
+    match deployment.target.kind {
+        BackendKind::Rabbitmq => g.push((Group::Broker, procs::find_pids(&["beam.smp", "rabbit"]))),
         BackendKind::Redis => {
             let port = base
                 .redis_url
@@ -532,7 +621,7 @@ fn groups(fleet: &Fleet, kind: BackendKind, base: &Config) -> Vec<(&'static str,
                 .unwrap_or("6379")
                 .trim_end_matches('/');
             let pids = procs::find_pids(&["redis-server", &format!(":{port}")]);
-            g.push(("broker", pids));
+            g.push((Group::Broker, pids));
         }
         BackendKind::Memory => {}
     }
@@ -540,8 +629,8 @@ fn groups(fleet: &Fleet, kind: BackendKind, base: &Config) -> Vec<(&'static str,
 }
 
 impl Snapshot {
-    fn take(fleet: &Fleet, kind: BackendKind, base: &Config) -> Snapshot {
-        let cpu = groups(fleet, kind, base)
+    fn take(fleet: &Fleet, deployment: &Deployment) -> Snapshot {
+        let cpu = groups(fleet, deployment)
             .into_iter()
             .flat_map(|(_, pids)| pids)
             .filter_map(|pid| Some((pid, procs::sample(pid)?.cpu_secs)))
@@ -554,10 +643,10 @@ impl Snapshot {
 
     /// CPU used since the snapshot (a process started since counts from
     /// its start) and RSS now, per group.
-    fn usage(&self, fleet: &Fleet, kind: BackendKind, base: &Config) -> Resources {
+    fn usage(&self, fleet: &Fleet, deployment: &Deployment) -> Resources {
         let wall = self.at.elapsed().as_secs_f64().max(1e-9);
         let mut res = Resources::default();
-        for (group, pids) in groups(fleet, kind, base) {
+        for (group, pids) in groups(fleet, deployment) {
             let mut u = Usage::default();
             for pid in pids {
                 if let Some(s) = procs::sample(pid) {
@@ -568,11 +657,12 @@ impl Snapshot {
                 }
             }
             match group {
-                "gateways" => res.gateways = Some(u),
-                "workers" => res.workers = Some(u).filter(|u| u.processes > 0),
-                "database" => res.database = Some(u).filter(|u| u.processes > 0),
-                "load" => res.load_generator = Some(u),
-                _ => res.broker = Some(u).filter(|u| u.processes > 0),
+                Group::Gateways => res.gateways = Some(u),
+                Group::Workers => res.workers = Some(u).filter(|u| u.processes > 0),
+                Group::Database => res.database = Some(u).filter(|u| u.processes > 0),
+                Group::Load => res.load_generator = Some(u),
+                Group::Broker => res.broker = Some(u).filter(|u| u.processes > 0),
+                Group::BrokerNode(node) => res.broker_nodes.push(NodeUsage { node, usage: u }),
             }
         }
         res
@@ -581,13 +671,17 @@ impl Snapshot {
 
 /// Broker facts taken `after` into a workload, while its users are online.
 async fn broker_facts_later(
-    kind: BackendKind,
+    target: Target,
     base: Config,
     namespace: String,
     after: Duration,
 ) -> serde_json::Value {
     tokio::time::sleep(after).await;
-    broker_facts(kind, &base, &namespace).await
+    if target.cluster {
+        // The CLI reads one node; the per-node CPU says more here.
+        return serde_json::Value::Null;
+    }
+    broker_facts(target.kind, &base, &namespace).await
 }
 
 /// What the broker says about this namespace, through its own CLI (cheap,

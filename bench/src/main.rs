@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use fanout::config::{BackendKind, Config, ConfigArgs};
+use fanout::config::{Config, ConfigArgs};
 use fanout_bench::report::{self, Report};
 
 #[derive(Debug, Parser)]
@@ -82,14 +82,15 @@ enum Command {
         /// Workload profile: `full`, or `ci` (the same workloads, short).
         #[arg(long, default_value = "full")]
         profile: String,
-        /// Backends, in run order.
+        /// Backends with their topology, in run order: `memory`,
+        /// `rabbitmq`, `redis` (the configured brokers), `redis-cluster` (a
+        /// 6-node Redis Cluster on loopback the run starts and stops).
         #[arg(
             long,
-            value_enum,
             value_delimiter = ',',
-            default_value = "memory,rabbitmq,redis"
+            default_value = "memory,rabbitmq,redis,redis-cluster"
         )]
-        backends: Vec<BackendKind>,
+        backends: Vec<fanout_bench::topology::Target>,
         /// Workload names (default: every file in --workloads-dir).
         #[arg(long, value_delimiter = ',')]
         workloads: Vec<String>,

@@ -44,6 +44,19 @@ pub struct Resources {
     /// The benchmark process itself (virtual users, accounting).
     #[serde(default)]
     pub load_generator: Option<Usage>,
+    /// Each node of a broker cluster the run started (their sum is
+    /// `broker`): whether the load spreads over the nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub broker_nodes: Vec<NodeUsage>,
+}
+
+/// One broker node's share.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NodeUsage {
+    /// `redis:7101`.
+    pub node: String,
+    /// Its CPU and memory.
+    pub usage: Usage,
 }
 
 /// One step of a ramp.
@@ -68,7 +81,7 @@ pub struct RampStep {
 /// One backend on one workload.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct BackendResult {
-    /// `memory`, `rabbitmq` or `redis`.
+    /// `memory`, `rabbitmq`, `redis` or `redis-cluster`.
     pub backend: String,
     /// Why it has no (complete) result.
     pub error: Option<String>,
@@ -182,11 +195,7 @@ impl Report {
                 workers: opts.workers,
                 database: "postgresql".to_owned(),
             },
-            backends: opts
-                .backends
-                .iter()
-                .map(|b| super::procs::backend_name(*b).to_owned())
-                .collect(),
+            backends: opts.backends.iter().map(|b| b.name().to_owned()).collect(),
             workloads: Vec::new(),
             faults: Vec::new(),
         }
@@ -624,6 +633,26 @@ fn workload_section(md: &mut String, w: &WorkloadReport) {
         if !r.broker.is_null() {
             let _ = writeln!(md, "\nBroker facts mid-run, {}: `{}`", r.backend, r.broker);
         }
+    }
+    for r in &w.results {
+        let Some(res) = r
+            .resources
+            .as_ref()
+            .filter(|res| !res.broker_nodes.is_empty())
+        else {
+            continue;
+        };
+        let nodes: Vec<String> = res
+            .broker_nodes
+            .iter()
+            .map(|n| format!("{} {:.0} %", n.node, n.usage.cpu_percent))
+            .collect();
+        let _ = writeln!(
+            md,
+            "\nBroker CPU per node, {}: {}",
+            r.backend,
+            nodes.join(", ")
+        );
     }
     if w.results.iter().any(|r| !r.ramp.is_empty()) {
         if let Some(ramp) = &wl.ramp {
