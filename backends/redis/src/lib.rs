@@ -404,6 +404,16 @@ impl Inner {
         with_timeout(self.config.operation_timeout, fut).await
     }
 
+    /// Runs one command on the command connection, bounded by
+    /// `operation_timeout`.
+    pub(crate) async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<T, BackendError> {
+        let mut conn = self.conn();
+        self.run(cmd.query_async(&mut conn)).await
+    }
+
     /// Spawns a background task that `shutdown` waits for.
     pub(crate) fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
         let handle = tokio::spawn(fut);

@@ -540,13 +540,8 @@ async fn publish_sharded(
     key: &RouteKey,
     frame: &[u8],
 ) -> Result<(u64, u64), BackendError> {
-    let mut conn = inner.conn();
     let servers: Vec<String> = inner
-        .run(
-            redis::cmd("SMEMBERS")
-                .arg(inner.keys.route(key))
-                .query_async(&mut conn),
-        )
+        .query(redis::cmd("SMEMBERS").arg(inner.keys.route(key)))
         .await?;
     let sends = servers
         .iter()

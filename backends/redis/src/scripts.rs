@@ -149,13 +149,11 @@ impl Bind {
         if code < 0 {
             return Ok(code);
         }
-        let mut conn = inner.conn();
         inner
-            .run(
+            .query::<()>(
                 redis::cmd("SADD")
                     .arg(inner.keys.route(key))
-                    .arg(server.as_str())
-                    .query_async::<()>(&mut conn),
+                    .arg(server.as_str()),
             )
             .await?;
         if code == 0 {
@@ -175,14 +173,8 @@ impl Bind {
 /// before a claim and after every refresh, so an id a racing janitor took
 /// out of the set is back within a third of the liveness TTL.
 pub(crate) async fn add_server(inner: &Inner, server: &str) -> Result<(), BackendError> {
-    let mut conn = inner.conn();
     inner
-        .run(
-            redis::cmd("SADD")
-                .arg(inner.keys.servers())
-                .arg(server)
-                .query_async::<()>(&mut conn),
-        )
+        .query::<()>(redis::cmd("SADD").arg(inner.keys.servers()).arg(server))
         .await
 }
 
@@ -359,25 +351,17 @@ impl Cleanup {
         }))
         .await?;
         if !keys.is_empty() {
-            let mut conn = inner.conn();
             let rebound: Vec<bool> = inner
-                .run(
+                .query(
                     redis::cmd("SMISMEMBER")
                         .arg(inner.keys.server_keys(server))
-                        .arg(&keys)
-                        .query_async(&mut conn),
+                        .arg(&keys),
                 )
                 .await?;
             for (k, again) in keys.iter().zip(rebound) {
                 if again {
-                    let mut conn = inner.conn();
                     inner
-                        .run(
-                            redis::cmd("SADD")
-                                .arg(route_of(k))
-                                .arg(server)
-                                .query_async::<()>(&mut conn),
-                        )
+                        .query::<()>(redis::cmd("SADD").arg(route_of(k)).arg(server))
                         .await?;
                 }
             }
@@ -392,14 +376,8 @@ impl Cleanup {
             )
             .await?;
             if gone == 1 {
-                let mut conn = inner.conn();
                 inner
-                    .run(
-                        redis::cmd("SREM")
-                            .arg(inner.keys.servers())
-                            .arg(server)
-                            .query_async::<()>(&mut conn),
-                    )
+                    .query::<()>(redis::cmd("SREM").arg(inner.keys.servers()).arg(server))
                     .await?;
             }
         }
@@ -791,42 +769,22 @@ impl Replay {
         p: u32,
         event: &IncomingEvent,
     ) -> Result<i64, BackendError> {
-        let mut conn = inner.conn();
         let still: Vec<Value> = inner
-            .run(
+            .query(
                 redis::cmd("XRANGE")
                     .arg(inner.keys.dead())
                     .arg(entry_id)
-                    .arg(entry_id)
-                    .query_async(&mut conn),
+                    .arg(entry_id),
             )
             .await?;
         if still.is_empty() {
             return Ok(0);
         }
+        crate::incoming::append(inner, p, event).await?;
         inner
-            .run(
-                redis::cmd("XADD")
-                    .arg(inner.keys.stream(p))
-                    .arg("*")
-                    .arg("id")
-                    .arg(&event.id)
-                    .arg("k")
-                    .arg(event.ordering_key.as_str())
-                    .arg("p")
-                    .arg(event.payload.as_ref())
-                    .query_async::<()>(&mut conn),
-            )
-            .await?;
-        inner
-            .run(
-                redis::cmd("XDEL")
-                    .arg(inner.keys.dead())
-                    .arg(entry_id)
-                    .query_async(&mut conn),
-            )
+            .query::<i64>(redis::cmd("XDEL").arg(inner.keys.dead()).arg(entry_id))
             .await
-            .map(|_: i64| 1)
+            .map(|_| 1)
     }
 }
 

@@ -69,7 +69,7 @@ mod settle;
 
 pub(crate) use dead_letter::{dead_letters, resolve_dead_letters};
 pub(crate) use group::ensure_groups;
-pub(crate) use publish::publish;
+pub(crate) use publish::{append, publish};
 
 /// Longest a read blocks in Redis; also the longest the consumer task takes
 /// to notice its stream was dropped or a rebalance is due while idle.

@@ -10,6 +10,8 @@ use fanout_redis::{RedisBackend, RedisConfig};
 
 /// A private Redis Cluster per test process, for the cluster-mode tests.
 pub mod cluster;
+/// The conformance harness, standalone or on that cluster.
+pub mod harness;
 
 /// The Redis the tests use: `FANOUT_REDIS_URL`, else the local one.
 pub fn url() -> String {
