@@ -42,6 +42,10 @@ const PING_INTERVAL: Duration = Duration::from_secs(1);
 const CLEANUP_BATCH: usize = 500;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// On a cluster the other nodes answer while one fails over, so retrying
+/// is cheap, and the promotion (seconds) is what a gateway waits for: a
+/// short ceiling resubscribes within a second of it instead of up to five.
+const CLUSTER_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// A server registered on this backend value.
 #[derive(Debug)]
@@ -235,30 +239,31 @@ async fn connect_cluster_subscriber(
 }
 
 /// Whether a subscriber connection is alive and subscribed: a PING on a
-/// standalone Redis; on a cluster, the channel's subscriber count (a PING
-/// would go to any node, not necessarily the one holding the channel).
+/// standalone Redis; on a cluster, the channel's subscriber count on the
+/// node that owns its slot (a PING would go to any node; and redis-rs would
+/// send `PUBSUB SHARDNUMSUB` to every node, so one node down would make
+/// every gateway start over, not only those whose channel it held).
 async fn check_subscribed(inner: &Inner, server: &ServerId, con: &mut Conn) -> bool {
     let limit = inner.config.operation_timeout;
-    if !inner.cluster() {
+    let Conn::Cluster(cluster) = con else {
         let pong = tokio::time::timeout(limit, redis::cmd("PING").query_async::<String>(con)).await;
         return matches!(pong, Ok(Ok(_)));
-    }
-    let count = tokio::time::timeout(
-        limit,
-        redis::cmd("PUBSUB")
-            .arg("SHARDNUMSUB")
-            .arg(inner.keys.out_channel(server))
-            .query_async::<Value>(con),
-    )
-    .await;
-    match count {
+    };
+    let channel = inner.keys.out_channel(server);
+    let owner = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+        crate::keys::slot_of(&channel),
+        SlotAddr::Master,
+    )));
+    let mut count = redis::cmd("PUBSUB");
+    count.arg("SHARDNUMSUB").arg(&channel);
+    match tokio::time::timeout(limit, cluster.route_command(count, owner)).await {
         Ok(Ok(v)) => subscriber_count(&v) > 0,
         _ => false,
     }
 }
 
-/// The count in a `PUBSUB SHARDNUMSUB channel` reply: `[channel, n]`, or a
-/// map `{channel: n}` as redis-rs combines the nodes' answers.
+/// The count in a `PUBSUB SHARDNUMSUB channel` reply: `[channel, n]` (a
+/// map `{channel: n}` where redis-rs combines several nodes' answers).
 fn subscriber_count(v: &Value) -> i64 {
     let n = match v {
         Value::Array(a) => a.get(1),
@@ -770,7 +775,12 @@ impl Subscriber {
                 _ = self.cancel.cancelled() => return None,
                 _ = tokio::time::sleep(sleep) => {}
             }
-            delay = (delay * 2).min(BACKOFF_MAX);
+            let ceiling = if self.inner.cluster() {
+                CLUSTER_BACKOFF_MAX
+            } else {
+                BACKOFF_MAX
+            };
+            delay = (delay * 2).min(ceiling);
         }
     }
 }
