@@ -1083,55 +1083,46 @@ async fn flood(ws: Ws, run: Duration) -> Flood {
 /// 100 times its rate, the p99 delivery latency of everyone else on the
 /// same gateway stays under this, on the in-process memory cluster in a
 /// debug build on a small shared machine (measured: 16–43 ms, so a bound
-/// that does not flake when the machine is busy).
+/// that does not flake when the machine is busy)...
 const FLOOD_P99_BOUND: Duration = Duration::from_millis(250);
+/// ... or within this many times the same chat's p99 without the flood,
+/// measured just before: on a machine so loaded that the quiet chat is
+/// already slow (seen: p50 94 ms while other test suites ran), the flood's
+/// effect is what the check is about, not the machine's.
+const FLOOD_P99_FACTOR: u32 = 3;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_from_one_client_does_not_raise_the_p99_of_others() {
-    let _t = TIMING.write().await;
-    let node = Node::start(|_| {}).await; // default limits: 50/s, burst 100
-    const PAIRS: usize = 8;
+/// Delivery latencies of `PAIRS` pairs chatting every 50 ms for `run`:
+/// every acked message is read at its receiver.
+async fn chat_latencies(
+    senders: &[Client],
+    receivers: &[Client],
+    run: Duration,
+) -> Vec<Duration> {
     const EVERY: Duration = Duration::from_millis(50);
-    const RUN: Duration = Duration::from_secs(3);
-    let mut senders = Vec::new();
-    let mut receivers = Vec::new();
-    for p in 0..PAIRS {
-        senders.push(node.connect(&format!("s{p}")).await.expect("sender"));
-        receivers.push(node.connect(&format!("r{p}")).await.expect("receiver"));
-    }
-    let flooder = raw_session(&node.url, &node.token("flooder"), None).await;
-    let _target = node.connect("target").await.expect("target");
-    let flood = tokio::spawn(flood(flooder, RUN));
-
-    let chat = senders.into_iter().enumerate().map(|(p, s)| {
-        tokio::spawn(async move {
-            let mut sent = HashMap::new();
-            let mut tick = tokio::time::interval(EVERY);
-            let started = Instant::now();
-            let mut i = 0;
-            while started.elapsed() < RUN {
-                tick.tick().await;
-                let content = format!("{p}-{i}");
-                let payload = json!({ "to": format!("r{p}"), "content": content });
-                sent.insert(content, Instant::now());
-                let ack = s.call("sendMessage", &payload, WAIT).await.expect("ack");
-                assert_eq!(
-                    ack["ok"],
-                    json!(true),
-                    "a modest sender is never refused: {ack}"
-                );
-                i += 1;
-            }
-            sent
-        })
+    let chat = senders.iter().enumerate().map(|(p, s)| async move {
+        let mut sent = HashMap::new();
+        let mut tick = tokio::time::interval(EVERY);
+        let started = Instant::now();
+        let mut i = 0;
+        while started.elapsed() < run {
+            tick.tick().await;
+            let content = format!("{p}-{i}-{}", started.elapsed().as_nanos());
+            let payload = json!({ "to": format!("r{p}"), "content": content });
+            sent.insert(content, Instant::now());
+            let ack = s.call("sendMessage", &payload, WAIT).await.expect("ack");
+            assert_eq!(
+                ack["ok"],
+                json!(true),
+                "a modest sender is never refused: {ack}"
+            );
+            i += 1;
+        }
+        sent
     });
-    let chat: Vec<_> = chat.collect();
+    let sent_by_pair = futures::future::join_all(chat).await;
     let mut latencies = Vec::new();
-    let mut sent_all = 0;
-    for (h, r) in chat.into_iter().zip(&receivers) {
+    for (sent, r) in sent_by_pair.iter().zip(receivers) {
         // Every acked message reaches its receiver: read exactly that many.
-        let sent = h.await.expect("sender task");
-        sent_all += sent.len();
         for _ in 0..sent.len() {
             let e = r
                 .next_event(WAIT)
@@ -1142,6 +1133,32 @@ async fn a_flood_from_one_client_does_not_raise_the_p99_of_others() {
             latencies.push(e.at.saturating_duration_since(*at));
         }
     }
+    latencies.sort();
+    latencies
+}
+
+/// The `q` quantile of sorted latencies.
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_one_client_does_not_raise_the_p99_of_others() {
+    let _t = TIMING.write().await;
+    let node = Node::start(|_| {}).await; // default limits: 50/s, burst 100
+    const PAIRS: usize = 8;
+    const RUN: Duration = Duration::from_secs(3);
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for p in 0..PAIRS {
+        senders.push(node.connect(&format!("s{p}")).await.expect("sender"));
+        receivers.push(node.connect(&format!("r{p}")).await.expect("receiver"));
+    }
+    let quiet = chat_latencies(&senders, &receivers, RUN).await;
+    let flooder = raw_session(&node.url, &node.token("flooder"), None).await;
+    let _target = node.connect("target").await.expect("target");
+    let flood = tokio::spawn(flood(flooder, RUN));
+    let latencies = chat_latencies(&senders, &receivers, RUN).await;
     let Flood {
         emitted,
         ok,
@@ -1149,17 +1166,16 @@ async fn a_flood_from_one_client_does_not_raise_the_p99_of_others() {
         took,
     } = flood.await.expect("flood task");
     let other = emitted - ok - limited;
-    assert_eq!(latencies.len(), sent_all);
-    latencies.sort();
-    let p =
-        |q: f64| latencies[((latencies.len() as f64 * q).ceil() as usize).min(latencies.len()) - 1];
+    let p = |q: f64| quantile(&latencies, q);
     eprintln!(
         "flood: {emitted} emitted in {took:?} ({ok} ok, {limited} rate_limited, {other} other); \
-         others: {} messages, p50 {:?}, p99 {:?}, max {:?}",
+         others: {} messages, p50 {:?}, p99 {:?}, max {:?}; without the flood: p50 {:?}, p99 {:?}",
         latencies.len(),
         p(0.50),
         p(0.99),
-        p(1.0)
+        p(1.0),
+        quantile(&quiet, 0.50),
+        quantile(&quiet, 0.99)
     );
     assert!(limited > emitted / 2, "the flooder is mostly refused");
     // The burst of 100 plus 50/s while it ran, with a second of slack.
@@ -1167,9 +1183,10 @@ async fn a_flood_from_one_client_does_not_raise_the_p99_of_others() {
         ok <= 100 + 50 * (took.as_secs() as usize + 1),
         "accepted {ok}"
     );
+    let bound = FLOOD_P99_BOUND.max(quantile(&quiet, 0.99) * FLOOD_P99_FACTOR);
     assert!(
-        p(0.99) < FLOOD_P99_BOUND,
-        "p99 {:?} over the bound {FLOOD_P99_BOUND:?}",
+        p(0.99) < bound,
+        "p99 {:?} over the bound {bound:?} ({FLOOD_P99_BOUND:?}, or {FLOOD_P99_FACTOR}× the p99 without the flood)",
         p(0.99)
     );
     node.stop().await;
