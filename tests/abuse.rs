@@ -1093,11 +1093,7 @@ const FLOOD_P99_FACTOR: u32 = 3;
 
 /// Delivery latencies of `PAIRS` pairs chatting every 50 ms for `run`:
 /// every acked message is read at its receiver.
-async fn chat_latencies(
-    senders: &[Client],
-    receivers: &[Client],
-    run: Duration,
-) -> Vec<Duration> {
+async fn chat_latencies(senders: &[Client], receivers: &[Client], run: Duration) -> Vec<Duration> {
     const EVERY: Duration = Duration::from_millis(50);
     let chat = senders.iter().enumerate().map(|(p, s)| async move {
         let mut sent = HashMap::new();
