@@ -4,8 +4,12 @@
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::{Channel, ExchangeKind, Queue};
 
+use crate::session::ChannelPool;
 use crate::{QueueType, RabbitMqConfig};
 
 /// Routing key of the dead-letter queue's binding on the dead-letter exchange.
@@ -113,10 +117,18 @@ fn long(s: &str) -> AMQPValue {
 /// reaches it (a billion hand-overs), present for the ordering it brings.
 pub(crate) const UNREACHED_DELIVERY_LIMIT: i64 = 1_000_000_000;
 
+/// Where a quorum queue's leader is placed when it is declared.
+pub(crate) const LEADER_LOCATOR: &str = "x-queue-leader-locator";
+
 /// Arguments of a partition queue. They must stay identical across
 /// versions: RabbitMQ refuses (PRECONDITION_FAILED) a re-declaration with
 /// other arguments.
-pub(crate) fn partition_queue_args(config: &RabbitMqConfig, names: &Names) -> FieldTable {
+/// `leader_locator`: with the quorum leader locator (see [`declare`]).
+pub(crate) fn partition_queue_args(
+    config: &RabbitMqConfig,
+    names: &Names,
+    leader_locator: bool,
+) -> FieldTable {
     let mut t = FieldTable::default();
     // One consumer at a time receives from a partition; the others wait.
     // This is what keeps per-partition order with several workers.
@@ -145,6 +157,15 @@ pub(crate) fn partition_queue_args(config: &RabbitMqConfig, names: &Names) -> Fi
             // reject-publish overflow.
             t.insert(ss("x-dead-letter-strategy"), long("at-least-once"));
             t.insert(ss("x-overflow"), long("reject-publish"));
+            // On a cluster, each partition's leader goes to the node with
+            // the fewest quorum leaders at declaration (3.10+; the default,
+            // client-local, would put all of them on the node of whichever
+            // process declared first). On one node it changes nothing.
+            // Queues declared before it was added are declared again
+            // without it ([`declare`]).
+            if leader_locator {
+                t.insert(ss(LEADER_LOCATOR), long("balanced"));
+            }
         }
         QueueType::Classic => {
             t.insert(ss("x-queue-type"), long("classic"));
@@ -154,6 +175,14 @@ pub(crate) fn partition_queue_args(config: &RabbitMqConfig, names: &Names) -> Fi
         t.insert(ss("x-expires"), AMQPValue::LongLongInt(ms));
     }
     t
+}
+
+/// Whether `e` is the broker refusing a re-declaration because the queue
+/// exists without the leader locator argument.
+fn refuses_leader_locator(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)
+        if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
+            && amqp.get_message().as_str().contains(LEADER_LOCATOR))
 }
 
 fn expiry_ms(config: &RabbitMqConfig) -> Option<i64> {
@@ -177,11 +206,21 @@ fn expiry_args(config: &RabbitMqConfig) -> FieldTable {
 /// `x-expires`, and exchanges are auto-delete, held alive by an anchor
 /// binding to the dead-letter queue; when that queue expires, the exchanges
 /// go with it and nothing is left on the broker.
+///
+/// Partition queues declared before the quorum leader locator was added
+/// have no `x-queue-leader-locator`, and RabbitMQ (3.10.8, checked)
+/// refuses a re-declaration that adds it (PRECONDITION_FAILED, which also
+/// closes the channel). The locator only matters when a queue is created,
+/// so such a queue is declared again without it, on a fresh channel of
+/// `pool`, and `no_locator` remembers that for the next declarations.
+/// Every other argument stays checked.
 pub(crate) async fn declare(
-    ch: &Channel,
+    pool: &ChannelPool,
     config: &RabbitMqConfig,
     names: &Names,
+    no_locator: &AtomicBool,
 ) -> lapin::Result<()> {
+    let ch = pool.get(0).await?;
     let ephemeral = config.queue_expiry.is_some();
     let ex = |durable: bool| ExchangeDeclareOptions {
         durable,
@@ -236,11 +275,30 @@ pub(crate) async fn declare(
             .await?;
         }
     }
-    let args = partition_queue_args(config, names);
+    let args = partition_queue_args(config, names, true);
+    let legacy = partition_queue_args(config, names, false);
+    let mut ch = ch;
     for p in 0..config.partitions.max(1) {
         let q = names.partition_queue(p);
-        ch.queue_declare(ss(&q), QueueDeclareOptions::durable(), args.clone())
-            .await?;
+        let first = if no_locator.load(Ordering::Relaxed) {
+            &legacy
+        } else {
+            &args
+        };
+        let declared = ch
+            .queue_declare(ss(&q), QueueDeclareOptions::durable(), first.clone())
+            .await;
+        match declared {
+            Err(e) if refuses_leader_locator(&e) => {
+                no_locator.store(true, Ordering::Relaxed);
+                ch = pool.get(0).await?;
+                ch.queue_declare(ss(&q), QueueDeclareOptions::durable(), legacy.clone())
+                    .await?;
+            }
+            r => {
+                r?;
+            }
+        }
         ch.queue_bind(
             ss(&q),
             ss(&incoming),

@@ -174,3 +174,57 @@ async fn purge_removes_a_namespace_declared_with_other_arguments() {
     b.delete_namespace().await.expect("delete namespace");
     b.shutdown().await.expect("shutdown");
 }
+
+/// A namespace whose partition queues were declared before the quorum
+/// leader locator (`x-queue-leader-locator`) was added to their arguments:
+/// RabbitMQ 3.10 refuses a re-declaration that adds it
+/// (PRECONDITION_FAILED), so the backend declares such queues again
+/// without it instead of refusing an existing deployment after an upgrade
+/// (the locator only places a new queue's leader).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_queues_declared_without_a_leader_locator_are_accepted() {
+    if !broker_available().await {
+        return;
+    }
+    let ns = fresh_namespace();
+    let cfg = RabbitMqConfig {
+        partitions: 1,
+        ..config(&ns)
+    };
+    let conn = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    use lapin::types::AMQPValue;
+    let long = |s: &str| AMQPValue::LongString(s.into());
+    let mut args = lapin::types::FieldTable::default();
+    // Exactly what the previous version declared.
+    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    args.insert("x-dead-letter-exchange".into(), long(&format!("{ns}.dlx")));
+    args.insert("x-dead-letter-routing-key".into(), long("dead"));
+    args.insert("x-queue-type".into(), long("quorum"));
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(1_000_000_000),
+    );
+    args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+    args.insert("x-overflow".into(), long("reject-publish"));
+    args.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
+    ch.queue_declare(
+        format!("{ns}.in.0").as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .expect("declare a partition queue as the previous version did");
+    let _ = conn.close(200, "done".into()).await;
+
+    let b = RabbitMqBackend::connect(cfg)
+        .await
+        .expect("the existing queue is accepted");
+    b.delete_namespace().await.expect("delete namespace");
+    b.shutdown().await.expect("shutdown");
+}
