@@ -215,9 +215,8 @@ pub(crate) struct Inner {
     /// attempt starts among them.
     pub(crate) nodes: Vec<String>,
     pub(crate) cursor: nodes::Cursor,
-    /// The partition queues exist without the leader locator (declared by
-    /// an earlier version): declare them without it (`topology::declare`).
-    pub(crate) no_locator: AtomicBool,
+    /// What earlier versions declared differently (`topology::declare`).
+    pub(crate) legacy: topology::Legacy,
     /// Random per backend value: connection names, member ids.
     instance: String,
     /// The live session, or `None` while reconnecting (calls then fail fast).
@@ -337,7 +336,7 @@ impl RabbitMqBackend {
         let inner = Arc::new(Inner {
             names: Names::new(&config.namespace),
             cursor: nodes::Cursor::random(nodes.len()),
-            no_locator: AtomicBool::new(false),
+            legacy: topology::Legacy::default(),
             nodes,
             config,
             instance,
@@ -542,13 +541,8 @@ async fn supervise(weak: Weak<Inner>) {
             if refresh_due || inner.redeclare.swap(false, Ordering::AcqRel) {
                 touched = tokio::time::Instant::now();
                 let r = bounded(inner.timeout(), "declare topology", async {
-                    topology::declare(
-                        &session.admin,
-                        &inner.config,
-                        &inner.names,
-                        &inner.no_locator,
-                    )
-                    .await
+                    topology::declare(&session.admin, &inner.config, &inner.names, &inner.legacy)
+                        .await
                 })
                 .await;
                 if let Err(e) = r {

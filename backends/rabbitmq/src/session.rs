@@ -193,13 +193,8 @@ impl Session {
             publish,
             consume,
         };
-        let declared = topology::declare(
-            &session.admin,
-            &inner.config,
-            &inner.names,
-            &inner.no_locator,
-        )
-        .await;
+        let declared =
+            topology::declare(&session.admin, &inner.config, &inner.names, &inner.legacy).await;
         if let Err(e) = declared {
             session.close().await;
             return Err(e);

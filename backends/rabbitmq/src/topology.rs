@@ -177,12 +177,44 @@ pub(crate) fn partition_queue_args(
     t
 }
 
+/// What this process found declared by earlier versions, so that later
+/// declarations go straight to what the broker accepts.
+#[derive(Debug, Default)]
+pub(crate) struct Legacy {
+    /// Partition queues without the leader locator.
+    pub(crate) no_locator: AtomicBool,
+    /// A classic dead-letter queue in a quorum namespace.
+    pub(crate) classic_dead: AtomicBool,
+}
+
+/// Whether `e` is the broker refusing a re-declaration with other
+/// arguments (PRECONDITION_FAILED).
+fn is_precondition_failed(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)
+        if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
+}
+
 /// Whether `e` is the broker refusing a re-declaration because the queue
 /// exists without the leader locator argument.
 fn refuses_leader_locator(e: &lapin::Error) -> bool {
-    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)
-        if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
-            && amqp.get_message().as_str().contains(LEADER_LOCATOR))
+    is_precondition_failed(e)
+        && matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)
+            if amqp.get_message().as_str().contains(LEADER_LOCATOR))
+}
+
+/// Arguments of the dead-letter queue: quorum (with the partitions'
+/// unreached delivery limit, for the same head-of-queue return) or, as
+/// before clusters, classic with no type argument at all.
+fn dead_letter_queue_args(config: &RabbitMqConfig, quorum: bool) -> FieldTable {
+    let mut t = expiry_args(config);
+    if quorum {
+        t.insert(ss("x-queue-type"), long("quorum"));
+        t.insert(
+            ss("x-delivery-limit"),
+            AMQPValue::LongLongInt(UNREACHED_DELIVERY_LIMIT),
+        );
+    }
+    t
 }
 
 fn expiry_ms(config: &RabbitMqConfig) -> Option<i64> {
@@ -212,15 +244,16 @@ fn expiry_args(config: &RabbitMqConfig) -> FieldTable {
 /// refuses a re-declaration that adds it (PRECONDITION_FAILED, which also
 /// closes the channel). The locator only matters when a queue is created,
 /// so such a queue is declared again without it, on a fresh channel of
-/// `pool`, and `no_locator` remembers that for the next declarations.
-/// Every other argument stays checked.
+/// `pool`, and `legacy` remembers that for the next declarations. Every
+/// other argument stays checked. Likewise a classic dead-letter queue
+/// declared before it became quorum is kept as it is.
 pub(crate) async fn declare(
     pool: &ChannelPool,
     config: &RabbitMqConfig,
     names: &Names,
-    no_locator: &AtomicBool,
+    legacy: &Legacy,
 ) -> lapin::Result<()> {
-    let ch = pool.get(0).await?;
+    let mut ch = pool.get(0).await?;
     let ephemeral = config.queue_expiry.is_some();
     let ex = |durable: bool| ExchangeDeclareOptions {
         durable,
@@ -246,15 +279,56 @@ pub(crate) async fn declare(
         )
         .await?;
     }
-    // The dead-letter queue is classic on purpose: `dead_letters()` reads it
-    // with basic.get and gives the messages back by closing its channel, and
-    // a classic queue puts them back at their original positions.
-    ch.queue_declare(
-        ss(&dead),
-        QueueDeclareOptions::durable(),
-        expiry_args(config),
-    )
-    .await?;
+    // The dead-letter queue is of the partitions' type: quorum, so that
+    // dead letters survive the loss of a node like the events they were,
+    // and so that no single node's loss makes this declaration fail (a
+    // classic durable queue whose node is down is NOT_FOUND for everyone,
+    // which would keep every process of the cluster from connecting).
+    // `dead_letters()` reads it with basic.get and gives the messages back
+    // by closing its channel; both types put them back in their order
+    // (checked by the conformance suite on both).
+    let declared = if legacy.classic_dead.load(Ordering::Relaxed) {
+        None
+    } else {
+        Some(
+            ch.queue_declare(
+                ss(&dead),
+                QueueDeclareOptions::durable(),
+                dead_letter_queue_args(config, config.queue_type == QueueType::Quorum),
+            )
+            .await,
+        )
+    };
+    match declared {
+        Some(Err(e)) if is_precondition_failed(&e) => {
+            // Declared classic by a version before this one: keep it
+            // (moving it would need its dead letters resolved first). It
+            // lives on one node: see docs/backends/rabbitmq.md.
+            tracing::warn!(
+                queue = %dead,
+                "the dead-letter queue is an older classic queue (one node, not replicated); keeping it"
+            );
+            legacy.classic_dead.store(true, Ordering::Relaxed);
+            ch = pool.get(0).await?;
+            ch.queue_declare(
+                ss(&dead),
+                QueueDeclareOptions::durable(),
+                dead_letter_queue_args(config, false),
+            )
+            .await?;
+        }
+        Some(r) => {
+            r?;
+        }
+        None => {
+            ch.queue_declare(
+                ss(&dead),
+                QueueDeclareOptions::durable(),
+                dead_letter_queue_args(config, false),
+            )
+            .await?;
+        }
+    }
     ch.queue_bind(
         ss(&dead),
         ss(&dlx),
@@ -276,12 +350,11 @@ pub(crate) async fn declare(
         }
     }
     let args = partition_queue_args(config, names, true);
-    let legacy = partition_queue_args(config, names, false);
-    let mut ch = ch;
+    let without_locator = partition_queue_args(config, names, false);
     for p in 0..config.partitions.max(1) {
         let q = names.partition_queue(p);
-        let first = if no_locator.load(Ordering::Relaxed) {
-            &legacy
+        let first = if legacy.no_locator.load(Ordering::Relaxed) {
+            &without_locator
         } else {
             &args
         };
@@ -290,10 +363,14 @@ pub(crate) async fn declare(
             .await;
         match declared {
             Err(e) if refuses_leader_locator(&e) => {
-                no_locator.store(true, Ordering::Relaxed);
+                legacy.no_locator.store(true, Ordering::Relaxed);
                 ch = pool.get(0).await?;
-                ch.queue_declare(ss(&q), QueueDeclareOptions::durable(), legacy.clone())
-                    .await?;
+                ch.queue_declare(
+                    ss(&q),
+                    QueueDeclareOptions::durable(),
+                    without_locator.clone(),
+                )
+                .await?;
             }
             r => {
                 r?;

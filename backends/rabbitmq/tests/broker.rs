@@ -180,9 +180,10 @@ async fn purge_removes_a_namespace_declared_with_other_arguments() {
 /// RabbitMQ 3.10 refuses a re-declaration that adds it
 /// (PRECONDITION_FAILED), so the backend declares such queues again
 /// without it instead of refusing an existing deployment after an upgrade
-/// (the locator only places a new queue's leader).
+/// (the locator only places a new queue's leader). Its classic
+/// dead-letter queue (quorum since clusters) is kept as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn partition_queues_declared_without_a_leader_locator_are_accepted() {
+async fn queues_declared_before_clusters_are_accepted() {
     if !broker_available().await {
         return;
     }
@@ -220,11 +221,24 @@ async fn partition_queues_declared_without_a_leader_locator_are_accepted() {
     )
     .await
     .expect("declare a partition queue as the previous version did");
+    // And its dead-letter queue: classic, no type argument.
+    let mut dead_args = lapin::types::FieldTable::default();
+    dead_args.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
+    ch.queue_declare(
+        format!("{ns}.dead").as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        dead_args,
+    )
+    .await
+    .expect("declare a dead-letter queue as the previous version did");
     let _ = conn.close(200, "done".into()).await;
 
     let b = RabbitMqBackend::connect(cfg)
         .await
-        .expect("the existing queue is accepted");
+        .expect("the existing queues are accepted");
     b.delete_namespace().await.expect("delete namespace");
     b.shutdown().await.expect("shutdown");
 }

@@ -117,9 +117,13 @@ fn start() -> Option<Cluster> {
     }
     eprintln!("starting a 3-node RabbitMQ cluster (about 30 s)...");
     let t0 = Instant::now();
-    let out = Command::new(script())
+    // Bounded: a node that never comes up must fail the run, not hang it.
+    let out = Command::new("timeout")
+        .arg("300")
+        .arg(script())
         .arg("up")
         .env("FANOUT_RMQ_CLUSTER_DIR", TEST_DIR)
+        .stdin(Stdio::null())
         .output();
     match out {
         Ok(o) if o.status.success() => {}
@@ -176,9 +180,12 @@ impl Cluster {
 
     /// Runs the cluster script with `args`; its stdout. Panics if it fails.
     fn run(&self, args: &[&str]) -> String {
-        let out = Command::new(script())
+        let out = Command::new("timeout")
+            .arg("180")
+            .arg(script())
             .args(args)
             .env("FANOUT_RMQ_CLUSTER_DIR", &self.dir)
+            .stdin(Stdio::null())
             .output()
             .expect("run scripts/rabbitmq-cluster");
         assert!(
