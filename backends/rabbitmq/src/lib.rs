@@ -29,9 +29,12 @@
 //! # Parts
 //!
 //! - [`RabbitMqConfig`], [`QueueType`]: settings;
-//! - `session`: the two connections (publishing, consuming) with their
-//!   long-lived channel pools, and the supervisor that replaces them after a
-//!   loss, re-declares the topology and the gateways' queues;
+//! - `session`: the two connections (publishing, consuming) to one node,
+//!   with their long-lived channel pools, and the supervisor that replaces
+//!   them after a loss (on another node of a cluster), re-declares the
+//!   topology and the gateways' queues;
+//! - `nodes`: the node URLs of a cluster (`url` is a comma-separated list),
+//!   their validation and redaction, and which node to try next;
 //! - `incoming`: publishing events, the consumer group (partition ownership
 //!   over single-active-consumer queues, balanced by presence heartbeats),
 //!   settling, dead letters;
@@ -51,7 +54,11 @@
 //!   nothing is dead-lettered by a count (the worker decides, by what the
 //!   error says about the event). Classic queues only tell "redelivered".
 //! - Dead letters are read with `basic.get` and given back by closing the
-//!   reading channel (a classic queue restores their order).
+//!   reading channel (a classic queue restores their order; a quorum queue
+//!   does if the scan took all of them, so it does).
+//! - On a cluster, the partition and dead-letter queues are quorum queues
+//!   whose leaders are balanced over the nodes; a backend uses one node at a
+//!   time and moves to another when it loses it.
 //! - No lapin auto-recovery: exclusive gateway queues die with their
 //!   connection, so recovery must re-declare them and tell each gateway
 //!   (`RoutesLost`); the supervisor rebuilds the whole session instead.
