@@ -7,6 +7,9 @@
 //   FANOUT_E2E_DATABASE_URL   database for the servers (unset = SQLite in a
 //                             temporary data directory)
 //   FANOUT_E2E_VERBOSE=1      copy every server's stderr to this stderr
+//   FANOUT_E2E_RABBITMQ_URL   FANOUT_RABBITMQ_URL of the servers (unset = the
+//                             default, the local broker); a comma-separated
+//                             list runs them on a RabbitMQ cluster
 
 import { spawn, execFile } from 'node:child_process';
 import { createHmac, randomBytes } from 'node:crypto';
@@ -170,6 +173,7 @@ export async function startServer(options = {}) {
     FANOUT_LOG: process.env.FANOUT_E2E_LOG || 'warn',
     ...(jwtSecret ? { FANOUT_JWT_SECRET: jwtSecret } : {}),
     ...(process.env.FANOUT_E2E_DATABASE_URL ? { FANOUT_DATABASE_URL: process.env.FANOUT_E2E_DATABASE_URL } : {}),
+    ...(process.env.FANOUT_E2E_RABBITMQ_URL ? { FANOUT_RABBITMQ_URL: process.env.FANOUT_E2E_RABBITMQ_URL } : {}),
     // A generous broker timeout: CI machines are small and shared.
     ...(cluster ? { FANOUT_BACKEND: BACKEND, FANOUT_NAMESPACE: namespace, FANOUT_BROKER_TIMEOUT_MS: '15000' } : {}),
     ...(options.env || {}),
