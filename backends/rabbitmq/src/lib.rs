@@ -785,3 +785,42 @@ impl FanoutBackend for RabbitMqBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_password_of_every_node() {
+        let c = RabbitMqConfig {
+            url: "amqp://u:hunter2@a:5672/%2f,amqp://v:swordfish@b:5672/%2f".into(),
+            ..RabbitMqConfig::default()
+        };
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("swordfish"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("amqp://u:***@a:5672/%2f,amqp://v:***@b:5672/%2f"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn validation_returns_the_node_urls() {
+        let c = RabbitMqConfig {
+            url: "amqp://a/%2f , amqp://b/%2f".into(),
+            ..RabbitMqConfig::default()
+        };
+        assert_eq!(
+            c.validate().expect("valid"),
+            ["amqp://a/%2f", "amqp://b/%2f"]
+        );
+        let bad = RabbitMqConfig {
+            url: "amqp://a/%2f,".into(),
+            ..RabbitMqConfig::default()
+        };
+        assert!(matches!(bad.validate(), Err(BackendError::Invalid(_))));
+    }
+}

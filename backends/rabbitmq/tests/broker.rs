@@ -242,3 +242,46 @@ async fn queues_declared_before_clusters_are_accepted() {
     b.delete_namespace().await.expect("delete namespace");
     b.shutdown().await.expect("shutdown");
 }
+
+/// A URL list whose first node is down: the backend connects to a live one
+/// (a process starts at a random node of the list and tries the others).
+/// A malformed list is refused before anything is tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_list_with_a_dead_node_connects_to_a_live_one() {
+    if !broker_available().await {
+        return;
+    }
+    let ns = fresh_namespace();
+    // Port 1: nothing listens there, so it is refused at once.
+    let list = format!("amqp://guest:guest@127.0.0.1:1/%2f, {}", url());
+    for _ in 0..4 {
+        let b = connect(RabbitMqConfig {
+            url: list.clone(),
+            partitions: 1,
+            ..config(&ns)
+        })
+        .await;
+        let node = b.connected_node().expect("connected");
+        assert!(!node.contains(":1/"), "connected to the dead node: {node}");
+        assert!(!node.contains("guest:guest"), "password shown: {node}");
+        b.shutdown().await.expect("shutdown");
+    }
+    for bad in ["", "amqp://a/%2f,,amqp://b/%2f", "redis://127.0.0.1:6379"] {
+        match RabbitMqBackend::connect(RabbitMqConfig {
+            url: bad.to_owned(),
+            ..config(&ns)
+        })
+        .await
+        {
+            Err(BackendError::Invalid(_)) => {}
+            other => panic!("{bad:?}: expected Invalid, got {other:?}"),
+        }
+    }
+    RabbitMqBackend::purge(&RabbitMqConfig {
+        url: list,
+        partitions: 1,
+        ..config(&ns)
+    })
+    .await
+    .expect("purge through the list");
+}

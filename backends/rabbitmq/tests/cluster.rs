@@ -100,11 +100,12 @@ struct Traffic {
 }
 
 /// Under steady traffic (a gateway publishing incoming events and holding
-/// ten keys, a worker consuming them and publishing to those keys), the
-/// node the gateway is connected to is killed with SIGKILL. Every event
-/// whose publish returned Ok is consumed; the gateway's stream says
-/// `RoutesLost`, it reconnects to another node, binds again and receives
-/// again; the consumer group goes on. Prints the recovery times.
+/// ten keys, two workers of one consumer group consuming them, one of them
+/// publishing to those keys), the node the gateway and one worker are
+/// connected to is killed with SIGKILL. Every event whose publish returned
+/// Ok is consumed; the gateway's stream says `RoutesLost`, it reconnects to
+/// another node, binds again and receives again; the worker reconnects to
+/// another node and the group goes on. Prints the recovery times.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_loses_no_confirmed_event_and_its_gateway_moves() {
     let Some(c) = cluster().await else { return };
@@ -112,11 +113,29 @@ async fn a_killed_node_loses_no_confirmed_event_and_its_gateway_moves() {
     let ns = fresh_namespace();
     let cfg = cluster_config(c, &ns);
     let gateway = Arc::new(connect(cfg.clone()).await);
-    let worker = Arc::new(connect(cfg.clone()).await);
     let victim = node_of(c, &gateway).expect("gateway connected");
+    // One worker on the node that will die (each backend starts at a
+    // random node: draw until one lands there) and one elsewhere, so the
+    // consumer group loses a member and gets it back on another node.
+    let mut worker = None;
+    let mut other = None;
+    for _ in 0..50 {
+        let b = connect(cfg.clone()).await;
+        match node_of(c, &b) {
+            Some(n) if n == victim && worker.is_none() => worker = Some(Arc::new(b)),
+            Some(n) if n != victim && other.is_none() => other = Some(Arc::new(b)),
+            _ => b.shutdown().await.expect("shutdown"),
+        }
+        if worker.is_some() && other.is_some() {
+            break;
+        }
+    }
+    let (Some(worker), Some(other)) = (worker, other) else {
+        panic!("no backend landed on node {victim} and another in 50 connections");
+    };
     println!(
-        "gateway on node {victim}, worker on node {:?}",
-        node_of(c, &worker)
+        "gateway and worker on node {victim}, second worker on node {:?}",
+        node_of(c, &other)
     );
     let t0 = Instant::now();
     let ms = move || t0.elapsed().as_millis() as u64;
@@ -172,17 +191,19 @@ async fn a_killed_node_loses_no_confirmed_event_and_its_gateway_moves() {
         })
     };
 
-    // The worker: ack everything, remember what it acked.
-    let mut consumer = worker
-        .consume_incoming(ConsumeOptions {
-            consumer_name: "worker".into(),
-            prefetch: 32,
-        })
-        .await
-        .expect("consume");
-    let consuming = {
+    // The workers (one consumer group): ack everything, remember what
+    // was acked.
+    let mut consuming = Vec::new();
+    for w in [&worker, &other] {
+        let mut consumer = w
+            .consume_incoming(ConsumeOptions {
+                consumer_name: "worker".into(),
+                prefetch: 32,
+            })
+            .await
+            .expect("consume");
         let t = traffic.clone();
-        tokio::spawn(async move {
+        consuming.push(tokio::spawn(async move {
             while let Some(item) = consumer.next().await {
                 let Ok(d) = item else { continue };
                 let id = d.event.id.clone();
@@ -190,12 +211,12 @@ async fn a_killed_node_loses_no_confirmed_event_and_its_gateway_moves() {
                     t.consumed.lock().expect("lock").insert(id);
                 }
             }
-        })
-    };
+        }));
+    }
 
     // The worker's outgoing publishes to the gateway's keys.
     let outgoing = {
-        let (t, w, keys) = (traffic.clone(), worker.clone(), keys.clone());
+        let (t, w, keys) = (traffic.clone(), other.clone(), keys.clone());
         tokio::spawn(async move {
             let mut n = 0usize;
             while !t.stop.load(Ordering::SeqCst) {
@@ -252,10 +273,11 @@ async fn a_killed_node_loses_no_confirmed_event_and_its_gateway_moves() {
         ms() - killed_at
     );
 
-    let moved = wait_for(Duration::from_secs(60), "gateway on another node", || {
+    wait_for(Duration::from_secs(60), "gateway on another node", || {
         node_of(c, &gateway).is_some_and(|n| n != victim)
     })
     .await;
+    let moved = ms() - killed_at;
     wait_for(Duration::from_secs(60), "RoutesLost and rebinding", || {
         traffic.rebound_at.load(Ordering::SeqCst) > 0
     })
@@ -263,6 +285,12 @@ async fn a_killed_node_loses_no_confirmed_event_and_its_gateway_moves() {
     wait_for(Duration::from_secs(60), "a message after rebinding", || {
         traffic.received_again_at.load(Ordering::SeqCst) > 0
     })
+    .await;
+    wait_for(
+        Duration::from_secs(60),
+        "the worker on another node",
+        || node_of(c, &worker).is_some_and(|n| n != victim),
+    )
     .await;
     // The consumer group goes on: events published after the kill are
     // consumed.
@@ -306,7 +334,7 @@ async fn a_killed_node_loses_no_confirmed_event_and_its_gateway_moves() {
          incoming confirmed {confirmed}, failed {} (retried by clients), acked-but-lost {lost}; \
          outgoing ok {}, failed {}; drained in {} ms",
         node_of(c, &gateway),
-        moved.as_millis(),
+        moved,
         at(&traffic.routes_lost_at),
         at(&traffic.rebound_at),
         at(&traffic.received_again_at),
@@ -322,11 +350,14 @@ async fn a_killed_node_loses_no_confirmed_event_and_its_gateway_moves() {
     tokio::task::spawn_blocking(move || c.start(victim))
         .await
         .expect("start task");
-    consuming.abort();
+    for task in consuming {
+        task.abort();
+    }
     reader.abort();
     gateway.delete_namespace().await.expect("delete namespace");
-    gateway.shutdown().await.expect("shutdown");
-    worker.shutdown().await.expect("shutdown");
+    for b in [&gateway, &worker, &other] {
+        b.shutdown().await.expect("shutdown");
+    }
 }
 
 /// How a gateway with many bindings goes away.
