@@ -2,11 +2,11 @@
 //! declarations of the shared topology. Every name starts with the
 //! namespace, so two namespaces on one broker share nothing.
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind, Queue};
 
 use crate::session::ChannelPool;
@@ -202,9 +202,11 @@ fn refuses_leader_locator(e: &lapin::Error) -> bool {
             if amqp.get_message().as_str().contains(LEADER_LOCATOR))
 }
 
-/// Arguments of the dead-letter queue: quorum (with the partitions'
-/// unreached delivery limit, for the same head-of-queue return) or, as
-/// before clusters, classic with no type argument at all.
+/// Arguments of the dead-letter queue: quorum or, as before clusters,
+/// classic with no type argument at all. The quorum one has the
+/// partitions' unreached delivery limit: every scan of it gives every
+/// message back, which counts as a delivery, and RabbitMQ 4's default
+/// limit of 20 would drop each dead letter after 20 scans.
 fn dead_letter_queue_args(config: &RabbitMqConfig, quorum: bool) -> FieldTable {
     let mut t = expiry_args(config);
     if quorum {
@@ -285,8 +287,10 @@ pub(crate) async fn declare(
     // classic durable queue whose node is down is NOT_FOUND for everyone,
     // which would keep every process of the cluster from connecting).
     // `dead_letters()` reads it with basic.get and gives the messages back
-    // by closing its channel; both types put them back in their order
-    // (checked by the conformance suite on both).
+    // by closing its channel: a classic queue puts them back where they
+    // were, a quorum queue behind the rest, so a scan of a quorum queue
+    // takes all of it (`incoming/dead_letter.rs`); the conformance suite
+    // checks the order on both.
     let declared = if legacy.classic_dead.load(Ordering::Relaxed) {
         None
     } else {
