@@ -8,6 +8,10 @@
 //! them the tests skip loudly (or fail under `FANOUT_TEST_REQUIRE_SERVICES=1`).
 
 mod common;
+/// The three-node RabbitMQ cluster of the RabbitMQ backend's own tests.
+#[path = "../backends/rabbitmq/tests/common/cluster.rs"]
+#[allow(dead_code)] // the node-killing part is for the backend's tests
+mod rabbitmq_cluster;
 
 use fanout_localcluster::redis::{ClusterError, RedisCluster};
 
@@ -222,5 +226,30 @@ fn node_client_redis_cluster_three_gateways() {
     assert!(
         status.success(),
         "the node suite failed on a Redis Cluster: {status}"
+    );
+}
+
+/// The suite on a three-node RabbitMQ cluster (started by this test
+/// process, `scripts/rabbitmq-cluster`): the processes get the nodes' URL
+/// list, each connects to a node of its own choosing.
+#[test]
+fn node_client_rabbitmq_cluster_three_gateways() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !prepare() {
+        return;
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let Some(cluster) = runtime.block_on(rabbitmq_cluster::cluster()) else {
+        return;
+    };
+    let Some(db) = runtime.block_on(common::TestDb::create()) else {
+        return;
+    };
+    let urls = cluster.url_list();
+    let status = run_suite_with(Some(&db.url), "rabbitmq", &[("FANOUT_RABBITMQ_URL", &urls)]);
+    runtime.block_on(db.drop_db());
+    assert!(
+        status.success(),
+        "the node suite failed on a RabbitMQ cluster: {status}"
     );
 }

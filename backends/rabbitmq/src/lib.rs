@@ -29,9 +29,12 @@
 //! # Parts
 //!
 //! - [`RabbitMqConfig`], [`QueueType`]: settings;
-//! - `session`: the two connections (publishing, consuming) with their
-//!   long-lived channel pools, and the supervisor that replaces them after a
-//!   loss, re-declares the topology and the gateways' queues;
+//! - `session`: the two connections (publishing, consuming) to one node,
+//!   with their long-lived channel pools, and the supervisor that replaces
+//!   them after a loss (on another node of a cluster), re-declares the
+//!   topology and the gateways' queues;
+//! - `nodes`: the node URLs of a cluster (`url` is a comma-separated list),
+//!   their validation and redaction, and which node to try next;
 //! - `incoming`: publishing events, the consumer group (partition ownership
 //!   over single-active-consumer queues, balanced by presence heartbeats),
 //!   settling, dead letters;
@@ -51,7 +54,11 @@
 //!   nothing is dead-lettered by a count (the worker decides, by what the
 //!   error says about the event). Classic queues only tell "redelivered".
 //! - Dead letters are read with `basic.get` and given back by closing the
-//!   reading channel (a classic queue restores their order).
+//!   reading channel (a classic queue restores their order; a quorum queue
+//!   does if the scan took all of them, so it does).
+//! - On a cluster, the partition and dead-letter queues are quorum queues
+//!   whose leaders are balanced over the nodes; a backend uses one node at a
+//!   time and moves to another when it loses it.
 //! - No lapin auto-recovery: exclusive gateway queues die with their
 //!   connection, so recovery must re-declare them and tell each gateway
 //!   (`RoutesLost`); the supervisor rebuilds the whole session instead.
@@ -78,6 +85,7 @@ use tokio::task::JoinHandle;
 
 mod error;
 mod incoming;
+mod nodes;
 mod outgoing;
 mod session;
 mod topology;
@@ -97,11 +105,17 @@ pub enum QueueType {
     Quorum,
 }
 
-/// Settings of a RabbitMQ backend.
-#[derive(Debug, Clone)]
+/// Settings of a RabbitMQ backend. Its `Debug` output hides the password
+/// of every URL.
+#[derive(Clone)]
 pub struct RabbitMqConfig {
-    /// AMQP URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`. Add
-    /// `?heartbeat=10` to notice a silently dead broker within seconds.
+    /// AMQP URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`, or a
+    /// comma-separated list of them: the nodes of one cluster. The backend
+    /// connects to one live node (a random one first, so processes spread
+    /// over the cluster) and moves to another when it loses it. Each URL
+    /// must start with `amqp://` or `amqps://`; a comma in a password is
+    /// written `%2C`. Add `?heartbeat=10` to notice a silently dead broker
+    /// within seconds.
     pub url: String,
     /// Prefix of every exchange and queue name: 1 to 100 characters of
     /// `[A-Za-z0-9_.-]`.
@@ -136,8 +150,29 @@ impl Default for RabbitMqConfig {
     }
 }
 
+impl std::fmt::Debug for RabbitMqConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitMqConfig")
+            .field("url", &nodes::redact_list(&self.url))
+            .field("namespace", &self.namespace)
+            .field("partitions", &self.partitions)
+            .field("queue_type", &self.queue_type)
+            .field("server_prefetch", &self.server_prefetch)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("queue_expiry", &self.queue_expiry)
+            .finish()
+    }
+}
+
 impl RabbitMqConfig {
-    fn validate(&self) -> Result<(), BackendError> {
+    /// The node URLs of [`RabbitMqConfig::url`], validated: one, or the
+    /// comma-separated nodes of a cluster, in the order given.
+    pub fn node_urls(&self) -> Result<Vec<String>, BackendError> {
+        nodes::parse(&self.url)
+    }
+
+    fn validate(&self) -> Result<Vec<String>, BackendError> {
+        let urls = self.node_urls()?;
         let ns_ok = !self.namespace.is_empty()
             && self.namespace.len() <= 100
             && self
@@ -168,7 +203,7 @@ impl RabbitMqConfig {
                 "operation_timeout must be positive".into(),
             ));
         }
-        Ok(())
+        Ok(urls)
     }
 }
 
@@ -183,6 +218,12 @@ pub struct RabbitMqBackend {
 pub(crate) struct Inner {
     pub(crate) config: RabbitMqConfig,
     pub(crate) names: Names,
+    /// The node URLs (`config.url` split), and where the next connection
+    /// attempt starts among them.
+    pub(crate) nodes: Vec<String>,
+    pub(crate) cursor: nodes::Cursor,
+    /// What earlier versions declared differently (`topology::declare`).
+    pub(crate) legacy: topology::Legacy,
     /// Random per backend value: connection names, member ids.
     instance: String,
     /// The live session, or `None` while reconnecting (calls then fail fast).
@@ -290,16 +331,20 @@ impl Inner {
 }
 
 impl RabbitMqBackend {
-    /// Connects, declares the namespace's topology and starts the
-    /// supervisor that reconnects after a loss. Fails if the broker cannot
-    /// be reached within `operation_timeout`.
+    /// Connects to one node of `config.url`, declares the namespace's
+    /// topology and starts the supervisor that reconnects (to any node)
+    /// after a loss. Fails if no node answers, each within
+    /// `operation_timeout`.
     pub async fn connect(config: RabbitMqConfig) -> Result<Self, BackendError> {
-        config.validate()?;
+        let nodes = config.validate()?;
         let instance = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let (session, _) = watch::channel(None);
         let (stopping, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             names: Names::new(&config.namespace),
+            cursor: nodes::Cursor::random(nodes.len()),
+            legacy: topology::Legacy::default(),
+            nodes,
             config,
             instance,
             session,
@@ -318,20 +363,7 @@ impl RabbitMqBackend {
             redeclare: AtomicBool::new(false),
         });
         let generation = session::next_id(&inner.ids);
-        let first =
-            match tokio::time::timeout(inner.timeout(), Session::open(&inner, generation)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(error::map_err("connect to RabbitMQ", &e)),
-                Err(_) => {
-                    return Err(BackendError::Unavailable(
-                        format!(
-                            "connect to RabbitMQ: no answer within {:?}",
-                            inner.timeout()
-                        )
-                        .into(),
-                    ))
-                }
-            };
+        let first = Session::open(&inner, generation).await?;
         inner.session.send_replace(Some(Arc::new(first)));
         let handle = tokio::spawn(supervise(Arc::downgrade(&inner)));
         *lock(&inner.supervisor) = Some(handle);
@@ -359,6 +391,15 @@ impl RabbitMqBackend {
         self.inner.current().is_ok()
     }
 
+    /// The URL (password hidden) of the node this backend is connected to
+    /// now, or `None` while it reconnects.
+    pub fn connected_node(&self) -> Option<String> {
+        let session = self.inner.session.borrow().clone()?;
+        session
+            .alive()
+            .then(|| nodes::redact(&self.inner.nodes[session.node]))
+    }
+
     /// The `connection_name` client property of this backend's two
     /// connections, as `rabbitmqctl list_connections client_properties`
     /// shows it: operators (and tests) can close exactly these.
@@ -383,15 +424,35 @@ impl RabbitMqBackend {
     /// `connect` refuses, PRECONDITION_FAILED). Gateway and presence
     /// queues are exclusive and go with their connections. Idempotent.
     pub async fn purge(config: &RabbitMqConfig) -> Result<(), BackendError> {
-        config.validate()?;
+        let urls = config.validate()?;
         let names = Names::new(&config.namespace);
         let props = lapin::ConnectionProperties::default().with_connection_name(
             lapin::types::LongString::from(format!("fanout purge {}", config.namespace)),
         );
         within(config.operation_timeout * 4, "purge namespace", async {
-            let conn = lapin::Connection::connect(&config.url, props)
+            // Any node will do: queues and exchanges are cluster-wide.
+            let mut conn = None;
+            let mut last = None;
+            for url in &urls {
+                match within(config.operation_timeout, "connect to RabbitMQ", async {
+                    lapin::Connection::connect(url, props.clone())
+                        .await
+                        .map_err(|e| error::map_err("connect to RabbitMQ", &e))
+                })
                 .await
-                .map_err(|e| error::map_err("connect to RabbitMQ", &e))?;
+                {
+                    Ok(c) => {
+                        conn = Some(c);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            let Some(conn) = conn else {
+                return Err(
+                    last.unwrap_or(BackendError::Invalid("no RabbitMQ URL configured".into()))
+                );
+            };
             let result = async {
                 let ch = conn
                     .create_channel()
@@ -487,8 +548,8 @@ async fn supervise(weak: Weak<Inner>) {
             if refresh_due || inner.redeclare.swap(false, Ordering::AcqRel) {
                 touched = tokio::time::Instant::now();
                 let r = bounded(inner.timeout(), "declare topology", async {
-                    let ch = session.admin.get(0).await?;
-                    topology::declare(&ch, &inner.config, &inner.names).await
+                    topology::declare(&session.admin, &inner.config, &inner.names, &inner.legacy)
+                        .await
                 })
                 .await;
                 if let Err(e) = r {
@@ -565,16 +626,7 @@ async fn probe(inner: &Inner, session: &Session) -> Result<(), BackendError> {
 
 async fn reconnect(inner: &Arc<Inner>) -> Result<(), BackendError> {
     let generation = session::next_id(&inner.ids);
-    let session =
-        match tokio::time::timeout(inner.timeout(), Session::open(inner, generation)).await {
-            Ok(Ok(s)) => Arc::new(s),
-            Ok(Err(e)) => return Err(error::map_err("reconnect", &e)),
-            Err(_) => {
-                return Err(BackendError::Unavailable(
-                    "reconnect: no answer in time".into(),
-                ))
-            }
-        };
+    let session = Arc::new(Session::open(inner, generation).await?);
     // Registration is locked so that a gateway registering meanwhile is
     // either re-attached here or attaches itself to the new session.
     let _registration = inner.registration.lock().await;
@@ -586,9 +638,15 @@ async fn reconnect(inner: &Arc<Inner>) -> Result<(), BackendError> {
         session.close().await;
         return Err(BackendError::Closed);
     }
+    let session_node = session.node;
     inner.session.send_replace(Some(session));
     inner.reconnects.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(namespace = %inner.config.namespace, generation, "RabbitMQ connection re-established");
+    tracing::info!(
+        namespace = %inner.config.namespace,
+        generation,
+        node = %nodes::redact(&inner.nodes[session_node]),
+        "RabbitMQ connection re-established"
+    );
     Ok(())
 }
 
@@ -725,5 +783,44 @@ impl FanoutBackend for RabbitMqBackend {
             session.close().await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_password_of_every_node() {
+        let c = RabbitMqConfig {
+            url: "amqp://u:hunter2@a:5672/%2f,amqp://v:swordfish@b:5672/%2f".into(),
+            ..RabbitMqConfig::default()
+        };
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("swordfish"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("amqp://u:***@a:5672/%2f,amqp://v:***@b:5672/%2f"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn validation_returns_the_node_urls() {
+        let c = RabbitMqConfig {
+            url: "amqp://a/%2f , amqp://b/%2f".into(),
+            ..RabbitMqConfig::default()
+        };
+        assert_eq!(
+            c.validate().expect("valid"),
+            ["amqp://a/%2f", "amqp://b/%2f"]
+        );
+        let bad = RabbitMqConfig {
+            url: "amqp://a/%2f,".into(),
+            ..RabbitMqConfig::default()
+        };
+        assert!(matches!(bad.validate(), Err(BackendError::Invalid(_))));
     }
 }

@@ -20,8 +20,10 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::types::LongString;
 use lapin::{Channel, Connection, ConnectionProperties};
 
-use crate::topology;
-use crate::Inner;
+use fanout_backend::BackendError;
+
+use crate::error::map_err;
+use crate::{nodes, topology, Inner};
 
 /// Channels in each publishing pool. Publishes pipeline on a channel (many
 /// in flight, each awaiting its own confirm), so a few channels suffice;
@@ -76,6 +78,8 @@ impl ChannelPool {
 pub(crate) struct Session {
     /// Increases with every new session of one backend.
     pub(crate) generation: u64,
+    /// The index, in the node list, of the node both connections go to.
+    pub(crate) node: usize,
     pub(crate) publish: Arc<Connection>,
     pub(crate) consume: Arc<Connection>,
     pub(crate) incoming_pub: ChannelPool,
@@ -89,6 +93,7 @@ impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("generation", &self.generation)
+            .field("node", &self.node)
             .field("publish", &self.publish.status().connected())
             .field("consume", &self.consume.status().connected())
             .finish()
@@ -101,14 +106,77 @@ impl Session {
         self.publish.status().connected() && self.consume.status().connected()
     }
 
-    /// Opens both connections and declares the namespace's topology.
-    pub(crate) async fn open(inner: &Inner, generation: u64) -> lapin::Result<Session> {
+    /// Connects to the first node that answers, in the cursor's order (a
+    /// random node first, or the one after the node last lost), and
+    /// declares the namespace's topology there. Each node gets
+    /// `operation_timeout`, so a node that swallows packets costs that much
+    /// before the next is tried.
+    pub(crate) async fn open(inner: &Inner, generation: u64) -> Result<Session, BackendError> {
+        let n = inner.nodes.len();
+        let mut failures = Vec::new();
+        let mut last = None;
+        for node in inner.cursor.order(n) {
+            let url = &inner.nodes[node];
+            let attempt =
+                tokio::time::timeout(inner.timeout(), Self::open_on(inner, generation, node, url))
+                    .await;
+            let e = match attempt {
+                Ok(Ok(session)) => {
+                    inner.cursor.connected(node, n);
+                    tracing::info!(
+                        namespace = %inner.config.namespace,
+                        generation,
+                        node = %nodes::redact(url),
+                        "connected to RabbitMQ"
+                    );
+                    return Ok(session);
+                }
+                Ok(Err(e)) => map_err("connect to RabbitMQ", &e),
+                Err(_) => BackendError::Unavailable(
+                    format!(
+                        "connect to RabbitMQ: no answer within {:?}",
+                        inner.timeout()
+                    )
+                    .into(),
+                ),
+            };
+            if n > 1 {
+                tracing::warn!(node = %nodes::redact(url), error = %e, "RabbitMQ node unreachable; trying the next");
+            }
+            failures.push(format!("{}: {e}", nodes::redact(url)));
+            last = Some(e);
+        }
+        match last {
+            // One node: its own error, classed as it was (a refusal stays
+            // a refusal).
+            Some(e) if n == 1 => Err(e),
+            // Several: the last one's class (if every node refuses our
+            // credentials, that is a refusal), every node's reason.
+            Some(e) => {
+                let text = format!("no RabbitMQ node of {n} answered: {}", failures.join("; "));
+                Err(match e {
+                    BackendError::Refused(_) => BackendError::Refused(text.into()),
+                    BackendError::Invalid(_) => BackendError::Invalid(text.into()),
+                    _ => BackendError::Unavailable(text.into()),
+                })
+            }
+            None => Err(BackendError::Invalid("no RabbitMQ URL configured".into())),
+        }
+    }
+
+    /// Opens both connections to one node and declares the topology.
+    async fn open_on(
+        inner: &Inner,
+        generation: u64,
+        node: usize,
+        url: &str,
+    ) -> lapin::Result<Session> {
         let props = |role: &str| {
             ConnectionProperties::default()
                 .with_connection_name(LongString::from(inner.connection_name(role)))
         };
-        let publish = Arc::new(Connection::connect(&inner.config.url, props("pub")).await?);
-        let consume = match Connection::connect(&inner.config.url, props("sub")).await {
+        let publish = Arc::new(Connection::connect(url, props("pub")).await?);
+        let consume = match Connection::connect(url, props("sub")).await {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 let _ = publish.close(200, "setup failed".into()).await;
@@ -117,6 +185,7 @@ impl Session {
         };
         let session = Session {
             generation,
+            node,
             incoming_pub: ChannelPool::new(publish.clone(), PUBLISH_CHANNELS, true),
             outgoing_pub: ChannelPool::new(publish.clone(), PUBLISH_CHANNELS, true),
             admin: ChannelPool::new(publish.clone(), 1, true),
@@ -124,11 +193,8 @@ impl Session {
             publish,
             consume,
         };
-        let declared = async {
-            let ch = session.admin.get(0).await?;
-            topology::declare(&ch, &inner.config, &inner.names).await
-        }
-        .await;
+        let declared =
+            topology::declare(&session.admin, &inner.config, &inner.names, &inner.legacy).await;
         if let Err(e) = declared {
             session.close().await;
             return Err(e);

@@ -174,3 +174,114 @@ async fn purge_removes_a_namespace_declared_with_other_arguments() {
     b.delete_namespace().await.expect("delete namespace");
     b.shutdown().await.expect("shutdown");
 }
+
+/// A namespace whose partition queues were declared before the quorum
+/// leader locator (`x-queue-leader-locator`) was added to their arguments:
+/// RabbitMQ 3.10 refuses a re-declaration that adds it
+/// (PRECONDITION_FAILED), so the backend declares such queues again
+/// without it instead of refusing an existing deployment after an upgrade
+/// (the locator only places a new queue's leader). Its classic
+/// dead-letter queue (quorum since clusters) is kept as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_declared_before_clusters_are_accepted() {
+    if !broker_available().await {
+        return;
+    }
+    let ns = fresh_namespace();
+    let cfg = RabbitMqConfig {
+        partitions: 1,
+        ..config(&ns)
+    };
+    let conn = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    use lapin::types::AMQPValue;
+    let long = |s: &str| AMQPValue::LongString(s.into());
+    let mut args = lapin::types::FieldTable::default();
+    // Exactly what the previous version declared.
+    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    args.insert("x-dead-letter-exchange".into(), long(&format!("{ns}.dlx")));
+    args.insert("x-dead-letter-routing-key".into(), long("dead"));
+    args.insert("x-queue-type".into(), long("quorum"));
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(1_000_000_000),
+    );
+    args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+    args.insert("x-overflow".into(), long("reject-publish"));
+    args.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
+    ch.queue_declare(
+        format!("{ns}.in.0").as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .expect("declare a partition queue as the previous version did");
+    // And its dead-letter queue: classic, no type argument.
+    let mut dead_args = lapin::types::FieldTable::default();
+    dead_args.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
+    ch.queue_declare(
+        format!("{ns}.dead").as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        dead_args,
+    )
+    .await
+    .expect("declare a dead-letter queue as the previous version did");
+    let _ = conn.close(200, "done".into()).await;
+
+    let b = RabbitMqBackend::connect(cfg)
+        .await
+        .expect("the existing queues are accepted");
+    b.delete_namespace().await.expect("delete namespace");
+    b.shutdown().await.expect("shutdown");
+}
+
+/// A URL list whose first node is down: the backend connects to a live one
+/// (a process starts at a random node of the list and tries the others).
+/// A malformed list is refused before anything is tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_list_with_a_dead_node_connects_to_a_live_one() {
+    if !broker_available().await {
+        return;
+    }
+    let ns = fresh_namespace();
+    // Port 1: nothing listens there, so it is refused at once.
+    let list = format!("amqp://guest:guest@127.0.0.1:1/%2f, {}", url());
+    for _ in 0..4 {
+        let b = connect(RabbitMqConfig {
+            url: list.clone(),
+            partitions: 1,
+            ..config(&ns)
+        })
+        .await;
+        let node = b.connected_node().expect("connected");
+        assert!(!node.contains(":1/"), "connected to the dead node: {node}");
+        assert!(!node.contains("guest:guest"), "password shown: {node}");
+        b.shutdown().await.expect("shutdown");
+    }
+    for bad in ["", "amqp://a/%2f,,amqp://b/%2f", "redis://127.0.0.1:6379"] {
+        match RabbitMqBackend::connect(RabbitMqConfig {
+            url: bad.to_owned(),
+            ..config(&ns)
+        })
+        .await
+        {
+            Err(BackendError::Invalid(_)) => {}
+            other => panic!("{bad:?}: expected Invalid, got {other:?}"),
+        }
+    }
+    RabbitMqBackend::purge(&RabbitMqConfig {
+        url: list,
+        partitions: 1,
+        ..config(&ns)
+    })
+    .await
+    .expect("purge through the list");
+}

@@ -1,6 +1,7 @@
 //! Dead letters: publishing one (confirmed before the delivery is acked),
 //! listing them without removing any, replaying and dropping them.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -14,7 +15,7 @@ use lapin::Confirmation;
 
 use crate::error::{bounded, within};
 use crate::topology::{ss, H_ATTEMPTS, H_PARTITION, H_REASON};
-use crate::Inner;
+use crate::{Inner, QueueType};
 
 use super::publish::publish;
 use super::settle::settled;
@@ -64,9 +65,9 @@ pub(super) async fn publish_dead_letter(
 
 /// Reads up to `limit` dead letters without removing them: basic.get
 /// without ack on a channel of its own, then closing that channel, which
-/// puts every message back in its original place (the dead-letter queue is
-/// classic for this reason). Readers are serialised, so two of them never
-/// see halves of the queue.
+/// puts every message back in its order (a quorum queue only if all of
+/// them were taken: see `scan_dead_letters`). Readers are serialised, so
+/// two of them never see halves of the queue.
 pub(crate) async fn dead_letters(
     inner: &Arc<Inner>,
     limit: usize,
@@ -104,7 +105,19 @@ async fn scan_dead_letters(
     let ch = bounded(per_get, "open channel", session.consume.create_channel()).await?;
     let mut out = Vec::new();
     let mut result = Ok(());
-    while out.len() < selection.limit {
+    // A quorum queue puts the messages a closed channel gives back behind
+    // the others (checked on 3.10.8; a classic queue puts them back where
+    // they were). Taking every message that was there when the scan began,
+    // and giving all of them back, keeps the order: the scan goes to the
+    // end of the queue, whatever the limit.
+    let whole_queue = inner.config.queue_type == QueueType::Quorum
+        && !inner.legacy.classic_dead.load(Ordering::Relaxed);
+    // Messages left to take, from the first get's count of the rest.
+    let mut left: Option<u32> = None;
+    loop {
+        if (out.len() >= selection.limit && !whole_queue) || left == Some(0) {
+            break;
+        }
         let m = match bounded(
             per_get,
             "read dead letters",
@@ -119,8 +132,9 @@ async fn scan_dead_letters(
                 break;
             }
         };
+        left = Some(left.map_or(m.message_count, |l| l.saturating_sub(1)));
         let dead = parse_dead_letter(&m.delivery);
-        if !selection.matches(&dead.event.id) {
+        if out.len() >= selection.limit || !selection.matches(&dead.event.id) {
             continue;
         }
         if let Some(action) = action {
