@@ -26,8 +26,10 @@ pub const NON_CONFIG_ENV: &[&str] = &[
     "bench_report_dir",
     "bin",
     "e2e_*",
+    "rabbitmq_cluster_urls",
     "rabbitmq_queue_type",
     "redis_test_*",
+    "rmq_cluster_dir",
     "test_*",
 ];
 
