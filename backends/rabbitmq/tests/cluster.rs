@@ -18,28 +18,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::cluster::{cluster, exclusive, wait_for, Cluster};
 use common::*;
-use fanout_backend::{
-    BackendError, ConsumeOptions, FanoutBackend, IncomingEvent, OrderingKey, RouteKey, ServerEvent,
-    ServerId,
-};
+use fanout_backend::{BackendError, ConsumeOptions, FanoutBackend, RouteKey, ServerEvent};
 use fanout_rabbitmq::{RabbitMqBackend, RabbitMqConfig};
 use futures::StreamExt;
-
-fn sid(s: &str) -> ServerId {
-    ServerId::new(s).expect("valid id")
-}
-
-fn key(s: &str) -> RouteKey {
-    RouteKey::parse(s).expect("valid key")
-}
-
-fn event(id: &str, k: &str) -> IncomingEvent {
-    IncomingEvent {
-        id: id.to_owned(),
-        ordering_key: OrderingKey::channel(k),
-        payload: Bytes::from(id.to_owned()),
-    }
-}
 
 /// Settings of a backend on the whole cluster.
 fn cluster_config(c: &Cluster, ns: &str) -> RabbitMqConfig {

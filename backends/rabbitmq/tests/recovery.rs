@@ -14,27 +14,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use fanout_backend::{
-    BackendError, ConsumeOptions, FanoutBackend, IncomingDelivery, IncomingEvent, OrderingKey,
-    RouteKey, RouteOutcome, ServerEvent, ServerId, ServerStream,
+    BackendError, ConsumeOptions, FanoutBackend, IncomingDelivery, IncomingEvent, RouteOutcome,
+    ServerEvent, ServerStream,
 };
 use fanout_rabbitmq::{RabbitMqBackend, RabbitMqConfig};
 use futures::StreamExt;
-
-fn sid(s: &str) -> ServerId {
-    ServerId::new(s).expect("valid id")
-}
-
-fn key(s: &str) -> RouteKey {
-    RouteKey::parse(s).expect("valid key")
-}
-
-fn event(id: &str, k: &str) -> IncomingEvent {
-    IncomingEvent {
-        id: id.to_owned(),
-        ordering_key: OrderingKey::channel(k),
-        payload: Bytes::from(id.to_owned()),
-    }
-}
 
 /// Publishes until the broker confirms, retrying what fails (as a gateway
 /// does for a client's retry). Returns how many attempts failed.

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use fanout_backend::conformance::skip_or_fail;
+use fanout_backend::{IncomingEvent, OrderingKey, RouteKey, ServerId};
 use fanout_rabbitmq::{RabbitMqBackend, RabbitMqConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -283,5 +285,24 @@ pub async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> 
             "timed out after {within:?} waiting for: {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A server id the tests know to be valid.
+pub fn sid(s: &str) -> ServerId {
+    ServerId::new(s).expect("valid id")
+}
+
+/// A routing key the tests know to be valid (`alice`, `channel:general`).
+pub fn key(s: &str) -> RouteKey {
+    RouteKey::parse(s).expect("valid key")
+}
+
+/// An event on channel `k` whose payload is its id.
+pub fn event(id: &str, k: &str) -> IncomingEvent {
+    IncomingEvent {
+        id: id.to_owned(),
+        ordering_key: OrderingKey::channel(k),
+        payload: Bytes::from(id.to_owned()),
     }
 }
