@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+/// The conformance harness, on the broker or on that cluster.
+pub mod harness;
 
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
