@@ -137,10 +137,6 @@ async fn purge_removes_a_namespace_declared_with_other_arguments() {
         partitions: 2,
         ..config(&ns)
     };
-    let conn = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
-        .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
     let mut args = lapin::types::FieldTable::default();
     args.insert(
         "x-queue-type".into(),
@@ -150,17 +146,7 @@ async fn purge_removes_a_namespace_declared_with_other_arguments() {
         "x-delivery-limit".into(),
         lapin::types::AMQPValue::LongLongInt(4),
     );
-    ch.queue_declare(
-        format!("{ns}.in.0").as_str().into(),
-        lapin::options::QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .expect("declare an old-style partition queue");
-    let _ = conn.close(200, "done".into()).await;
+    declare_as_before(vec![(format!("{ns}.in.0"), args)]).await;
 
     match RabbitMqBackend::connect(cfg.clone()).await {
         Err(BackendError::Refused(why)) => assert!(why.contains("inequivalent arg"), "{why}"),
@@ -192,10 +178,6 @@ async fn queues_declared_before_clusters_are_accepted() {
         partitions: 1,
         ..config(&ns)
     };
-    let conn = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
-        .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
     use lapin::types::AMQPValue;
     let long = |s: &str| AMQPValue::LongString(s.into());
     let mut args = lapin::types::FieldTable::default();
@@ -211,30 +193,14 @@ async fn queues_declared_before_clusters_are_accepted() {
     args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
     args.insert("x-overflow".into(), long("reject-publish"));
     args.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
-    ch.queue_declare(
-        format!("{ns}.in.0").as_str().into(),
-        lapin::options::QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .expect("declare a partition queue as the previous version did");
     // And its dead-letter queue: classic, no type argument.
     let mut dead_args = lapin::types::FieldTable::default();
     dead_args.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
-    ch.queue_declare(
-        format!("{ns}.dead").as_str().into(),
-        lapin::options::QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        dead_args,
-    )
-    .await
-    .expect("declare a dead-letter queue as the previous version did");
-    let _ = conn.close(200, "done".into()).await;
+    declare_as_before(vec![
+        (format!("{ns}.in.0"), args),
+        (format!("{ns}.dead"), dead_args),
+    ])
+    .await;
 
     let b = RabbitMqBackend::connect(cfg)
         .await
@@ -284,4 +250,26 @@ async fn a_url_list_with_a_dead_node_connects_to_a_live_one() {
     })
     .await
     .expect("purge through the list");
+}
+
+/// Declares durable queues with the given arguments directly on the
+/// broker, as an earlier version of the backend did.
+async fn declare_as_before(queues: Vec<(String, lapin::types::FieldTable)>) {
+    let conn = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    for (name, args) in queues {
+        ch.queue_declare(
+            name.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("declare {name} as an earlier version did: {e}"));
+    }
+    let _ = conn.close(200, "done".into()).await;
 }
