@@ -8,12 +8,10 @@
 //! them the tests skip loudly (or fail under `FANOUT_TEST_REQUIRE_SERVICES=1`).
 
 mod common;
-/// The three-node RabbitMQ cluster of the RabbitMQ backend's own tests.
-#[path = "../backends/rabbitmq/tests/common/cluster.rs"]
-#[allow(dead_code)] // the node-killing part is for the backend's tests
-mod rabbitmq_cluster;
 
-use fanout_localcluster::redis::{ClusterError, RedisCluster};
+use fanout_localcluster::rabbitmq::RabbitCluster;
+use fanout_localcluster::redis::RedisCluster;
+use fanout_localcluster::ClusterError;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -230,8 +228,8 @@ fn node_client_redis_cluster_three_gateways() {
 }
 
 /// The suite on a three-node RabbitMQ cluster (started by this test
-/// process, `scripts/rabbitmq-cluster`): the processes get the nodes' URL
-/// list, each connects to a node of its own choosing.
+/// process, or the one `.ci/run` started): the processes get the nodes'
+/// URL list, each connects to a node of its own choosing.
 #[test]
 fn node_client_rabbitmq_cluster_three_gateways() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -239,8 +237,13 @@ fn node_client_rabbitmq_cluster_three_gateways() {
         return;
     }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let Some(cluster) = runtime.block_on(rabbitmq_cluster::cluster()) else {
-        return;
+    let cluster = match runtime.block_on(RabbitCluster::shared()) {
+        Ok(cluster) => cluster,
+        Err(ClusterError::Missing(why)) => {
+            common::skip_or_fail("RabbitMQ cluster", &why);
+            return;
+        }
+        Err(why) => panic!("could not start the test RabbitMQ cluster: {why}"),
     };
     let Some(db) = runtime.block_on(common::TestDb::create()) else {
         return;

@@ -151,4 +151,5 @@ common::backend_tests!(matrix {
 
 common::backend_tests!(cluster_matrix {
     fault_matrix_redis_cluster: Redis,
+    fault_matrix_rabbitmq_cluster: Rabbitmq,
 });

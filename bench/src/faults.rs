@@ -32,8 +32,9 @@ pub use proxy::TcpProxy;
 use self::services::{RabbitStopped, RedisServer};
 use self::traffic::{Receipt, StoredRow, Traffic};
 use crate::pg::{PgError, TempDatabase};
-use crate::procs::{backend_name, Fleet, FleetSpec, ProcError, Role};
+use crate::procs::{Fleet, FleetSpec, ProcError, Role};
 use fanout::config::{BackendKind, Config};
+use fanout_localcluster::rabbitmq::{self, RabbitCluster};
 use fanout_localcluster::redis::RedisCluster;
 
 /// The faults of the matrix.
@@ -71,10 +72,15 @@ pub enum FaultKind {
     /// member sending, members on every gateway) while one gateway's broker
     /// connections are closed.
     BusyChannelRouteLoss,
-    /// On a cluster (the run's own, [`FaultSpec::cluster`]): SIGKILL of the
-    /// primary that holds gateway 0's channel (and its share of the
-    /// streams and route sets), its replica promoted; the killed node
-    /// rejoins as a replica once the cluster is whole again.
+    /// On a cluster ([`FaultSpec::cluster`]), SIGKILL of one broker node
+    /// under steady traffic, started again once the rest took over.
+    /// - Redis: the primary that holds gateway 0's channel (and its share
+    ///   of the streams and route sets); its replica is promoted and the
+    ///   killed node rejoins as a replica.
+    /// - RabbitMQ: the node gateway 0 is connected to (and the leaders of
+    ///   the quorum queues it held); the gateway reconnects to another node
+    ///   and re-declares its queue there, quorum queues elect new leaders,
+    ///   and the killed node rejoins the cluster.
     NodeLoss,
 }
 
@@ -490,6 +496,9 @@ struct Resources {
     redis: Option<RedisServer>,
     /// The run's Redis Cluster ([`FaultSpec::cluster`]).
     redis_cluster: Option<RedisCluster>,
+    /// The process's RabbitMQ cluster ([`FaultSpec::cluster`]): one per
+    /// process (its node names are fixed), shared by the runs.
+    rabbit_cluster: Option<&'static RabbitCluster>,
     fleet: Option<Fleet>,
     traffic: Option<Arc<Traffic>>,
     /// For `RemovedWhileDisconnected`: what the `DELETE` answered.
@@ -583,10 +592,12 @@ async fn execute(
             .insert(RedisServer::start(&spec.redis_server, &dir.join("redis")).await?);
         env.push(("FANOUT_REDIS_URL".into(), redis.url()));
     } else if spec.cluster {
-        return Err(FaultError::Service(format!(
-            "no local cluster of {} yet",
-            backend_name(spec.backend)
-        )));
+        let cluster = RabbitCluster::shared()
+            .await
+            .map_err(|e| FaultError::Service(format!("starting a RabbitMQ cluster: {e}")))?;
+        res.rabbit_cluster = Some(cluster);
+        env.retain(|(k, _)| k != "FANOUT_RABBITMQ_URL");
+        env.push(("FANOUT_RABBITMQ_URL".into(), cluster.url_list()));
     }
     let fleet = res.fleet.insert(
         Fleet::start_with_role_env(
@@ -951,6 +962,9 @@ async fn inject(
                 body.trim()
             )
         }
+        FaultKind::NodeLoss if res.rabbit_cluster.is_some() => {
+            return rabbitmq_node_loss(res).await;
+        }
         FaultKind::NodeLoss => {
             let fleet = res.fleet.as_ref().ok_or_else(not_running)?;
             let idx = fleet.live(Role::Gateway, 0).ok_or_else(not_running)?;
@@ -1018,6 +1032,7 @@ async fn teardown(spec: &FaultSpec, res: &mut Resources) {
     let config = broker_config(spec, res);
     let purge =
         res.redis.is_some() || res.redis_cluster.is_some() || spec.backend == BackendKind::Rabbitmq;
+    res.rabbit_cluster = None;
     if purge {
         if let Err(e) = fanout::app::purge_namespace(&config).await {
             tracing::warn!(namespace = %res.namespace, error = %e, "cannot purge the run's namespace");
@@ -1051,7 +1066,70 @@ fn broker_config(spec: &FaultSpec, res: &Resources) -> Config {
         config.redis_url = cluster.seeds.clone();
         config.redis.cluster = true;
     }
+    if let Some(cluster) = res.rabbit_cluster {
+        config.rabbitmq_url = cluster.url_list();
+    }
     config
+}
+
+/// [`FaultKind::NodeLoss`] on the RabbitMQ cluster: SIGKILL of the node
+/// gateway 0 is connected to; once the gateway is connected to another
+/// node (or 30 s passed), the killed node is started again. The fault
+/// time is the kill.
+async fn rabbitmq_node_loss(res: &Resources) -> Result<(String, Option<Instant>), FaultError> {
+    let not_running = || FaultError::Service("the fleet is not running".into());
+    let fleet = res.fleet.as_ref().ok_or_else(not_running)?;
+    let pid = gateway_pid(fleet, 0).ok_or_else(not_running)?;
+    let cluster = res
+        .rabbit_cluster
+        .ok_or_else(|| FaultError::Service("node_loss needs a cluster".into()))?;
+    let nodes_of = |pid: u32| -> Vec<usize> {
+        rabbitmq::NODES
+            .into_iter()
+            .filter(|&n| !local_ports_to(pid, rabbitmq::amqp_port(n)).is_empty())
+            .collect()
+    };
+    let victim = *nodes_of(pid).first().ok_or_else(|| {
+        FaultError::Service("gateway 0 has no connection to any node of the cluster".into())
+    })?;
+    let killed_at = Instant::now();
+    on_cluster(move || cluster.kill(victim)).await?;
+    // Its connections are gone with the node; a new one elsewhere is the
+    // gateway's failover.
+    let moved = loop {
+        let now = nodes_of(pid);
+        if now.iter().any(|&n| n != victim) {
+            break Some(killed_at.elapsed());
+        }
+        if killed_at.elapsed() > Duration::from_secs(30) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let restart = Instant::now();
+    on_cluster(move || cluster.start_node(victim)).await?;
+    Ok((
+        format!(
+            "SIGKILL to RabbitMQ node {victim} (port {}, gateway 0's node, with its share of the quorum leaders); gateway 0 connected to another node {}; the killed node was started again and rejoined in {} ms",
+            rabbitmq::amqp_port(victim),
+            moved.map_or_else(
+                || "NOT within 30 s".to_owned(),
+                |d| format!("{} ms after the kill", d.as_millis())
+            ),
+            restart.elapsed().as_millis()
+        ),
+        Some(killed_at),
+    ))
+}
+
+/// Runs a (blocking) cluster operation off the runtime's threads.
+async fn on_cluster(
+    op: impl FnOnce() -> Result<(), fanout_localcluster::ClusterError> + Send + 'static,
+) -> Result<(), FaultError> {
+    tokio::task::spawn_blocking(op)
+        .await
+        .map_err(|e| FaultError::Service(format!("a RabbitMQ cluster task: {e}")))?
+        .map_err(|e| FaultError::Service(format!("the RabbitMQ cluster: {e}")))
 }
 
 /// The pid of the `i`-th live gateway.

@@ -217,10 +217,11 @@ async fn run_backend(opts: &BenchOptions, target: Target, namespace: &str) -> Ve
                 .collect();
         }
     };
-    if let Some(c) = &cluster {
+    let nodes = cluster.as_ref().map(Running::nodes).unwrap_or_default();
+    if cluster.is_some() {
         progress(&format!(
             "{name}: started a local cluster of {} nodes",
-            c.nodes().len()
+            nodes.len()
         ));
     }
     let deployment = Deployment {
@@ -229,7 +230,7 @@ async fn run_backend(opts: &BenchOptions, target: Target, namespace: &str) -> Ve
             Some(c) => c.configure(opts.base.clone()),
             None => opts.base.clone(),
         },
-        nodes: cluster.as_ref().map(Running::nodes).unwrap_or_default(),
+        nodes,
     };
     let out = run_deployment(opts, &deployment, namespace).await;
     if let Some(c) = cluster {

@@ -84,11 +84,13 @@ enum Command {
         profile: String,
         /// Backends with their topology, in run order: `memory`,
         /// `rabbitmq`, `redis` (the configured brokers), `redis-cluster` (a
-        /// 6-node Redis Cluster on loopback the run starts and stops).
+        /// 6-node Redis Cluster on loopback the run starts and stops),
+        /// `rabbitmq-cluster` (a 3-node RabbitMQ cluster on loopback, the
+        /// same way; last, as its idle nodes would load the others' runs).
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "memory,rabbitmq,redis,redis-cluster"
+            default_value = "memory,rabbitmq,redis,redis-cluster,rabbitmq-cluster"
         )]
         backends: Vec<fanout_bench::topology::Target>,
         /// Workload names (default: every file in --workloads-dir).

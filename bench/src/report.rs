@@ -81,7 +81,7 @@ pub struct RampStep {
 /// One backend on one workload.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct BackendResult {
-    /// `memory`, `rabbitmq`, `redis` or `redis-cluster`.
+    /// `memory`, `rabbitmq`, `redis`, `redis-cluster` or `rabbitmq-cluster`.
     pub backend: String,
     /// Why it has no (complete) result.
     pub error: Option<String>,
@@ -654,6 +654,9 @@ fn workload_section(md: &mut String, w: &WorkloadReport) {
             nodes.join(", ")
         );
     }
+    for line in growth(w) {
+        let _ = writeln!(md, "\n{line}");
+    }
     if w.results.iter().any(|r| !r.ramp.is_empty()) {
         if let Some(ramp) = &wl.ramp {
             let _ = writeln!(
@@ -721,6 +724,55 @@ fn usage(r: &BackendResult, pick: fn(&Resources) -> Option<&Usage>) -> Option<Us
 }
 
 /// A few plain sentences from the numbers.
+/// For each broker run both on one node and on its cluster: whether
+/// throughput grew from 1 node to 3. A ramp's highest sustained rate says
+/// it; a fixed-rate run only says whether the cluster kept the offered
+/// rate, at what latency and broker CPU.
+fn growth(w: &WorkloadReport) -> Vec<String> {
+    let mut out = Vec::new();
+    for single in &w.results {
+        let cluster_name = format!("{}-cluster", single.backend);
+        let Some(cluster) = w.results.iter().find(|r| r.backend == cluster_name) else {
+            continue;
+        };
+        let (Some(a), Some(b)) = (&single.run, &cluster.run) else {
+            continue;
+        };
+        let cpu = |r: &BackendResult| {
+            r.resources
+                .as_ref()
+                .and_then(|x| x.broker.as_ref())
+                .map(|u| u.cpu_percent)
+        };
+        let cpu = match (cpu(single), cpu(cluster)) {
+            (Some(x), Some(y)) if x > 0.0 => format!(", broker CPU {:.2}×", y / x),
+            _ => String::new(),
+        };
+        let line = match (single.sustained_rate, cluster.sustained_rate) {
+            (Some(x), Some(y)) if x > 0.0 => format!(
+                "1 node → 3 nodes, {}: highest sustained rate {} → {} msg/s ({:.2}×: throughput {}); p99 {:.2}×{cpu}.",
+                single.backend,
+                f(x),
+                f(y),
+                y / x,
+                if y > x * 1.1 { "grew" } else if y < x * 0.9 { "fell" } else { "about the same" },
+                b.e2e_ms.p99 / a.e2e_ms.p99.max(1e-9),
+            ),
+            _ => format!(
+                "1 node → 3 nodes, {}: at a fixed {} msg/s offered, acked {} → {} msg/s, p50 {:.2}×, p99 {:.2}×{cpu} (a fixed rate does not show capacity: the ramp of the full profile does).",
+                single.backend,
+                f(w.workload.rate),
+                f(a.acked_per_sec),
+                f(b.acked_per_sec),
+                b.e2e_ms.p50 / a.e2e_ms.p50.max(1e-9),
+                b.e2e_ms.p99 / a.e2e_ms.p99.max(1e-9),
+            ),
+        };
+        out.push(line);
+    }
+    out
+}
+
 fn reading(w: &WorkloadReport) -> String {
     let done: Vec<&BackendResult> = w.results.iter().filter(|r| r.run.is_some()).collect();
     if done.is_empty() {
@@ -926,6 +978,70 @@ mod tests {
             workloads: vec![WorkloadReport::new(workload, vec![result])],
             faults: Vec::new(),
         }
+    }
+
+    fn personal(users: usize, rate: f64) -> Workload {
+        Workload {
+            name: "personal".into(),
+            description: "1:1".into(),
+            pattern: Pattern::Personal,
+            users,
+            rate,
+            size: 100,
+            duration_secs: 5.0,
+            warmup_secs: 1.0,
+            raw_baseline: false,
+            ramp: None,
+        }
+    }
+
+    fn ran(backend: &str, acked: f64, p50: f64, p99: f64, sustained: Option<f64>) -> BackendResult {
+        let mut r = BackendResult::new(backend);
+        let mut run = LoadReport {
+            acked_per_sec: acked,
+            ..LoadReport::default()
+        };
+        run.e2e_ms.p50 = p50;
+        run.e2e_ms.p99 = p99;
+        r.run = Some(run);
+        r.sustained_rate = sustained;
+        r
+    }
+
+    #[test]
+    fn one_node_against_three_is_read_from_the_ramp_or_said_to_be_unknown() {
+        let w = WorkloadReport::new(
+            personal(60, 1000.0),
+            vec![
+                ran("rabbitmq", 1000.0, 10.0, 40.0, None),
+                ran("redis", 1000.0, 5.0, 20.0, None),
+                ran("rabbitmq-cluster", 990.0, 20.0, 40.0, None),
+            ],
+        );
+        let lines = growth(&w);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].starts_with("1 node → 3 nodes, rabbitmq: at a fixed 1000 msg/s"),
+            "{}",
+            lines[0]
+        );
+        assert!(lines[0].contains("p50 2.00×"), "{}", lines[0]);
+        assert!(lines[0].contains("does not show capacity"), "{}", lines[0]);
+
+        let w = WorkloadReport::new(
+            personal(60, 1000.0),
+            vec![
+                ran("redis", 1000.0, 5.0, 20.0, Some(4000.0)),
+                ran("redis-cluster", 1000.0, 5.0, 20.0, Some(6000.0)),
+            ],
+        );
+        let lines = growth(&w);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].contains("4000 → 6000 msg/s (1.50×: throughput grew)"),
+            "{}",
+            lines[0]
+        );
     }
 
     #[test]

@@ -1,15 +1,17 @@
 //! What a benchmark run targets: a backend and, for a broker, its topology
 //! (one node, or a cluster of its own that the run starts on loopback), so
-//! that one run compares `redis` with `redis-cluster` on the same workloads.
+//! that one run compares `rabbitmq`, `rabbitmq-cluster`, `redis` and
+//! `redis-cluster` on the same workloads.
 
 use std::fmt;
 use std::str::FromStr;
 
 use fanout::config::{BackendKind, Config};
+use fanout_localcluster::rabbitmq::{amqp_port, RabbitCluster};
 use fanout_localcluster::redis::RedisCluster;
 
-/// A backend and its topology, named `memory`, `rabbitmq`, `redis` or
-/// `redis-cluster`.
+/// A backend and its topology, named `memory`, `rabbitmq`,
+/// `rabbitmq-cluster`, `redis` or `redis-cluster`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target {
     /// The backend.
@@ -21,12 +23,16 @@ pub struct Target {
 
 impl Target {
     /// Every target, in the default run order.
-    pub const ALL: [Target; 4] = [
+    pub const ALL: [Target; 5] = [
         Target::single(BackendKind::Memory),
         Target::single(BackendKind::Rabbitmq),
         Target::single(BackendKind::Redis),
         Target {
             kind: BackendKind::Redis,
+            cluster: true,
+        },
+        Target {
+            kind: BackendKind::Rabbitmq,
             cluster: true,
         },
     ];
@@ -79,6 +85,8 @@ impl FromStr for Target {
 pub enum Running {
     /// A 6-node Redis Cluster (3 primaries with a replica each).
     Redis(RedisCluster),
+    /// A 3-node RabbitMQ cluster (`scripts/rabbitmq-cluster`).
+    Rabbitmq(RabbitCluster),
 }
 
 impl Running {
@@ -89,7 +97,11 @@ impl Running {
                 .await
                 .map(|c| Some(Running::Redis(c)))
                 .map_err(|e| format!("cannot start a local Redis Cluster: {e}")),
-            (_, true) => Err(format!("{target}: no local cluster of this kind yet")),
+            (BackendKind::Rabbitmq, true) => RabbitCluster::start()
+                .await
+                .map(|c| Some(Running::Rabbitmq(c)))
+                .map_err(|e| format!("cannot start a local RabbitMQ cluster: {e}")),
+            (BackendKind::Memory, true) => Err(format!("{target}: memory has no cluster")),
             (_, false) => Ok(None),
         }
     }
@@ -101,6 +113,7 @@ impl Running {
                 base.redis_url = c.seeds.clone();
                 base.redis.cluster = true;
             }
+            Running::Rabbitmq(c) => base.rabbitmq_url = c.url_list(),
         }
         base
     }
@@ -114,6 +127,13 @@ impl Running {
                 .into_iter()
                 .map(|(port, pid)| (format!("redis:{port}"), pid))
                 .collect(),
+            // Blocks for a moment per node (the script asks `ss`); once per
+            // run.
+            Running::Rabbitmq(c) => c
+                .node_pids()
+                .into_iter()
+                .map(|(n, pid)| (format!("rabbitmq:{}", amqp_port(n)), pid))
+                .collect(),
         }
     }
 
@@ -121,6 +141,7 @@ impl Running {
     pub async fn stop(self) {
         match self {
             Running::Redis(c) => c.stop().await,
+            Running::Rabbitmq(c) => c.stop().await,
         }
     }
 }

@@ -47,7 +47,8 @@ async fn partition_leaders_are_spread_over_the_nodes() {
     let prefix = format!("{ns}.in.");
     let leaders = tokio::task::spawn_blocking(move || c.leaders(&prefix))
         .await
-        .expect("rabbitmqctl task");
+        .expect("rabbitmqctl task")
+        .expect("list the leaders");
     assert_eq!(leaders.len(), 6, "{leaders:?}");
     let nodes: BTreeSet<&str> = leaders.iter().map(|(_, l)| l.as_str()).collect();
     println!("partition leaders: {leaders:?}");
@@ -249,7 +250,8 @@ async fn a_killed_node_loses_no_confirmed_event_and_its_gateway_moves() {
     let killed_at = ms();
     tokio::task::spawn_blocking(move || c.kill(victim))
         .await
-        .expect("kill task");
+        .expect("kill task")
+        .expect("kill the node");
     println!(
         "killed node {victim} at {killed_at} ms (SIGKILL took {} ms)",
         ms() - killed_at
@@ -329,9 +331,10 @@ async fn a_killed_node_loses_no_confirmed_event_and_its_gateway_moves() {
     assert_eq!(lost, 0);
 
     // Leave the cluster whole for the next test.
-    tokio::task::spawn_blocking(move || c.start(victim))
+    tokio::task::spawn_blocking(move || c.start_node(victim))
         .await
-        .expect("start task");
+        .expect("start task")
+        .expect("start the node again");
     for task in consuming {
         task.abort();
     }
@@ -442,7 +445,8 @@ async fn longest_publish_while_a_big_gateway_goes(
         Departure::NodeKilled => {
             tokio::task::spawn_blocking(move || c.kill(1))
                 .await
-                .expect("kill task");
+                .expect("kill task")
+                .expect("kill node 1");
         }
     }
     let call = t.elapsed();
@@ -453,6 +457,7 @@ async fn longest_publish_while_a_big_gateway_goes(
         let t = Instant::now();
         while c
             .ctl_any(&["list_queues", "name", "-q", "--no-table-headers"])
+            .expect("list the queues")
             .lines()
             .any(|l| l.trim() == queue)
         {
@@ -483,9 +488,10 @@ async fn longest_publish_while_a_big_gateway_goes(
     let _ = g.shutdown().await;
     if matches!(how, Departure::NodeKilled) {
         // Leave the cluster whole for the next test.
-        tokio::task::spawn_blocking(move || c.start(1))
+        tokio::task::spawn_blocking(move || c.start_node(1))
             .await
-            .expect("start task");
+            .expect("start task")
+            .expect("start node 1 again");
     }
     h.delete_namespace().await.expect("delete namespace");
     for b in [&h, &p] {

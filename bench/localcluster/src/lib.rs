@@ -1,14 +1,17 @@
 //! Broker clusters on loopback for the tests, the benchmark and the fault
 //! matrix: a Redis Cluster of 3 primaries with a replica each
-//! ([`redis::RedisCluster`]).
+//! ([`redis::RedisCluster`]) and a RabbitMQ cluster of 3 nodes
+//! ([`rabbitmq::RabbitCluster`]).
 //!
-//! Each broker has its own module; what they share is here and in the
-//! private `process` module: the error type (so a caller tells "not
-//! installed: skip" from "broken: fail" the same way for every broker),
-//! the lock-file choice of a base port, and the watchdog that ties every
-//! node to this process.
+//! Each broker has its own module. What they share is the error type here,
+//! so a caller tells "not installed: skip" from "broken: fail" the same way
+//! for every broker. Redis nodes take any free base port and a watchdog
+//! each (the private `process` module); RabbitMQ's node names and ports are
+//! fixed by `scripts/rabbitmq-cluster`, so one cluster runs per machine,
+//! behind a lock file, with one reaper process for all three nodes.
 
 mod process;
+pub mod rabbitmq;
 pub mod redis;
 
 /// Why a cluster could not be started or an operation on it failed.

@@ -105,7 +105,9 @@ impl Harness for RabbitMq {
             let prefix = prefix.clone();
             async move {
                 tokio::task::spawn_blocking(move || match nodes {
-                    Some(n) => n.kill_connections_named(&prefix),
+                    Some(n) => n
+                        .kill_connections_named(&prefix)
+                        .expect("close the connections"),
                     None => super::kill_connections_named(&prefix),
                 })
                 .await
