@@ -613,7 +613,13 @@ fn groups(fleet: &Fleet, deployment: &Deployment) -> Vec<(Group, Vec<u32>)> {
     }
     let base = &deployment.base;
     match deployment.target.kind {
-        BackendKind::Rabbitmq => g.push((Group::Broker, procs::find_pids(&["beam.smp", "rabbit"]))),
+        // Not the nodes of a local cluster (their home is its directory),
+        // which may be up beside the machine's broker (`.ci/run` starts it
+        // before the tests and the benchmark).
+        BackendKind::Rabbitmq => g.push((
+            Group::Broker,
+            procs::find_pids_except(&["beam.smp", "rabbit"], &["fanout-rmq-cluster"]),
+        )),
         BackendKind::Redis => {
             let port = base
                 .redis_url

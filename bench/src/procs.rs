@@ -407,6 +407,12 @@ fn clock_ticks() -> f64 {
 /// Pids of processes whose command line contains every one of `needles`
 /// (the broker's and the database's, which this harness did not start).
 pub fn find_pids(needles: &[&str]) -> Vec<u32> {
+    find_pids_except(needles, &[])
+}
+
+/// [`find_pids`], without the processes whose command line contains any
+/// of `except`.
+pub fn find_pids_except(needles: &[&str], except: &[&str]) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -416,7 +422,7 @@ pub fn find_pids(needles: &[&str]) -> Vec<u32> {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|c| {
                     let c = String::from_utf8_lossy(&c).replace('\0', " ");
-                    needles.iter().all(|n| c.contains(n))
+                    needles.iter().all(|n| c.contains(n)) && !except.iter().any(|n| c.contains(n))
                 })
                 .unwrap_or(false)
         })
