@@ -163,6 +163,9 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
             }
         })
         .collect();
+    for line in report::ab_lines(&report) {
+        progress(&line);
+    }
     report::write(&report, &opts.out)?;
     // Charts after the report: they read its figures, and the report never
     // depends on them.
@@ -225,7 +228,7 @@ pub fn progress(line: &str) {
 /// warming up, the database growing, a neighbour's load) favours neither
 /// build.
 pub fn new_runs_first(b: usize, w: usize) -> bool {
-    (b + w) % 2 == 0
+    (b + w).is_multiple_of(2)
 }
 
 /// What one backend's runs share: its target, the configuration the

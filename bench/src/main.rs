@@ -313,7 +313,12 @@ async fn check_against(path: &std::path::Path) -> anyhow::Result<(PathBuf, Strin
     .await
     .with_context(|| format!("--against {shown}: `--version` did not answer within 10 s"))?
     .with_context(|| format!("--against {shown}: cannot run it"))?;
-    let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let version = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
     anyhow::ensure!(
         out.status.success() && version.split_whitespace().next() == Some("fanout"),
         "--against {shown}: `--version` answered {:?} ({}), not a fanout binary's version",

@@ -970,6 +970,34 @@ fn workload_section(md: &mut String, w: &WorkloadReport) {
     );
 }
 
+/// `--against`: one line per workload and backend with every new ÷ old
+/// ratio measured, for the progress output.
+pub fn ab_lines(report: &Report) -> Vec<String> {
+    let mut out = Vec::new();
+    for w in &report.workloads {
+        for ((ab, new), old) in w.ab.iter().zip(&w.results).zip(&w.against) {
+            let figures: Vec<String> = AB_FIGURES
+                .iter()
+                .filter_map(|(label, get)| {
+                    Some(format!("{label} {:.2}×", ratio(get(new), get(old))?))
+                })
+                .collect();
+            out.push(format!(
+                "A/B {} / {} ({} first), new ÷ old: {}",
+                ab.backend,
+                w.workload.name,
+                if ab.new_first { "new" } else { "old" },
+                if figures.is_empty() {
+                    "nothing measured on both sides".to_owned()
+                } else {
+                    figures.join(", ")
+                }
+            ));
+        }
+    }
+    out
+}
+
 /// `--against`: per backend the new build's figure, the old one's and new
 /// ÷ old, for the figures of [`AB_FIGURES`].
 fn ab_section(md: &mut String, w: &WorkloadReport) {
@@ -1523,6 +1551,15 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("Run order: redis: old first."), "{md}");
+        assert_eq!(
+            ab_lines(&report),
+            vec![
+                "A/B redis / personal (old first), new ÷ old: sustained msg/s (ramp) 1.50×, \
+                 deliveries/s 1.00×, e2e p50 ms 1.00×, e2e p99 ms 0.50×, \
+                 CPU µs per delivery, total 0.50×, CPU µs per delivery, gateways 0.50×, \
+                 gateway RSS KiB per session 0.50×"
+            ]
+        );
         // The old build's results stay out of the backends' own table.
         assert!(!md.contains("| redis@old |"), "{md}");
 
