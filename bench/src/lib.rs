@@ -367,8 +367,8 @@ async fn run_deployment(
         _ => (opts.gateways, opts.workers),
     };
     // Both builds' processes stay up for the whole backend, so that each
-    // workload can run on one right after the other; the idle one costs
-    // the shared broker and database little, and the same for both.
+    // workload can run on one right after the other; whatever the idle one
+    // costs the shared broker and database, it costs both builds' runs.
     let mut running: Vec<Side> = Vec::new();
     for (s, (label, binary)) in builds.iter().enumerate() {
         let namespace = if s == 0 {

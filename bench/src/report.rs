@@ -283,7 +283,7 @@ pub fn old_name(backend: &str) -> String {
 type AbFigure = (&'static str, fn(&BackendResult) -> Option<f64>);
 
 /// The figures compared between the builds, in the A/B table's order.
-const AB_FIGURES: [AbFigure; 7] = [
+const AB_FIGURES: [AbFigure; 8] = [
     ("sustained msg/s (ramp)", |r| r.sustained_rate),
     ("deliveries/s", |r| {
         r.run.as_ref().map(|x| x.delivered_per_sec)
@@ -295,6 +295,9 @@ const AB_FIGURES: [AbFigure; 7] = [
     }),
     ("CPU µs per delivery, gateways", |r| {
         r.cpu_us_per_delivery.as_ref().and_then(|c| c.gateways)
+    }),
+    ("CPU µs per delivery, workers", |r| {
+        r.cpu_us_per_delivery.as_ref().and_then(|c| c.workers)
     }),
     ("gateway RSS KiB per session", |r| {
         r.gateway_memory
@@ -321,8 +324,12 @@ pub struct AbRatios {
     pub p99_ms: Option<f64>,
     /// CPU µs per delivery, all groups (lower is better).
     pub cpu_us_per_delivery: Option<f64>,
-    /// CPU µs per delivery, gateways only (lower is better).
+    /// CPU µs per delivery, gateways only (lower is better): unlike the
+    /// total, no other user of the machine's broker or PostgreSQL in it.
     pub gateway_cpu_us_per_delivery: Option<f64>,
+    /// CPU µs per delivery, workers only (lower is better).
+    #[serde(default)]
+    pub worker_cpu_us_per_delivery: Option<f64>,
     /// Gateway RSS per connected session (lower is better).
     pub rss_kib_per_session: Option<f64>,
 }
@@ -337,20 +344,20 @@ fn ratio(new: Option<f64>, old: Option<f64>) -> Option<f64> {
 impl AbRatios {
     /// The ratios of `new` over `old`.
     pub fn of(new: &BackendResult, old: &BackendResult, new_first: bool) -> Self {
-        let r: Vec<Option<f64>> = AB_FIGURES
-            .iter()
-            .map(|(_, get)| ratio(get(new), get(old)))
-            .collect();
+        // In AB_FIGURES' order; the array's length is checked here.
+        let [sustained_rate, deliveries_per_sec, p50_ms, p99_ms, cpu_us_per_delivery, gateway_cpu_us_per_delivery, worker_cpu_us_per_delivery, rss_kib_per_session] =
+            AB_FIGURES.map(|(_, get)| ratio(get(new), get(old)));
         Self {
             backend: new.backend.clone(),
             new_first,
-            sustained_rate: r[0],
-            deliveries_per_sec: r[1],
-            p50_ms: r[2],
-            p99_ms: r[3],
-            cpu_us_per_delivery: r[4],
-            gateway_cpu_us_per_delivery: r[5],
-            rss_kib_per_session: r[6],
+            sustained_rate,
+            deliveries_per_sec,
+            p50_ms,
+            p99_ms,
+            cpu_us_per_delivery,
+            gateway_cpu_us_per_delivery,
+            worker_cpu_us_per_delivery,
+            rss_kib_per_session,
         }
     }
 }
@@ -1505,6 +1512,7 @@ mod tests {
             }
             r.resources = Some(Resources {
                 gateways: Some(usage(cpu, 10.0)),
+                workers: Some(usage(0.5, 10.0)),
                 wall_secs: 10.0,
                 ..Resources::default()
             });
@@ -1524,8 +1532,10 @@ mod tests {
         assert_eq!(ab.p99_ms, Some(0.5));
         assert_eq!(ab.p50_ms, Some(1.0));
         assert_eq!(ab.deliveries_per_sec, Some(1.0));
-        assert_eq!(ab.cpu_us_per_delivery, Some(0.5));
+        // (1.0 + 0.5) / (2.0 + 0.5) CPU seconds over the same deliveries.
+        assert_eq!(ab.cpu_us_per_delivery, Some(0.6));
         assert_eq!(ab.gateway_cpu_us_per_delivery, Some(0.5));
+        assert_eq!(ab.worker_cpu_us_per_delivery, Some(1.0));
         assert_eq!(ab.rss_kib_per_session, Some(0.5));
         assert_eq!(ab.sustained_rate, Some(1.5));
 
@@ -1556,8 +1566,8 @@ mod tests {
             vec![
                 "A/B redis / personal (old first), new ÷ old: sustained msg/s (ramp) 1.50×, \
                  deliveries/s 1.00×, e2e p50 ms 1.00×, e2e p99 ms 0.50×, \
-                 CPU µs per delivery, total 0.50×, CPU µs per delivery, gateways 0.50×, \
-                 gateway RSS KiB per session 0.50×"
+                 CPU µs per delivery, total 0.60×, CPU µs per delivery, gateways 0.50×, \
+                 CPU µs per delivery, workers 1.00×, gateway RSS KiB per session 0.50×"
             ]
         );
         // The old build's results stay out of the backends' own table.
