@@ -71,6 +71,10 @@ pub struct BenchOptions {
     pub base: Config,
     /// Also run the fault matrix (`faults.rs`) on each broker backend.
     pub faults: bool,
+    /// `--against`: another `fanout` binary (checked by the caller), run
+    /// beside `binary` on every backend and workload, and what it printed
+    /// for `--version`.
+    pub against: Option<(PathBuf, String)>,
 }
 
 /// Why the benchmark could not run at all (a backend that fails is recorded
@@ -111,7 +115,17 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
     );
-    let mut results: Vec<Vec<BackendResult>> = vec![Vec::new(); opts.workloads.len()];
+    report.against = opts
+        .against
+        .as_ref()
+        .map(|(path, version)| report::Against {
+            binary: path.display().to_string(),
+            version: version.clone(),
+        });
+    let n = opts.workloads.len();
+    let mut results: Vec<Vec<BackendResult>> = vec![Vec::new(); n];
+    let mut against: Vec<Vec<BackendResult>> = vec![Vec::new(); n];
+    let mut new_first: Vec<Vec<bool>> = vec![Vec::new(); n];
     for (b, &target) in opts.backends.iter().enumerate() {
         progress(&format!(
             "== backend {target} ({}/{})",
@@ -119,9 +133,16 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
             opts.backends.len()
         ));
         let namespace = format!("{run_id}{b}");
-        let per_backend = run_backend(opts, target, &namespace).await;
-        for (w, r) in per_backend.into_iter().enumerate() {
-            results[w].push(r);
+        let per_backend = run_backend(opts, target, &namespace, b).await;
+        for (w, sides) in per_backend.into_iter().enumerate() {
+            let mut sides = sides.into_iter();
+            if let Some(r) = sides.next() {
+                results[w].push(r);
+            }
+            if let Some(r) = sides.next() {
+                against[w].push(r);
+                new_first[w].push(new_runs_first(b, w));
+            }
         }
     }
     if opts.faults {
@@ -132,8 +153,19 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         .iter()
         .cloned()
         .zip(results)
-        .map(|(workload, results)| WorkloadReport::new(workload, results))
+        .zip(against.into_iter().zip(new_first))
+        .map(|((workload, results), (against, new_first))| {
+            let w = WorkloadReport::new(workload, results);
+            if against.is_empty() {
+                w
+            } else {
+                w.with_against(against, &new_first)
+            }
+        })
         .collect();
+    for line in report::ab_lines(&report) {
+        progress(&line);
+    }
     report::write(&report, &opts.out)?;
     // Charts after the report: they read its figures, and the report never
     // depends on them.
@@ -190,6 +222,15 @@ pub fn progress(line: &str) {
     eprintln!("[bench] {line}");
 }
 
+/// `--against`: whether this build runs workload `w` on backend `b` before
+/// the other build. The order alternates from one workload to the next and
+/// from one backend to the next, so that drift over the run (the machine
+/// warming up, the database growing, a neighbour's load) favours neither
+/// build.
+pub fn new_runs_first(b: usize, w: usize) -> bool {
+    (b + w).is_multiple_of(2)
+}
+
 /// What one backend's runs share: its target, the configuration the
 /// processes inherit (pointed at the run's cluster, if any), and the
 /// broker's nodes, for their CPU.
@@ -200,8 +241,14 @@ struct Deployment {
 }
 
 /// Every workload on one backend; failures become results with an error.
+/// Per workload, this build's result, then with `--against` the other's.
 /// A cluster target starts its cluster first and stops it at the end.
-async fn run_backend(opts: &BenchOptions, target: Target, namespace: &str) -> Vec<BackendResult> {
+async fn run_backend(
+    opts: &BenchOptions,
+    target: Target,
+    namespace: &str,
+    index: usize,
+) -> Vec<Vec<BackendResult>> {
     let name = target.name();
     let cluster = match Running::start(target).await {
         Ok(c) => c,
@@ -210,9 +257,14 @@ async fn run_backend(opts: &BenchOptions, target: Target, namespace: &str) -> Ve
             return opts
                 .workloads
                 .iter()
-                .map(|_| BackendResult {
-                    error: Some(why.clone()),
-                    ..BackendResult::new(name)
+                .map(|_| {
+                    sides(opts, name)
+                        .into_iter()
+                        .map(|(label, _)| BackendResult {
+                            error: Some(why.clone()),
+                            ..BackendResult::new(&label)
+                        })
+                        .collect()
                 })
                 .collect();
         }
@@ -232,31 +284,53 @@ async fn run_backend(opts: &BenchOptions, target: Target, namespace: &str) -> Ve
         },
         nodes,
     };
-    let out = run_deployment(opts, &deployment, namespace).await;
+    let out = run_deployment(opts, &deployment, namespace, index).await;
     if let Some(c) = cluster {
         c.stop().await;
     }
     out
 }
 
+/// The builds a run compares: this one, and with `--against` the other,
+/// as (result name, binary).
+fn sides(opts: &BenchOptions, name: &str) -> Vec<(String, PathBuf)> {
+    let mut out = vec![(name.to_owned(), opts.binary.clone())];
+    if let Some((other, _)) = &opts.against {
+        out.push((report::old_name(name), other.clone()));
+    }
+    out
+}
+
+/// One build's processes on a deployment, with the namespace and database
+/// of their own.
+struct Side {
+    name: String,
+    namespace: String,
+    db: Option<pg::TempDatabase>,
+    fleet: Option<Fleet>,
+}
+
 async fn run_deployment(
     opts: &BenchOptions,
     deployment: &Deployment,
     namespace: &str,
-) -> Vec<BackendResult> {
-    let (kind, name) = (deployment.target.kind, deployment.target.name());
-    let mut out: Vec<BackendResult> = opts
+    backend_index: usize,
+) -> Vec<Vec<BackendResult>> {
+    let kind = deployment.target.kind;
+    let name = deployment.target.name();
+    let builds = sides(opts, name);
+    let mut out: Vec<Vec<BackendResult>> = opts
         .workloads
         .iter()
-        .map(|_| BackendResult::new(name))
+        .map(|_| {
+            builds
+                .iter()
+                .map(|(label, _)| BackendResult::new(label))
+                .collect()
+        })
         .collect();
-    let fail_all = |out: &mut Vec<BackendResult>, why: String| {
-        progress(&format!("{name}: {why}"));
-        for r in out.iter_mut() {
-            r.error.get_or_insert_with(|| why.clone());
-        }
-    };
 
+    // The raw baseline measures the broker alone: the same for both builds.
     for (w, workload) in opts.workloads.iter().enumerate() {
         if !workload.raw_baseline {
             continue;
@@ -277,7 +351,9 @@ async fn run_deployment(
                     "{name} / {}: broker alone carries {:.0} msg/s ({:.0} deliveries/s)",
                     workload.name, r.msgs_per_sec, r.deliveries_per_sec
                 ));
-                out[w].raw = Some(r);
+                for side in out[w].iter_mut() {
+                    side.raw = Some(r.clone());
+                }
             }
             Err(e) => progress(&format!(
                 "{name} / {}: raw baseline failed: {e}",
@@ -286,64 +362,126 @@ async fn run_deployment(
         }
     }
 
-    let db =
-        match pg::TempDatabase::create(&opts.postgres_admin_url, &format!("fanout_{namespace}"))
-            .await
-        {
-            Ok(db) => db,
-            Err(e) => {
-                fail_all(&mut out, e.to_string());
-                return out;
-            }
-        };
-    let log_dir = opts.out.join("logs").join(name);
-    let spec = FleetSpec {
-        binary: opts.binary.clone(),
-        backend: kind,
-        namespace: namespace.to_owned(),
-        database_url: db.url.clone(),
-        jwt_secret: SECRET.to_owned(),
-        env: fleet_env(&deployment.base),
-        log_dir,
-    };
     let (gateways, workers) = match kind {
         BackendKind::Memory => (1, 0),
         _ => (opts.gateways, opts.workers),
     };
-    progress(&format!(
-        "{name}: starting {gateways} gateway(s) and {workers} worker(s)"
-    ));
-    match Fleet::start(spec, gateways, workers).await {
-        Ok(mut fleet) => {
-            let tokens = Tokens::new(SECRET.as_bytes());
-            for (w, workload) in opts.workloads.iter().enumerate() {
-                if let Err(e) = fleet.check_alive() {
-                    out[w].error = Some(e.to_string());
-                    continue;
-                }
-                run_workload(
-                    deployment,
-                    &mut fleet,
-                    &tokens,
-                    workload,
-                    namespace,
-                    w,
-                    &mut out[w],
-                )
-                .await;
+    // Both builds' processes stay up for the whole backend, so that each
+    // workload can run on one right after the other; whatever the idle one
+    // costs the shared broker and database, it costs both builds' runs.
+    let mut running: Vec<Side> = Vec::new();
+    for (s, (label, binary)) in builds.iter().enumerate() {
+        let namespace = if s == 0 {
+            namespace.to_owned()
+        } else {
+            format!("{namespace}o")
+        };
+        let mut side = Side {
+            name: label.clone(),
+            namespace,
+            db: None,
+            fleet: None,
+        };
+        let started = start_side(opts, deployment, &side, binary, gateways, workers).await;
+        match started {
+            Ok((db, fleet)) => {
+                side.db = Some(db);
+                side.fleet = Some(fleet);
             }
+            Err(why) => {
+                progress(&format!("{label}: {why}"));
+                for per_workload in out.iter_mut() {
+                    per_workload[s].error.get_or_insert_with(|| why.clone());
+                }
+            }
+        }
+        running.push(side);
+    }
+
+    let tokens = Tokens::new(SECRET.as_bytes());
+    for (w, workload) in opts.workloads.iter().enumerate() {
+        let mut order: Vec<usize> = (0..running.len()).collect();
+        if !new_runs_first(backend_index, w) {
+            order.reverse();
+        }
+        for s in order {
+            let side = &mut running[s];
+            let Some(fleet) = side.fleet.as_mut() else {
+                continue;
+            };
+            if let Err(e) = fleet.check_alive() {
+                out[w][s].error = Some(e.to_string());
+                continue;
+            }
+            run_workload(
+                deployment,
+                fleet,
+                &tokens,
+                workload,
+                (&side.name, &side.namespace),
+                w,
+                &mut out[w][s],
+            )
+            .await;
+        }
+    }
+
+    for side in running {
+        if let Some(mut fleet) = side.fleet {
             fleet.stop().await;
         }
-        Err(e) => fail_all(&mut out, format!("cannot start the fleet: {e}")),
+        let mut config = deployment.base.clone();
+        config.backend = kind;
+        config.namespace = side.namespace.clone();
+        if let Err(e) = fanout::app::purge_namespace(&config).await {
+            progress(&format!(
+                "{}: cannot purge namespace {}: {e}",
+                side.name, side.namespace
+            ));
+        }
+        if let Some(db) = side.db {
+            db.drop_db().await;
+        }
     }
-    let mut config = deployment.base.clone();
-    config.backend = kind;
-    config.namespace = namespace.to_owned();
-    if let Err(e) = fanout::app::purge_namespace(&config).await {
-        progress(&format!("{name}: cannot purge namespace {namespace}: {e}"));
-    }
-    db.drop_db().await;
     out
+}
+
+/// A fresh database and one build's fleet on it.
+async fn start_side(
+    opts: &BenchOptions,
+    deployment: &Deployment,
+    side: &Side,
+    binary: &std::path::Path,
+    gateways: usize,
+    workers: usize,
+) -> Result<(pg::TempDatabase, Fleet), String> {
+    let db = pg::TempDatabase::create(
+        &opts.postgres_admin_url,
+        &format!("fanout_{}", side.namespace),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let spec = FleetSpec {
+        binary: binary.to_owned(),
+        backend: deployment.target.kind,
+        namespace: side.namespace.clone(),
+        database_url: db.url.clone(),
+        jwt_secret: SECRET.to_owned(),
+        env: fleet_env(&deployment.base),
+        log_dir: opts.out.join("logs").join(&side.name),
+    };
+    progress(&format!(
+        "{}: starting {gateways} gateway(s) and {workers} worker(s) from {}",
+        side.name,
+        binary.display()
+    ));
+    match Fleet::start(spec, gateways, workers).await {
+        Ok(fleet) => Ok((db, fleet)),
+        Err(e) => {
+            db.drop_db().await;
+            Err(format!("cannot start the fleet: {e}"))
+        }
+    }
 }
 
 /// Settings every benchmarked process gets: the broker URLs of this
@@ -405,11 +543,10 @@ async fn run_workload(
     fleet: &mut Fleet,
     tokens: &Tokens,
     workload: &Workload,
-    namespace: &str,
+    (name, namespace): (&str, &str),
     index: usize,
     out: &mut BackendResult,
 ) {
-    let name = deployment.target.name();
     let label = format!("{name} / {}", workload.name);
     if let crate::load::Pattern::Jitter {
         members,
@@ -465,9 +602,15 @@ async fn run_workload(
         namespace.to_owned(),
         workload.duration() / 2,
     ));
+    let memory = tokio::spawn(gateway_memory_later(
+        fleet.urls(),
+        [fleet.pids(Role::Gateway), fleet.pids(Role::Serve)].concat(),
+        workload.duration() / 2,
+    ));
     let result = crate::load::run(&spec(workload.rate, workload.duration(), 0), tokens).await;
     out.resources = Some(before.usage(fleet, deployment));
     out.broker = facts.await.unwrap_or_default();
+    out.gateway_memory = memory.await.ok().flatten();
     match result {
         Ok(r) => {
             progress(&format!("{label}: {}", summary(&r)));
@@ -652,13 +795,18 @@ impl Snapshot {
     /// its start) and RSS now, per group.
     fn usage(&self, fleet: &Fleet, deployment: &Deployment) -> Resources {
         let wall = self.at.elapsed().as_secs_f64().max(1e-9);
-        let mut res = Resources::default();
+        let mut res = Resources {
+            wall_secs: wall,
+            ..Resources::default()
+        };
         for (group, pids) in groups(fleet, deployment) {
             let mut u = Usage::default();
             for pid in pids {
                 if let Some(s) = procs::sample(pid) {
                     let before = self.cpu.get(&pid).copied().unwrap_or(0.0);
-                    u.cpu_percent += (s.cpu_secs - before).max(0.0) / wall * 100.0;
+                    let used = (s.cpu_secs - before).max(0.0);
+                    u.cpu_secs += used;
+                    u.cpu_percent += used / wall * 100.0;
                     u.rss_mb += s.rss_bytes as f64 / 1_048_576.0;
                     u.processes += 1;
                 }
@@ -674,6 +822,51 @@ impl Snapshot {
         }
         res
     }
+}
+
+/// Gateway RSS and live sessions `after` into a workload, while its users
+/// are online. `None` if a gateway does not answer its metrics (an old
+/// build without `fanout_sessions`, say): a per-session figure from some
+/// of the gateways would be wrong.
+async fn gateway_memory_later(
+    urls: Vec<String>,
+    pids: Vec<u32>,
+    after: Duration,
+) -> Option<report::GatewayMemory> {
+    tokio::time::sleep(after).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .ok()?;
+    let mut sessions = 0.0;
+    for url in &urls {
+        let text = http
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        sessions += metric_value(&text, "fanout_sessions")?;
+    }
+    let rss: u64 = pids
+        .iter()
+        .filter_map(|pid| procs::sample(*pid))
+        .map(|s| s.rss_bytes)
+        .sum();
+    Some(report::GatewayMemory {
+        sessions: sessions.max(0.0).round() as u64,
+        rss_mb: rss as f64 / 1_048_576.0,
+    })
+}
+
+/// The value of an unlabelled metric in Prometheus text.
+fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
 }
 
 /// Broker facts taken `after` into a workload, while its users are online.
@@ -736,4 +929,28 @@ async fn cli(program: &str, args: &[&str]) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ab_order_alternates_by_workload_and_backend() {
+        assert!(new_runs_first(0, 0));
+        assert!(!new_runs_first(0, 1));
+        assert!(new_runs_first(0, 2));
+        assert!(!new_runs_first(1, 0));
+        assert!(new_runs_first(1, 1));
+    }
+
+    #[test]
+    fn reads_an_unlabelled_metric() {
+        let text = "# HELP fanout_sessions Live Socket.IO sessions on this gateway\n\
+                    # TYPE fanout_sessions gauge\n\
+                    fanout_sessions_total 9\n\
+                    fanout_sessions 100\n";
+        assert_eq!(metric_value(text, "fanout_sessions"), Some(100.0));
+        assert_eq!(metric_value(text, "fanout_bound_keys"), None);
+    }
 }

@@ -126,6 +126,12 @@ enum Command {
         /// CI runs it as a test, tests/faults.rs).
         #[arg(long)]
         no_faults: bool,
+        /// Another `fanout` binary (an older build) to run every workload
+        /// with too, interleaved with this build's runs on each backend;
+        /// the report adds new ÷ old per workload. Its results are named
+        /// `<backend>@old`.
+        #[arg(long, value_name = "FANOUT_BINARY")]
+        against: Option<PathBuf>,
     },
     /// Compares two benchmark reports (report.json): prints every in-run
     /// ratio that moved by more than --threshold.
@@ -209,8 +215,13 @@ async fn run(command: Command, fanout_bin: Option<PathBuf>, config: Config) -> a
             baseline,
             threshold,
             no_faults,
+            against,
         } => {
             let faults = profile == "full" && !no_faults;
+            let against = match against {
+                Some(path) => Some(check_against(&path).await?),
+                None => None,
+            };
             anyhow::ensure!(
                 (1..=16).contains(&gateways) && workers <= 16,
                 "--gateways must be 1 to 16 and --workers at most 16"
@@ -227,6 +238,7 @@ async fn run(command: Command, fanout_bin: Option<PathBuf>, config: Config) -> a
                 workers: workers.max(1),
                 base: config,
                 faults,
+                against,
             };
             let report = fanout_bench::run(&opts).await?;
             eprintln!(
@@ -269,6 +281,51 @@ fn fanout_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         fanout.display()
     );
     Ok(fanout)
+}
+
+/// `--against` checked before anything starts: an executable file that
+/// answers `--version` as `fanout` does; returns it with that answer.
+async fn check_against(path: &std::path::Path) -> anyhow::Result<(PathBuf, String)> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let shown = path.display();
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("--against {shown}: cannot read that file"))?;
+    anyhow::ensure!(
+        meta.is_file(),
+        "--against {shown}: not a file; give the path of another build's `fanout` binary"
+    );
+    anyhow::ensure!(
+        meta.permissions().mode() & 0o111 != 0,
+        "--against {shown}: not executable"
+    );
+    // The fleet starts it with the run's working directory; a relative path
+    // would still resolve, but the report should say which file it was.
+    let path = std::fs::canonicalize(path)
+        .with_context(|| format!("--against {shown}: cannot resolve the path"))?;
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::process::Command::new(&path)
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .with_context(|| format!("--against {shown}: `--version` did not answer within 10 s"))?
+    .with_context(|| format!("--against {shown}: cannot run it"))?;
+    let version = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    anyhow::ensure!(
+        out.status.success() && version.split_whitespace().next() == Some("fanout"),
+        "--against {shown}: `--version` answered {:?} ({}), not a fanout binary's version",
+        version,
+        out.status
+    );
+    Ok((path, version))
 }
 
 fn read_report(path: &std::path::Path) -> anyhow::Result<Report> {

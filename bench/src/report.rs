@@ -27,6 +27,11 @@ pub struct Usage {
     pub rss_mb: f64,
     /// Processes counted.
     pub processes: usize,
+    /// CPU seconds used over the window (user + system), exact where
+    /// `cpu_percent` is rounded through the wall time; 0 in reports written
+    /// before it was recorded (their `Resources::wall_secs` is 0 too).
+    #[serde(default)]
+    pub cpu_secs: f64,
 }
 
 /// Usage per group.
@@ -48,6 +53,78 @@ pub struct Resources {
     /// `broker`): whether the load spreads over the nodes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub broker_nodes: Vec<NodeUsage>,
+    /// Wall seconds the CPU was measured over: the whole fixed-rate run
+    /// (connects, warm-up, sending, drain), not only its measured window.
+    /// 0 in reports written before it was recorded.
+    #[serde(default)]
+    pub wall_secs: f64,
+}
+
+/// CPU microseconds per delivery of the fixed-rate run, per group and in
+/// total: the CPU the groups used over the whole run divided by every
+/// distinct delivery the run made (warm-up included, as the CPU window
+/// includes it). The load generator is left out: it is the clients.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CpuPerDelivery {
+    /// Deliveries divided by.
+    pub deliveries: u64,
+    /// Gateways (or the `serve` process).
+    pub gateways: Option<f64>,
+    /// Workers.
+    pub workers: Option<f64>,
+    /// The broker's processes.
+    pub broker: Option<f64>,
+    /// PostgreSQL (the whole server).
+    pub database: Option<f64>,
+    /// The groups above together.
+    pub total: f64,
+}
+
+impl CpuPerDelivery {
+    /// `None` without deliveries, or for resources measured before the
+    /// CPU seconds were recorded (their CPU seconds are not known).
+    pub fn of(res: &Resources, deliveries: u64) -> Option<Self> {
+        if deliveries == 0 || res.wall_secs <= 0.0 {
+            return None;
+        }
+        let per = |u: &Option<Usage>| u.as_ref().map(|u| u.cpu_secs * 1e6 / deliveries as f64);
+        let (gateways, workers, broker, database) = (
+            per(&res.gateways),
+            per(&res.workers),
+            per(&res.broker),
+            per(&res.database),
+        );
+        let parts = [gateways, workers, broker, database];
+        if parts.iter().all(Option::is_none) {
+            return None;
+        }
+        Some(Self {
+            deliveries,
+            gateways,
+            workers,
+            broker,
+            database,
+            total: parts.iter().flatten().sum(),
+        })
+    }
+}
+
+/// Gateway memory while the fixed-rate run's sessions are connected
+/// (sampled halfway through it).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct GatewayMemory {
+    /// Live sessions, the sum of the gateways' `fanout_sessions` metric.
+    pub sessions: u64,
+    /// RSS of the gateway processes together, MiB.
+    pub rss_mb: f64,
+}
+
+impl GatewayMemory {
+    /// Gateway RSS per connected session, KiB: the whole process, its
+    /// fixed cost included, so it falls as sessions grow.
+    pub fn kib_per_session(&self) -> Option<f64> {
+        (self.sessions > 0).then(|| self.rss_mb * 1024.0 / self.sessions as f64)
+    }
 }
 
 /// One broker node's share.
@@ -103,6 +180,12 @@ pub struct BackendResult {
     /// The `jitter` workload's run (instead of `run`).
     #[serde(default)]
     pub jitter: Option<JitterReport>,
+    /// CPU per delivery of the fixed-rate run, from `resources`.
+    #[serde(default)]
+    pub cpu_us_per_delivery: Option<CpuPerDelivery>,
+    /// Gateway RSS and sessions halfway through the fixed-rate run.
+    #[serde(default)]
+    pub gateway_memory: Option<GatewayMemory>,
 }
 
 impl BackendResult {
@@ -117,6 +200,23 @@ impl BackendResult {
         self.sustained_rate
             .or_else(|| self.run.as_ref().map(|r| r.acked_per_sec))
     }
+
+    /// The figures derived from the measured ones.
+    fn derive(&mut self) {
+        self.e2e_vs_raw = match (self.e2e_rate(), &self.raw) {
+            (Some(e2e), Some(raw)) if raw.msgs_per_sec > 0.0 => Some(e2e / raw.msgs_per_sec),
+            _ => None,
+        };
+        let deliveries = self
+            .run
+            .as_ref()
+            .map(|r| r.delivered)
+            .or_else(|| self.jitter.as_ref().map(|j| j.tally.delivered));
+        self.cpu_us_per_delivery = match (&self.resources, deliveries) {
+            (Some(res), Some(n)) => CpuPerDelivery::of(res, n),
+            _ => None,
+        };
+    }
 }
 
 /// One workload, every backend.
@@ -126,18 +226,149 @@ pub struct WorkloadReport {
     pub workload: Workload,
     /// One per backend, in run order.
     pub results: Vec<BackendResult>,
+    /// `--against`: the other build's results, one per backend in the same
+    /// order, each backend named `<backend>@old`. Kept apart from `results`
+    /// so that nothing reading those (baselines, charts) mixes the builds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub against: Vec<BackendResult>,
+    /// `--against`: new ÷ old per backend.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ab: Vec<AbRatios>,
 }
 
 impl WorkloadReport {
     pub(crate) fn new(workload: Workload, mut results: Vec<BackendResult>) -> Self {
         for r in &mut results {
-            r.e2e_vs_raw = match (r.e2e_rate(), &r.raw) {
-                (Some(e2e), Some(raw)) if raw.msgs_per_sec > 0.0 => Some(e2e / raw.msgs_per_sec),
-                _ => None,
-            };
+            r.derive();
         }
-        Self { workload, results }
+        Self {
+            workload,
+            results,
+            against: Vec::new(),
+            ab: Vec::new(),
+        }
     }
+
+    /// Adds the `--against` build's results (same order as `results`),
+    /// with whether the new build ran first on each backend.
+    pub(crate) fn with_against(
+        mut self,
+        mut against: Vec<BackendResult>,
+        new_first: &[bool],
+    ) -> Self {
+        for r in &mut against {
+            r.derive();
+        }
+        self.ab = self
+            .results
+            .iter()
+            .zip(&against)
+            .enumerate()
+            .map(|(i, (new, old))| {
+                AbRatios::of(new, old, new_first.get(i).copied().unwrap_or(true))
+            })
+            .collect();
+        self.against = against;
+        self
+    }
+}
+
+/// The backend name an `--against` result carries.
+pub fn old_name(backend: &str) -> String {
+    format!("{backend}@old")
+}
+
+/// One figure the A/B comparison divides: its label in report.md and how
+/// to read it off a result.
+type AbFigure = (&'static str, fn(&BackendResult) -> Option<f64>);
+
+/// The figures compared between the builds, in the A/B table's order.
+const AB_FIGURES: [AbFigure; 8] = [
+    ("sustained msg/s (ramp)", |r| r.sustained_rate),
+    ("deliveries/s", |r| {
+        r.run.as_ref().map(|x| x.delivered_per_sec)
+    }),
+    ("e2e p50 ms", |r| r.run.as_ref().map(|x| x.e2e_ms.p50)),
+    ("e2e p99 ms", |r| r.run.as_ref().map(|x| x.e2e_ms.p99)),
+    ("CPU µs per delivery, total", |r| {
+        r.cpu_us_per_delivery.as_ref().map(|c| c.total)
+    }),
+    ("CPU µs per delivery, gateways", |r| {
+        r.cpu_us_per_delivery.as_ref().and_then(|c| c.gateways)
+    }),
+    ("CPU µs per delivery, workers", |r| {
+        r.cpu_us_per_delivery.as_ref().and_then(|c| c.workers)
+    }),
+    ("gateway RSS KiB per session", |r| {
+        r.gateway_memory
+            .as_ref()
+            .and_then(GatewayMemory::kib_per_session)
+    }),
+];
+
+/// New ÷ old on one backend and workload (`--against`); a figure either
+/// side lacks, or whose old value is 0, is `None`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AbRatios {
+    /// The backend (the new build's name).
+    pub backend: String,
+    /// Whether the new build ran this workload first on this backend.
+    pub new_first: bool,
+    /// Highest sustained ramp rate (higher is better).
+    pub sustained_rate: Option<f64>,
+    /// Deliveries/s of the fixed-rate run (higher is better).
+    pub deliveries_per_sec: Option<f64>,
+    /// e2e p50 at the fixed rate (lower is better).
+    pub p50_ms: Option<f64>,
+    /// e2e p99 at the fixed rate (lower is better).
+    pub p99_ms: Option<f64>,
+    /// CPU µs per delivery, all groups (lower is better).
+    pub cpu_us_per_delivery: Option<f64>,
+    /// CPU µs per delivery, gateways only (lower is better): unlike the
+    /// total, no other user of the machine's broker or PostgreSQL in it.
+    pub gateway_cpu_us_per_delivery: Option<f64>,
+    /// CPU µs per delivery, workers only (lower is better).
+    #[serde(default)]
+    pub worker_cpu_us_per_delivery: Option<f64>,
+    /// Gateway RSS per connected session (lower is better).
+    pub rss_kib_per_session: Option<f64>,
+}
+
+fn ratio(new: Option<f64>, old: Option<f64>) -> Option<f64> {
+    match (new, old) {
+        (Some(a), Some(b)) if b > 0.0 && a.is_finite() && b.is_finite() => Some(a / b),
+        _ => None,
+    }
+}
+
+impl AbRatios {
+    /// The ratios of `new` over `old`.
+    pub fn of(new: &BackendResult, old: &BackendResult, new_first: bool) -> Self {
+        // In AB_FIGURES' order; the array's length is checked here.
+        let [sustained_rate, deliveries_per_sec, p50_ms, p99_ms, cpu_us_per_delivery, gateway_cpu_us_per_delivery, worker_cpu_us_per_delivery, rss_kib_per_session] =
+            AB_FIGURES.map(|(_, get)| ratio(get(new), get(old)));
+        Self {
+            backend: new.backend.clone(),
+            new_first,
+            sustained_rate,
+            deliveries_per_sec,
+            p50_ms,
+            p99_ms,
+            cpu_us_per_delivery,
+            gateway_cpu_us_per_delivery,
+            worker_cpu_us_per_delivery,
+            rss_kib_per_session,
+        }
+    }
+}
+
+/// The `--against` run: which other build the `@old` results are from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Against {
+    /// Its path, as given.
+    pub binary: String,
+    /// What it printed for `--version`.
+    pub version: String,
 }
 
 /// The machine and set-up.
@@ -177,6 +408,10 @@ pub struct Report {
     /// `error`. Empty when it was not run.
     #[serde(default)]
     pub faults: Vec<serde_json::Value>,
+    /// `--against`: the other build; its results are each workload's
+    /// `against`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub against: Option<Against>,
 }
 
 impl Report {
@@ -198,6 +433,7 @@ impl Report {
             backends: opts.backends.iter().map(|b| b.name().to_owned()).collect(),
             workloads: Vec::new(),
             faults: Vec::new(),
+            against: None,
         }
     }
 
@@ -206,7 +442,7 @@ impl Report {
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         for w in &self.workloads {
-            for r in &w.results {
+            for r in w.results.iter().chain(&w.against) {
                 let at = format!("{} / {}", r.backend, w.workload.name);
                 if let Some(e) = &r.error {
                     out.push(format!("{at}: {e}"));
@@ -311,6 +547,14 @@ pub fn markdown(report: &Report) -> String {
         s.workers,
         s.database
     );
+    if let Some(a) = &report.against {
+        let _ = writeln!(
+            md,
+            "**A/B run** (`--against`): on each backend every workload also ran with the old build `{}` ({}), its own processes, database and namespace, right before or after this build's run (the order alternates); its results are named `<backend>@old` and each workload has an \"A/B: new ÷ old\" table.\n",
+            a.binary,
+            a.version
+        );
+    }
     let problems = report.problems();
     if problems.is_empty() {
         let _ = writeln!(
@@ -414,7 +658,7 @@ fn jitter_section(md: &mut String, w: &WorkloadReport) {
         "| backend | acked / sent | resets | reconnects (failed) | delivered % | lost | duplicates | position violations | unpositioned | incomplete jumps | RESUMED complete:false | RESUMED missing | replay p50 ms | replay p99 ms | replay max ms |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
-    for r in &w.results {
+    for r in w.results.iter().chain(&w.against) {
         let Some(j) = &r.jitter else {
             let _ = writeln!(
                 md,
@@ -456,7 +700,7 @@ fn jitter_section(md: &mut String, w: &WorkloadReport) {
         );
     }
     md.push('\n');
-    for r in &w.results {
+    for r in w.results.iter().chain(&w.against) {
         if let Some(e) = r
             .jitter
             .as_ref()
@@ -501,6 +745,31 @@ fn workload_section(md: &mut String, w: &WorkloadReport) {
         (
             "deliveries/s",
             Get::Run(|x| x.delivered_per_sec),
+            Kind::Figure,
+        ),
+        (
+            "CPU µs per delivery, total",
+            Get::Other(|r| r.cpu_us_per_delivery.as_ref().map(|c| c.total)),
+            Kind::Figure,
+        ),
+        (
+            "CPU µs per delivery, gateways",
+            Get::Other(|r| r.cpu_us_per_delivery.as_ref().and_then(|c| c.gateways)),
+            Kind::Figure,
+        ),
+        (
+            "CPU µs per delivery, workers",
+            Get::Other(|r| r.cpu_us_per_delivery.as_ref().and_then(|c| c.workers)),
+            Kind::Figure,
+        ),
+        (
+            "CPU µs per delivery, broker",
+            Get::Other(|r| r.cpu_us_per_delivery.as_ref().and_then(|c| c.broker)),
+            Kind::Figure,
+        ),
+        (
+            "CPU µs per delivery, PostgreSQL",
+            Get::Other(|r| r.cpu_us_per_delivery.as_ref().and_then(|c| c.database)),
             Kind::Figure,
         ),
         ("e2e p50 ms", Get::Run(|x| x.e2e_ms.p50), Kind::Figure),
@@ -576,6 +845,15 @@ fn workload_section(md: &mut String, w: &WorkloadReport) {
         (
             "RSS MiB broker",
             Get::Usage(|x| x.broker.as_ref(), |u| u.rss_mb),
+            Kind::Figure,
+        ),
+        (
+            "gateway RSS KiB per session",
+            Get::Other(|r| {
+                r.gateway_memory
+                    .as_ref()
+                    .and_then(GatewayMemory::kib_per_session)
+            }),
             Kind::Figure,
         ),
     ];
@@ -685,8 +963,9 @@ fn workload_section(md: &mut String, w: &WorkloadReport) {
             }
         }
     }
+    ab_section(md, w);
     let _ = writeln!(md, "\n**Reading.** {}\n", reading(w));
-    for r in &w.results {
+    for r in w.results.iter().chain(&w.against) {
         if let Some(e) = &r.error {
             let _ = writeln!(md, "- {} failed: {e}", r.backend);
         }
@@ -696,6 +975,84 @@ fn workload_section(md: &mut String, w: &WorkloadReport) {
         md,
         "![latency CDF](charts/{n}-latency-cdf.svg)\n![deliveries per second](charts/{n}-throughput.svg)\n![p99 per second](charts/{n}-p99.svg)\n"
     );
+}
+
+/// `--against`: one line per workload and backend with every new ÷ old
+/// ratio measured, for the progress output.
+pub fn ab_lines(report: &Report) -> Vec<String> {
+    let mut out = Vec::new();
+    for w in &report.workloads {
+        for ((ab, new), old) in w.ab.iter().zip(&w.results).zip(&w.against) {
+            let figures: Vec<String> = AB_FIGURES
+                .iter()
+                .filter_map(|(label, get)| {
+                    Some(format!("{label} {:.2}×", ratio(get(new), get(old))?))
+                })
+                .collect();
+            out.push(format!(
+                "A/B {} / {} ({} first), new ÷ old: {}",
+                ab.backend,
+                w.workload.name,
+                if ab.new_first { "new" } else { "old" },
+                if figures.is_empty() {
+                    "nothing measured on both sides".to_owned()
+                } else {
+                    figures.join(", ")
+                }
+            ));
+        }
+    }
+    out
+}
+
+/// `--against`: per backend the new build's figure, the old one's and new
+/// ÷ old, for the figures of [`AB_FIGURES`].
+fn ab_section(md: &mut String, w: &WorkloadReport) {
+    if w.ab.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\nA/B: new ÷ old (this build against `--against`, measured side by side in this run; below 1 is better for latency, CPU and memory, above 1 for rates):\n"
+    );
+    let _ = write!(md, "| |");
+    for ab in &w.ab {
+        let _ = write!(md, " {b} new | {b} old | {b} new ÷ old |", b = ab.backend);
+    }
+    md.push_str("\n|---|");
+    for _ in &w.ab {
+        md.push_str("---:|---:|---:|");
+    }
+    md.push('\n');
+    for (label, get) in AB_FIGURES {
+        let pairs: Vec<(Option<f64>, Option<f64>)> = w
+            .results
+            .iter()
+            .zip(&w.against)
+            .map(|(new, old)| (get(new), get(old)))
+            .collect();
+        if pairs.iter().all(|(a, b)| a.is_none() && b.is_none()) {
+            continue;
+        }
+        let _ = write!(md, "| {label} |");
+        for (a, b) in pairs {
+            let cell = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), f);
+            let r = ratio(a, b).map_or_else(String::new, |r| format!("{r:.2}×"));
+            let _ = write!(md, " {} | {} | {r} |", cell(a), cell(b));
+        }
+        md.push('\n');
+    }
+    let order: Vec<String> =
+        w.ab.iter()
+            .map(|ab| {
+                format!(
+                    "{}: {} first",
+                    ab.backend,
+                    if ab.new_first { "new" } else { "old" }
+                )
+            })
+            .collect();
+    let _ = writeln!(md, "\nRun order: {}.", order.join(", "));
 }
 
 /// Where a row of the comparison table takes its figure from.
@@ -977,6 +1334,7 @@ mod tests {
             backends: vec!["redis".into()],
             workloads: vec![WorkloadReport::new(workload, vec![result])],
             faults: Vec::new(),
+            against: None,
         }
     }
 
@@ -1069,5 +1427,180 @@ mod tests {
             .remove("jitter");
         let back: Report = serde_json::from_value(old).expect("reads");
         assert!(back.workloads[0].results[0].jitter.is_none());
+    }
+
+    fn usage(cpu_secs: f64, wall: f64) -> Usage {
+        Usage {
+            cpu_percent: cpu_secs / wall * 100.0,
+            rss_mb: 10.0,
+            processes: 1,
+            cpu_secs,
+        }
+    }
+
+    #[test]
+    fn cpu_per_delivery_divides_each_groups_cpu_seconds_by_the_deliveries() {
+        let res = Resources {
+            gateways: Some(usage(2.0, 10.0)),
+            workers: Some(usage(1.0, 10.0)),
+            broker: None,
+            database: Some(usage(0.5, 10.0)),
+            load_generator: Some(usage(4.0, 10.0)),
+            broker_nodes: Vec::new(),
+            wall_secs: 10.0,
+        };
+        let c = CpuPerDelivery::of(&res, 1000).expect("measured");
+        assert_eq!(c.deliveries, 1000);
+        assert_eq!(c.gateways, Some(2000.0));
+        assert_eq!(c.workers, Some(1000.0));
+        assert_eq!(c.broker, None);
+        assert_eq!(c.database, Some(500.0));
+        // The load generator is the clients, not the system under test.
+        assert_eq!(c.total, 3500.0);
+        assert_eq!(CpuPerDelivery::of(&res, 0), None);
+        // Resources of a report written before the CPU seconds were kept.
+        let old = Resources {
+            wall_secs: 0.0,
+            ..res.clone()
+        };
+        assert_eq!(CpuPerDelivery::of(&old, 1000), None);
+
+        // Derived for every result from its run's deliveries, and shown.
+        let mut r = ran("memory", 400.0, 2.0, 8.0, None);
+        if let Some(run) = r.run.as_mut() {
+            run.delivered = 4000;
+        }
+        r.resources = Some(res);
+        let w = WorkloadReport::new(personal(100, 400.0), vec![r]);
+        let c = w.results[0].cpu_us_per_delivery.as_ref().expect("derived");
+        assert_eq!(c.total, 875.0);
+        let mut report = jitter_report(0, 0);
+        report.workloads = vec![w];
+        let md = markdown(&report);
+        assert!(md.contains("| CPU µs per delivery, total | 875 |"), "{md}");
+        assert!(
+            md.contains("| CPU µs per delivery, gateways | 500 |"),
+            "{md}"
+        );
+        assert!(!md.contains("CPU µs per delivery, broker"), "{md}");
+    }
+
+    #[test]
+    fn gateway_rss_per_session_needs_sessions() {
+        let m = GatewayMemory {
+            sessions: 200,
+            rss_mb: 50.0,
+        };
+        assert_eq!(m.kib_per_session(), Some(256.0));
+        assert_eq!(
+            GatewayMemory {
+                sessions: 0,
+                rss_mb: 50.0
+            }
+            .kib_per_session(),
+            None
+        );
+    }
+
+    #[test]
+    fn ab_ratios_divide_new_by_old_and_get_their_table() {
+        let measured = |backend: &str, p99: f64, cpu: f64, rss_mb: f64, sustained| {
+            let mut r = ran(backend, 400.0, 2.0, p99, sustained);
+            if let Some(run) = r.run.as_mut() {
+                run.delivered = 1000;
+                run.delivered_per_sec = 400.0;
+            }
+            r.resources = Some(Resources {
+                gateways: Some(usage(cpu, 10.0)),
+                workers: Some(usage(0.5, 10.0)),
+                wall_secs: 10.0,
+                ..Resources::default()
+            });
+            r.gateway_memory = Some(GatewayMemory {
+                sessions: 100,
+                rss_mb,
+            });
+            r
+        };
+        let new = measured("redis", 8.0, 1.0, 25.0, Some(3000.0));
+        let old = measured(&old_name("redis"), 16.0, 2.0, 50.0, Some(2000.0));
+        let w =
+            WorkloadReport::new(personal(100, 400.0), vec![new]).with_against(vec![old], &[false]);
+        let ab = &w.ab[0];
+        assert_eq!(ab.backend, "redis");
+        assert!(!ab.new_first);
+        assert_eq!(ab.p99_ms, Some(0.5));
+        assert_eq!(ab.p50_ms, Some(1.0));
+        assert_eq!(ab.deliveries_per_sec, Some(1.0));
+        // (1.0 + 0.5) / (2.0 + 0.5) CPU seconds over the same deliveries.
+        assert_eq!(ab.cpu_us_per_delivery, Some(0.6));
+        assert_eq!(ab.gateway_cpu_us_per_delivery, Some(0.5));
+        assert_eq!(ab.worker_cpu_us_per_delivery, Some(1.0));
+        assert_eq!(ab.rss_kib_per_session, Some(0.5));
+        assert_eq!(ab.sustained_rate, Some(1.5));
+
+        let mut report = jitter_report(0, 0);
+        report.against = Some(Against {
+            binary: "/tmp/old/target/release/fanout".into(),
+            version: "fanout 0.1.0".into(),
+        });
+        report.workloads = vec![w];
+        let md = markdown(&report);
+        assert!(md.contains("A/B: new ÷ old"), "{md}");
+        assert!(
+            md.contains("| | redis new | redis old | redis new ÷ old |"),
+            "{md}"
+        );
+        assert!(md.contains("| e2e p99 ms | 8.00 | 16.0 | 0.50× |"), "{md}");
+        assert!(
+            md.contains("| sustained msg/s (ramp) | 3000 | 2000 | 1.50× |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| gateway RSS KiB per session | 256 | 512 | 0.50× |"),
+            "{md}"
+        );
+        assert!(md.contains("Run order: redis: old first."), "{md}");
+        assert_eq!(
+            ab_lines(&report),
+            vec![
+                "A/B redis / personal (old first), new ÷ old: sustained msg/s (ramp) 1.50×, \
+                 deliveries/s 1.00×, e2e p50 ms 1.00×, e2e p99 ms 0.50×, \
+                 CPU µs per delivery, total 0.60×, CPU µs per delivery, gateways 0.50×, \
+                 CPU µs per delivery, workers 1.00×, gateway RSS KiB per session 0.50×"
+            ]
+        );
+        // The old build's results stay out of the backends' own table.
+        assert!(!md.contains("| redis@old |"), "{md}");
+
+        // Its losses are problems too, named as its.
+        if let Some(run) = report.workloads[0].against[0].run.as_mut() {
+            run.lost = 3;
+        }
+        assert_eq!(
+            report.problems(),
+            vec!["redis@old / personal: 3 deliveries lost"]
+        );
+        // And the A/B fields survive the JSON.
+        let back: Report =
+            serde_json::from_str(&serde_json::to_string(&report).expect("json")).expect("reads");
+        assert_eq!(back, report);
+    }
+
+    #[test]
+    fn the_committed_baseline_still_reads() {
+        let old: Report =
+            serde_json::from_str(include_str!("../../benches/baseline/ci.json")).expect("reads");
+        assert_eq!(old.schema, SCHEMA);
+        assert!(old.against.is_none());
+        for w in &old.workloads {
+            assert!(w.against.is_empty() && w.ab.is_empty());
+            for r in &w.results {
+                assert!(r.cpu_us_per_delivery.is_none() && r.gateway_memory.is_none());
+            }
+        }
+        // Its resources predate the CPU seconds: no per-delivery figure.
+        let md = markdown(&old);
+        assert!(!md.contains("CPU µs per delivery"));
     }
 }
