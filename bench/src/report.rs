@@ -1105,7 +1105,23 @@ fn growth(w: &WorkloadReport) -> Vec<String> {
             (Some(x), Some(y)) if x > 0.0 => format!(", broker CPU {:.2}×", y / x),
             _ => String::new(),
         };
+        let ramped = !single.ramp.is_empty() && !cluster.ramp.is_empty();
+        let rate = |r: &BackendResult| {
+            r.sustained_rate.map_or_else(
+                || "none (not even the first step)".to_owned(),
+                |x| format!("{} msg/s", f(x)),
+            )
+        };
         let line = match (single.sustained_rate, cluster.sustained_rate) {
+            (x, y) if ramped && (x.is_none() || y.is_none()) => format!(
+                "1 node → 3 nodes, {}: highest sustained rate {} → {}; at the fixed {} msg/s, p50 {:.2}×, p99 {:.2}×{cpu}.",
+                single.backend,
+                rate(single),
+                rate(cluster),
+                f(w.workload.rate),
+                b.e2e_ms.p50 / a.e2e_ms.p50.max(1e-9),
+                b.e2e_ms.p99 / a.e2e_ms.p99.max(1e-9),
+            ),
             (Some(x), Some(y)) if x > 0.0 => format!(
                 "1 node → 3 nodes, {}: highest sustained rate {} → {} msg/s ({:.2}×: throughput {}); p99 {:.2}×{cpu}.",
                 single.backend,
@@ -1397,6 +1413,19 @@ mod tests {
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert!(
             lines[0].contains("4000 → 6000 msg/s (1.50×: throughput grew)"),
+            "{}",
+            lines[0]
+        );
+
+        let step = RampStep::default();
+        let mut single = ran("rabbitmq", 1000.0, 10.0, 40.0, None);
+        let mut cluster = ran("rabbitmq-cluster", 1000.0, 20.0, 40.0, Some(1000.0));
+        single.ramp = vec![step.clone()];
+        cluster.ramp = vec![step];
+        let w = WorkloadReport::new(personal(60, 1000.0), vec![single, cluster]);
+        let lines = growth(&w);
+        assert!(
+            lines[0].contains("none (not even the first step) → 1000 msg/s"),
             "{}",
             lines[0]
         );
