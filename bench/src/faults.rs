@@ -15,7 +15,7 @@
 //! accounting).
 
 mod proxy;
-mod services;
+pub(crate) mod services;
 mod traffic;
 
 use std::net::SocketAddr;

@@ -834,21 +834,13 @@ async fn gateway_memory_later(
     after: Duration,
 ) -> Option<report::GatewayMemory> {
     tokio::time::sleep(after).await;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .ok()?;
     let mut sessions = 0.0;
     for url in &urls {
-        let text = http
-            .get(format!("{url}/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        sessions += metric_value(&text, "fanout_sessions")?;
+        let Ok((200, text)) = faults::services::http(url, "GET", "/metrics", None, None).await
+        else {
+            return None;
+        };
+        sessions += faults::services::metric_total(&text, "fanout_sessions")?;
     }
     let rss: u64 = pids
         .iter()
@@ -858,14 +850,6 @@ async fn gateway_memory_later(
     Some(report::GatewayMemory {
         sessions: sessions.max(0.0).round() as u64,
         rss_mb: rss as f64 / 1_048_576.0,
-    })
-}
-
-/// The value of an unlabelled metric in Prometheus text.
-fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        let rest = l.strip_prefix(name)?.strip_prefix(' ')?;
-        rest.split_whitespace().next()?.parse().ok()
     })
 }
 
@@ -942,15 +926,5 @@ mod tests {
         assert!(new_runs_first(0, 2));
         assert!(!new_runs_first(1, 0));
         assert!(new_runs_first(1, 1));
-    }
-
-    #[test]
-    fn reads_an_unlabelled_metric() {
-        let text = "# HELP fanout_sessions Live Socket.IO sessions on this gateway\n\
-                    # TYPE fanout_sessions gauge\n\
-                    fanout_sessions_total 9\n\
-                    fanout_sessions 100\n";
-        assert_eq!(metric_value(text, "fanout_sessions"), Some(100.0));
-        assert_eq!(metric_value(text, "fanout_bound_keys"), None);
     }
 }

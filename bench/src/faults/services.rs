@@ -373,8 +373,14 @@ pub async fn http(
 }
 
 /// The sum of the samples of metric `name` (without labels or with) in a
-/// Prometheus text exposition.
+/// Prometheus text exposition; 0 when it has none.
 pub fn metric_sum(exposition: &str, name: &str) -> f64 {
+    metric_total(exposition, name).unwrap_or(0.0)
+}
+
+/// [`metric_sum`], but `None` when the exposition has no sample of `name`
+/// (a build that does not export it).
+pub fn metric_total(exposition: &str, name: &str) -> Option<f64> {
     exposition
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -384,7 +390,7 @@ pub fn metric_sum(exposition: &str, name: &str) -> f64 {
             (metric == name || metric.ends_with(&format!("_{name}")))
                 .then(|| value.parse::<f64>().ok())?
         })
-        .sum()
+        .fold(None, |sum, v| Some(sum.unwrap_or(0.0) + v))
 }
 
 #[cfg(test)]
@@ -396,5 +402,15 @@ mod tests {
         let text = "# HELP x\nfanout_duplicates_dropped_total 3\nduplicates_dropped_total{a=\"b\"} 2\nother_total 9\n";
         assert_eq!(metric_sum(text, "duplicates_dropped_total"), 5.0);
         assert_eq!(metric_sum(text, "missing_total"), 0.0);
+    }
+
+    #[test]
+    fn reads_an_unlabelled_metric() {
+        let text = "# HELP fanout_sessions Live Socket.IO sessions on this gateway\n\
+                    # TYPE fanout_sessions gauge\n\
+                    fanout_sessions_total 9\n\
+                    fanout_sessions 100\n";
+        assert_eq!(metric_total(text, "fanout_sessions"), Some(100.0));
+        assert_eq!(metric_total(text, "fanout_bound_keys"), None);
     }
 }
